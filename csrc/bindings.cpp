@@ -1,0 +1,82 @@
+// pybind11 module spae_fast._C: the torch-free CPU core. Pointers arrive as integers (tensor.data_ptr()),
+// strides in elements; status codes go back as (code, detail) and spae_fast/_native.py raises from them.
+#include <omp.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "spae_native.h"
+
+namespace py = pybind11;
+
+namespace {
+
+spae::MatrixView make_view(uintptr_t data, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
+                           int dtype) {
+  spae::MatrixView view;
+  view.data = reinterpret_cast<const void*>(data);
+  view.rows = rows;
+  view.cols = cols;
+  view.row_stride = row_stride;
+  view.col_stride = col_stride;
+  view.dtype = static_cast<spae::DType>(dtype);
+  return view;
+}
+
+py::tuple pack_codebook(uintptr_t data, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
+                        int dtype, int metric, uintptr_t panels, uintptr_t bias, int num_threads) {
+  const spae::MatrixView view = make_view(data, rows, cols, row_stride, col_stride, dtype);
+  double max_norm = 0.0;
+  spae::StatusInfo info;
+  {
+    py::gil_scoped_release release;
+    info = spae::pack_codebook(view, static_cast<spae::Metric>(metric), reinterpret_cast<float*>(panels),
+                               reinterpret_cast<float*>(bias), &max_norm, num_threads);
+  }
+  return py::make_tuple(static_cast<int>(info.status), info.detail, max_norm);
+}
+
+py::tuple search(uintptr_t x, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride, int dtype,
+                 uintptr_t panels, uintptr_t bias, int64_t codebook_rows, double max_norm, int metric, int64_t k,
+                 bool check_finite, int num_threads, uintptr_t out_dist, uintptr_t out_index) {
+  spae::SearchRequest request;
+  request.queries = make_view(x, rows, cols, row_stride, col_stride, dtype);
+  request.codebook.panels = reinterpret_cast<const float*>(panels);
+  request.codebook.bias = reinterpret_cast<const float*>(bias);
+  request.codebook.rows = codebook_rows;
+  request.codebook.dim = cols;
+  request.codebook.max_norm = max_norm;
+  request.codebook.metric = static_cast<spae::Metric>(metric);
+  request.k = k;
+  request.check_finite = check_finite;
+  request.num_threads = num_threads;
+  request.out_dist = reinterpret_cast<float*>(out_dist);
+  request.out_index = reinterpret_cast<int64_t*>(out_index);
+  spae::StatusInfo info;
+  {
+    py::gil_scoped_release release;
+    info = spae::search_topk(request);
+  }
+  return py::make_tuple(static_cast<int>(info.status), info.detail);
+}
+
+bool set_isa(const std::string& name) {
+  if (name == "portable") return spae::set_active_isa(spae::Isa::Portable);
+  if (name == "avx2") return spae::set_active_isa(spae::Isa::Avx2Fma);
+  throw py::value_error("isa must be 'portable' or 'avx2', got '" + name + "'");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "spae_fast native CPU core (torch-free)";
+  m.attr("PANEL_WIDTH") = spae::kPanelWidth;
+  m.attr("TILE_ROWS") = spae::kTileRows;
+  m.def("pack_codebook", &pack_codebook);
+  m.def("search", &search);
+  m.def("set_isa", &set_isa, "Select the micro-kernel ('portable' or 'avx2'); False if this CPU lacks it.");
+  m.def("get_isa", [] { return std::string(spae::isa_name(spae::active_isa())); });
+  m.def("cpu_supports_avx2", &spae::cpu_supports_avx2_fma);
+  m.def("openmp_max_threads", [] { return omp_get_max_threads(); });
+}

@@ -1,0 +1,88 @@
+"""Plain-PyTorch reference of every op: the executable spec that every backend is tested against.
+
+Written for clarity, chunked over the codebook only so that it runs at test and benchmark sizes.
+
+Nearest / top-k (SPAE-METHOD.md §1, §3; the argmin inside every SAQ layer). With x the query, e_j the
+codebook rows, all computed in fp32 after an exact upcast of bf16 / fp16 inputs:
+
+    metric "l2":      score_j = ||e_j||^2 - 2 x.e_j          dist = max(score + ||x||^2, 0) = ||x - e_j||^2
+    metric "ip":      score_j = -x.e_j                        dist = score
+    metric "cosine":  score_j = -x^.e^_j  (v^ = v / max(||v||, 1e-12))   dist = max(1 + score, 0) = 1 - cos
+
+The result is the k smallest scores in the total order (score, index): ascending, ties to the lowest
+index, NaN after every number.
+"""
+
+from __future__ import annotations
+
+import torch
+
+COSINE_EPS = 1e-12
+
+
+def _prepare(x: torch.Tensor, weight: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (queries [N, D] fp32, rows [V, D] fp32 scaled so score = bias + q . rows^T, bias [V] fp32)."""
+    q = x.float()
+    e = weight.to(device=x.device, dtype=torch.float32)
+    if metric == "l2":
+        bias = (e.double() * e.double()).sum(-1).float()
+        return q, -2.0 * e, bias
+    bias = torch.zeros(e.shape[0], device=e.device, dtype=torch.float32)
+    if metric == "ip":
+        return q, -e, bias
+    if metric == "cosine":
+        q_norm = torch.linalg.vector_norm(q.double(), dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+        e_norm = torch.linalg.vector_norm(e.double(), dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+        return q * (1.0 / q_norm).float(), -(e.double() / e_norm).float(), bias
+    raise ValueError(f"metric must be 'l2', 'ip' or 'cosine', got {metric!r}")
+
+
+def finish_distance(score: torch.Tensor, x: torch.Tensor, metric: str) -> torch.Tensor:
+    """Turns selection scores [N, k] into the reported fp32 distances."""
+    if metric == "l2":
+        norm_sq = (x.double() * x.double()).sum(-1, keepdim=True)
+        return (score.double() + norm_sq).clamp_min(0.0).float()
+    if metric == "cosine":
+        return (1.0 + score).clamp_min(0.0)
+    return score
+
+
+def topk_reference(
+    x: torch.Tensor, weight: torch.Tensor, k: int, metric: str = "l2", chunk_rows: int = 8192
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k nearest codebook rows of every query. x [N, D], weight [V, D] -> (dist [N, k] fp32, index [N, k] int64)."""
+    q, rows, bias = _prepare(x, weight, metric)
+    num_queries, num_rows = q.shape[0], rows.shape[0]
+    best_scores = torch.empty(num_queries, 0, device=q.device, dtype=torch.float32)
+    best_index = torch.empty(num_queries, 0, device=q.device, dtype=torch.int64)
+    for start in range(0, num_rows, chunk_rows):
+        stop = min(start + chunk_rows, num_rows)
+        scores = bias[start:stop] + q @ rows[start:stop].T  # [N, chunk]
+        index = torch.arange(start, stop, device=q.device).expand(num_queries, -1)
+        # Earlier chunks hold lower indices, so a stable sort of [best so far, chunk] realises the total order.
+        merged_scores = torch.cat([best_scores, scores], dim=1)
+        merged_index = torch.cat([best_index, index], dim=1)
+        order = torch.sort(merged_scores, dim=1, stable=True).indices[:, :k]
+        best_scores = merged_scores.gather(1, order)
+        best_index = merged_index.gather(1, order)
+    return finish_distance(best_scores, x, metric), best_index
+
+
+def nearest_reference(
+    x: torch.Tensor, weight: torch.Tensor, metric: str = "l2", chunk_rows: int = 8192
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest codebook row of every query. x [N, D], weight [V, D] -> (dist [N] fp32, index [N] int64)."""
+    dist, index = topk_reference(x, weight, 1, metric, chunk_rows)
+    return dist[:, 0], index[:, 0]
+
+
+def distances_fp64(x: torch.Tensor, weight: torch.Tensor, metric: str = "l2") -> torch.Tensor:
+    """All N x V distances in fp64 from the rounded inputs: the ground truth for tests (small sizes only)."""
+    q, e = x.double(), weight.to(x.device).double()
+    if metric == "l2":
+        return ((q[:, None, :] - e[None, :, :]) ** 2).sum(-1)
+    if metric == "ip":
+        return -(q @ e.T)
+    q = q / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+    e = e / torch.linalg.vector_norm(e, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+    return 1.0 - q @ e.T

@@ -1,0 +1,75 @@
+"""`Codebook`: a frozen embedding table with everything the kernels need computed once."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _validate
+
+METRICS = ("l2", "ip", "cosine")
+
+
+class Codebook:
+    """A frozen codebook ``[V, D]`` (for SPAE: an LLM's token-embedding table) prepared for fast search.
+
+    Construction packs the table once for the CPU kernel: ``ceil(V / 16)`` panels of ``[D, 16]`` fp32 rows,
+    pre-scaled for the metric, plus the per-row bias (``||e||^2`` for l2). Every later ``nearest`` /
+    ``topk`` call reuses them, so repeated calls pay nothing for the codebook. The packed copy takes
+    ``V * D * 4`` bytes next to ``weight``; passing a plain tensor to the ops instead packs it on every call.
+
+    The table is frozen: ``weight`` is detached, and an in-place change to it after construction is
+    detected (``torch``'s version counter) and raises instead of silently searching stale data.
+
+    Args:
+        weight: ``[V, D]`` fp32, bf16 or fp16 tensor, V >= 1, D >= 1, finite.
+        metric: ``"l2"`` (squared Euclidean, the paper's), ``"ip"`` (largest inner product) or ``"cosine"``.
+    """
+
+    def __init__(self, weight: torch.Tensor, metric: str = "l2") -> None:
+        _validate.codebook_weight(weight, "weight")
+        _validate.metric(metric)
+        self.weight = weight.detach()
+        self.metric = metric
+        self._version = self.weight._version
+        if self.weight.device.type == "cpu":
+            # [num_panels, D, 16] fp32, [num_panels * 16] fp32, [] fp64
+            self.cpu_panels, self.cpu_bias, self.cpu_norm_bound = torch.ops.spae_fast.pack_codebook(
+                self.weight, metric
+            )
+        else:
+            self.cpu_panels = self.cpu_bias = self.cpu_norm_bound = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def check_unchanged(self) -> None:
+        if self.weight._version != self._version:
+            raise RuntimeError(
+                "Codebook.weight was modified in place after the Codebook was built; the packed copy is "
+                "stale. Build a new spae_fast.Codebook from the updated table."
+            )
+
+    def nbytes_packed(self) -> int:
+        """Bytes held by the packed CPU copy (0 when the codebook lives on another device)."""
+        if self.cpu_panels is None:
+            return 0
+        return self.cpu_panels.nbytes + self.cpu_bias.nbytes
+
+    def __repr__(self) -> str:
+        return (
+            f"Codebook(rows={self.num_rows}, dim={self.dim}, dtype={self.dtype}, metric={self.metric!r}, "
+            f"device={self.device})"
+        )

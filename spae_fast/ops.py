@@ -1,0 +1,291 @@
+"""The op table: every op is one `torch.library` custom op with a fake implementation, an autograd rule
+where it has one, and a dispatch to a backend ("torch" reference, "cpu" native; "cuda" / "triton" come with
+the GPU kernels). The public functions validate, resolve ``backend="auto"`` and call the ops.
+
+Semantics every backend shares (the reference `spae_fast._ref` is the spec):
+  * distances are fp32, indices int64; inputs fp32 / bf16 / fp16 are upcast exactly and accumulated in fp32;
+  * top-k is sorted by (distance, index): ties go to the lowest index, bitwise identical for any batch size,
+    split of the batch, thread count and call order;
+  * non-finite inputs raise ``ValueError`` unless ``check_finite=False`` (then such rows are unspecified,
+    but indices stay in range and nothing crashes);
+  * gradients flow to ``x`` through the returned distances (the codebook is frozen: no gradient for it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from . import _native, _ref, _validate
+from .codebook import Codebook
+
+BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
+_EMPTY = torch.empty(0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Custom ops
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("spae_fast::pack_codebook", mutates_args=())
+def _pack_codebook(weight: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight [V, D] -> (panels [ceil(V/16), D, 16] fp32, bias [ceil(V/16)*16] fp32, norm bound [] fp64)."""
+    native = _native.cpu_module()
+    num_rows, dim = weight.shape
+    num_panels = -(-num_rows // native.PANEL_WIDTH)
+    panels = torch.empty(num_panels, dim, native.PANEL_WIDTH, dtype=torch.float32)
+    bias = torch.empty(num_panels * native.PANEL_WIDTH, dtype=torch.float32)
+    code, detail, max_norm = native.pack_codebook(
+        weight.data_ptr(), num_rows, dim, weight.stride(0), weight.stride(1),
+        _native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")], _native.METRIC_TAGS[metric],
+        panels.data_ptr(), bias.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    _native.raise_for_status(code, detail, stage="codebook")
+    return panels, bias, torch.tensor(max_norm, dtype=torch.float64)
+
+
+@_pack_codebook.register_fake
+def _(weight, metric):
+    num_panels = -(-weight.shape[0] // 16)
+    return (
+        weight.new_empty(num_panels, weight.shape[1], 16, dtype=torch.float32),
+        weight.new_empty(num_panels * 16, dtype=torch.float32),
+        weight.new_empty((), dtype=torch.float64),
+    )
+
+
+def _topk_impl(x, weight, panels, bias, norm_bound, k, metric, backend, check_finite):
+    """x [N, D], weight [V, D] -> (dist [N, k] fp32, index [N, k] int64)."""
+    if backend == "torch":
+        if check_finite and x.numel() and not bool(torch.isfinite(x).all()):
+            bad_row = int((~torch.isfinite(x)).any(-1).nonzero()[0, 0])
+            _native.raise_for_status(1, bad_row, stage="search")
+        return _ref.topk_reference(x, weight, k, metric)
+    if backend == "cpu":
+        native = _native.cpu_module()
+        num_queries, dim = x.shape
+        dist = torch.empty(num_queries, k, dtype=torch.float32)
+        index = torch.empty(num_queries, k, dtype=torch.int64)
+        if num_queries:
+            code, detail = native.search(
+                x.data_ptr(), num_queries, dim, x.stride(0), x.stride(1),
+                _native.DTYPE_TAGS[str(x.dtype).removeprefix("torch.")],
+                panels.data_ptr(), bias.data_ptr(), weight.shape[0], float(norm_bound),
+                _native.METRIC_TAGS[metric], k, check_finite, torch.get_num_threads(),
+                dist.data_ptr(), index.data_ptr(),
+            )  # fmt: skip
+            _native.raise_for_status(code, detail, stage="search")
+        return dist, index
+    raise RuntimeError(f"backend {backend!r} has no kernel for this op yet")
+
+
+@torch.library.custom_op("spae_fast::topk", mutates_args=())
+def _topk_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    panels: torch.Tensor,
+    bias: torch.Tensor,
+    norm_bound: torch.Tensor,
+    k: int,
+    metric: str,
+    backend: str,
+    check_finite: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _topk_impl(x, weight, panels, bias, norm_bound, k, metric, backend, check_finite)
+
+
+@_topk_op.register_fake
+def _(x, weight, panels, bias, norm_bound, k, metric, backend, check_finite):
+    return x.new_empty(x.shape[0], k, dtype=torch.float32), x.new_empty(x.shape[0], k, dtype=torch.int64)
+
+
+@torch.library.custom_op("spae_fast::nearest", mutates_args=())
+def _nearest_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    panels: torch.Tensor,
+    bias: torch.Tensor,
+    norm_bound: torch.Tensor,
+    metric: str,
+    backend: str,
+    check_finite: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dist, index = _topk_impl(x, weight, panels, bias, norm_bound, 1, metric, backend, check_finite)
+    return dist[:, 0].contiguous(), index[:, 0].contiguous()
+
+
+@_nearest_op.register_fake
+def _(x, weight, panels, bias, norm_bound, metric, backend, check_finite):
+    return x.new_empty(x.shape[0], dtype=torch.float32), x.new_empty(x.shape[0], dtype=torch.int64)
+
+
+def _distance_grad(x: torch.Tensor, chosen: torch.Tensor, grad_dist: torch.Tensor, metric: str) -> torch.Tensor:
+    """d(sum_k g_k dist_k)/dx for x [N, D], chosen rows [N, k, D], g [N, k]."""
+    q = x.float()[:, None, :]
+    g = grad_dist[..., None]
+    if metric == "l2":  # d||x - e||^2/dx = 2 (x - e)
+        grad = (2.0 * g * (q - chosen)).sum(1)
+    elif metric == "ip":  # d(-x.e)/dx = -e
+        grad = -(g * chosen).sum(1)
+    else:  # d(1 - x^.e^)/dx = -(e^ - (x^.e^) x^) / |x|
+        norm = torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(_ref.COSINE_EPS)
+        q_hat = q / norm
+        e_hat = chosen / torch.linalg.vector_norm(chosen, dim=-1, keepdim=True).clamp_min(_ref.COSINE_EPS)
+        cos = (q_hat * e_hat).sum(-1, keepdim=True)
+        grad = (-g * (e_hat - cos * q_hat) / norm).sum(1)
+    return grad.to(x.dtype)
+
+
+def _setup_topk_context(ctx, inputs, output):
+    x, weight = inputs[0], inputs[1]
+    metric = inputs[6] if len(inputs) == 9 else inputs[5]
+    ctx.metric = metric
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _topk_backward(ctx, grad_dist, grad_index):
+    x, weight, index = ctx.saved_tensors
+    chosen = weight.float()[index.reshape(x.shape[0], -1)]  # [N, k, D]
+    grad_x = _distance_grad(x, chosen, grad_dist.reshape(x.shape[0], -1), ctx.metric)
+    return grad_x, None, None, None, None, None, None, None, None
+
+
+def _nearest_backward(ctx, grad_dist, grad_index):
+    return _topk_backward(ctx, grad_dist, grad_index)[:8]
+
+
+_topk_op.register_autograd(_topk_backward, setup_context=_setup_topk_context)
+_nearest_op.register_autograd(_nearest_backward, setup_context=_setup_topk_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backends
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendStatus:
+    available: bool
+    reason: str
+
+
+def available() -> dict[str, BackendStatus]:
+    """Which backends were built and can run here, and why not."""
+    report = {"torch": BackendStatus(True, f"plain PyTorch reference (torch {torch.__version__})")}
+    if _native._C is None:
+        report["cpu"] = BackendStatus(False, _native._CPU_IMPORT_ERROR or "not built")
+    else:
+        report["cpu"] = BackendStatus(
+            True,
+            f"native C++/OpenMP kernel, micro-kernel {_native._C.get_isa()}, "
+            f"{torch.get_num_threads()} threads (torch.set_num_threads)",
+        )
+    count, why = _native.cuda_device_count()
+    cuda_module = "CUDA module built" if _native._cuda is not None else "CUDA module not built"
+    if count == 0:
+        report["cuda"] = BackendStatus(False, f"{cuda_module}; no CUDA device ({why or 'none found'})")
+    else:
+        report["cuda"] = BackendStatus(False, f"{cuda_module}, {count} device(s); fused GPU kernels not built yet")
+    report["triton"] = BackendStatus(False, "Triton kernels not built yet")
+    return report
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cpu" and _native._C is not None:
+            return "cpu"
+        return "torch"
+    status = available()[backend]
+    if not status.available:
+        raise RuntimeError(f"backend {backend!r} is not available: {status.reason}")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend 'cpu' needs tensors on the CPU, got {device}")
+    return backend
+
+
+def _codebook_operands(codebook, metric: str | None, backend: str):
+    """(weight, panels, bias, norm_bound, metric) for the op, packing a plain tensor when the backend needs it."""
+    if isinstance(codebook, Codebook):
+        if metric is not None and metric != codebook.metric:
+            raise ValueError(
+                f"metric={metric!r} differs from the Codebook's metric {codebook.metric!r}; "
+                "build the Codebook with the metric you search with"
+            )
+        if not torch.compiler.is_compiling():
+            codebook.check_unchanged()
+        if backend == "cpu":
+            return codebook.weight, codebook.cpu_panels, codebook.cpu_bias, codebook.cpu_norm_bound, codebook.metric
+        return codebook.weight, _EMPTY, _EMPTY, _EMPTY, codebook.metric
+    weight = _validate.codebook_weight(codebook, "codebook")
+    metric = _validate.metric("l2" if metric is None else metric)
+    if backend == "cpu":
+        panels, bias, norm_bound = torch.ops.spae_fast.pack_codebook(weight.detach(), metric)
+        return weight.detach(), panels, bias, norm_bound, metric
+    return weight.detach(), _EMPTY, _EMPTY, _EMPTY, metric
+
+
+def _prepare(x, codebook, metric, backend):
+    if isinstance(codebook, Codebook):
+        dim, device = codebook.dim, codebook.device
+    else:
+        weight = _validate.codebook_weight(codebook, "codebook")
+        dim, device = weight.shape[1], weight.device
+    x = _validate.queries(x, dim, device)
+    backend = resolve_backend(backend, x.device)
+    weight, panels, bias, norm_bound, metric = _codebook_operands(codebook, metric, backend)
+    return x, x.reshape(-1, dim), weight, panels, bias, norm_bound, metric, backend
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------------------
+
+
+def nearest(
+    x: torch.Tensor,
+    codebook: torch.Tensor | Codebook,
+    *,
+    metric: str | None = None,
+    backend: str = "auto",
+    check_finite: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest codebook row of every vector, fused: no N x V matrix is ever formed.
+
+    Args:
+        x: ``[..., D]`` queries, fp32 / bf16 / fp16, any strides.
+        codebook: ``[V, D]`` tensor, or a `Codebook` (prepared once: use it for repeated calls).
+        metric: ``"l2"`` (default; squared Euclidean), ``"ip"`` (largest inner product, dist = -x.e) or
+            ``"cosine"`` (dist = 1 - cos). With a `Codebook`, defaults to (and must equal) its metric.
+        backend: ``"auto"``, ``"cpu"`` (native), ``"torch"`` (reference); see `available()`.
+        check_finite: raise ``ValueError`` on NaN / Inf in ``x`` (one cheap pass fused into the kernel).
+
+    Returns:
+        ``(dist [...] fp32, index [...] int64)``; ties resolve to the lowest index.
+    """
+    x, flat, weight, panels, bias, norm_bound, metric, backend = _prepare(x, codebook, metric, backend)
+    dist, index = torch.ops.spae_fast.nearest(flat, weight, panels, bias, norm_bound, metric, backend, check_finite)
+    return dist.reshape(x.shape[:-1]), index.reshape(x.shape[:-1])
+
+
+def topk(
+    x: torch.Tensor,
+    codebook: torch.Tensor | Codebook,
+    k: int,
+    *,
+    metric: str | None = None,
+    backend: str = "auto",
+    check_finite: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest codebook rows of every vector, sorted by (distance, index), fused (no N x V).
+
+    Same arguments as `nearest`, plus ``1 <= k <= V``. Returns ``(dist [..., k] fp32, index [..., k] int64)``.
+    """
+    num_rows = codebook.num_rows if isinstance(codebook, Codebook) else _validate.codebook_weight(codebook).shape[0]
+    k = _validate.k_value(k, num_rows)
+    x, flat, weight, panels, bias, norm_bound, metric, backend = _prepare(x, codebook, metric, backend)
+    dist, index = torch.ops.spae_fast.topk(flat, weight, panels, bias, norm_bound, k, metric, backend, check_finite)
+    return dist.reshape(*x.shape[:-1], k), index.reshape(*x.shape[:-1], k)
