@@ -199,9 +199,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type == "cpu" and _native._C is not None:
             return "cpu"
         return "torch"
-    status = available()[backend]
-    if not status.available:
-        raise RuntimeError(f"backend {backend!r} is not available: {status.reason}")
+    if backend == "cpu" and _native._C is None:
+        raise RuntimeError(f"backend 'cpu' is not available: {_native._CPU_IMPORT_ERROR}")
+    if backend in ("cuda", "triton"):
+        status = available()[backend]
+        if not status.available:
+            raise RuntimeError(f"backend {backend!r} is not available: {status.reason}")
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend 'cpu' needs tensors on the CPU, got {device}")
     return backend
