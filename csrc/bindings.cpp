@@ -61,6 +61,42 @@ py::tuple search(uintptr_t x, int64_t rows, int64_t cols, int64_t row_stride, in
   return py::make_tuple(static_cast<int>(info.status), info.detail);
 }
 
+py::tuple saq(uintptr_t z, int z_dtype, int64_t batch, int64_t dim, int64_t grid, int64_t stride_b,
+              int64_t stride_d, int64_t stride_y, int64_t stride_x, uintptr_t weight, int64_t weight_rows,
+              int64_t weight_row_stride, int64_t weight_col_stride, int weight_dtype, uintptr_t panels,
+              uintptr_t bias, double max_norm, const std::vector<int64_t>& sides, bool residual,
+              bool check_finite, int num_threads, uintptr_t out_ids) {
+  spae::SaqRequest request;
+  request.z = reinterpret_cast<const void*>(z);
+  request.z_dtype = static_cast<spae::DType>(z_dtype);
+  request.batch = batch;
+  request.dim = dim;
+  request.grid = grid;
+  request.stride_b = stride_b;
+  request.stride_d = stride_d;
+  request.stride_y = stride_y;
+  request.stride_x = stride_x;
+  request.weight = make_view(weight, weight_rows, dim, weight_row_stride, weight_col_stride, weight_dtype);
+  request.codebook.panels = reinterpret_cast<const float*>(panels);
+  request.codebook.bias = reinterpret_cast<const float*>(bias);
+  request.codebook.rows = weight_rows;
+  request.codebook.dim = dim;
+  request.codebook.max_norm = max_norm;
+  request.codebook.metric = spae::Metric::L2;
+  request.sides = sides.data();
+  request.num_layers = static_cast<int64_t>(sides.size());
+  request.residual = residual;
+  request.check_finite = check_finite;
+  request.num_threads = num_threads;
+  request.out_ids = reinterpret_cast<int64_t*>(out_ids);
+  spae::StatusInfo info;
+  {
+    py::gil_scoped_release release;
+    info = spae::saq(request);
+  }
+  return py::make_tuple(static_cast<int>(info.status), info.detail);
+}
+
 bool set_isa(const std::string& name) {
   if (name == "portable") return spae::set_active_isa(spae::Isa::Portable);
   if (name == "avx2") return spae::set_active_isa(spae::Isa::Avx2Fma);
@@ -75,6 +111,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("TILE_ROWS") = spae::kTileRows;
   m.def("pack_codebook", &pack_codebook);
   m.def("search", &search);
+  m.def("saq", &saq, "Streaming average / residual quantization over a token pyramid (ids only).");
   m.def("set_isa", &set_isa, "Select the micro-kernel ('portable' or 'avx2'); False if this CPU lacks it.");
   m.def("get_isa", [] { return std::string(spae::isa_name(spae::active_isa())); });
   m.def("cpu_supports_avx2", &spae::cpu_supports_avx2_fma);

@@ -82,18 +82,21 @@ int64_t query_block_rows(int64_t dim, int64_t num_queries) {
   return std::max<int64_t>(kTileRows, rows / kTileRows * kTileRows);
 }
 
-// Packs queries [first, first + count) into micro-panels [count/6][D][6] (zero-padded), computing
-// ||x||^2 in fp64 and normalising for cosine. Returns the first offending row or -1.
-StatusInfo pack_query_block(const MatrixView& x, Metric metric, const PackedCodebookView& codebook, bool check,
-                            int64_t first, int64_t count, int64_t padded_count, float* packed, double* norm_sq) {
-  const int64_t dim = x.cols;
+// Packs queries [first, first + count) of the source into micro-panels [count/6][D][6] (zero-padded),
+// computing ||x||^2 in fp64 and normalising for cosine. The source writes each row to `row_buffer` ([D]
+// fp32) first: this is the pluggable prologue (a plain strided read, or the SAQ target of a layer).
+StatusInfo pack_query_block(const QuerySource& source, Metric metric, const PackedCodebookView& codebook,
+                            bool check, int64_t first, int64_t count, int64_t padded_count, float* row_buffer,
+                            float* packed, double* norm_sq) {
+  const int64_t dim = source.dim();
   std::fill(packed, packed + padded_count * dim, 0.0f);
   for (int64_t r = 0; r < count; ++r) {
     const int64_t row = first + r;
+    source.load_row(row, row_buffer);
     double sum = 0.0;
     bool finite = true;
     for (int64_t d = 0; d < dim; ++d) {
-      const float v = x.at(row, d);
+      const float v = row_buffer[d];
       finite &= std::isfinite(v);
       sum += static_cast<double>(v) * v;
     }
@@ -104,7 +107,7 @@ StatusInfo pack_query_block(const MatrixView& x, Metric metric, const PackedCode
     if (metric == Metric::Cosine) scale = static_cast<float>(1.0 / std::max(std::sqrt(sum), kCosineEps));
     norm_sq[r] = sum;
     float* dst = packed + (r / kTileRows) * dim * kTileRows + (r % kTileRows);
-    for (int64_t d = 0; d < dim; ++d) dst[d * kTileRows] = x.at(row, d) * scale;
+    for (int64_t d = 0; d < dim; ++d) dst[d * kTileRows] = row_buffer[d] * scale;
   }
   return {};
 }
@@ -171,9 +174,15 @@ StatusInfo pack_codebook(const MatrixView& e, Metric metric, float* panels, floa
 }
 
 StatusInfo search_topk(const SearchRequest& req) {
-  const MatrixView& x = req.queries;
-  const PackedCodebookView& cb = req.codebook;
-  const int64_t num_queries = x.rows, dim = x.cols, k = req.k;
+  const MatrixQuerySource source(req.queries);
+  return search_topk_source(source, req.codebook, req.k, req.check_finite, req.num_threads, req.out_dist,
+                            req.out_index);
+}
+
+StatusInfo search_topk_source(const QuerySource& source, const PackedCodebookView& cb, const int64_t k,
+                              const bool check_finite, const int num_threads, float* const out_dist,
+                              int64_t* const out_index) {
+  const int64_t num_queries = source.rows(), dim = source.dim();
   if (num_queries == 0) return {};
   if (dim != cb.dim || k < 1 || k > cb.rows || cb.rows < 1) return {Status::BadArgument, -1};
 
@@ -183,7 +192,7 @@ StatusInfo search_topk(const SearchRequest& req) {
 #endif
                                    micro_kernel_portable;
 
-  const int threads = std::max(1, req.num_threads);
+  const int threads = std::max(1, num_threads);
   const int64_t block_rows = query_block_rows(dim, num_queries);
   const int64_t num_blocks = (num_queries + block_rows - 1) / block_rows;
   const int64_t num_panels = cb.num_panels();
@@ -214,24 +223,25 @@ StatusInfo search_topk(const SearchRequest& req) {
   std::atomic<int> failed_status{static_cast<int>(Status::Ok)};
   std::atomic<int64_t> failed_detail{std::numeric_limits<int64_t>::max()};
   auto record_failure = [&](StatusInfo info) {
-    // Keep the lowest row so the message does not depend on thread timing.
-    int64_t current = failed_detail.load();
-    while (info.detail < current && !failed_detail.compare_exchange_weak(current, info.detail)) {
+    // Keep the lowest row together with its own status, so the message does not depend on thread timing.
+#pragma omp critical(spae_search_failure)
+    if (info.detail < failed_detail.load()) {
+      failed_detail.store(info.detail);
+      failed_status.store(static_cast<int>(info.status));
     }
-    int expected = static_cast<int>(Status::Ok);
-    failed_status.compare_exchange_strong(expected, static_cast<int>(info.status));
   };
 
   const int64_t num_items = num_blocks * splits;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> packed, list_values, scores(kTileRows * kPanelWidth);
+    std::vector<float> packed, row_buffer, list_values, scores(kTileRows * kPanelWidth);
     std::vector<int64_t> list_indices;
     std::vector<double> norm_sq;
     std::vector<TopkList> lists;
     bool allocated = true;
     try {
       packed.resize(static_cast<size_t>(block_rows * dim));
+      row_buffer.resize(static_cast<size_t>(dim));
       list_values.resize(static_cast<size_t>(block_rows * k));
       list_indices.resize(static_cast<size_t>(block_rows * k));
       norm_sq.resize(static_cast<size_t>(block_rows));
@@ -243,17 +253,20 @@ StatusInfo search_topk(const SearchRequest& req) {
 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < num_items; ++item) {
-      if (!allocated || failed_status.load(std::memory_order_relaxed) != static_cast<int>(Status::Ok)) continue;
       const int64_t block = item / splits, split = item % splits;
       const int64_t first_row = block * block_rows;
+      // After a failure only blocks that may hold a lower bad row still run their checks.
+      if (!allocated || failed_detail.load(std::memory_order_relaxed) < first_row) continue;
       const int64_t rows = std::min(block_rows, num_queries - first_row);
       const int64_t padded_rows = (rows + kTileRows - 1) / kTileRows * kTileRows;
-      const StatusInfo packed_status = pack_query_block(x, cb.metric, cb, req.check_finite, first_row, rows,
-                                                        padded_rows, packed.data(), norm_sq.data());
+      const StatusInfo packed_status =
+          pack_query_block(source, cb.metric, cb, check_finite, first_row, rows, padded_rows,
+                           row_buffer.data(), packed.data(), norm_sq.data());
       if (packed_status.status != Status::Ok) {
         record_failure(packed_status);
         continue;
       }
+      if (failed_status.load(std::memory_order_relaxed) != static_cast<int>(Status::Ok)) continue;
       for (int64_t r = 0; r < rows; ++r) lists[r] = {list_values.data() + r * k, list_indices.data() + r * k, 0, k};
 
       const int64_t panel_begin = split * panels_per_split;
@@ -285,8 +298,8 @@ StatusInfo search_topk(const SearchRequest& req) {
         const TopkList& list = lists[r];
         if (splits == 1) {
           for (int64_t j = 0; j < k; ++j) {
-            req.out_dist[row * k + j] = finish_distance(cb.metric, list.values[j], norm_sq[r]);
-            req.out_index[row * k + j] = list.indices[j];
+            out_dist[row * k + j] = finish_distance(cb.metric, list.values[j], norm_sq[r]);
+            out_index[row * k + j] = list.indices[j];
           }
         } else {
           const int64_t slot = row * splits + split;
@@ -321,8 +334,8 @@ StatusInfo search_topk(const SearchRequest& req) {
         }
         const int64_t best_at = (row * splits + best) * k + heads[best];
         ++heads[best];
-        req.out_dist[row * k + j] = finish_distance(cb.metric, partial_values[best_at], partial_norm_sq[row]);
-        req.out_index[row * k + j] = partial_indices[best_at];
+        out_dist[row * k + j] = finish_distance(cb.metric, partial_values[best_at], partial_norm_sq[row]);
+        out_index[row * k + j] = partial_indices[best_at];
       }
     }
   }

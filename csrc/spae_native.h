@@ -141,6 +141,38 @@ const char* isa_name(Isa isa);
 StatusInfo pack_codebook(const MatrixView& codebook, Metric metric, float* panels, float* bias, double* max_norm,
                          int num_threads);
 
+// Where the fused search reads its queries from: row r as D fp32 values. The search asks for each row once
+// per work item, from any thread, while it packs its query block, so a source may compute queries on the fly
+// (the SAQ op forms each layer's target l*z - sum e here, never storing an N x D target matrix).
+class QuerySource {
+ public:
+  virtual ~QuerySource() = default;
+  virtual int64_t rows() const = 0;
+  virtual int64_t dim() const = 0;
+  // Writes query `row` (dim() fp32 values, contiguous) to out. Must be thread-safe and deterministic.
+  virtual void load_row(int64_t row, float* out) const = 0;
+};
+
+// A strided matrix as a query source (the nearest / top-k ops).
+class MatrixQuerySource final : public QuerySource {
+ public:
+  explicit MatrixQuerySource(const MatrixView& view) : view_(view) {}
+  int64_t rows() const override { return view_.rows; }
+  int64_t dim() const override { return view_.cols; }
+  void load_row(int64_t row, float* out) const override {
+    for (int64_t d = 0; d < view_.cols; ++d) out[d] = view_.at(row, d);
+  }
+
+ private:
+  MatrixView view_;
+};
+
+// Exact fused top-k of every query of `source` (shared by search_topk and saq): block packing from the
+// source, the micro-kernel with the threshold pre-filter, per-row top-k lists, the split-V merge.
+// On NonFiniteQuery / Overflow, detail is the lowest offending query row.
+StatusInfo search_topk_source(const QuerySource& source, const PackedCodebookView& codebook, int64_t k,
+                              bool check_finite, int num_threads, float* out_dist, int64_t* out_index);
+
 struct SearchRequest {
   MatrixView queries;  // [N, D]
   PackedCodebookView codebook;
@@ -153,5 +185,29 @@ struct SearchRequest {
 
 // Exact fused top-k (k = 1 is the nearest search). Never materialises N x V.
 StatusInfo search_topk(const SearchRequest& request);
+
+// Streaming average quantization over a token pyramid (SPAE-METHOD.md §2-3), all layers in one call.
+// Layer l (1-based) with side s_l on grid g has stride t = g / s_l and samples rows / cols t*i + t - ceil(t/2).
+// At a sampled position p its target is   z_l(p) = c_l * z(p) - sum_{m<l} e(k_m(Up_m(p)))   with c_l = l
+// (SAQ) or 1 (RQ), the sum accumulated in fp64 in ascending m and rounded once to fp32; the token is the
+// exact l2 nearest row of the target (ties to the lowest row). Targets are formed while packing the search's
+// query blocks, so no N x D target and no N x V matrix is ever stored.
+struct SaqRequest {
+  const void* z = nullptr;  // [B, D, g, g], element strides below
+  DType z_dtype = DType::Float32;
+  int64_t batch = 0, dim = 0, grid = 0;
+  int64_t stride_b = 0, stride_d = 0, stride_y = 0, stride_x = 0;
+  MatrixView weight;             // [V, D] the raw table: e(k) for the targets
+  PackedCodebookView codebook;   // the same table packed for metric l2
+  const int64_t* sides = nullptr;  // [num_layers], each divides grid
+  int64_t num_layers = 0;
+  bool residual = false;  // RQ: c_l = 1
+  bool check_finite = true;
+  int num_threads = 1;
+  int64_t* out_ids = nullptr;  // [B, sum_l s_l^2] contiguous, layer after layer, raster order
+};
+
+// NonFiniteQuery / Overflow details are flat grid positions b * g * g + y * g + x.
+StatusInfo saq(const SaqRequest& request);
 
 }  // namespace spae

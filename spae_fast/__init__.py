@@ -10,8 +10,9 @@ N x V distance matrix. Public API:
 """
 
 from .codebook import Codebook
-from .ops import BackendStatus, available, nearest, topk
+from .ops import BackendStatus, available, nearest, saq, topk
+from .pyramid import TokenPyramid
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendStatus", "Codebook", "available", "nearest", "topk", "__version__"]
+__all__ = ["BackendStatus", "Codebook", "TokenPyramid", "available", "nearest", "saq", "topk", "__version__"]

@@ -31,10 +31,22 @@ def cpu_module():
     return _C
 
 
-def raise_for_status(code: int, detail: int, *, stage: str) -> None:
-    """Turns a native status code into the exception the user sees. stage: "codebook" or "search"."""
+def raise_for_status(code: int, detail: int, *, stage: str, grid: int = 0) -> None:
+    """Turns a native status code into the exception the user sees. stage: "codebook", "search" or "saq"
+    (then ``detail`` is the flat latent position ``b * grid^2 + y * grid + x``)."""
     if code == _OK:
         return
+    if stage == "saq" and code in (_NON_FINITE_QUERY, _OVERFLOW) and grid > 0:
+        image, row, column = detail // (grid * grid), detail // grid % grid, detail % grid
+        if code == _NON_FINITE_QUERY:
+            raise ValueError(
+                f"z contains NaN or Inf (first at image {image}, row {row}, column {column} of the latent grid); "
+                "pass check_finite=False to skip this check (the ids of such positions are then unspecified)"
+            )
+        raise ValueError(
+            f"z at image {image}, row {row}, column {column}: the quantization target is too large for fp32 "
+            "accumulation against this codebook (|target| * max|e| must stay below 5e36); rescale the latents"
+        )
     if code == _NON_FINITE_QUERY:
         raise ValueError(
             f"x contains NaN or Inf (first bad row {detail} of the flattened [N, D] input); pass "

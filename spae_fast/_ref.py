@@ -86,3 +86,41 @@ def distances_fp64(x: torch.Tensor, weight: torch.Tensor, metric: str = "l2") ->
     q = q / torch.linalg.vector_norm(q, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
     e = e / torch.linalg.vector_norm(e, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
     return 1.0 - q @ e.T
+
+
+
+def saq_reference(z: torch.Tensor, weight: torch.Tensor, sides: list[int], mode: str = "saq") -> torch.Tensor:
+    """Streaming average (or residual) quantization over a token pyramid (SPAE-METHOD.md §2-3), layer by layer.
+
+    z ``[B, D, g, g]``, weight ``[V, D]``, sides ``[s_1 .. s_L]`` (each divides g) -> ids ``[B, sum_l s_l^2]``
+    int64, layer after layer, raster order within a layer. Layer l (1-based) samples rows / cols
+    ``t * i + t - ceil(t / 2)`` (t = g / s_l); at a sampled position p
+
+        target  z_l(p) = c_l * z(p) - sum_{m<l} e(k_m(Up_m(p)))     c_l = l ("saq") or 1 ("rq")
+        token   k_l(p) = argmin_k || z_l(p) - e(k) ||^2                (exact l2 nearest, ties to the lowest row)
+
+    where Up_m(p) is the layer-m token covering p (nearest upsampling of layer m's ids). The sum is accumulated
+    in fp64 in ascending m, combined with c_l * z(p) in fp64 and rounded once to fp32: the native kernel forms
+    bitwise the same targets.
+    """
+    if mode not in ("saq", "rq"):
+        raise ValueError(f"mode must be 'saq' or 'rq', got {mode!r}")
+    batch, dim, grid = z.shape[0], z.shape[1], z.shape[-1]
+    z64 = z.double()
+    e64 = weight.to(z.device).double()
+    covering_sum = torch.zeros(batch, dim, grid, grid, dtype=torch.float64, device=z.device)  # sum_m e(k_m(Up_m))
+    ids = []
+    for layer, side in enumerate(sides, 1):
+        stride = grid // side
+        pos = torch.arange(side, device=z.device) * stride + (stride - (stride + 1) // 2)
+        z_sampled = z64[:, :, pos][:, :, :, pos]  # [B, D, s, s]
+        sum_sampled = covering_sum[:, :, pos][:, :, :, pos]
+        coefficient = float(layer) if mode == "saq" else 1.0
+        target = (coefficient * z_sampled - sum_sampled).float()  # one rounding, as the kernel
+        queries = target.permute(0, 2, 3, 1).reshape(-1, dim)  # [B * s * s, D] raster order
+        _, index = nearest_reference(queries, weight, "l2")
+        index = index.reshape(batch, side, side)
+        chosen = e64[index].permute(0, 3, 1, 2)  # [B, D, s, s]
+        covering_sum = covering_sum + chosen.repeat_interleave(stride, 2).repeat_interleave(stride, 3)
+        ids.append(index.reshape(batch, side * side))
+    return torch.cat(ids, dim=1)

@@ -53,3 +53,22 @@ def k_value(k: object, num_rows: int) -> int:
     if not 1 <= k <= num_rows:
         raise ValueError(f"k must be in [1, V] = [1, {num_rows}], got {k}")
     return k
+
+
+def latent(z: object, dim: int, device: torch.device, grid: int | None = None, name: str = "z") -> torch.Tensor:
+    """A latent grid ``[B, D, g, g]`` whose channel dimension matches the codebook's D."""
+    z = floating_tensor(z, name)
+    if z.dim() != 4:
+        raise ValueError(f"{name} must be 4-D [B, D, h, w] (a latent grid), got shape {tuple(z.shape)}")
+    if z.shape[1] != dim:
+        raise ValueError(
+            f"{name} has {z.shape[1]} channels (shape {tuple(z.shape)}), but the codebook rows have D = {dim}; "
+            "the encoder's last layer must output the codebook's embedding dimension"
+        )
+    if z.shape[2] != z.shape[3]:
+        raise ValueError(f"{name} must be a square grid [B, D, g, g], got h = {z.shape[2]}, w = {z.shape[3]}")
+    if grid is not None and z.shape[2] != grid:
+        raise ValueError(f"{name} has a {z.shape[2]} x {z.shape[3]} grid, but the pyramid's grid is {grid}")
+    if z.device != device:
+        raise ValueError(f"{name} is on {z.device} but the codebook is on {device}; move both to one device")
+    return z

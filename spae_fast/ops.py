@@ -292,3 +292,109 @@ def topk(
     x, flat, weight, panels, bias, norm_bound, metric, backend = _prepare(x, codebook, metric, backend)
     dist, index = torch.ops.spae_fast.topk(flat, weight, panels, bias, norm_bound, k, metric, backend, check_finite)
     return dist.reshape(*x.shape[:-1], k), index.reshape(*x.shape[:-1], k)
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SAQ: streaming average / residual quantization over a token pyramid (SPAE-METHOD.md §2-3)
+# ----------------------------------------------------------------------------------------------------------
+
+SAQ_MODES = ("saq", "rq")
+
+
+def _first_non_finite_position(z: torch.Tensor) -> int:
+    bad = (~torch.isfinite(z)).any(1).reshape(-1)  # [B * g * g]
+    return int(bad.nonzero()[0, 0])
+
+
+def _saq_impl(z, weight, panels, bias, norm_bound, sides, mode, backend, check_finite):
+    """z [B, D, g, g] -> ids [B, sum_l s_l^2] int64 (layer after layer, raster order)."""
+    grid = z.shape[-1]
+    if backend == "torch":
+        if check_finite and z.numel() and not bool(torch.isfinite(z).all()):
+            _native.raise_for_status(1, _first_non_finite_position(z), stage="saq", grid=grid)
+        return _ref.saq_reference(z, weight, list(sides), mode)
+    if backend == "cpu":
+        native = _native.cpu_module()
+        ids = torch.empty(z.shape[0], sum(side * side for side in sides), dtype=torch.int64)
+        code, detail = native.saq(
+            z.data_ptr(), _native.DTYPE_TAGS[str(z.dtype).removeprefix("torch.")], z.shape[0], z.shape[1], grid,
+            z.stride(0), z.stride(1), z.stride(2), z.stride(3),
+            weight.data_ptr(), weight.shape[0], weight.stride(0), weight.stride(1),
+            _native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
+            panels.data_ptr(), bias.data_ptr(), float(norm_bound), list(sides), mode == "rq", check_finite,
+            torch.get_num_threads(), ids.data_ptr(),
+        )  # fmt: skip
+        _native.raise_for_status(code, detail, stage="saq", grid=grid)
+        return ids
+    raise RuntimeError(f"backend {backend!r} has no kernel for this op yet")
+
+
+@torch.library.custom_op("spae_fast::saq", mutates_args=())
+def _saq_op(
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    panels: torch.Tensor,
+    bias: torch.Tensor,
+    norm_bound: torch.Tensor,
+    sides: list[int],
+    mode: str,
+    backend: str,
+    check_finite: bool,
+) -> torch.Tensor:
+    return _saq_impl(z, weight, panels, bias, norm_bound, sides, mode, backend, check_finite)
+
+
+@_saq_op.register_fake
+def _(z, weight, panels, bias, norm_bound, sides, mode, backend, check_finite):
+    return z.new_empty(z.shape[0], sum(side * side for side in sides), dtype=torch.int64)
+
+
+def saq(
+    z: torch.Tensor,
+    codebook: torch.Tensor | Codebook,
+    layers: tuple[int, ...] | list[int] = (1, 2, 4, 8, 16, 16),
+    *,
+    mode: str = "saq",
+    backend: str = "auto",
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """Token ids of every pyramid layer by streaming average quantization, fused (no N x D target, no N x V).
+
+    For layer l (1-based) with side s_l on the g x g grid of ``z`` and a sampled position p
+    (rows / cols ``t*i + t - ceil(t/2)``, t = g / s_l):
+
+        z_l(p) = c_l * z(p) - sum_{m<l} e(k_m(Up_m(p))),   k_l(p) = argmin_k ||z_l(p) - e(k)||^2
+
+    with c_l = l for ``mode="saq"`` (the running mean of the chosen embeddings approaches z) or 1 for
+    ``mode="rq"`` (residual quantization). Ties go to the lowest row; results are bitwise identical for any
+    batch split and thread count. ``spae_fast.SPAEQuantizer`` builds the straight-through latents and the
+    commitment loss from these ids.
+
+    Args:
+        z: ``[B, D, g, g]`` latents (fp32 / bf16 / fp16, any strides), D = the codebook's dim.
+        codebook: ``[V, D]`` tensor or an l2 `Codebook` (packed once: use it for repeated calls).
+        layers: layer sides, non-decreasing, each dividing g.
+        mode: ``"saq"`` or ``"rq"``.
+        backend: ``"auto"``, ``"cpu"`` (native) or ``"torch"`` (reference).
+        check_finite: raise ``ValueError`` on NaN / Inf in ``z``.
+
+    Returns:
+        ids ``[B, sum_l s_l^2]`` int64: layer after layer, raster order inside a layer.
+    """
+    from .pyramid import TokenPyramid
+
+    if isinstance(codebook, Codebook):
+        dim, device = codebook.dim, codebook.device
+    else:
+        weight = _validate.codebook_weight(codebook, "codebook")
+        dim, device = weight.shape[1], weight.device
+    z = _validate.latent(z, dim, device)
+    pyramid = TokenPyramid(tuple(layers), z.shape[-1])
+    if mode not in SAQ_MODES:
+        raise ValueError(f"mode must be one of {SAQ_MODES}, got {mode!r}")
+    backend = resolve_backend(backend, z.device)
+    weight, panels, bias, norm_bound, metric = _codebook_operands(codebook, "l2", backend)
+    return torch.ops.spae_fast.saq(
+        z, weight, panels, bias, norm_bound, list(pyramid.sides), mode, backend, check_finite
+    )
