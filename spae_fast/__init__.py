@@ -7,12 +7,29 @@ N x V distance matrix. Public API:
     spae_fast.topk(x, codebook, k, *, metric=None, backend="auto", check_finite=True) -> (dist, index)
     spae_fast.Codebook(weight, metric="l2")   # frozen table, packed once for the kernels
     spae_fast.available()                      # which backends can run here, and why not
+    spae_fast.saq(z, codebook, layers, *, mode="saq", backend="auto") -> ids   # fused pyramid quantization
+    spae_fast.VocabCodebook.from_pretrained("smollm2" | path | repo id, token_filter="words")
+    spae_fast.SPAEQuantizer(codebook, layers=(1, 2, 4, 8, 16, 16), grid=16, mode="saq")   # nn.Module
 """
 
 from .codebook import Codebook
 from .ops import BackendStatus, available, nearest, saq, topk
 from .pyramid import TokenPyramid
+from .quantizer import SPAEQuantizer, SPAEQuantizerOutput
+from .vocab import VocabCodebook
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendStatus", "Codebook", "TokenPyramid", "available", "nearest", "saq", "topk", "__version__"]
+__all__ = [
+    "BackendStatus",
+    "Codebook",
+    "SPAEQuantizer",
+    "SPAEQuantizerOutput",
+    "TokenPyramid",
+    "VocabCodebook",
+    "available",
+    "nearest",
+    "saq",
+    "topk",
+    "__version__",
+]

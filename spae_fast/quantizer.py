@@ -1,0 +1,307 @@
+"""`SPAEQuantizer`: the SPAE token pyramid with streaming average quantization as a drop-in ``nn.Module``.
+
+SPAE-METHOD.md §2-3. The encoder's latent ``z [B, D, g, g]`` is described by L layers of words from a frozen
+LLM vocabulary; layer l (side s_l, stride t_l = g / s_l) samples z at rows / cols ``t_l i + t_l - ceil(t_l/2)``
+(dilated subsampling, paper Eq. 1) and each of its tokens covers a ``t_l x t_l`` block. With Up_m(q) the
+layer-m token covering grid cell q and e(k) the (frozen) embedding of token k:
+
+    target of layer l at a sampled p:  z_l(p) = l z(p) - sum_{m<l} e(k_m(Up_m(p)))        (SAQ)
+    token of layer l:                 k_l(p) = argmin_k || z_l(p) - e(k) ||^2
+    reconstruction after l layers:     z_hat_l(q) = (1/l) sum_{m<=l} e(k_m(Up_m(q)))   (running mean)
+
+so each layer's token moves the running mean of the chosen word embeddings closest to z. RQ mode uses the
+residual target z(p) - sum_{m<l} e(k_m) and the sum z_hat_l = sum_{m<=l} e(k_m). The token search is one fused
+native op (``spae_fast::saq``); everything after it is plain differentiable PyTorch on the ids:
+
+    quantized  = z + sg(z_hat_L - z)                                   (straight-through estimator)
+    loss       = beta * (1/L) sum_l mean || z - sg(z_hat_l) ||^2         (commitment; mean over B, D, g, g)
+
+The codebook is frozen: no gradient ever reaches it. Only the gradient w.r.t. z flows, and
+d loss / dz = 2 beta (z - m) / numel(z) with m = (1/L) sum_l z_hat_l, so the loss is built from m alone and
+autograd keeps one [B, D, g, g] tensor instead of L of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _validate
+from .codebook import Codebook
+from .ops import SAQ_MODES, resolve_backend
+from .pyramid import DEFAULT_GRID, DEFAULT_LAYERS, TokenPyramid
+from .vocab import VocabCodebook
+
+QUANTIZER_METRICS = ("l2", "cosine")
+
+
+class SPAEQuantizerOutput(NamedTuple):
+    """What `SPAEQuantizer.forward` returns."""
+
+    quantized: torch.Tensor  # [B, D, g, g] z + sg(z_hat_L - z): the decoder's input, gradient to z
+    ids: list[torch.Tensor]  # L tensors [B, s_l, s_l] int64: codebook rows of each layer
+    loss: torch.Tensor  # [] commitment loss beta * mean_l mean ||z - sg(z_hat_l)||^2 (differentiable w.r.t. z)
+    layer_errors: torch.Tensor  # [L] mean ||z - z_hat_l||^2 after each prefix of layers (detached)
+
+
+IdsLike = torch.Tensor | Sequence[torch.Tensor]
+
+
+class SPAEQuantizer(nn.Module):
+    """SPAE's pyramid quantizer over a frozen LLM vocabulary (see the module docstring for the math).
+
+    Args:
+        codebook: a `VocabCodebook` (words, LLM ids), a `Codebook` or a ``[V, D]`` tensor (ids only), or a
+            name / path for `VocabCodebook.from_pretrained` (``"smollm2"``: the embedded default).
+        layers: layer sides, non-decreasing, each dividing ``grid`` (default (1, 2, 4, 8, 16, 16): 597 tokens).
+        grid: side g of the latent grid ``z [B, D, g, g]``.
+        mode: ``"saq"`` (streaming average quantization, the paper's) or ``"rq"`` (residual quantization).
+        metric: ``"l2"`` (squared Euclidean on raw embeddings, the paper's) or ``"cosine"`` (LQAE / V2L style:
+            z and the codebook rows are L2-normalised over D first, then quantized with l2; ``quantized`` and
+            the reconstructions then live on the unit sphere).
+        beta: commitment weight.
+        backend: ``"auto"``, ``"cpu"`` (native fused kernel) or ``"torch"`` (reference); see
+            `spae_fast.available()`.
+        check_finite: raise ``ValueError`` on NaN / Inf latents.
+    """
+
+    def __init__(
+        self,
+        codebook: VocabCodebook | Codebook | torch.Tensor | str,
+        layers: Sequence[int] = DEFAULT_LAYERS,
+        grid: int = DEFAULT_GRID,
+        mode: str = "saq",
+        metric: str = "l2",
+        beta: float = 0.25,
+        backend: str = "auto",
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(codebook, str):
+            codebook = VocabCodebook.from_pretrained(codebook)
+        self.vocab = codebook if isinstance(codebook, VocabCodebook) else None
+        if isinstance(codebook, VocabCodebook):
+            codebook = codebook.codebook
+        if not isinstance(codebook, Codebook):
+            codebook = Codebook(_validate.codebook_weight(codebook, "codebook"), "l2")
+        if codebook.metric != "l2":
+            raise ValueError(
+                f"the quantizer's codebook must be built with metric 'l2', got {codebook.metric!r}; for cosine "
+                "quantization pass metric='cosine' to SPAEQuantizer instead"
+            )
+        if mode not in SAQ_MODES:
+            raise ValueError(f"mode must be one of {SAQ_MODES}, got {mode!r}")
+        if metric not in QUANTIZER_METRICS:
+            raise ValueError(f"metric must be one of {QUANTIZER_METRICS}, got {metric!r}")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
+            raise ValueError(f"beta must be a number >= 0, got {beta!r}")
+        resolve_backend(backend, codebook.device)  # reject unknown / unavailable backends now
+        self.pyramid = TokenPyramid(tuple(layers), grid)
+        self.mode = mode
+        self.metric = metric
+        self.beta = float(beta)
+        self.backend = backend
+        self.check_finite = check_finite
+        if metric == "cosine":
+            codebook = Codebook(F.normalize(codebook.weight.float(), dim=1), "l2")
+        self.codebook = codebook
+        # The frozen rows (a non-persistent buffer: follows .to(), stays out of state_dict).
+        self.register_buffer("weight", codebook.weight, persistent=False)
+
+    # ---- geometry -----------------------------------------------------------------------------------------
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.pyramid.sides
+
+    @property
+    def grid(self) -> int:
+        return self.pyramid.grid
+
+    @property
+    def num_layers(self) -> int:
+        return self.pyramid.num_layers
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image over all layers (597 for the default pyramid)."""
+        return self.pyramid.total()
+
+    # ---- forward ------------------------------------------------------------------------------------------
+
+    def _search_operands(self, device: torch.device) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        backend = resolve_backend(self.backend, device)
+        if backend == "cpu":
+            if self.codebook.device.type != "cpu":
+                raise ValueError(f"backend 'cpu' needs the codebook on the CPU, it is on {self.codebook.device}")
+            if not torch.compiler.is_compiling():
+                self.codebook.check_unchanged()
+            cb = self.codebook
+            return backend, cb.weight, cb.cpu_panels, cb.cpu_bias, cb.cpu_norm_bound
+        empty = torch.empty(0)
+        return backend, self.weight, empty, empty, empty
+
+    def quantize(self, z: torch.Tensor) -> torch.Tensor:
+        """Token ids only: z ``[B, D, g, g]`` -> ``[B, total]`` int64 (layer after layer, raster order)."""
+        z = _validate.latent(z, self.codebook.dim, self.weight.device, self.grid)
+        if self.metric == "cosine":
+            z = F.normalize(z.float(), dim=1)
+        backend, weight, panels, bias, norm_bound = self._search_operands(z.device)
+        return torch.ops.spae_fast.saq(
+            z.detach(), weight, panels, bias, norm_bound, list(self.layers), self.mode, backend, self.check_finite
+        )
+
+    def forward(self, z: torch.Tensor) -> SPAEQuantizerOutput:
+        """z ``[B, D, g, g]`` -> `SPAEQuantizerOutput` (quantized, ids per layer, commitment loss, layer errors)."""
+        z = _validate.latent(z, self.codebook.dim, self.weight.device, self.grid)
+        latent = F.normalize(z.float(), dim=1).to(z.dtype) if self.metric == "cosine" else z
+        backend, weight, panels, bias, norm_bound = self._search_operands(z.device)
+        flat = torch.ops.spae_fast.saq(
+            latent.detach(), weight, panels, bias, norm_bound, list(self.layers), self.mode, backend, self.check_finite
+        )  # [B, total]
+        ids = self.split_ids(flat)
+
+        target = latent.detach().float()
+        running = torch.zeros_like(target)  # sum_{m<=l} e(k_m(Up_m(q)))  [B, D, g, g]
+        mean_reconstruction = torch.zeros_like(target)  # m = (1/L) sum_l z_hat_l
+        errors = []
+        reconstruction = running
+        for layer in range(self.num_layers):
+            self._add_layer(running, ids[layer], layer)
+            reconstruction = running / (layer + 1) if self.mode == "saq" else running.clone()
+            errors.append((target - reconstruction).square().mean())
+            mean_reconstruction.add_(reconstruction)
+        mean_reconstruction.div_(self.num_layers)
+        layer_errors = torch.stack(errors)
+
+        quantized = latent + (reconstruction.to(latent.dtype) - latent).detach()
+        # Same value as beta * layer_errors.mean(), same gradient as beta * mean_l mse(z, sg(z_hat_l)).
+        surrogate = F.mse_loss(latent.float(), mean_reconstruction)
+        loss = self.beta * (surrogate + (layer_errors.mean() - surrogate).detach())
+        return SPAEQuantizerOutput(quantized, ids, loss, layer_errors)
+
+    # ---- ids -> latents -----------------------------------------------------------------------------------
+
+    def _add_layer(self, running: torch.Tensor, layer_ids: torch.Tensor, layer: int) -> None:
+        """running [B, D, g, g] += e(ids of ``layer``) upsampled to the grid (each token fills its t x t block)."""
+        side, stride = self.layers[layer], self.pyramid.stride(layer)
+        batch, dim = running.shape[0], running.shape[1]
+        embedded = self.weight[layer_ids.reshape(batch, side, side)].to(running.dtype)  # [B, s, s, D]
+        blocks = running.view(batch, dim, side, stride, side, stride)
+        blocks.add_(embedded.permute(0, 3, 1, 2)[:, :, :, None, :, None])
+
+    def split_ids(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``[B, n]`` ids of a prefix of layers (layer after layer, raster order) -> ``[B, s_l, s_l]`` per layer."""
+        num_layers = self.pyramid.prefix_layers(flat.shape[-1])
+        out, start = [], 0
+        for side in self.layers[:num_layers]:
+            out.append(flat[:, start : start + side * side].reshape(flat.shape[0], side, side))
+            start += side * side
+        return out
+
+    def flatten_ids(self, ids: IdsLike, num_layers: int | None = None) -> torch.Tensor:
+        """Per-layer ids (or an already flat ``[B, n]`` tensor) -> ``[B, total of the first num_layers]``
+        (``num_layers=None``: every layer ``ids`` holds)."""
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 2:
+                raise ValueError(f"ids must be [B, n] or a list of [B, s_l, s_l] tensors, got shape {tuple(ids.shape)}")
+            available = self.pyramid.prefix_layers(ids.shape[1])
+            layers = [ids[:, self.pyramid.first(l) : self.pyramid.first(l) + self.layers[l] ** 2] for l in range(available)]
+        else:
+            layers = list(ids)
+            available = len(layers)
+            if not 1 <= available <= self.num_layers:
+                raise ValueError(f"ids must hold 1 .. {self.num_layers} layers, got {available}")
+        num_layers = available if num_layers is None else self.pyramid.check_num_layers(num_layers)
+        if num_layers > available:
+            raise ValueError(f"num_layers={num_layers} but ids hold only {available} layers")
+        flat = []
+        for layer in range(num_layers):
+            side = self.layers[layer]
+            layer_ids = layers[layer]
+            if layer_ids.dim() < 2 or layer_ids.shape[-1] * (layer_ids.shape[-2] if layer_ids.dim() == 3 else 1) != side * side:
+                raise ValueError(f"ids of layer {layer + 1} must be [B, {side}, {side}] (or [B, {side * side}]), got {tuple(layer_ids.shape)}")
+            flat.append(layer_ids.reshape(layer_ids.shape[0], side * side))
+        out = torch.cat(flat, dim=1)
+        if out.dtype.is_floating_point:
+            raise TypeError(f"ids must be integer codebook rows, got {out.dtype}")
+        return out.to(torch.int64)
+
+    def decode(self, ids: IdsLike, num_layers: int | None = None) -> torch.Tensor:
+        """The reconstruction z_hat_n ``[B, D, g, g]`` of the first ``num_layers`` layers (all of ``ids`` by default):
+        the running mean (SAQ) or sum (RQ) of the covering tokens' embeddings at every grid cell."""
+        flat = self.flatten_ids(ids, num_layers)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.weight.shape[0]):
+            raise ValueError(f"ids must be codebook rows in [0, {self.weight.shape[0]}), got {int(flat.min())} .. {int(flat.max())}")
+        layer_ids = self.split_ids(flat.to(self.weight.device))
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        running = torch.zeros(flat.shape[0], self.weight.shape[1], self.grid, self.grid, dtype=dtype, device=self.weight.device)
+        for layer, current in enumerate(layer_ids):
+            self._add_layer(running, current, layer)
+        return running / len(layer_ids) if self.mode == "saq" else running
+
+    # ---- ids <-> words ------------------------------------------------------------------------------------
+
+    def _vocab(self) -> VocabCodebook:
+        if self.vocab is None:
+            raise ValueError("words need a VocabCodebook (token strings); this quantizer was built from a plain table")
+        return self.vocab
+
+    def to_words(self, ids: IdsLike, num_layers: int | None = None) -> list[list[str]]:
+        """The pyramid as LLM token strings: per image, layer after layer, raster order inside a layer (raw
+        vocabulary entries such as ``"Ġcat"``; `from_words` inverts it)."""
+        flat = self.flatten_ids(ids, num_layers)
+        vocab = self._vocab()
+        return [vocab.decode(row) for row in flat]
+
+    def to_text(self, ids: IdsLike, num_layers: int | None = None, layer_separator: str | None = None) -> list[str]:
+        """Per image, the tokens' text as one prompt string: words joined by spaces, layers optionally
+        separated by ``layer_separator`` (e.g. ``" | "``). For reading; feed `to_llm_ids` to a model."""
+        flat = self.flatten_ids(ids, num_layers)
+        vocab = self._vocab()
+        out = []
+        for row in flat:
+            words = [text.strip() for text in vocab.text(row)]
+            if layer_separator is None:
+                out.append(" ".join(words))
+                continue
+            parts, start = [], 0
+            for side in self.layers[: self.pyramid.prefix_layers(len(words))]:
+                parts.append(" ".join(words[start : start + side * side]))
+                start += side * side
+            out.append(layer_separator.join(parts))
+        return out
+
+    def from_words(self, words: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+        """Per-image token strings (a whole prefix of layers, as `to_words` writes) -> ids per layer."""
+        if isinstance(words, str) or not words or isinstance(words[0], str):
+            raise TypeError("words must be a list (one per image) of lists of token strings")
+        lengths = {len(w) for w in words}
+        if len(lengths) != 1:
+            raise ValueError(f"every image needs the same number of tokens, got lengths {sorted(lengths)}")
+        self.pyramid.prefix_layers(lengths.pop())
+        vocab = self._vocab()
+        flat = torch.stack([vocab.encode(list(w)) for w in words]).to(self.weight.device)
+        return self.split_ids(flat)
+
+    def to_llm_ids(self, ids: IdsLike, num_layers: int | None = None) -> torch.Tensor:
+        """``[B, n]`` LLM token ids of the pyramid (layer after layer, raster order), to feed the LLM directly."""
+        return self._vocab().to_llm_ids(self.flatten_ids(ids, num_layers))
+
+    def from_llm_ids(self, llm_ids: torch.Tensor) -> list[torch.Tensor]:
+        """``[B, n]`` LLM token ids (a whole prefix of layers) -> ids per layer (codebook rows)."""
+        llm_ids = torch.as_tensor(llm_ids)
+        if llm_ids.dim() != 2:
+            raise ValueError(f"llm_ids must be [B, n], got shape {tuple(llm_ids.shape)}")
+        self.pyramid.prefix_layers(llm_ids.shape[1])
+        return self.split_ids(self._vocab().from_llm_ids(llm_ids).to(self.weight.device))
+
+    def extra_repr(self) -> str:
+        return (
+            f"layers={self.layers}, grid={self.grid}, mode={self.mode!r}, metric={self.metric!r}, beta={self.beta}, "
+            f"backend={self.backend!r}, codebook={self.vocab if self.vocab is not None else self.codebook}"
+        )
