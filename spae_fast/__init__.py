@@ -7,11 +7,14 @@ N x V distance matrix. Public API:
     spae_fast.topk(x, codebook, k, *, metric=None, backend="auto", check_finite=True) -> (dist, index)
     spae_fast.Codebook(weight, metric="l2")   # frozen table, packed once for the kernels
     spae_fast.available()                      # which backends can run here, and why not
+    spae_fast.nearest(..., backend="cuda" | "triton", precision="exact")   # GPU; exact: fp64-certified argmin
+    spae_fast.last_search_stats()              # rows rescored by the last exact-mode GPU call
     spae_fast.saq(z, codebook, layers, *, mode="saq", backend="auto") -> ids   # fused pyramid quantization
     spae_fast.VocabCodebook.from_pretrained("smollm2" | path | repo id, token_filter="words")
     spae_fast.SPAEQuantizer(codebook, layers=(1, 2, 4, 8, 16, 16), grid=16, mode="saq")   # nn.Module
 """
 
+from ._gpu import SearchStats, last_search_stats
 from .codebook import Codebook
 from .ops import BackendStatus, available, nearest, saq, topk
 from .pyramid import TokenPyramid
@@ -25,9 +28,11 @@ __all__ = [
     "Codebook",
     "SPAEQuantizer",
     "SPAEQuantizerOutput",
+    "SearchStats",
     "TokenPyramid",
     "VocabCodebook",
     "available",
+    "last_search_stats",
     "nearest",
     "saq",
     "topk",

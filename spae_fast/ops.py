@@ -17,7 +17,7 @@ import dataclasses
 
 import torch
 
-from . import _native, _ref, _validate
+from . import _gpu, _native, _ref, _validate
 from .codebook import Codebook
 
 BACKENDS = ("auto", "torch", "cpu", "cuda", "triton")
@@ -78,6 +78,8 @@ def _topk_impl(x, weight, panels, bias, norm_bound, k, metric, backend, check_fi
             )  # fmt: skip
             _native.raise_for_status(code, detail, stage="search")
         return dist, index
+    if _gpu.is_gpu_backend(backend):  # "cuda" / "triton", optionally ":<precision>"
+        return _gpu.topk(x, weight, k, metric, backend, check_finite)
     raise RuntimeError(f"backend {backend!r} has no kernel for this op yet")
 
 
@@ -182,13 +184,8 @@ def available() -> dict[str, BackendStatus]:
             f"native C++/OpenMP kernel, micro-kernel {_native._C.get_isa()}, "
             f"{torch.get_num_threads()} threads (torch.set_num_threads)",
         )
-    count, why = _native.cuda_device_count()
-    cuda_module = "CUDA module built" if _native._cuda is not None else "CUDA module not built"
-    if count == 0:
-        report["cuda"] = BackendStatus(False, f"{cuda_module}; no CUDA device ({why or 'none found'})")
-    else:
-        report["cuda"] = BackendStatus(False, f"{cuda_module}, {count} device(s); fused GPU kernels not built yet")
-    report["triton"] = BackendStatus(False, "Triton kernels not built yet")
+    report["cuda"] = BackendStatus(*_gpu.cuda_status(*_native.cuda_device_count()))
+    report["triton"] = BackendStatus(*_gpu.triton_status())
     return report
 
 
@@ -198,6 +195,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if device.type == "cpu" and _native._C is not None:
             return "cpu"
+        if device.type == "cuda":
+            return _gpu.auto_backend(device)
         return "torch"
     if backend == "cpu" and _native._C is None:
         raise RuntimeError(f"backend 'cpu' is not available: {_native._CPU_IMPORT_ERROR}")
@@ -205,6 +204,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         status = available()[backend]
         if not status.available:
             raise RuntimeError(f"backend {backend!r} is not available: {status.reason}")
+        _gpu.check_device(backend, device)
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend 'cpu' needs tensors on the CPU, got {device}")
     return backend
@@ -255,6 +255,7 @@ def nearest(
     metric: str | None = None,
     backend: str = "auto",
     check_finite: bool = True,
+    precision: str = "default",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest codebook row of every vector, fused: no N x V matrix is ever formed.
 
@@ -263,13 +264,19 @@ def nearest(
         codebook: ``[V, D]`` tensor, or a `Codebook` (prepared once: use it for repeated calls).
         metric: ``"l2"`` (default; squared Euclidean), ``"ip"`` (largest inner product, dist = -x.e) or
             ``"cosine"`` (dist = 1 - cos). With a `Codebook`, defaults to (and must equal) its metric.
-        backend: ``"auto"``, ``"cpu"`` (native), ``"torch"`` (reference); see `available()`.
+        backend: ``"auto"``, ``"cpu"`` (native), ``"torch"`` (reference), ``"cuda"`` / ``"triton"`` (GPU
+            kernels); see `available()`. On CUDA tensors ``"auto"`` picks the measured faster GPU backend.
         check_finite: raise ``ValueError`` on NaN / Inf in ``x`` (one cheap pass fused into the kernel).
+        precision: GPU backends only (cpu / torch always compute in fp32): ``"default"`` (fp32 accumulation
+            of the exact inputs; 16-bit inputs on tensor cores), ``"exact"`` (low-precision search, fp64
+            rescoring of certified candidates: the exact argmin, bitwise reproducible; see
+            `spae_fast.last_search_stats`), ``"tf32"`` or ``"bf16"`` (fp32 inputs on tensor cores, approximate).
 
     Returns:
         ``(dist [...] fp32, index [...] int64)``; ties resolve to the lowest index.
     """
     x, flat, weight, panels, bias, norm_bound, metric, backend = _prepare(x, codebook, metric, backend)
+    backend = _gpu.op_backend(backend, precision)
     dist, index = torch.ops.spae_fast.nearest(flat, weight, panels, bias, norm_bound, metric, backend, check_finite)
     return dist.reshape(x.shape[:-1]), index.reshape(x.shape[:-1])
 
@@ -282,6 +289,7 @@ def topk(
     metric: str | None = None,
     backend: str = "auto",
     check_finite: bool = True,
+    precision: str = "default",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest codebook rows of every vector, sorted by (distance, index), fused (no N x V).
 
@@ -290,6 +298,7 @@ def topk(
     num_rows = codebook.num_rows if isinstance(codebook, Codebook) else _validate.codebook_weight(codebook).shape[0]
     k = _validate.k_value(k, num_rows)
     x, flat, weight, panels, bias, norm_bound, metric, backend = _prepare(x, codebook, metric, backend)
+    backend = _gpu.op_backend(backend, precision)
     dist, index = torch.ops.spae_fast.topk(flat, weight, panels, bias, norm_bound, k, metric, backend, check_finite)
     return dist.reshape(*x.shape[:-1], k), index.reshape(*x.shape[:-1], k)
 
@@ -327,6 +336,8 @@ def _saq_impl(z, weight, panels, bias, norm_bound, sides, mode, backend, check_f
         )  # fmt: skip
         _native.raise_for_status(code, detail, stage="saq", grid=grid)
         return ids
+    if _gpu.is_gpu_backend(backend):  # "cuda" / "triton": exact-mode search, targets fused into the kernels
+        return _gpu.saq(z, weight, list(sides), mode, backend, check_finite)
     raise RuntimeError(f"backend {backend!r} has no kernel for this op yet")
 
 
