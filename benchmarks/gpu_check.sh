@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# GPU check: on a bare NVIDIA machine with torch and triton preinstalled, build spae_fast, run tests/gpu and
+# print the benchmark table (benchmarks/bench_gpu.py) - one script, under 8 minutes on an H100.
+#
+#   bash benchmarks/gpu_check.sh            # build + GPU tests + benchmark
+#   QUICK=1 bash benchmarks/gpu_check.sh    # smaller benchmark shapes (smoke run)
+#   TUNE=1 bash benchmarks/gpu_check.sh     # also sweep Triton tile configurations on the big shape
+#
+# Offline machines: the build needs scikit-build-core, pybind11, ninja, cmake and pytest. When they are not
+# installed, they come from a wheelhouse in .whl/ (prepare it anywhere with internet access:
+#   pip download -d .whl scikit-build-core pybind11 ninja cmake pytest
+# - all pure-Python or manylinux wheels, fit for any Python 3) or, failing that, from the package index.
+# The CUDA module is built when nvcc is on PATH (or CUDACXX is set); without it only the Triton backend runs
+# and the cuda rows of the table say so. Results land in benchmarks/results/ (and $OUT when set).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+START=$(date +%s)
+PYTHON=${PYTHON:-python3}
+elapsed() { echo "$(( $(date +%s) - START ))s"; }
+
+echo "== GPU check ($(date -u +%FT%TZ)), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+"$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'triton', triton.__version__, 'devices', torch.cuda.device_count())" \
+  || { echo "torch / triton not importable with $PYTHON"; exit 1; }
+
+# A venv that sees the preinstalled torch / triton, so nothing of the machine is modified (or $PYTHON's own
+# venv when it already is one).
+if [ -z "${VENV:-}" ] && "$PYTHON" -c "import sys; sys.exit(sys.prefix == sys.base_prefix)"; then
+  VENV=$("$PYTHON" -c "import sys; print(sys.prefix)")
+fi
+VENV=${VENV:-$ROOT/.venv-gpu}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv --system-site-packages "$VENV" || exit 1
+fi
+PY="$VENV/bin/python"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+need=()
+"$PY" -c "import scikit_build_core" 2>/dev/null || need+=("scikit-build-core>=0.10")
+"$PY" -c "import pybind11" 2>/dev/null || need+=("pybind11>=2.12")
+"$PY" -c "import pytest" 2>/dev/null || need+=("pytest>=7")
+command -v ninja >/dev/null 2>&1 || "$PY" -c "import ninja" 2>/dev/null || need+=(ninja)
+command -v cmake >/dev/null 2>&1 || "$PY" -c "import cmake" 2>/dev/null || need+=("cmake>=3.18")
+if [ ${#need[@]} -gt 0 ]; then
+  echo "== installing build tools: ${need[*]}"
+  if [ -d .whl ]; then
+    "$PY" -m pip install -q --no-index --find-links .whl "${need[@]}" || exit 1
+  else
+    "$PY" -m pip install -q "${need[@]}" || exit 1
+  fi
+fi
+
+echo "== build ($(elapsed))"
+if [ -z "${CUDACXX:-}" ] && ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export PATH="/usr/local/cuda/bin:$PATH"
+fi
+command -v nvcc >/dev/null 2>&1 && echo "nvcc: $(nvcc --version | tail -1)" || echo "no nvcc: building without the CUDA module"
+BUILD_START=$(date +%s)
+CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} SPAE_CUDA=${SPAE_CUDA:-AUTO} \
+  "$PY" -m pip install -q --no-build-isolation --no-deps --config-settings=build-dir=build/gpu-check . 2>&1 \
+  | grep -v "Location 'file" || true
+echo "build took $(( $(date +%s) - BUILD_START ))s"
+# From outside the source tree, so the installed package (with its native modules) is what runs.
+(cd /tmp && "$PY" -c "import spae_fast; [print(f'  {k:7s}', 'yes' if v.available else 'no ', v.reason) for k, v in spae_fast.available().items()]") || exit 1
+
+echo "== GPU tests ($(elapsed))"
+# The console script keeps the source tree off sys.path (tests import the installed package).
+timeout "${TEST_TIMEOUT:-300}" "$VENV/bin/pytest" tests/gpu -q -x --durations=10 -p no:cacheprovider
+TESTS=$?
+echo "GPU tests exit code $TESTS ($(elapsed))"
+
+echo "== benchmark ($(elapsed))"
+mkdir -p benchmarks/results
+ARGS=(--out "$ROOT/benchmarks/results" --update-benchmarks-md)
+[ "${QUICK:-0}" = 1 ] && ARGS+=(--quick)
+if [ "${TUNE:-0}" = 1 ]; then
+  (cd /tmp && timeout 300 "$PY" "$ROOT/benchmarks/bench_gpu.py" --tune)
+fi
+(cd /tmp && timeout "${BENCH_TIMEOUT:-300}" "$PY" "$ROOT/benchmarks/bench_gpu.py" "${ARGS[@]}")
+BENCH=$?
+if [ -n "${OUT:-}" ]; then
+  cp benchmarks/results/gpu_* BENCHMARKS.md "$OUT"/ 2>/dev/null || true
+fi
+echo "== done in $(elapsed): tests exit $TESTS, benchmark exit $BENCH"
+[ "$TESTS" = 0 ] && [ "$BENCH" = 0 ]
