@@ -65,7 +65,8 @@ py::tuple saq(uintptr_t z, int z_dtype, int64_t batch, int64_t dim, int64_t grid
               int64_t stride_d, int64_t stride_y, int64_t stride_x, uintptr_t weight, int64_t weight_rows,
               int64_t weight_row_stride, int64_t weight_col_stride, int weight_dtype, uintptr_t panels,
               uintptr_t bias, double max_norm, const std::vector<int64_t>& sides, bool residual,
-              bool check_finite, int num_threads, uintptr_t out_ids) {
+              bool check_finite, int num_threads, uintptr_t out_ids, uintptr_t prefilter_panels,
+              uintptr_t prefilter_columns, uintptr_t prefilter_offsets, const std::vector<double>& prefilter_bounds) {
   spae::SaqRequest request;
   request.z = reinterpret_cast<const void*>(z);
   request.z_dtype = static_cast<spae::DType>(z_dtype);
@@ -89,12 +90,41 @@ py::tuple saq(uintptr_t z, int z_dtype, int64_t batch, int64_t dim, int64_t grid
   request.check_finite = check_finite;
   request.num_threads = num_threads;
   request.out_ids = reinterpret_cast<int64_t*>(out_ids);
+  if (prefilter_panels != 0 && prefilter_bounds.size() == 4) {
+    request.prefilter.panels = reinterpret_cast<const uint32_t*>(prefilter_panels);
+    request.prefilter.columns = reinterpret_cast<const float*>(prefilter_columns);
+    request.prefilter.offsets = reinterpret_cast<const int32_t*>(prefilter_offsets);
+    request.prefilter.rows = weight_rows;
+    request.prefilter.dim = dim;
+    request.prefilter.max_norm = prefilter_bounds[0];
+    request.prefilter.max_rounding = prefilter_bounds[1];
+    request.prefilter.max_rounded_norm = prefilter_bounds[2];
+    request.prefilter.max_abs_bias = prefilter_bounds[3];
+  }
+  int64_t full_search_rows = 0;
+  request.out_full_search_rows = &full_search_rows;
   spae::StatusInfo info;
   {
     py::gil_scoped_release release;
     info = spae::saq(request);
   }
-  return py::make_tuple(static_cast<int>(info.status), info.detail);
+  return py::make_tuple(static_cast<int>(info.status), info.detail, full_search_rows);
+}
+
+py::tuple pack_codebook_int8(uintptr_t panels, uintptr_t bias, int64_t rows, int64_t dim, uintptr_t out_panels,
+                             uintptr_t out_columns, uintptr_t out_offsets, int num_threads) {
+  spae::PackedCodebookView fp32;
+  fp32.panels = reinterpret_cast<const float*>(panels);
+  fp32.bias = reinterpret_cast<const float*>(bias);
+  fp32.rows = rows;
+  fp32.dim = dim;
+  double bounds[4] = {0.0, 0.0, 0.0, 0.0};
+  {
+    py::gil_scoped_release release;
+    spae::pack_codebook_int8(fp32, reinterpret_cast<uint32_t*>(out_panels), reinterpret_cast<float*>(out_columns),
+                             reinterpret_cast<int32_t*>(out_offsets), bounds, num_threads);
+  }
+  return py::make_tuple(bounds[0], bounds[1], bounds[2], bounds[3]);
 }
 
 bool set_isa(const std::string& name) {
@@ -112,6 +142,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("pack_codebook", &pack_codebook);
   m.def("search", &search);
   m.def("saq", &saq, "Streaming average / residual quantization over a token pyramid (ids only).");
+  m.def("pack_codebook_int8", &pack_codebook_int8, "int8 copy of packed fp32 panels for the certified SAQ search.");
+  m.def("cpu_supports_avx512_vnni", &spae::cpu_supports_avx512_vnni);
+  m.attr("INT8_PANEL_WIDTH") = spae::kInt8PanelWidth;
   m.def("set_isa", &set_isa, "Select the micro-kernel ('portable' or 'avx2'); False if this CPU lacks it.");
   m.def("get_isa", [] { return std::string(spae::isa_name(spae::active_isa())); });
   m.def("cpu_supports_avx2", &spae::cpu_supports_avx2_fma);

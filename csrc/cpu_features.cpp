@@ -17,6 +17,15 @@ bool cpu_supports_avx2_fma() {
 #endif
 }
 
+bool cpu_supports_avx512_vnni() {
+#if defined(SPAE_HAVE_AVX512VNNI_KERNEL) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
 static Isa default_isa() {
   const bool has_avx2 = cpu_supports_avx2_fma();
   if (const char* forced = std::getenv("SPAE_FAST_CPU_ISA")) {

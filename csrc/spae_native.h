@@ -129,7 +129,24 @@ void micro_kernel_avx2(const float* packed_queries, const float* panel, const fl
                        const float* thresholds, float* scores, uint32_t* masks);
 #endif
 
+// Low-precision pre-filter of the SAQ search (AVX512-VNNI): a 24 x 16 tile over int8 panels of 16 rows
+// whose 32-bit words each hold 4 consecutive dimensions (int8) of one row; see micro_kernel_avx512vnni.cpp.
+// columns: [4][16] fp32 per panel (scale s_k, ||p_k|| and ||p_k - p~_k|| rounded up, bias), offsets: [16]
+// int32 per panel (128 sum_d q_k[d]). The packed query tile holds [quads][24] u8 words, then 3 x 24 fp32
+// row parameters (s_x, ||x - x~||, ||x~||, the last two rounded up).
+constexpr int kInt8TileRows = 24;
+constexpr int kInt8PanelWidth = 16;
+#if defined(SPAE_HAVE_AVX512VNNI_KERNEL)
+void micro_kernel_avx512vnni(const uint32_t* packed_queries, const uint32_t* panel, const float* columns,
+                             const int32_t* offsets, int64_t quads, const float* thresholds, float* scores,
+                             uint32_t* masks);
+#endif
+bool cpu_supports_avx512_vnni();
+
 enum class Isa : int { Portable = 0, Avx2Fma = 1 };
+
+// The fp32 micro-kernel of the active ISA (every fp32 score is computed by it, rescoring included).
+MicroKernel active_micro_kernel();
 
 bool cpu_supports_avx2_fma();
 Isa active_isa();
@@ -192,6 +209,23 @@ StatusInfo search_topk(const SearchRequest& request);
 // (SAQ) or 1 (RQ), the sum accumulated in fp64 in ascending m and rounded once to fp32; the token is the
 // exact l2 nearest row of the target (ties to the lowest row). Targets are formed while packing the search's
 // query blocks, so no N x D target and no N x V matrix is ever stored.
+// The codebook quantized to int8 per row for the certified pre-filter of the SAQ search, from the packed fp32
+// panels (p = -2e): ceil(V / 16) panels of [quads][16] words, [4][16] fp32 column data and [16] int32 offsets
+// per panel (pads: zero rows, bias +inf), and the maxima over rows of ||p||, ||p - p~||, ||p~|| and |bias|.
+struct PackedInt8CodebookView {
+  const uint32_t* panels = nullptr;
+  const float* columns = nullptr;
+  const int32_t* offsets = nullptr;
+  int64_t rows = 0, dim = 0;
+  double max_norm = 0.0, max_rounding = 0.0, max_rounded_norm = 0.0, max_abs_bias = 0.0;
+  int64_t quads() const { return (dim + 3) / 4; }
+  int64_t num_panels() const { return (rows + kInt8PanelWidth - 1) / kInt8PanelWidth; }
+};
+
+// Packs the int8 copy; writes the four maxima to bounds[0..3].
+void pack_codebook_int8(const PackedCodebookView& fp32, uint32_t* panels, float* columns, int32_t* offsets,
+                        double* bounds, int num_threads);
+
 struct SaqRequest {
   const void* z = nullptr;  // [B, D, g, g], element strides below
   DType z_dtype = DType::Float32;
@@ -205,6 +239,12 @@ struct SaqRequest {
   bool check_finite = true;
   int num_threads = 1;
   int64_t* out_ids = nullptr;  // [B, sum_l s_l^2] contiguous, layer after layer, raster order
+  // Optional (panels == nullptr: off): search each layer in int8 first, keep the 16 best candidates by a
+  // lower bound of their exact score, prove with a rigorous error bound that the exact fp32 winner is among
+  // them and rescore them with the fp32 micro-kernel; rows it cannot certify take the full fp32 search.
+  // Bitwise the same ids either way.
+  PackedInt8CodebookView prefilter;
+  int64_t* out_full_search_rows = nullptr;  // optional: how many queries the certificate sent to full fp32
 };
 
 // NonFiniteQuery / Overflow details are flat grid positions b * g * g + y * g + x.

@@ -14,6 +14,8 @@ Semantics every backend shares (the reference `spae_fast._ref` is the spec):
 from __future__ import annotations
 
 import dataclasses
+import os
+import weakref
 
 import torch
 
@@ -309,6 +311,58 @@ def topk(
 # ----------------------------------------------------------------------------------------------------------
 
 SAQ_MODES = ("saq", "rq")
+SAQ_PREFILTERS = ("auto", "int8", "none")
+_SAQ_STATS = {"queries": 0, "full_search_rows": 0, "prefilter": False}
+_INT8_PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Codebook -> (version, *operands)
+
+
+def last_saq_stats() -> dict:
+    """Of the last native `saq` call: ``queries`` (positions searched, all layers), ``prefilter`` (whether the
+    certified int8 pre-filter ran) and ``full_search_rows`` (queries its certificate could not settle, which
+    took the full fp32 search; all of them without the pre-filter)."""
+    return dict(_SAQ_STATS)
+
+
+def int8_prefilter_available() -> bool:
+    """Whether this CPU and build run the certified AVX512-VNNI pre-filter of the SAQ search."""
+    native = _native._C
+    return native is not None and hasattr(native, "cpu_supports_avx512_vnni") and native.cpu_supports_avx512_vnni()
+
+
+def _pack_int8(panels: torch.Tensor, bias: torch.Tensor, num_rows: int, dim: int):
+    """int8 copy of packed fp32 panels: (words [ceil(V/16), ceil(D/4), 16] int32, column data
+    [ceil(V/16), 4, 16] fp32, offsets [ceil(V/16) * 16] int32, bounds [4] fp64); see csrc/spae_native.h."""
+    native = _native.cpu_module()
+    width = native.INT8_PANEL_WIDTH
+    num_panels = -(-num_rows // width)
+    words = torch.empty(num_panels, (dim + 3) // 4, width, dtype=torch.int32)
+    columns = torch.empty(num_panels, 4, width, dtype=torch.float32)
+    offsets = torch.empty(num_panels * width, dtype=torch.int32)
+    bounds = native.pack_codebook_int8(
+        panels.data_ptr(), bias.data_ptr(), num_rows, dim, words.data_ptr(), columns.data_ptr(), offsets.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return words, columns, offsets, torch.tensor(bounds, dtype=torch.float64)
+
+
+def _saq_prefilter_operands(codebook, weight, panels, bias, prefilter: str, backend: str):
+    """(int8 words, column data, offsets, bounds) for the certified pre-filter, or four empty tensors (off)."""
+    if prefilter not in SAQ_PREFILTERS:
+        raise ValueError(f"prefilter must be one of {SAQ_PREFILTERS}, got {prefilter!r}")
+    off = (_EMPTY, _EMPTY, _EMPTY, _EMPTY)
+    if prefilter == "none" or backend != "cpu" or os.environ.get("SPAE_FAST_SAQ_PREFILTER", "1") == "0":
+        return off
+    if not int8_prefilter_available():
+        if prefilter == "int8":
+            raise RuntimeError("prefilter='int8' needs a CPU with AVX512-VNNI and a build with its kernel")
+        return off
+    if isinstance(codebook, Codebook):
+        cached = _INT8_PACKS.get(codebook)
+        if cached is None or cached[0] != codebook.weight._version:
+            cached = (codebook.weight._version, *_pack_int8(panels, bias, weight.shape[0], weight.shape[1]))
+            _INT8_PACKS[codebook] = cached
+        return cached[1:]
+    return _pack_int8(panels, bias, weight.shape[0], weight.shape[1])
 
 
 def _first_non_finite_position(z: torch.Tensor) -> int:
@@ -316,7 +370,8 @@ def _first_non_finite_position(z: torch.Tensor) -> int:
     return int(bad.nonzero()[0, 0])
 
 
-def _saq_impl(z, weight, panels, bias, norm_bound, sides, mode, backend, check_finite):
+def _saq_impl(z, weight, panels, bias, norm_bound, prefilter_panels, prefilter_columns, prefilter_offsets,
+              prefilter_bounds, sides, mode, backend, check_finite):
     """z [B, D, g, g] -> ids [B, sum_l s_l^2] int64 (layer after layer, raster order)."""
     grid = z.shape[-1]
     if backend == "torch":
@@ -326,15 +381,20 @@ def _saq_impl(z, weight, panels, bias, norm_bound, sides, mode, backend, check_f
     if backend == "cpu":
         native = _native.cpu_module()
         ids = torch.empty(z.shape[0], sum(side * side for side in sides), dtype=torch.int64)
-        code, detail = native.saq(
+        use_prefilter = prefilter_panels.numel() > 0
+        code, detail, full_search_rows = native.saq(
             z.data_ptr(), _native.DTYPE_TAGS[str(z.dtype).removeprefix("torch.")], z.shape[0], z.shape[1], grid,
             z.stride(0), z.stride(1), z.stride(2), z.stride(3),
             weight.data_ptr(), weight.shape[0], weight.stride(0), weight.stride(1),
             _native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
             panels.data_ptr(), bias.data_ptr(), float(norm_bound), list(sides), mode == "rq", check_finite,
             torch.get_num_threads(), ids.data_ptr(),
+            prefilter_panels.data_ptr() if use_prefilter else 0,
+            prefilter_columns.data_ptr() if use_prefilter else 0, prefilter_offsets.data_ptr() if use_prefilter else 0,
+            prefilter_bounds.tolist() if use_prefilter else [],
         )  # fmt: skip
         _native.raise_for_status(code, detail, stage="saq", grid=grid)
+        _SAQ_STATS.update(queries=ids.numel(), full_search_rows=full_search_rows, prefilter=use_prefilter)
         return ids
     if _gpu.is_gpu_backend(backend):  # "cuda" / "triton": exact-mode search, targets fused into the kernels
         return _gpu.saq(z, weight, list(sides), mode, backend, check_finite)
@@ -348,16 +408,24 @@ def _saq_op(
     panels: torch.Tensor,
     bias: torch.Tensor,
     norm_bound: torch.Tensor,
+    prefilter_panels: torch.Tensor,
+    prefilter_columns: torch.Tensor,
+    prefilter_offsets: torch.Tensor,
+    prefilter_bounds: torch.Tensor,
     sides: list[int],
     mode: str,
     backend: str,
     check_finite: bool,
 ) -> torch.Tensor:
-    return _saq_impl(z, weight, panels, bias, norm_bound, sides, mode, backend, check_finite)
+    return _saq_impl(
+        z, weight, panels, bias, norm_bound, prefilter_panels, prefilter_columns, prefilter_offsets, prefilter_bounds,
+        sides, mode, backend, check_finite,
+    )
 
 
 @_saq_op.register_fake
-def _(z, weight, panels, bias, norm_bound, sides, mode, backend, check_finite):
+def _(z, weight, panels, bias, norm_bound, prefilter_panels, prefilter_columns, prefilter_offsets, prefilter_bounds,
+      sides, mode, backend, check_finite):  # fmt: skip
     return z.new_empty(z.shape[0], sum(side * side for side in sides), dtype=torch.int64)
 
 
@@ -369,6 +437,7 @@ def saq(
     mode: str = "saq",
     backend: str = "auto",
     check_finite: bool = True,
+    prefilter: str = "auto",
 ) -> torch.Tensor:
     """Token ids of every pyramid layer by streaming average quantization, fused (no N x D target, no N x V).
 
@@ -389,6 +458,12 @@ def saq(
         mode: ``"saq"`` or ``"rq"``.
         backend: ``"auto"``, ``"cpu"`` (native) or ``"torch"`` (reference).
         check_finite: raise ``ValueError`` on NaN / Inf in ``z``.
+        prefilter: ``"auto"`` (default: on CPUs with AVX512-VNNI), ``"int8"`` (required) or ``"none"``. The
+            certified pre-filter searches with int8 dot products (exact int32 sums), keeps the 16 best rows by
+            a rigorous lower bound of their exact score, proves that the exact winner is among them and
+            rescores them with the fp32 kernel; rows it cannot certify (near-ties) take the full fp32 search.
+            The ids are bitwise the same either way; only the speed changes (`last_saq_stats` counts the rows
+            that needed the full search).
 
     Returns:
         ids ``[B, sum_l s_l^2]`` int64: layer after layer, raster order inside a layer.
@@ -406,6 +481,7 @@ def saq(
         raise ValueError(f"mode must be one of {SAQ_MODES}, got {mode!r}")
     backend = resolve_backend(backend, z.device)
     weight, panels, bias, norm_bound, metric = _codebook_operands(codebook, "l2", backend)
+    prefilter_operands = _saq_prefilter_operands(codebook, weight, panels, bias, prefilter, backend)
     return torch.ops.spae_fast.saq(
-        z, weight, panels, bias, norm_bound, list(pyramid.sides), mode, backend, check_finite
+        z, weight, panels, bias, norm_bound, *prefilter_operands, list(pyramid.sides), mode, backend, check_finite
     )

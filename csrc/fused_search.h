@@ -1,0 +1,257 @@
+// The fused GEMM + top-k driver shared by every CPU search (nearest / top-k, and each SAQ layer).
+//
+// An Engine supplies the arithmetic: how a block of queries is packed (from a QuerySource, the pluggable
+// prologue), which register tile scores a packed query tile against one packed codebook panel, and what
+// each query keeps for the end (its ||x||^2, error bounds, ...). The driver owns everything else and is the
+// same for all engines: query blocks sized for L2, OpenMP over (query block x codebook range) items, the
+// threshold pre-filter masks, per-row top-k lists under the total order (value, index), the merge of the
+// codebook-range splits, and the lowest-row error report. Every value a row sees depends only on that row,
+// so results are bitwise identical for any batch size, split and thread count.
+//
+// Engine interface (see Fp32Engine in search.cpp, Bf16Engine in saq.cpp):
+//   static constexpr int kTile;     rows of a register tile (MR)
+//   static constexpr int kWidth;    codebook rows per packed panel (NR <= 32: one bit each in a mask)
+//   using Word = ...;               4-byte element of a packed query block (float, or a pair of bf16)
+//   using RowInfo = ...;            what a query keeps for its Finish
+//   int64_t dim(), rows() (V), num_panels(), words_per_row()   (Words per packed query row)
+//   StatusInfo pack(source, check, first, count, padded_count, float* row_buffer, Word* packed,
+//                   RowInfo* info)   packed layout: [padded_count / kTile][words_per_row][kTile] Words
+//   void tile(const Word* packed_tile, int64_t panel, const float* thresholds, float* scores,
+//             uint32_t* masks)       scores [kTile][kWidth]; mask bit c: !(score > threshold[r])
+// Finish: void(int64_t row, const float* values, const int64_t* indices, int64_t count, const RowInfo&),
+//   called once per query with its final sorted list (count = k when V >= k), from any thread.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <new>
+#include <vector>
+
+#include "spae_native.h"
+
+namespace spae {
+namespace fused {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int64_t kQueryBlockBytes = 512 * 1024;  // packed query block kept in L2 while panels stream
+constexpr int64_t kMaxQueryBlockRows = 240;
+constexpr int64_t kMinPanelsPerSplit = 16;
+
+// Total order on (value, index): smaller value first, NaN after every number, then lower index.
+inline bool ranks_before(float value_a, int64_t index_a, float value_b, int64_t index_b) {
+  if (value_a < value_b) return true;
+  if (value_b < value_a) return false;
+  if (value_a == value_b) return index_a < index_b;
+  const bool nan_a = std::isnan(value_a), nan_b = std::isnan(value_b);
+  if (nan_a != nan_b) return nan_b;
+  return index_a < index_b;
+}
+
+// A row's best k candidates so far, sorted by ranks_before.
+struct TopkList {
+  float* values;
+  int64_t* indices;
+  int64_t count;
+  int64_t k;
+
+  float threshold() const { return count < k ? kInf : values[k - 1]; }
+
+  void offer(float value, int64_t index) {
+    int64_t pos = count;
+    while (pos > 0 && ranks_before(value, index, values[pos - 1], indices[pos - 1])) --pos;
+    if (pos >= k) return;
+    const int64_t last = std::min(count, k - 1);
+    for (int64_t j = last; j > pos; --j) {
+      values[j] = values[j - 1];
+      indices[j] = indices[j - 1];
+    }
+    values[pos] = value;
+    indices[pos] = index;
+    if (count < k) ++count;
+  }
+};
+
+inline int64_t query_block_rows(int64_t words_per_row, int64_t num_queries, int64_t tile) {
+  int64_t rows = kQueryBlockBytes / (std::max<int64_t>(words_per_row, 1) * static_cast<int64_t>(sizeof(float)));
+  rows = std::clamp<int64_t>(rows, tile, kMaxQueryBlockRows);
+  rows = std::min(rows, num_queries + tile - 1);
+  return std::max<int64_t>(tile, rows / tile * tile);
+}
+
+template <class Engine, class Finish>
+StatusInfo run(const QuerySource& source, const Engine& engine, const int64_t k, const bool check_finite,
+               const int num_threads, Finish&& finish) {
+  using RowInfo = typename Engine::RowInfo;
+  using Word = typename Engine::Word;
+  static_assert(sizeof(Word) == 4, "packed query words are 4 bytes");
+  constexpr int kTile = Engine::kTile;
+  constexpr int kWidth = Engine::kWidth;
+  static_assert(kWidth <= 32, "masks hold one bit per panel column");
+  const int64_t num_queries = source.rows(), dim = source.dim();
+  if (num_queries == 0) return {};
+  if (dim != engine.dim() || k < 1 || k > engine.rows() || engine.rows() < 1) return {Status::BadArgument, -1};
+
+  const int threads = std::max(1, num_threads);
+  const int64_t words = engine.words_per_row();
+  const int64_t block_rows = query_block_rows(words, num_queries, kTile);
+  const int64_t num_blocks = (num_queries + block_rows - 1) / block_rows;
+  const int64_t num_panels = engine.num_panels();
+
+  // Split the codebook range only when there are too few query blocks to keep every thread busy.
+  int64_t splits = 1;
+  if (threads > 1 && num_blocks < 2 * threads) {
+    splits = (4 * threads + num_blocks - 1) / num_blocks;
+    splits = std::clamp<int64_t>(splits, 1, std::max<int64_t>(1, num_panels / kMinPanelsPerSplit));
+  }
+  const int64_t panels_per_split = (num_panels + splits - 1) / splits;
+  splits = (num_panels + panels_per_split - 1) / panels_per_split;
+
+  std::vector<float> partial_values;
+  std::vector<int64_t> partial_indices, partial_counts;
+  std::vector<RowInfo> partial_info;
+  try {
+    if (splits > 1) {
+      partial_info.resize(static_cast<size_t>(num_queries));
+      partial_values.resize(static_cast<size_t>(num_queries * splits * k));
+      partial_indices.resize(static_cast<size_t>(num_queries * splits * k));
+      partial_counts.resize(static_cast<size_t>(num_queries * splits));
+    }
+  } catch (const std::bad_alloc&) {
+    return {Status::OutOfMemory, -1};
+  }
+
+  std::atomic<int> failed_status{static_cast<int>(Status::Ok)};
+  std::atomic<int64_t> failed_detail{std::numeric_limits<int64_t>::max()};
+  auto record_failure = [&](StatusInfo info) {
+    // Keep the lowest row together with its own status, so the message does not depend on thread timing.
+#pragma omp critical(spae_search_failure)
+    if (info.detail < failed_detail.load()) {
+      failed_detail.store(info.detail);
+      failed_status.store(static_cast<int>(info.status));
+    }
+  };
+
+  const int64_t num_items = num_blocks * splits;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<Word> packed;
+    std::vector<float> row_buffer, list_values, scores(kTile * kWidth);
+    std::vector<int64_t> list_indices;
+    std::vector<RowInfo> info;
+    std::vector<TopkList> lists;
+    bool allocated = true;
+    try {
+      packed.resize(static_cast<size_t>(block_rows * words));
+      row_buffer.resize(static_cast<size_t>(dim));
+      list_values.resize(static_cast<size_t>(block_rows * k));
+      list_indices.resize(static_cast<size_t>(block_rows * k));
+      info.resize(static_cast<size_t>(block_rows));
+      lists.resize(static_cast<size_t>(block_rows));
+    } catch (const std::bad_alloc&) {
+      allocated = false;
+      record_failure({Status::OutOfMemory, -1});
+    }
+
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < num_items; ++item) {
+      const int64_t block = item / splits, split = item % splits;
+      const int64_t first_row = block * block_rows;
+      // After a failure only blocks that may hold a lower bad row still run their checks.
+      if (!allocated || failed_detail.load(std::memory_order_relaxed) < first_row) continue;
+      const int64_t rows = std::min(block_rows, num_queries - first_row);
+      const int64_t padded_rows = (rows + kTile - 1) / kTile * kTile;
+      const StatusInfo packed_status = engine.pack(source, check_finite, first_row, rows, padded_rows,
+                                                   row_buffer.data(), packed.data(), info.data());
+      if (packed_status.status != Status::Ok) {
+        record_failure(packed_status);
+        continue;
+      }
+      if (failed_status.load(std::memory_order_relaxed) != static_cast<int>(Status::Ok)) continue;
+      for (int64_t r = 0; r < rows; ++r) lists[r] = {list_values.data() + r * k, list_indices.data() + r * k, 0, k};
+
+      const int64_t panel_begin = split * panels_per_split;
+      const int64_t panel_end = std::min(num_panels, panel_begin + panels_per_split);
+      float thresholds[kTile];
+      uint32_t masks[kTile];
+      for (int64_t p = panel_begin; p < panel_end; ++p) {
+        const int64_t first_column = p * kWidth;
+        for (int64_t tile = 0; tile < padded_rows; tile += kTile) {
+          const int64_t tile_rows = std::min<int64_t>(kTile, rows - tile);
+          for (int r = 0; r < kTile; ++r) thresholds[r] = r < tile_rows ? lists[tile + r].threshold() : -kInf;
+          engine.tile(packed.data() + tile * words, p, thresholds, scores.data(), masks);
+          for (int r = 0; r < tile_rows; ++r) {
+            uint32_t mask = masks[r];
+            while (mask) {  // ascending columns: equal scores keep the lower index first
+              const int c = __builtin_ctz(mask);
+              mask &= mask - 1;
+              const int64_t column = first_column + c;
+              if (column < engine.rows()) lists[tile + r].offer(scores[r * kWidth + c], column);
+            }
+          }
+        }
+      }
+
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t row = first_row + r;
+        const TopkList& list = lists[r];
+        if (splits == 1) {
+          finish(row, list.values, list.indices, list.count, info[r]);
+        } else {
+          const int64_t slot = row * splits + split;
+          partial_counts[slot] = list.count;
+          std::copy(list.values, list.values + list.count, partial_values.begin() + slot * k);
+          std::copy(list.indices, list.indices + list.count, partial_indices.begin() + slot * k);
+          if (split == 0) partial_info[row] = info[r];
+        }
+      }
+    }
+  }
+  if (failed_status.load() != static_cast<int>(Status::Ok))
+    return {static_cast<Status>(failed_status.load()), failed_detail.load()};
+
+  if (splits > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<int64_t> heads(static_cast<size_t>(splits));
+      std::vector<float> merged_values(static_cast<size_t>(k));
+      std::vector<int64_t> merged_indices(static_cast<size_t>(k));
+#pragma omp for schedule(static)
+      for (int64_t row = 0; row < num_queries; ++row) {
+        std::fill(heads.begin(), heads.end(), 0);
+        int64_t merged = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          int64_t best = -1;
+          for (int64_t s = 0; s < splits; ++s) {
+            const int64_t slot = row * splits + s;
+            if (heads[s] >= partial_counts[slot]) continue;
+            const int64_t at = slot * k + heads[s];
+            if (best < 0) {
+              best = s;
+              continue;
+            }
+            const int64_t best_at = (row * splits + best) * k + heads[best];
+            if (ranks_before(partial_values[at], partial_indices[at], partial_values[best_at],
+                             partial_indices[best_at]))
+              best = s;
+          }
+          if (best < 0) break;
+          const int64_t best_at = (row * splits + best) * k + heads[best];
+          ++heads[best];
+          merged_values[j] = partial_values[best_at];
+          merged_indices[j] = partial_indices[best_at];
+          ++merged;
+        }
+        finish(row, merged_values.data(), merged_indices.data(), merged, partial_info[row]);
+      }
+    }
+  }
+  return {};
+}
+
+}  // namespace fused
+}  // namespace spae
