@@ -1,0 +1,93 @@
+"""The ``spae-fast`` command line: one subcommand per job, each implemented in its own module.
+
+    spae-fast bench [--suite quick|default|full] [--out DIR] ...   benchmark of nearest / top-k (bench.py)
+    spae-fast info                                                   backends, machine and versions
+
+Adding a subcommand (train, tokenize, ...): write a module with ``add_arguments(parser)`` and
+``run(args) -> int``, and add one `Command` line to `COMMANDS`. The module is imported only when its
+subcommand runs (or its ``--help`` is built), so a heavy dependency of one command never slows the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+from collections.abc import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    name: str
+    module: str  # relative to the spae_fast package; provides add_arguments(parser) and run(args) -> int
+    help: str
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("bench", ".bench", "benchmark fused nearest-word search against torch and FAISS baselines"),
+    Command("info", ".cli", "show which backends can run here, the machine and the versions"),
+)
+
+
+def _load(command: Command):
+    return importlib.import_module(command.module, __package__)
+
+
+# `spae-fast info` is small enough to live here.
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    del parser  # no options
+
+
+def run(args: argparse.Namespace) -> int:
+    del args
+    import spae_fast
+
+    from .bench import machine_info, versions
+
+    for key, value in {**machine_info(), **versions()}.items():
+        print(f"{key:13s} {value}")
+    print("backends:")
+    for name, status in spae_fast.available().items():
+        print(f"  {name:7s} {'yes' if status.available else 'no '}  {status.reason}")
+    return 0
+
+
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the ``selected`` subcommand's module is imported (all of them when None)."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="spae-fast",
+        description="spae_fast: fast SPAE building blocks (fused nearest-word search against frozen LLM "
+        "vocabularies).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        sub = subparsers.add_parser(
+            command.name,
+            help=command.help,
+            description=command.help,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if selected is None or selected == command.name:
+            module = _load(command)
+            if module.__name__ != __name__ and module.__doc__:
+                sub.description = module.__doc__
+            module.add_arguments(sub)
+        sub.set_defaults(_command=command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``spae-fast`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    selected = argv[0] if argv and not argv[0].startswith("-") else None
+    args = build_parser(selected or "").parse_args(argv)
+    args.argv = argv[1:]  # the subcommand's own arguments, for reports that say how they were made
+    return int(_load(args._command).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
