@@ -47,6 +47,22 @@ def finish_distance(score: torch.Tensor, x: torch.Tensor, metric: str) -> torch.
     return score
 
 
+def _dot_products(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """q [N, D] . rows [V, D]^T in fp32, each summed over d in ascending order with one rounding per multiply
+    and per add. Unlike a GEMM (whose blocking depends on N, V and a column's position), every value depends
+    only on its own query and row: equal rows give bitwise equal scores (ties go to the lowest index), for any
+    batch size or chunk. This is the portable native micro-kernel's arithmetic."""
+    out = torch.empty(q.shape[0], rows.shape[0], device=q.device, dtype=torch.float32)
+    block = max(16, (1 << 19) // max(q.shape[0], 1))  # keep the [N, block] accumulator cache-resident
+    for start in range(0, rows.shape[0], block):
+        rows_t = rows[start : start + block].T.contiguous()  # [D, block]
+        acc = torch.zeros(q.shape[0], rows_t.shape[1], device=q.device, dtype=torch.float32)
+        for d in range(q.shape[1]):
+            acc += q[:, d : d + 1] * rows_t[d]  # two kernels: never contracted into an FMA
+        out[:, start : start + block] = acc
+    return out
+
+
 def topk_reference(
     x: torch.Tensor, weight: torch.Tensor, k: int, metric: str = "l2", chunk_rows: int = 8192
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +73,7 @@ def topk_reference(
     best_index = torch.empty(num_queries, 0, device=q.device, dtype=torch.int64)
     for start in range(0, num_rows, chunk_rows):
         stop = min(start + chunk_rows, num_rows)
-        scores = bias[start:stop] + q @ rows[start:stop].T  # [N, chunk]
+        scores = bias[start:stop] + _dot_products(q, rows[start:stop])  # [N, chunk]
         index = torch.arange(start, stop, device=q.device).expand(num_queries, -1)
         # Earlier chunks hold lower indices, so a stable sort of [best so far, chunk] realises the total order.
         merged_scores = torch.cat([best_scores, scores], dim=1)

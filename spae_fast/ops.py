@@ -58,12 +58,36 @@ def _(weight, metric):
     )
 
 
+def _check_like_native(x, weight, metric, check_finite):
+    """The input checks of the native kernel (csrc/search.cpp) for the torch backend: same exceptions, same rows.
+
+    Codebook: NaN / Inf, or ||e||^2 above the fp32 range for l2, always raise. Queries (only with
+    check_finite): the first row that holds NaN / Inf, or whose |x| * max|e| * 2 exceeds 1e37 (not cosine).
+    """
+    norm_sq = (weight.double() ** 2).sum(-1)  # [V]
+    bad = ~torch.isfinite(weight).all(-1)
+    if metric == "l2":
+        bad |= norm_sq > torch.finfo(torch.float32).max
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        code = _native._OVERFLOW if bool(torch.isfinite(weight[row]).all()) else _native._NON_FINITE_CODEBOOK
+        _native.raise_for_status(code, row, stage="codebook")
+    if not check_finite or not x.numel():
+        return
+    non_finite = ~torch.isfinite(x).all(-1)  # [N]
+    bad = non_finite.clone()
+    if metric != "cosine":
+        bad |= (x.double() ** 2).sum(-1).sqrt() * norm_sq.max().sqrt() * 2.0 > 1.0e37  # kMaxNormProduct
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        code = _native._NON_FINITE_QUERY if bool(non_finite[row]) else _native._OVERFLOW
+        _native.raise_for_status(code, row, stage="search")
+
+
 def _topk_impl(x, weight, panels, bias, norm_bound, k, metric, backend, check_finite):
     """x [N, D], weight [V, D] -> (dist [N, k] fp32, index [N, k] int64)."""
     if backend == "torch":
-        if check_finite and x.numel() and not bool(torch.isfinite(x).all()):
-            bad_row = int((~torch.isfinite(x)).any(-1).nonzero()[0, 0])
-            _native.raise_for_status(1, bad_row, stage="search")
+        _check_like_native(x, weight, metric, check_finite)
         return _ref.topk_reference(x, weight, k, metric)
     if backend == "cpu":
         native = _native.cpu_module()
@@ -151,8 +175,9 @@ def _setup_topk_context(ctx, inputs, output):
 
 def _topk_backward(ctx, grad_dist, grad_index):
     x, weight, index = ctx.saved_tensors
-    chosen = weight.float()[index.reshape(x.shape[0], -1)]  # [N, k, D]
-    grad_x = _distance_grad(x, chosen, grad_dist.reshape(x.shape[0], -1), ctx.metric)
+    index = index if index.dim() == 2 else index[:, None]  # [N, k] (nearest: k = 1); N may be 0
+    chosen = weight.float()[index]  # [N, k, D]
+    grad_x = _distance_grad(x, chosen, grad_dist.reshape(index.shape), ctx.metric)
     return grad_x, None, None, None, None, None, None, None, None
 
 
