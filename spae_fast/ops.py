@@ -337,6 +337,7 @@ def topk(
 
 SAQ_MODES = ("saq", "rq")
 SAQ_PREFILTERS = ("auto", "int8", "none")
+SAQ_MAX_LAYERS = 64  # csrc/saq.cpp: SaqLayerSource::kMaxLayers
 _SAQ_STATS = {"queries": 0, "full_search_rows": 0, "prefilter": False}
 _INT8_PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Codebook -> (version, *operands)
 
@@ -502,6 +503,8 @@ def saq(
         dim, device = weight.shape[1], weight.device
     z = _validate.latent(z, dim, device)
     pyramid = TokenPyramid(tuple(layers), z.shape[-1])
+    if pyramid.num_layers > SAQ_MAX_LAYERS:
+        raise ValueError(f"layers has {pyramid.num_layers} layers; the native kernel supports at most {SAQ_MAX_LAYERS}")
     if mode not in SAQ_MODES:
         raise ValueError(f"mode must be one of {SAQ_MODES}, got {mode!r}")
     backend = resolve_backend(backend, z.device)

@@ -32,7 +32,7 @@ from torch import nn
 
 from . import _validate
 from .codebook import Codebook
-from .ops import SAQ_MODES, _saq_prefilter_operands, resolve_backend
+from .ops import SAQ_MAX_LAYERS, SAQ_MODES, _saq_prefilter_operands, resolve_backend
 from .pyramid import DEFAULT_GRID, DEFAULT_LAYERS, TokenPyramid
 from .vocab import VocabCodebook
 
@@ -104,6 +104,8 @@ class SPAEQuantizer(nn.Module):
             raise ValueError(f"beta must be a number >= 0, got {beta!r}")
         resolve_backend(backend, codebook.device)  # reject unknown / unavailable backends now
         self.pyramid = TokenPyramid(tuple(layers), grid)
+        if self.pyramid.num_layers > SAQ_MAX_LAYERS:
+            raise ValueError(f"layers has {self.pyramid.num_layers} layers; at most {SAQ_MAX_LAYERS} are supported")
         self.mode = mode
         self.metric = metric
         self.beta = float(beta)

@@ -376,6 +376,11 @@ def test_prefilter_threads_and_batch_splits():
     assert torch.equal(whole, spae_fast.saq(z, weight, (1, 2, 4, 8), prefilter="none"))
 
 
+def test_too_many_layers():
+    with pytest.raises(ValueError, match="at most 64"):
+        spae_fast.saq(torch.randn(1, 6, 2, 2), torch.randn(30, 6), (2,) * 65)
+
+
 def test_prefilter_argument():
     with pytest.raises(ValueError, match="prefilter"):
         spae_fast.saq(torch.randn(1, 6, 4, 4), torch.randn(30, 6), (1, 4), prefilter="fp8")
