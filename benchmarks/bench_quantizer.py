@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         if memory is not None:
             rows.append(("quantizer_step", provider, shape, "float32", "extra_peak_bytes", memory[provider]["extra_bytes"]))
     with open(args.out / "bench_quantizer.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
+        writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["op", "provider", "shape", "dtype", "metric", "value", "device", "versions", "git_sha"])
         for row in rows:
             writer.writerow([*row, device, version_text, meta["git"]])
