@@ -10,6 +10,10 @@
 
 namespace py = pybind11;
 
+namespace spae {
+void register_semantic_loss_bindings(py::module_& m);  // semantic_loss_bindings.cpp
+}  // namespace spae
+
 namespace {
 
 spae::MatrixView make_view(uintptr_t data, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
@@ -149,4 +153,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("get_isa", [] { return std::string(spae::isa_name(spae::active_isa())); });
   m.def("cpu_supports_avx2", &spae::cpu_supports_avx2_fma);
   m.def("openmp_max_threads", [] { return omp_get_max_threads(); });
+  spae::register_semantic_loss_bindings(m);
 }

@@ -12,11 +12,14 @@ N x V distance matrix. Public API:
     spae_fast.saq(z, codebook, layers, *, mode="saq", backend="auto") -> ids   # fused pyramid quantization
     spae_fast.VocabCodebook.from_pretrained("smollm2" | path | repo id, token_filter="words")
     spae_fast.SPAEQuantizer(codebook, layers=(1, 2, 4, 8, 16, 16), grid=16, mode="saq")   # nn.Module
+    spae_fast.semantic_loss(z, codebook, candidate_index, candidate_offsets, set_of_position, *, tau=1.0,
+                            reduction="mean")   # fused CLIP-guided semantic loss (candidate sets: spae_fast.semantic)
 """
 
 from ._gpu import SearchStats, last_search_stats
 from .codebook import Codebook
 from .ops import BackendStatus, available, nearest, saq, topk
+from .ops import semantic_loss, semantic_loss_from_sets
 from .pyramid import TokenPyramid
 from .quantizer import SPAEQuantizer, SPAEQuantizerOutput
 from .vocab import VocabCodebook
@@ -35,6 +38,8 @@ __all__ = [
     "last_search_stats",
     "nearest",
     "saq",
+    "semantic_loss",
+    "semantic_loss_from_sets",
     "topk",
     "__version__",
 ]

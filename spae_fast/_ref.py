@@ -140,3 +140,151 @@ def saq_reference(z: torch.Tensor, weight: torch.Tensor, sides: list[int], mode:
         covering_sum = covering_sum + chosen.repeat_interleave(stride, 2).repeat_interleave(stride, 3)
         ids.append(index.reshape(batch, side * side))
     return torch.cat(ids, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Semantic loss (SPAE-METHOD.md §4, semantic guidance)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def candidates_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dense bool mask ``[N, V]`` (row p marks the candidate set of position p) -> the CSR form of the op:
+    ``(candidate_index [M] int64, candidate_offsets [N + 1] int64)``, rows ascending within a set."""
+    if mask.dtype != torch.bool or mask.dim() != 2:
+        raise ValueError(f"mask must be a 2-D bool tensor [N, V], got {mask.dtype} of shape {tuple(mask.shape)}")
+    index = mask.nonzero()[:, 1].contiguous()  # row-major: position by position, columns ascending
+    offsets = torch.zeros(mask.shape[0] + 1, dtype=torch.int64, device=mask.device)
+    offsets[1:] = mask.sum(1).cumsum(0)
+    return index, offsets
+
+
+def _semantic_sets(candidate_offsets: torch.Tensor, set_of_position: torch.Tensor | None, num: int):
+    """(set of every position [N] int64 with -1 for none, active [N] bool: the position has a non-empty set)."""
+    sizes = candidate_offsets[1:] - candidate_offsets[:-1]  # [S]
+    if set_of_position is None:
+        set_of_position = torch.arange(num, device=candidate_offsets.device)
+    set_of_position = set_of_position.reshape(-1).long()
+    if sizes.numel() == 0:
+        return set_of_position, torch.zeros(num, dtype=torch.bool, device=candidate_offsets.device)
+    active = (set_of_position >= 0) & (sizes[set_of_position.clamp_min(0)] > 0)
+    return set_of_position, active
+
+
+def semantic_loss_reference(
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    candidate_index: torch.Tensor | None = None,
+    candidate_offsets: torch.Tensor | None = None,
+    set_of_position: torch.Tensor | None = None,
+    *,
+    mask: torch.Tensor | None = None,
+    tau: float = 1.0,
+    reduction: str = "mean",
+    chunk_rows: int = 8192,
+) -> torch.Tensor:
+    """The semantic loss, written as the method states it (the spec; differentiable in ``z`` by autograd).
+
+    For position p (a row of z ``[N, D]``) with candidate set C(p) (codebook rows; a list, so duplicates count
+    as often as they appear) and the logits
+
+        s_k(p) = -||z_p - e_k||^2 / tau  (+ ||z_p||^2 / tau, which cancels in the softmax and in the loss)
+               = (2 z_p . e_k - ||e_k||^2) / tau
+
+    the loss of p is  mean_{c in C(p)} -log softmax_k(s(p))[c] = logsumexp_k s_k(p) - mean_{c in C(p)} s_c(p).
+    Positions without a set (``set_of_position`` -1) or with an empty set are excluded: loss 0, and not
+    counted by the mean. ``reduction``: "mean" (over the included positions; 0 when there are none), "sum"
+    or "none" (``[N]``).
+
+    Candidates: CSR ``candidate_index [M]`` / ``candidate_offsets [S + 1]`` (set s = index[offsets[s] :
+    offsets[s+1]]) with ``set_of_position [N]`` (default: position p uses set p), or a dense bool ``mask``
+    ``[N, V]`` instead. Computed in fp32 (fp64 when z is fp64); the logits are materialised chunk by chunk
+    over the vocabulary: clear, not fast.
+    """
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    q = z.to(dtype)
+    e = weight.to(device=z.device, dtype=dtype)
+    num, num_rows = q.shape[0], e.shape[0]
+    if mask is not None:
+        candidate_index, candidate_offsets = candidates_from_mask(mask)
+        set_of_position = None
+    set_of_position, active = _semantic_sets(candidate_offsets, set_of_position, num)
+    e_norm = (e * e).sum(-1)  # [V]
+
+    lse_chunks = []
+    for start in range(0, num_rows, chunk_rows):
+        stop = min(start + chunk_rows, num_rows)
+        logits = (2.0 * q @ e[start:stop].T - e_norm[start:stop]) / tau  # [N, chunk]
+        lse_chunks.append(torch.logsumexp(logits, dim=1))
+    lse = torch.logsumexp(torch.stack(lse_chunks, dim=1), dim=1)  # [N]
+
+    loss = torch.zeros(num, dtype=dtype, device=z.device)
+    for s in torch.unique(set_of_position[active]).tolist():
+        rows = (set_of_position == s).nonzero()[:, 0]
+        columns = candidate_index[candidate_offsets[s] : candidate_offsets[s + 1]].to(z.device)
+        candidate_logits = (2.0 * q[rows] @ e[columns].T - e_norm[columns]) / tau  # [n_s, |C_s|]
+        loss = loss.index_put((rows,), lse[rows] - candidate_logits.mean(dim=1))
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.sum() / active.sum().clamp_min(1)
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def semantic_loss_parts_reference(
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    candidate_index: torch.Tensor,
+    candidate_offsets: torch.Tensor,
+    set_of_position: torch.Tensor | None,
+    tau: float,
+    compute_grad: bool,
+    chunk_rows: int = 8192,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the ``spae_fast::semantic_loss`` op returns, with the explicit formulas every kernel uses:
+    ``(loss [N] fp32, grad [N, D] fp32)`` where ``grad[p] = d loss(p) / d z_p`` (``[0, D]`` without
+    compute_grad); both 0 at excluded positions.
+
+        lse(p)   = logsumexp_k s_k(p)                     s_k(p) = (2 z_p . e_k - ||e_k||^2) / tau
+        loss(p)  = lse(p) - (2 z_p . mean_C(e) - mean_C(||e||^2)) / tau
+        grad(p)  = (2 / tau) (sum_k softmax_k(s(p)) e_k - mean_C(e))
+
+    In fp32 over vocabulary chunks (pass 1: logsumexp; pass 2: softmax-weighted rows), set means in fp64.
+    """
+    q = z.float()
+    e = weight.to(device=z.device, dtype=torch.float32)
+    num, dim = q.shape
+    num_rows = e.shape[0]
+    set_of_position, active = _semantic_sets(candidate_offsets, set_of_position, num)
+    e_norm = (e.double() * e.double()).sum(-1).float()  # [V] ||e||^2, rounded once (the packed bias)
+
+    lse = torch.full((num,), float("-inf"), dtype=torch.float32, device=z.device)
+    for start in range(0, num_rows, chunk_rows):
+        stop = min(start + chunk_rows, num_rows)
+        logits = (2.0 * q @ e[start:stop].T - e_norm[start:stop]) / tau
+        lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
+    softmax_mean = torch.zeros(num, dim, dtype=torch.float32, device=z.device)  # sum_k softmax_k e_k
+    if compute_grad:
+        for start in range(0, num_rows, chunk_rows):
+            stop = min(start + chunk_rows, num_rows)
+            logits = (2.0 * q @ e[start:stop].T - e_norm[start:stop]) / tau
+            softmax_mean += torch.exp(logits - lse[:, None]) @ e[start:stop]
+
+    num_sets = candidate_offsets.numel() - 1
+    set_mean = torch.zeros(max(num_sets, 1), dim, dtype=torch.float64, device=z.device)  # mean_C(e)
+    set_norm = torch.zeros(max(num_sets, 1), dtype=torch.float64, device=z.device)  # mean_C(||e||^2)
+    for s in range(num_sets):
+        columns = candidate_index[candidate_offsets[s] : candidate_offsets[s + 1]].to(z.device)
+        if columns.numel():
+            set_mean[s] = e[columns].double().mean(0)
+            set_norm[s] = e_norm[columns].double().mean()
+    sets = set_of_position.clamp_min(0)
+    mean = set_mean[sets] if num_sets else set_mean[:1].expand(num, dim)
+    norm = set_norm[sets] if num_sets else set_norm[:1].expand(num)
+    target = (2.0 * (q.double() * mean).sum(1) - norm) / tau
+    loss = torch.where(active, lse.double() - target, 0.0).float()
+    if not compute_grad:
+        return loss, q.new_zeros(0, dim)
+    grad = torch.where(active[:, None], (2.0 / tau) * (softmax_mean.double() - mean), 0.0).float()
+    return loss, grad

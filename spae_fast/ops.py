@@ -513,3 +513,361 @@ def saq(
     return torch.ops.spae_fast.saq(
         z, weight, panels, bias, norm_bound, *prefilter_operands, list(pyramid.sides), mode, backend, check_finite
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Semantic loss: cross-entropy of the logits -||z - e||^2 / tau over the whole vocabulary with soft targets
+# uniform on a candidate set (SPAE-METHOD.md §4), fused: no positions x vocabulary logits
+# ----------------------------------------------------------------------------------------------------------
+
+SEMANTIC_REDUCTIONS = ("mean", "sum", "none")
+_SEMANTIC_BAD_ARGUMENT = {
+    1: "sizes or tau",
+    2: "a candidate_index entry is out of range [0, V)",
+    3: "candidate_offsets is not a valid CSR (offsets[0] = 0, non-decreasing, offsets[-1] = M)",
+    4: "a set_of_position entry is out of range [-1, S)",
+}
+
+
+def _triton_interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _semantic_triton_usable(device: torch.device) -> tuple[bool, str]:
+    """(usable, why not) for the Triton kernel of the semantic loss on tensors of `device` (no Triton import)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return False, "Triton is not installed"
+    if device.type == "cuda" and not _triton_interpreting():
+        return True, ""
+    if device.type == "cpu" and _triton_interpreting():
+        return True, ""
+    return False, f"it needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got tensors on {device}"
+
+
+def _semantic_triton_module():
+    import importlib
+
+    module = importlib.import_module("spae_fast.triton_kernels.semantic_loss")
+    if module.INTERPRET != _triton_interpreting():  # TRITON_INTERPRET changed: re-decorate the kernels
+        module = importlib.reload(module)
+    return module
+
+
+def _raise_semantic_status(code: int, detail: int) -> None:
+    if code == _native._OK:
+        return
+    if code == _native._NON_FINITE_QUERY:
+        raise ValueError(
+            f"z contains NaN or Inf (first bad row {detail} of the flattened [N, D] input); pass "
+            "check_finite=False to skip this check (the losses of such rows are then unspecified)"
+        )
+    if code == _native._OVERFLOW:
+        raise ValueError(
+            f"z row {detail} is too large for fp32 logits against this codebook at this tau: "
+            "(max|e|^2 + 2 |z| max|e|) / tau must stay below 1e37. Rescale z or raise tau."
+        )
+    if code == _native._BAD_ARGUMENT:
+        raise ValueError(f"semantic_loss: {_SEMANTIC_BAD_ARGUMENT.get(detail, 'invalid arguments')}")
+    _native.raise_for_status(code, detail, stage="search")
+
+
+def _semantic_check_finite(z: torch.Tensor, weight: torch.Tensor, check_finite: bool) -> None:
+    """The native kernel's input checks, for the torch / triton backends (same exceptions, same rows)."""
+    bad = ~torch.isfinite(weight).all(-1)
+    if bool(bad.any()):
+        _native.raise_for_status(_native._NON_FINITE_CODEBOOK, int(bad.nonzero()[0, 0]), stage="codebook")
+    if check_finite and z.numel():
+        bad = ~torch.isfinite(z).all(-1)
+        if bool(bad.any()):
+            _raise_semantic_status(_native._NON_FINITE_QUERY, int(bad.nonzero()[0, 0]))
+
+
+def _semantic_combine(z, lse, mu, set_mean, set_norm, sizes, set_of_position, tau, compute_grad):
+    """loss / grad of every position from the softmax statistics and the set means (GPU backends)."""
+    num, dim = z.shape
+    if sizes.numel() == 0:
+        return lse.new_zeros(num), lse.new_zeros(num if compute_grad else 0, dim)
+    sets = set_of_position.clamp_min(0)
+    active = (set_of_position >= 0) & (sizes[sets] > 0)
+    mean = set_mean[sets]  # [N, D] fp64
+    target = (2.0 * (z.double() * mean).sum(1) - set_norm[sets]) / tau
+    loss = torch.where(active, lse.double() - target, 0.0).float()
+    if not compute_grad:
+        return loss, lse.new_zeros(0, dim)
+    grad = torch.where(active[:, None], (2.0 / tau) * (mu.double() - mean), 0.0).float()
+    return loss, grad
+
+
+def _semantic_loss_impl(
+    z, weight, panels, bias, norm_bound, candidate_index, candidate_offsets, set_of_position, tau, compute_grad,
+    backend, check_finite,
+):  # fmt: skip
+    """z [N, D] -> (loss [N] fp32, grad [N, D] fp32 or [0, D]); see `semantic_loss`."""
+    num, dim = z.shape
+    if backend == "torch":
+        _semantic_check_finite(z, weight, check_finite)
+        return _ref.semantic_loss_parts_reference(
+            z, weight, candidate_index, candidate_offsets, set_of_position, tau, compute_grad
+        )
+    if backend == "cpu":
+        native = _native.cpu_module()
+        loss = torch.empty(num, dtype=torch.float32)
+        grad = torch.empty(num if compute_grad else 0, dim, dtype=torch.float32)
+        code, detail = native.semantic_loss(
+            z.data_ptr(), num, dim, z.stride(0), z.stride(1), _native.DTYPE_TAGS[str(z.dtype).removeprefix("torch.")],
+            weight.data_ptr(), weight.shape[0], weight.stride(0), weight.stride(1),
+            _native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
+            panels.data_ptr(), bias.data_ptr(), float(norm_bound),
+            candidate_index.data_ptr(), candidate_index.numel(), candidate_offsets.data_ptr(),
+            candidate_offsets.numel() - 1, set_of_position.data_ptr(), float(tau), compute_grad, check_finite,
+            torch.get_num_threads(), loss.data_ptr(), grad.data_ptr() if compute_grad else 0,
+        )  # fmt: skip
+        _raise_semantic_status(code, detail)
+        return loss, grad
+    if backend.partition(":")[0] == "triton":
+        _semantic_check_finite(z, weight, check_finite)
+        module = _semantic_triton_module()
+        lse, mu = module.softmax_stats(z, weight, tau, compute_grad)
+        set_mean, set_norm = module.set_means(weight, candidate_index, candidate_offsets)
+        sizes = candidate_offsets[1:] - candidate_offsets[:-1]
+        return _semantic_combine(z, lse, mu, set_mean, set_norm, sizes, set_of_position, tau, compute_grad)
+    raise RuntimeError(f"backend {backend!r} has no semantic_loss kernel; use 'cpu', 'triton' or 'torch'")
+
+
+@torch.library.custom_op("spae_fast::semantic_loss", mutates_args=())
+def _semantic_loss_op(
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    panels: torch.Tensor,
+    bias: torch.Tensor,
+    norm_bound: torch.Tensor,
+    candidate_index: torch.Tensor,
+    candidate_offsets: torch.Tensor,
+    set_of_position: torch.Tensor,
+    tau: float,
+    compute_grad: bool,
+    backend: str,
+    check_finite: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _semantic_loss_impl(
+        z, weight, panels, bias, norm_bound, candidate_index, candidate_offsets, set_of_position, tau,
+        compute_grad, backend, check_finite,
+    )  # fmt: skip
+
+
+@_semantic_loss_op.register_fake
+def _(z, weight, panels, bias, norm_bound, candidate_index, candidate_offsets, set_of_position, tau, compute_grad,
+      backend, check_finite):  # fmt: skip
+    num, dim = z.shape
+    return z.new_empty(num, dtype=torch.float32), z.new_empty(num if compute_grad else 0, dim, dtype=torch.float32)
+
+
+def _setup_semantic_context(ctx, inputs, output):
+    ctx.z_dtype = inputs[0].dtype
+    ctx.compute_grad = inputs[9]
+    ctx.mark_non_differentiable(output[1])  # the gradient direction: an auxiliary output
+    ctx.save_for_backward(output[1])
+
+
+def _semantic_backward(ctx, grad_loss, grad_direction):
+    (direction,) = ctx.saved_tensors  # [N, D] fp32: d loss(p) / d z_p
+    if not ctx.compute_grad:
+        raise RuntimeError(
+            "spae_fast::semantic_loss ran with compute_grad=False, so it has no gradient; call it with "
+            "compute_grad=True (spae_fast.semantic_loss does so whenever z requires grad)"
+        )
+    grad_z = (grad_loss[:, None] * direction).to(ctx.z_dtype)
+    return (grad_z,) + (None,) * 11
+
+
+_semantic_loss_op.register_autograd(_semantic_backward, setup_context=_setup_semantic_context)
+
+
+def _integer_tensor(value: object, name: str, device: torch.device) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int64, got {type(value).__name__}")
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (int64), got {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but z and the codebook are on {device}")
+    return value.to(torch.int64).contiguous()
+
+
+def _semantic_candidates(candidate_index, candidate_offsets, set_of_position, positions_shape, num_rows, device):
+    """Validated (candidate_index [M], candidate_offsets [S + 1], set_of_position [N]) int64 contiguous."""
+    index = _integer_tensor(candidate_index, "candidate_index", device)
+    offsets = _integer_tensor(candidate_offsets, "candidate_offsets", device)
+    if index.dim() != 1:
+        raise ValueError(f"candidate_index must be 1-D [M] (all sets concatenated), got shape {tuple(index.shape)}")
+    if offsets.dim() != 1 or offsets.numel() < 1:
+        raise ValueError(f"candidate_offsets must be 1-D [S + 1] with S >= 0, got shape {tuple(offsets.shape)}")
+    num_sets, num = offsets.numel() - 1, 1
+    for size in positions_shape:
+        num *= size
+    if set_of_position is None:
+        if num_sets != num:
+            raise ValueError(
+                f"without set_of_position every position has its own set, so candidate_offsets needs N + 1 = "
+                f"{num + 1} entries; got {num_sets + 1}. Pass set_of_position to share sets between positions"
+            )
+        sets = torch.arange(num, device=device)
+    else:
+        sets = _integer_tensor(set_of_position, "set_of_position", device)
+        if tuple(sets.shape) not in (tuple(positions_shape), (num,)):
+            raise ValueError(
+                f"set_of_position must have shape {tuple(positions_shape)} (z without its last dimension) or "
+                f"[{num}], got {tuple(sets.shape)}"
+            )
+        sets = sets.reshape(num)
+    if not torch.compiler.is_compiling():  # value checks (the native kernel checks them again)
+        if int(offsets[0]) != 0 or int(offsets[-1]) != index.numel():
+            raise ValueError(
+                f"candidate_offsets must start at 0 and end at M = len(candidate_index) = {index.numel()}, got "
+                f"{int(offsets[0])} .. {int(offsets[-1])}"
+            )
+        if num_sets and bool((offsets[1:] < offsets[:-1]).any()):
+            raise ValueError("candidate_offsets must be non-decreasing")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_rows):
+            raise ValueError(
+                f"candidate_index holds codebook rows out of range [0, V) = [0, {num_rows}): "
+                f"min {int(index.min())}, max {int(index.max())}"
+            )
+        if num and (int(sets.min()) < -1 or int(sets.max()) >= num_sets):
+            raise ValueError(
+                f"set_of_position values must be in [-1, S) = [-1, {num_sets}) (-1: no set), got "
+                f"{int(sets.min())} .. {int(sets.max())}"
+            )
+    return index, offsets, sets
+
+
+def _semantic_backend(backend: str, device: torch.device) -> str:
+    """The backend of the semantic loss: "auto" is "cpu" (native) on the CPU and "triton" on CUDA tensors."""
+    if backend == "cuda":
+        raise RuntimeError("backend 'cuda' has no semantic_loss kernel; use backend='triton' (or 'auto') on CUDA tensors")
+    if backend == "auto" and device.type == "cuda":
+        return "triton" if _semantic_triton_usable(device)[0] else "torch"
+    if backend == "triton":
+        usable, why = _semantic_triton_usable(device)
+        if not usable:
+            raise RuntimeError(f"backend 'triton' cannot run semantic_loss here: {why}")
+        return backend
+    return resolve_backend(backend, device)
+
+
+def _fixed_order_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum of a 1-D tensor in fp64 in an order that does not depend on the thread count."""
+    width = 1024
+    padded = torch.nn.functional.pad(values.double(), (0, (-values.numel()) % width))
+    return padded.reshape(-1, width).sum(1).sum()
+
+
+def semantic_loss(
+    z: torch.Tensor,
+    codebook: torch.Tensor | Codebook,
+    candidate_index: torch.Tensor,
+    candidate_offsets: torch.Tensor,
+    set_of_position: torch.Tensor | None = None,
+    *,
+    tau: float = 1.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """SPAE's semantic-guidance loss, fused: no (positions x vocabulary) logits, forward or backward.
+
+    With the logits s_k(p) = -||z_p - e_k||^2 / tau over the whole codebook and the candidate set C(p) of
+    position p, the loss of p is
+
+        mean_{c in C(p)} -log softmax_k(s(p))[c]  =  logsumexp_k s_k(p) - mean_{c in C(p)} s_c(p)
+
+    i.e. the cross-entropy with soft targets uniform on C(p). ||z_p||^2 / tau cancels, so it is a linear
+    cross-entropy (weight 2E / tau, bias -||e||^2 / tau), and mean_c s_c needs only the set's mean embedding.
+    One streaming pass over the vocabulary computes the logsumexp online and, when ``z`` requires grad, the
+    softmax-weighted embedding sum, so the backward is d loss(p) / d z_p = (2 / tau) (sum_k softmax_k e_k
+    - mean_{c in C(p)} e_c), a scaling of a saved [N, D] tensor (no second pass over the vocabulary). The
+    codebook is frozen: no gradient flows to it; first derivatives only (no double backward). The per-position
+    values of the native ("cpu", for a given micro-kernel) and Triton kernels are bitwise identical for any
+    thread count, grid and batch split; the reductions sum in a fixed order. Extra memory of the native
+    kernel: O(N D + S D) plus ~0.5 MiB per thread, independent of V.
+
+    Args:
+        z: ``[..., D]`` positions (for SPAE the layer targets z_l(p) of the sampled positions), fp32 / bf16 /
+            fp16, any strides; accumulation is fp32.
+        codebook: ``[V, D]`` tensor or an l2 `Codebook` (packed once: use it for repeated calls; a plain
+            tensor is packed on every call on the CPU).
+        candidate_index: ``[M]`` integer codebook rows of all candidate sets, concatenated.
+        candidate_offsets: ``[S + 1]`` integer: set s is ``candidate_index[offsets[s] : offsets[s + 1]]``
+            (CSR). Duplicates count as often as they appear; a set may be empty.
+        set_of_position: ``[...]`` (z's leading shape) or ``[N]`` integer set of each position, -1 for none.
+            Default: position p uses set p (then S must equal N). Positions share sets per image and layer in
+            SPAE: see `spae_fast.semantic.candidates_from_relevance` and `pyramid_set_of_position`, or
+            `semantic_loss_from_sets` for a list of sets.
+        tau: temperature, finite and > 0.
+        reduction: ``"mean"`` over the positions that have a non-empty set (positions without one are
+            excluded; 0 when none has), ``"sum"``, or ``"none"``: the loss of every position, shape
+            ``z.shape[:-1]``, 0 at excluded positions.
+        backend: ``"auto"``, ``"cpu"`` (native), ``"torch"`` (reference), ``"triton"`` (CUDA tensors, or CPU
+            tensors with TRITON_INTERPRET=1).
+        check_finite: raise ``ValueError`` on NaN / Inf in ``z``.
+
+    Returns:
+        fp32 loss: a scalar (``"mean"`` / ``"sum"``) or per position (``"none"``).
+    """
+    if isinstance(codebook, Codebook):
+        if codebook.metric != "l2":
+            raise ValueError(
+                f"semantic_loss needs an l2 Codebook (its logits are squared L2 distances), got metric="
+                f"{codebook.metric!r}"
+            )
+        dim, device, num_rows = codebook.dim, codebook.device, codebook.num_rows
+    else:
+        weight = _validate.codebook_weight(codebook, "codebook")
+        dim, device, num_rows = weight.shape[1], weight.device, weight.shape[0]
+    z = _validate.queries(z, dim, device, "z")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise TypeError(f"tau must be a number, got {type(tau).__name__}")
+    if not 0.0 < float(tau) < float("inf"):  # also rejects NaN
+        raise ValueError(f"tau must be finite and > 0, got {tau}")
+    if reduction not in SEMANTIC_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {SEMANTIC_REDUCTIONS}, got {reduction!r}")
+    positions_shape = tuple(z.shape[:-1])
+    index, offsets, sets = _semantic_candidates(
+        candidate_index, candidate_offsets, set_of_position, positions_shape, num_rows, device
+    )
+    backend = _semantic_backend(backend, z.device)
+    weight, panels, bias, norm_bound, _ = _codebook_operands(codebook, "l2", backend)
+    flat = z.reshape(-1, dim)
+    compute_grad = torch.is_grad_enabled() and z.requires_grad
+    loss, _ = torch.ops.spae_fast.semantic_loss(
+        flat, weight, panels, bias, norm_bound, index, offsets, sets, float(tau), compute_grad, backend, check_finite
+    )
+    if reduction == "none":
+        return loss.reshape(positions_shape)
+    total = _fixed_order_sum(loss)
+    if reduction == "sum":
+        return total.float()
+    sizes = offsets[1:] - offsets[:-1]
+    if sizes.numel() == 0:
+        return total.float()  # no sets: every position is excluded, the loss is 0
+    count = ((sets >= 0) & (sizes[sets.clamp_min(0)] > 0)).sum()
+    return (total / count.clamp_min(1)).float()
+
+
+def semantic_loss_from_sets(
+    z: torch.Tensor,
+    codebook: torch.Tensor | Codebook,
+    candidate_sets: list[torch.Tensor],
+    set_of_position: torch.Tensor,
+    **kwargs,
+) -> torch.Tensor:
+    """`semantic_loss` with the candidate sets as a list of S integer tensors (codebook rows) and the set of
+    every position (``[...]`` or ``[N]``, values in [-1, S)); keyword arguments as `semantic_loss`."""
+    from .semantic import pack_candidate_sets
+
+    index, offsets = pack_candidate_sets(candidate_sets)
+    device = z.device if isinstance(z, torch.Tensor) else index.device
+    return semantic_loss(z, codebook, index.to(device), offsets.to(device), set_of_position, **kwargs)

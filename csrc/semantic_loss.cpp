@@ -1,0 +1,365 @@
+// Fused semantic loss on the CPU (SPAE-METHOD.md §4): a linear cross-entropy over the whole frozen vocabulary
+// with soft targets uniform on a candidate set, forward and gradient in one streaming pass, no N x V logits.
+//
+// Math (see semantic_loss.h). With the l2 packing of the codebook (panels p = -2e, bias ||e||^2), the shared
+// 6 x 16 micro-kernel of the search (micro_kernel_avx2 / micro_kernel_portable, used unchanged) yields
+// score = ||e||^2 - 2 z.e, and the logit is s = score / -tau. Per row of z:
+//
+//   lse    = m + log(l)              running max m and sum l = sum_k exp(s_k - m), rescaled when m grows
+//   mu     = (sum_k exp(s_k - m) e_k) / l = sum_k softmax_k e_k     (only with compute_grad)
+//   loss   = lse - (2 z . mean_C(e) - mean_C(||e||^2)) / tau
+//   grad   = (2 / tau) (mu - mean_C(e))                              = d loss / d z
+//
+// Structure. Rows with a non-empty set are taken in order and cut into blocks of 6-row tiles (blocks are
+// spread over OpenMP threads; nothing else is split, so every row is computed by one thread in one fixed
+// order). Per block the vocabulary streams in groups of 64 rows (4 packed panels): for every tile, the
+// micro-kernel forms 4 panels of scores, the softmax-tile kernel turns them into logits, updates the running
+// max and sum and writes the 6 x 64 weights exp(s - m), and the accumulate kernel adds weights x rows
+// (64 x D: the group's codebook rows, read in place from an fp32 table, else converted to fp32 once per block
+// and group) into the tile's [6, D] accumulator. The mean embedding of each set is summed in fp64 once,
+// before the pass.
+//
+// Determinism: the value of every row depends only on that row, the codebook and the set: each score is one
+// FMA chain over d, the groups are visited in ascending order, the softmax sums and the accumulation chains
+// have a fixed order - bitwise identical for any thread count, batch split or block size (for a given ISA).
+//
+// Extra memory: per thread one packed block of z and its accumulator (<= 2 x 256 KiB), the group's rows
+// (64 x D fp32); plus S x D fp64 set means. Independent of V; no N x V buffer.
+#include "semantic_loss.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <vector>
+
+namespace spae {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int64_t kBlockBytes = 256 * 1024;  // packed z block (and its accumulator) per thread
+constexpr int64_t kMaxBlockTiles = 16;       // 96 rows
+
+// Row `row` of a strided [rows, cols] matrix as fp32 (exact for bf16 / fp16).
+void load_row(const MatrixView& m, int64_t row, float* out) {
+  const int64_t base = row * m.row_stride;
+  if (m.dtype == DType::Float32) {
+    const float* src = static_cast<const float*>(m.data) + base;
+    if (m.col_stride == 1) {
+      std::memcpy(out, src, static_cast<size_t>(m.cols) * sizeof(float));
+    } else {
+      for (int64_t d = 0; d < m.cols; ++d) out[d] = src[d * m.col_stride];
+    }
+    return;
+  }
+  const uint16_t* src = static_cast<const uint16_t*>(m.data) + base;
+  if (m.dtype == DType::BFloat16) {
+    for (int64_t d = 0; d < m.cols; ++d) out[d] = bf16_to_float(src[d * m.col_stride]);
+  } else {
+    for (int64_t d = 0; d < m.cols; ++d) out[d] = half_to_float(src[d * m.col_stride]);
+  }
+}
+
+}  // namespace
+
+// ---- portable pieces (any CPU; compiled with -ffp-contract=off) ----
+
+void semantic_softmax_tile_portable(const float* scores, float tau, const float* max_in, float* max_out,
+                                    float* weights, float* sums) {
+  const float neg_tau = -tau;
+  for (int r = 0; r < kTileRows; ++r) {
+    float logits[kSemanticGroupCols];
+    float row_max = max_in[r];
+    for (int j = 0; j < kSemanticGroupPanels; ++j) {
+      const float* src = scores + (j * kTileRows + r) * kPanelWidth;
+      for (int c = 0; c < kPanelWidth; ++c) {
+        const float s = src[c] / neg_tau;
+        logits[j * kPanelWidth + c] = s;
+        row_max = s > row_max ? s : row_max;
+      }
+    }
+    max_out[r] = row_max;
+    float sum = 0.0f;
+    float* w = weights + r * kSemanticGroupCols;
+    for (int c = 0; c < kSemanticGroupCols; ++c) {
+      w[c] = logits[c] == -kInf ? 0.0f : std::exp(logits[c] - row_max);
+      sum += w[c];
+    }
+    sums[r] = sum;
+  }
+}
+
+void semantic_accumulate_portable(const float* weights, const float* rows, int64_t ld_rows, int64_t dim,
+                                  float* acc) {
+  for (int r = 0; r < kTileRows; ++r) {
+    float* out = acc + r * dim;
+    const float* w = weights + r * kSemanticGroupCols;
+    for (int c = 0; c < kSemanticGroupCols; ++c) {
+      const float wc = w[c];
+      const float* e = rows + c * ld_rows;
+      for (int64_t d = 0; d < dim; ++d) out[d] += wc * e[d];
+    }
+  }
+}
+
+// ---- the op ----
+
+StatusInfo semantic_loss(const SemanticLossRequest& req) {
+  const int64_t num_rows = req.z.rows, dim = req.z.cols, vocab = req.codebook.rows;
+  const int64_t num_sets = req.num_sets, num_candidates = req.num_candidates;
+  if (dim < 1 || vocab < 1 || dim != req.codebook.dim || dim != req.weight.cols || vocab != req.weight.rows ||
+      num_rows < 0 || num_sets < 0 || num_candidates < 0 || !(req.tau > 0.0) || !std::isfinite(req.tau) ||
+      (req.compute_grad && req.out_grad == nullptr && num_rows > 0) || req.candidate_offsets == nullptr)
+    return {Status::BadArgument, 1};
+  const int64_t* offsets = req.candidate_offsets;
+  if (offsets[0] != 0 || offsets[num_sets] != num_candidates) return {Status::BadArgument, 3};
+  for (int64_t s = 0; s < num_sets; ++s)
+    if (offsets[s + 1] < offsets[s]) return {Status::BadArgument, 3};
+  for (int64_t i = 0; i < num_candidates; ++i)
+    if (req.candidate_index[i] < 0 || req.candidate_index[i] >= vocab) return {Status::BadArgument, 2};
+  for (int64_t p = 0; p < num_rows; ++p)
+    if (req.set_of_position[p] < -1 || req.set_of_position[p] >= num_sets) return {Status::BadArgument, 4};
+
+  std::fill(req.out_loss, req.out_loss + num_rows, 0.0f);
+  if (req.compute_grad) std::fill(req.out_grad, req.out_grad + num_rows * dim, 0.0f);
+
+  // Rows that take part: a set with at least one candidate, in ascending order.
+  std::vector<int64_t> active;
+  std::vector<double> set_mean, set_norm;
+  try {
+    active.reserve(static_cast<size_t>(num_rows));
+    for (int64_t p = 0; p < num_rows; ++p) {
+      const int64_t s = req.set_of_position[p];
+      if (s >= 0 && offsets[s + 1] > offsets[s]) active.push_back(p);
+    }
+    if (active.empty()) return {};
+    set_mean.assign(static_cast<size_t>(num_sets * dim), 0.0);
+    set_norm.assign(static_cast<size_t>(num_sets), 0.0);
+  } catch (const std::bad_alloc&) {
+    return {Status::OutOfMemory, -1};
+  }
+  const int threads = std::max(1, req.num_threads);
+
+  // Mean embedding and mean ||e||^2 (the packed fp32 bias, as in the logits) of every set, summed in fp64
+  // in list order: one set per iteration, so the result does not depend on the thread count.
+  bool set_alloc_ok = true;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> row;
+    try {
+      row.resize(static_cast<size_t>(dim));
+    } catch (const std::bad_alloc&) {
+#pragma omp atomic write
+      set_alloc_ok = false;
+    }
+#pragma omp for schedule(static)
+    for (int64_t s = 0; s < num_sets; ++s) {
+      const int64_t begin = offsets[s], end = offsets[s + 1];
+      if (end == begin || row.empty()) continue;
+      double* mean = set_mean.data() + s * dim;
+      double norm = 0.0;
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t k = req.candidate_index[i];
+        load_row(req.weight, k, row.data());
+        for (int64_t d = 0; d < dim; ++d) mean[d] += static_cast<double>(row[d]);
+        norm += static_cast<double>(req.codebook.bias[k]);
+      }
+      const double count = static_cast<double>(end - begin);
+      for (int64_t d = 0; d < dim; ++d) mean[d] /= count;
+      set_norm[s] = norm / count;
+    }
+  }
+  if (!set_alloc_ok) return {Status::OutOfMemory, -1};
+
+  const MicroKernel score_kernel =
+#if defined(SPAE_HAVE_AVX2_KERNEL)
+      active_isa() == Isa::Avx2Fma ? micro_kernel_avx2 :
+#endif
+                                   micro_kernel_portable;
+  const SemanticSoftmaxTile softmax_tile =
+#if defined(SPAE_HAVE_AVX2_KERNEL)
+      active_isa() == Isa::Avx2Fma ? semantic_softmax_tile_avx2 :
+#endif
+                                   semantic_softmax_tile_portable;
+  const SemanticAccumulate accumulate =
+#if defined(SPAE_HAVE_AVX2_KERNEL)
+      active_isa() == Isa::Avx2Fma ? semantic_accumulate_avx2 :
+#endif
+                                   semantic_accumulate_portable;
+
+  // Blocks of whole tiles; as many blocks as needed to bound the per-thread buffers, rounded up to a
+  // multiple of the thread count so the threads get equal shares (results do not depend on the blocking).
+  const int64_t num_active = static_cast<int64_t>(active.size());
+  const int64_t num_tiles = (num_active + kTileRows - 1) / kTileRows;
+  const int64_t max_block_tiles =
+      std::clamp<int64_t>(kBlockBytes / (dim * kTileRows * static_cast<int64_t>(sizeof(float))), 1, kMaxBlockTiles);
+  int64_t num_blocks = (num_tiles + max_block_tiles - 1) / max_block_tiles;
+  if (threads > 1) num_blocks = std::min(num_tiles, (num_blocks + threads - 1) / threads * threads);
+  const int64_t block_tiles = (num_tiles + num_blocks - 1) / num_blocks;
+  num_blocks = (num_tiles + block_tiles - 1) / block_tiles;
+  const int64_t block_rows = block_tiles * kTileRows;
+  const int64_t num_panels = req.codebook.num_panels();
+  const int64_t num_groups = (num_panels + kSemanticGroupPanels - 1) / kSemanticGroupPanels;
+  const float tau_f = static_cast<float>(req.tau);
+  const bool direct_rows = req.weight.dtype == DType::Float32 && req.weight.col_stride == 1 && req.weight.row_stride >= dim;
+  const double max_norm = req.codebook.max_norm;
+
+  std::atomic<int> failed_status{static_cast<int>(Status::Ok)};
+  std::atomic<int64_t> failed_detail{std::numeric_limits<int64_t>::max()};
+  auto record_failure = [&](StatusInfo info) {
+#pragma omp critical(spae_semantic_failure)
+    if (info.detail < failed_detail.load()) {
+      failed_detail.store(info.detail);
+      failed_status.store(static_cast<int>(info.status));
+    }
+  };
+
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> packed, acc, group_rows, row_buffer, run_max, scores, weights;
+    std::vector<double> run_sum;
+    bool allocated = true;
+    try {
+      packed.resize(static_cast<size_t>(block_rows * dim));
+      row_buffer.resize(static_cast<size_t>(dim));
+      run_max.resize(static_cast<size_t>(block_rows));
+      run_sum.resize(static_cast<size_t>(block_rows));
+      scores.resize(static_cast<size_t>(kSemanticGroupPanels * kTileRows * kPanelWidth));
+      weights.resize(static_cast<size_t>(kTileRows * kSemanticGroupCols));
+      if (req.compute_grad) {
+        acc.resize(static_cast<size_t>(block_rows * dim));
+        group_rows.resize(static_cast<size_t>(kSemanticGroupCols * dim));
+      }
+    } catch (const std::bad_alloc&) {
+      allocated = false;
+      record_failure({Status::OutOfMemory, -1});
+    }
+    float thresholds[kTileRows], new_max[kTileRows], sums[kTileRows];
+    uint32_t masks[kTileRows];
+    for (int r = 0; r < kTileRows; ++r) thresholds[r] = kInf;
+
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t block = 0; block < num_blocks; ++block) {
+      const int64_t first = block * block_rows;
+      if (!allocated || failed_detail.load(std::memory_order_relaxed) < active[first]) continue;
+      const int64_t rows = std::min(block_rows, num_active - first);
+      const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
+
+      // Pack the block's rows as [tile][d][6] (zero pad rows), checking them as the search does.
+      std::fill(packed.begin(), packed.begin() + tiles * kTileRows * dim, 0.0f);
+      bool block_ok = true;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t row = active[first + r];
+        load_row(req.z, row, row_buffer.data());
+        if (req.check_finite) {
+          double norm_sq = 0.0;
+          bool finite = true;
+          for (int64_t d = 0; d < dim; ++d) {
+            finite &= std::isfinite(row_buffer[d]);
+            norm_sq += static_cast<double>(row_buffer[d]) * row_buffer[d];
+          }
+          const double norm = std::sqrt(norm_sq);
+          if (!finite) {
+            record_failure({Status::NonFiniteQuery, row});
+            block_ok = false;
+            break;
+          }
+          // Scores and logits stay finite in fp32 (Cauchy-Schwarz bounds every partial sum).
+          if (norm * max_norm * 2.0 > kMaxNormProduct ||
+              (max_norm * max_norm + 2.0 * norm * max_norm) / req.tau > kMaxNormProduct) {
+            record_failure({Status::Overflow, row});
+            block_ok = false;
+            break;
+          }
+        }
+        float* dst = packed.data() + (r / kTileRows) * dim * kTileRows + (r % kTileRows);
+        for (int64_t d = 0; d < dim; ++d) dst[d * kTileRows] = row_buffer[d];
+      }
+      if (!block_ok || failed_status.load(std::memory_order_relaxed) != static_cast<int>(Status::Ok)) continue;
+
+      std::fill(run_max.begin(), run_max.end(), -kInf);
+      std::fill(run_sum.begin(), run_sum.end(), 0.0);
+      if (req.compute_grad) std::fill(acc.begin(), acc.begin() + tiles * kTileRows * dim, 0.0f);
+
+      for (int64_t group = 0; group < num_groups; ++group) {
+        // The group's 64 codebook rows as fp32 [64][ld]: the table itself when it is fp32 with unit column
+        // stride (and the group is whole), else a converted copy.
+        const float* rows_ptr = group_rows.data();
+        int64_t rows_ld = dim;
+        if (req.compute_grad && direct_rows && (group + 1) * kSemanticGroupCols <= vocab) {
+          rows_ptr = static_cast<const float*>(req.weight.data) + group * kSemanticGroupCols * req.weight.row_stride;
+          rows_ld = req.weight.row_stride;
+        } else if (req.compute_grad) {
+          for (int c = 0; c < kSemanticGroupCols; ++c) {
+            const int64_t k = group * kSemanticGroupCols + c;
+            float* dst = group_rows.data() + c * dim;
+            if (k < vocab) {
+              load_row(req.weight, k, dst);
+            } else {
+              std::fill(dst, dst + dim, 0.0f);
+            }
+          }
+        }
+        for (int64_t tile = 0; tile < tiles; ++tile) {
+          const float* tile_queries = packed.data() + tile * kTileRows * dim;
+          for (int j = 0; j < kSemanticGroupPanels; ++j) {
+            const int64_t panel = group * kSemanticGroupPanels + j;
+            float* out = scores.data() + j * kTileRows * kPanelWidth;
+            if (panel < num_panels) {
+              score_kernel(tile_queries, req.codebook.panels + panel * dim * kPanelWidth,
+                           req.codebook.bias + panel * kPanelWidth, dim, thresholds, out, masks);
+            } else {
+              std::fill(out, out + kTileRows * kPanelWidth, kInf);  // columns past V: logit -inf
+            }
+          }
+          float* tile_max = run_max.data() + tile * kTileRows;
+          softmax_tile(scores.data(), tau_f, tile_max, new_max, weights.data(), sums);
+          for (int r = 0; r < kTileRows; ++r) {
+            const int64_t slot = tile * kTileRows + r;
+            if (new_max[r] > tile_max[r]) {  // the running max grew: rescale the sum and the accumulator
+              const double scale = tile_max[r] == -kInf ? 0.0 : std::exp(static_cast<double>(tile_max[r]) - new_max[r]);
+              run_sum[slot] *= scale;
+              if (req.compute_grad) {
+                float* row_acc = acc.data() + slot * dim;
+                const float scale_f = static_cast<float>(scale);
+                for (int64_t d = 0; d < dim; ++d) row_acc[d] *= scale_f;
+              }
+              tile_max[r] = new_max[r];
+            }
+            run_sum[slot] += static_cast<double>(sums[r]);
+          }
+          if (req.compute_grad) accumulate(weights.data(), rows_ptr, rows_ld, dim, acc.data() + tile * kTileRows * dim);
+        }
+      }
+
+      // Finish every row: lse, the candidate term from the set's mean embedding, the gradient direction.
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t row = active[first + r];
+        const int64_t s = req.set_of_position[row];
+        const double* mean = set_mean.data() + s * dim;
+        const float* z_packed = packed.data() + (r / kTileRows) * dim * kTileRows + (r % kTileRows);
+        double dot = 0.0;
+        for (int64_t d = 0; d < dim; ++d) dot += static_cast<double>(z_packed[d * kTileRows]) * mean[d];
+        const double lse = static_cast<double>(run_max[r]) + std::log(run_sum[r]);
+        const double target = (2.0 * dot - set_norm[s]) / req.tau;
+        req.out_loss[row] = static_cast<float>(lse - target);
+        if (req.compute_grad) {
+          const double inv_sum = 1.0 / run_sum[r], scale = 2.0 / req.tau;
+          const float* row_acc = acc.data() + r * dim;
+          float* out = req.out_grad + row * dim;
+          for (int64_t d = 0; d < dim; ++d)
+            out[d] = static_cast<float>(scale * (static_cast<double>(row_acc[d]) * inv_sum - mean[d]));
+        }
+      }
+    }
+  }
+  if (failed_status.load() != static_cast<int>(Status::Ok))
+    return {static_cast<Status>(failed_status.load()), failed_detail.load()};
+  return {};
+}
+
+}  // namespace spae
