@@ -104,7 +104,6 @@ def distances_fp64(x: torch.Tensor, weight: torch.Tensor, metric: str = "l2") ->
     return 1.0 - q @ e.T
 
 
-
 def saq_reference(z: torch.Tensor, weight: torch.Tensor, sides: list[int], mode: str = "saq") -> torch.Tensor:
     """Streaming average (or residual) quantization over a token pyramid (SPAE-METHOD.md §2-3), layer by layer.
 

@@ -330,7 +330,6 @@ def topk(
     return dist.reshape(*x.shape[:-1], k), index.reshape(*x.shape[:-1], k)
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # SAQ: streaming average / residual quantization over a token pyramid (SPAE-METHOD.md §2-3)
 # ----------------------------------------------------------------------------------------------------------
