@@ -37,7 +37,6 @@ import csv
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from spae_fast.bench import git_sha, machine_info, proc_status_kib, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## SPAE quantizer training step (CPU)"
@@ -165,13 +166,6 @@ def training_step(model, z: torch.Tensor, upstream: torch.Tensor):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _status_kib(field: str) -> int | None:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return None
-
-
 def memory_child(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     blob = torch.load(job["inputs"], mmap=False)
@@ -185,7 +179,7 @@ def memory_child(job: dict) -> dict:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
-    before = _status_kib("VmRSS")
+    before = proc_status_kib("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")
         method = "VmHWM after clear_refs"
@@ -194,7 +188,7 @@ def memory_child(job: dict) -> dict:
     start = time.perf_counter()
     result = training_step(model, z, upstream)
     seconds = time.perf_counter() - start
-    peak = _status_kib("VmHWM")
+    peak = proc_status_kib("VmHWM")
     del result
     extra = (peak - before) * 1024 if method != "unavailable" else float("nan")
     return {"extra_bytes": extra, "seconds": seconds, "method": method}
@@ -221,49 +215,12 @@ def measure_memory(providers, inputs_path: str, args, chunk: int) -> dict[str, d
 # ----------------------------------------------------------------------------------------------------------
 
 
-def machine() -> dict[str, str]:
-    fields = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    flags = set(fields.get("flags", "").split())
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16") if f in flags]
-    memory = "?"
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                memory = f"{int(line.split()[1]) / 2**20:.1f} GiB"
-    except OSError:
-        pass
-    return {
-        "cpu": f"{fields.get('model name', platform.machine())} [{', '.join(isa)}]",
-        "cores": f"{os.cpu_count()} logical, {torch.get_num_threads()} torch threads",
-        "memory": memory,
-        "os": f"{platform.system()} {platform.release()}",
-    }
-
-
-def versions() -> dict[str, str]:
+def versions_with_prefilter() -> dict[str, str]:
     import spae_fast
-    from spae_fast import _native
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "spae_fast": spae_fast.__version__,
-            "isa": _native._C.get_isa() if _native._C is not None else "none",
-            "saq prefilter": "int8 (certified)" if spae_fast.ops.int8_prefilter_available() else "none"}  # fmt: skip
-
-
-def git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                             check=True, timeout=10).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=ROOT, check=True, timeout=10).stdout.strip()  # fmt: skip
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    found = versions()
+    found["saq prefilter"] = "int8 (certified)" if spae_fast.ops.int8_prefilter_available() else "none"
+    return found
 
 
 def render(meta: dict, times: dict, ratios: dict, memory: dict | None, chunk: int) -> str:
@@ -397,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{provider}: extra peak {result['extra_bytes'] / 2**20:.0f} MiB ({result['method']})", flush=True)
 
     meta = {"stats": stats, "batch": args.batch, "grid": args.grid, "layers": args.layers, "tokens": sum(s * s for s in args.layers),
-            "table": table, "machine": machine(), "versions": versions(), "git": git_sha(),
+            "table": table, "machine": machine_info(), "versions": versions_with_prefilter(), "git": git_sha(ROOT),
             "date": time.strftime("%Y-%m-%d")}  # fmt: skip
     section = render(meta, times, ratios, memory, chunk)
     print("\n" + section)

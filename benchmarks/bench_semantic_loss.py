@@ -40,7 +40,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -54,6 +53,7 @@ import torch.nn.functional as F
 
 import spae_fast
 from spae_fast import semantic
+from spae_fast.bench import git_sha, machine_info, proc_status_kib, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 PROVIDERS = ("spae_fast", "spae_fast_tensor", "torch_gather", "torch_soft_ce", "torch_matmul")
@@ -79,43 +79,6 @@ CSV_COLUMNS = (
 # ----------------------------------------------------------------------------------------------------------
 # Machine and versions
 # ----------------------------------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, str]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        mem = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal:")) / 2**20  # fmt: skip
-    except (OSError, StopIteration):
-        mem = float("nan")
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "threads": str(torch.get_num_threads()),
-            "memory": f"{mem:.1f} GiB", "os": f"{platform.system()} {platform.release()}",
-            "python": platform.python_version(), "load_average": load}  # fmt: skip
-
-
-def versions() -> dict[str, str]:
-    native = spae_fast._native._C
-    return {"torch": torch.__version__, "numpy": np.__version__, "spae_fast": spae_fast.__version__,
-            "isa": native.get_isa() if native is not None else "native module missing"}  # fmt: skip
-
-
-def git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                             timeout=10, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=ROOT, timeout=10, check=True).stdout.strip()  # fmt: skip
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -216,16 +179,6 @@ def time_providers(
     return times
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def child_main(job: dict) -> None:
     """One memory measurement in a fresh interpreter."""
     torch.set_num_threads(job["threads"])
@@ -240,7 +193,7 @@ def child_main(job: dict) -> None:
     else:
         Provider(job["provider"], weight, index, offsets, sets[:8].clone())(z[:8])
     gc.collect()
-    base_kib = _status_kib("VmRSS")
+    base_kib = proc_status_kib("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
@@ -250,7 +203,7 @@ def child_main(job: dict) -> None:
     start = time.perf_counter()
     result = provider(z)
     seconds = time.perf_counter() - start
-    peak_kib = _status_kib("VmHWM")
+    peak_kib = proc_status_kib("VmHWM")
     del result
     packed = provider.codebook.nbytes_packed() if job["provider"] == "spae_fast" else 0
     print(json.dumps({"extra_bytes": (peak_kib - base_kib) * 1024, "base_bytes": base_kib * 1024,
@@ -377,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     names = [name.strip() for name in args.providers.split(",") if name.strip()]
     start_wall = time.perf_counter()
-    meta = {"machine": machine(), "versions": versions(), "git_sha": git_sha(), "batch": args.batch,
+    meta = {"machine": machine_info(), "versions": versions(), "git_sha": git_sha(ROOT), "batch": args.batch,
             "positions": sum(s * s for s in SIDES), "repeats": args.repeats,
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}  # fmt: skip
     print("spae_fast semantic-loss benchmark")

@@ -300,11 +300,13 @@ def versions() -> dict[str, str]:
     return found
 
 
-def git_sha() -> str:
-    """HEAD of the git checkout the benchmark runs in (cwd), with -dirty for uncommitted tracked changes."""
+def git_sha(cwd: str | os.PathLike | None = None) -> str:
+    """HEAD of the git checkout at cwd (default: the working directory), with -dirty for uncommitted tracked
+    changes."""
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+            ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10, check=True,
+            cwd=cwd,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
@@ -312,6 +314,7 @@ def git_sha() -> str:
             text=True,
             timeout=10,
             check=True,
+            cwd=cwd,
         ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -624,7 +627,7 @@ def _tune_chunk(spec: TableSpec, x: torch.Tensor, weight: torch.Tensor, args, lo
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _proc_status_kib(field: str) -> int | None:
+def proc_status_kib(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -655,14 +658,14 @@ def memory_child_main(argv: list[str]) -> int:
     )
     provider(x[:8], allocate=True)  # one-time library initialisation is not per-call memory
     gc.collect()
-    base_kib = _proc_status_kib("VmRSS")
-    reset = _reset_peak() and _proc_status_kib("VmHWM") is not None
+    base_kib = proc_status_kib("VmRSS")
+    reset = _reset_peak() and proc_status_kib("VmHWM") is not None
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     result = provider(x, allocate=True)
     seconds = time.perf_counter() - start
     if reset:
-        peak_kib, method = _proc_status_kib("VmHWM"), "VmHWM after clear_refs"
+        peak_kib, method = proc_status_kib("VmHWM"), "VmHWM after clear_refs"
         extra = (peak_kib - base_kib) * 1024
     else:
         maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
