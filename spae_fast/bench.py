@@ -243,7 +243,7 @@ def _cpu_model() -> str:
     if "cpu family" in fields and "model" in fields:
         name += f" (family {fields['cpu family']}, model {fields['model']})"
     flags = set(fields.get("flags", "").split())
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
     return name + (f" [{', '.join(isa)}]" if isa else "")
 
 
