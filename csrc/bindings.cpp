@@ -43,7 +43,10 @@ py::tuple pack_codebook(uintptr_t data, int64_t rows, int64_t cols, int64_t row_
 
 py::tuple search(uintptr_t x, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride, int dtype,
                  uintptr_t panels, uintptr_t bias, int64_t codebook_rows, double max_norm, int metric, int64_t k,
-                 bool check_finite, int num_threads, uintptr_t out_dist, uintptr_t out_index) {
+                 bool check_finite, int num_threads, uintptr_t out_dist, uintptr_t out_index, uintptr_t weight,
+                 int64_t weight_row_stride, int64_t weight_col_stride, int weight_dtype, uintptr_t prefilter_panels,
+                 uintptr_t prefilter_columns, uintptr_t prefilter_offsets, const std::vector<double>& prefilter_bounds,
+                 bool prefilter_adaptive) {
   spae::SearchRequest request;
   request.queries = make_view(x, rows, cols, row_stride, col_stride, dtype);
   request.codebook.panels = reinterpret_cast<const float*>(panels);
@@ -57,12 +60,27 @@ py::tuple search(uintptr_t x, int64_t rows, int64_t cols, int64_t row_stride, in
   request.num_threads = num_threads;
   request.out_dist = reinterpret_cast<float*>(out_dist);
   request.out_index = reinterpret_cast<int64_t*>(out_index);
+  if (weight != 0) request.weight = make_view(weight, codebook_rows, cols, weight_row_stride, weight_col_stride, weight_dtype);
+  if (prefilter_panels != 0 && prefilter_bounds.size() == 4) {
+    request.prefilter.panels = reinterpret_cast<const uint32_t*>(prefilter_panels);
+    request.prefilter.columns = reinterpret_cast<const float*>(prefilter_columns);
+    request.prefilter.offsets = reinterpret_cast<const int32_t*>(prefilter_offsets);
+    request.prefilter.rows = codebook_rows;
+    request.prefilter.dim = cols;
+    request.prefilter.max_norm = prefilter_bounds[0];
+    request.prefilter.max_rounding = prefilter_bounds[1];
+    request.prefilter.max_rounded_norm = prefilter_bounds[2];
+    request.prefilter.max_abs_bias = prefilter_bounds[3];
+  }
+  request.prefilter_adaptive = prefilter_adaptive;
+  int64_t full_search_rows = 0;
+  request.out_full_search_rows = &full_search_rows;
   spae::StatusInfo info;
   {
     py::gil_scoped_release release;
     info = spae::search_topk(request);
   }
-  return py::make_tuple(static_cast<int>(info.status), info.detail);
+  return py::make_tuple(static_cast<int>(info.status), info.detail, full_search_rows);
 }
 
 py::tuple saq(uintptr_t z, int z_dtype, int64_t batch, int64_t dim, int64_t grid, int64_t stride_b,
@@ -146,7 +164,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("pack_codebook", &pack_codebook);
   m.def("search", &search);
   m.def("saq", &saq, "Streaming average / residual quantization over a token pyramid (ids only).");
-  m.def("pack_codebook_int8", &pack_codebook_int8, "int8 copy of packed fp32 panels for the certified SAQ search.");
+  m.def("pack_codebook_int8", &pack_codebook_int8, "int8 copy of packed fp32 panels for the certified nearest / SAQ search.");
   m.def("cpu_supports_avx512_vnni", &spae::cpu_supports_avx512_vnni);
   m.attr("INT8_PANEL_WIDTH") = spae::kInt8PanelWidth;
   m.def("set_isa", &set_isa, "Select the micro-kernel ('portable' or 'avx2'); False if this CPU lacks it.");

@@ -25,11 +25,10 @@
 #include "spae_native.h"
 
 namespace spae {
-namespace {
 
 using fused::kInf;
 
-inline float finish_distance(Metric metric, float score, double query_norm_sq) {
+float finish_distance(Metric metric, float score, double query_norm_sq) {
   switch (metric) {
     case Metric::L2:
       return static_cast<float>(std::max(0.0, static_cast<double>(score) + query_norm_sq));
@@ -70,6 +69,8 @@ StatusInfo pack_query_block(const QuerySource& source, Metric metric, const Pack
   }
   return {};
 }
+
+namespace {
 
 // fp32 scores bias_j + x . p_j with the active 6 x 16 micro-kernel (AVX2 FMA chain or portable mul + add).
 struct Fp32Engine {
@@ -163,8 +164,56 @@ StatusInfo pack_codebook(const MatrixView& e, Metric metric, float* panels, floa
   return {};
 }
 
+// Rows [first, first + count) of another source.
+class RangeSource final : public QuerySource {
+ public:
+  RangeSource(const QuerySource& base, int64_t first, int64_t count) : base_(base), first_(first), count_(count) {}
+  int64_t rows() const override { return count_; }
+  int64_t dim() const override { return base_.dim(); }
+  void load_row(int64_t row, float* out) const override { base_.load_row(first_ + row, out); }
+
+ private:
+  const QuerySource& base_;
+  int64_t first_, count_;
+};
+
+// Nearest with the certified pre-filter. Adaptive: the first sixteenth of the queries (>= 64) probes how many
+// rows the certificate settles; when more than a quarter of them need the full search anyway (queries far
+// from every row, e.g. random ones in high D, where the int8 pass is mostly wasted) the rest go straight to
+// the fp32 search. Either way every row's dist / index is the exact fp32 answer, so this changes only speed.
+StatusInfo nearest_prefiltered(const QuerySource& source, const SearchRequest& req, int64_t* full_search_rows) {
+  const int64_t num_queries = source.rows();
+  const int64_t probe = std::max<int64_t>(64, num_queries / 16);
+  if (!req.prefilter_adaptive || num_queries < 2 * probe)
+    return nearest_exact(source, req.codebook, req.weight, req.prefilter, req.check_finite, req.num_threads,
+                         req.out_dist, req.out_index, full_search_rows);
+  const RangeSource head(source, 0, probe), tail(source, probe, num_queries - probe);
+  int64_t head_full = 0;
+  StatusInfo info = nearest_exact(head, req.codebook, req.weight, req.prefilter, req.check_finite,
+                                  req.num_threads, req.out_dist, req.out_index, &head_full);
+  *full_search_rows += head_full;
+  if (info.status != Status::Ok) return info;
+  if (4 * head_full > probe) {
+    info = search_topk_source(tail, req.codebook, 1, req.check_finite, req.num_threads, req.out_dist + probe,
+                              req.out_index + probe);
+    *full_search_rows += num_queries - probe;
+  } else {
+    info = nearest_exact(tail, req.codebook, req.weight, req.prefilter, req.check_finite, req.num_threads,
+                         req.out_dist + probe, req.out_index + probe, full_search_rows);
+  }
+  if (info.status != Status::Ok && info.detail >= 0) info.detail += probe;
+  return info;
+}
+
 StatusInfo search_topk(const SearchRequest& req) {
   const MatrixQuerySource source(req.queries);
+  if (req.k == 1 && req.prefilter.panels != nullptr) {  // certified int8 pre-filter (nearest_exact.cpp)
+    int64_t full_search_rows = 0;
+    const StatusInfo info = nearest_prefiltered(source, req, &full_search_rows);
+    if (req.out_full_search_rows != nullptr) *req.out_full_search_rows = full_search_rows;
+    return info;
+  }
+  if (req.out_full_search_rows != nullptr) *req.out_full_search_rows = req.queries.rows;
   return search_topk_source(source, req.codebook, req.k, req.check_finite, req.num_threads, req.out_dist,
                             req.out_index);
 }

@@ -190,27 +190,8 @@ class MatrixQuerySource final : public QuerySource {
 StatusInfo search_topk_source(const QuerySource& source, const PackedCodebookView& codebook, int64_t k,
                               bool check_finite, int num_threads, float* out_dist, int64_t* out_index);
 
-struct SearchRequest {
-  MatrixView queries;  // [N, D]
-  PackedCodebookView codebook;
-  int64_t k = 1;
-  bool check_finite = true;
-  int num_threads = 1;
-  float* out_dist = nullptr;    // [N, k] contiguous
-  int64_t* out_index = nullptr;  // [N, k] contiguous
-};
-
-// Exact fused top-k (k = 1 is the nearest search). Never materialises N x V.
-StatusInfo search_topk(const SearchRequest& request);
-
-// Streaming average quantization over a token pyramid (SPAE-METHOD.md §2-3), all layers in one call.
-// Layer l (1-based) with side s_l on grid g has stride t = g / s_l and samples rows / cols t*i + t - ceil(t/2).
-// At a sampled position p its target is   z_l(p) = c_l * z(p) - sum_{m<l} e(k_m(Up_m(p)))   with c_l = l
-// (SAQ) or 1 (RQ), the sum accumulated in fp64 in ascending m and rounded once to fp32; the token is the
-// exact l2 nearest row of the target (ties to the lowest row). Targets are formed while packing the search's
-// query blocks, so no N x D target and no N x V matrix is ever stored.
-// The codebook quantized to int8 per row for the certified pre-filter of the SAQ search, from the packed fp32
-// panels (p = -2e): ceil(V / 16) panels of [quads][16] words, [4][16] fp32 column data and [16] int32 offsets
+// The codebook quantized to int8 per row for the certified pre-filter (nearest and SAQ), from the packed fp32
+// panels p and bias of any metric: ceil(V / 16) panels of [quads][16] words, [4][16] fp32 column data and [16] int32 offsets
 // per panel (pads: zero rows, bias +inf), and the maxima over rows of ||p||, ||p - p~||, ||p~|| and |bias|.
 struct PackedInt8CodebookView {
   const uint32_t* panels = nullptr;
@@ -226,6 +207,47 @@ struct PackedInt8CodebookView {
 void pack_codebook_int8(const PackedCodebookView& fp32, uint32_t* panels, float* columns, int32_t* offsets,
                         double* bounds, int num_threads);
 
+// Exact nearest row (k = 1) of every query of `source` (nearest_exact.cpp): where `prefilter` is set and the
+// CPU has AVX512-VNNI, an int8 search keeps 16 candidates, a rigorous bound proves the exact fp32 winner is
+// among them and the fp32 micro-kernel rescores them; other rows (and everything without the pre-filter) take
+// the full fp32 search. dist / index are bitwise the full search's. `weight` ([V, D] raw table, may be empty)
+// speeds up the l2 rescoring. Adds the rows sent to the full search to *full_search_rows.
+StatusInfo nearest_exact(const QuerySource& source, const PackedCodebookView& codebook, const MatrixView& weight,
+                         const PackedInt8CodebookView& prefilter, bool check_finite, int num_threads,
+                         float* out_dist, int64_t* out_index, int64_t* full_search_rows);
+
+// Pieces of the fp32 search (search.cpp) the certified rescoring reuses so its arithmetic is the same:
+// packs queries [first, first + count) into [padded_count / 6][D][6] (cosine: normalised) with ||x||^2 in
+// fp64, with the search's checks when `check`; and the reported distance from a score.
+StatusInfo pack_query_block(const QuerySource& source, Metric metric, const PackedCodebookView& codebook,
+                            bool check, int64_t first, int64_t count, int64_t padded_count, float* row_buffer,
+                            float* packed, double* norm_sq);
+float finish_distance(Metric metric, float score, double query_norm_sq);
+
+struct SearchRequest {
+  MatrixView queries;  // [N, D]
+  PackedCodebookView codebook;
+  int64_t k = 1;
+  bool check_finite = true;
+  int num_threads = 1;
+  float* out_dist = nullptr;    // [N, k] contiguous
+  int64_t* out_index = nullptr;  // [N, k] contiguous
+  // Optional, k = 1 only (panels == nullptr: off): the certified int8 pre-filter (nearest_exact).
+  MatrixView weight;  // [V, D] raw table (l2 rescoring reads candidate rows from it)
+  PackedInt8CodebookView prefilter;
+  bool prefilter_adaptive = false;  // probe the first rows, skip the pre-filter when it rarely certifies
+  int64_t* out_full_search_rows = nullptr;  // optional: queries that took the full fp32 search
+};
+
+// Exact fused top-k (k = 1 is the nearest search). Never materialises N x V.
+StatusInfo search_topk(const SearchRequest& request);
+
+// Streaming average quantization over a token pyramid (SPAE-METHOD.md §2-3), all layers in one call.
+// Layer l (1-based) with side s_l on grid g has stride t = g / s_l and samples rows / cols t*i + t - ceil(t/2).
+// At a sampled position p its target is   z_l(p) = c_l * z(p) - sum_{m<l} e(k_m(Up_m(p)))   with c_l = l
+// (SAQ) or 1 (RQ), the sum accumulated in fp64 in ascending m and rounded once to fp32; the token is the
+// exact l2 nearest row of the target (ties to the lowest row). Targets are formed while packing the search's
+// query blocks, so no N x D target and no N x V matrix is ever stored.
 struct SaqRequest {
   const void* z = nullptr;  // [B, D, g, g], element strides below
   DType z_dtype = DType::Float32;

@@ -84,8 +84,11 @@ def _check_like_native(x, weight, metric, check_finite):
         _native.raise_for_status(code, row, stage="search")
 
 
-def _topk_impl(x, weight, panels, bias, norm_bound, k, metric, backend, check_finite):
-    """x [N, D], weight [V, D] -> (dist [N, k] fp32, index [N, k] int64)."""
+def _topk_impl(x, weight, panels, bias, norm_bound, k, metric, backend, check_finite, prefilter_operands=None,
+               prefilter="none"):
+    """x [N, D], weight [V, D] -> (dist [N, k] fp32, index [N, k] int64). k = 1 on the CPU may take the
+    certified int8 pre-filter (`prefilter_operands` from `_prefilter_operands`; empty tensors: off; with
+    ``prefilter="auto"`` the kernel drops it after a probe when it rarely certifies)."""
     if backend == "torch":
         _check_like_native(x, weight, metric, check_finite)
         return _ref.topk_reference(x, weight, k, metric)
@@ -94,15 +97,27 @@ def _topk_impl(x, weight, panels, bias, norm_bound, k, metric, backend, check_fi
         num_queries, dim = x.shape
         dist = torch.empty(num_queries, k, dtype=torch.float32)
         index = torch.empty(num_queries, k, dtype=torch.int64)
+        words, columns, offsets, bounds = prefilter_operands if prefilter_operands is not None else (_EMPTY,) * 4
+        use_prefilter = k == 1 and words.numel() > 0
+        full_search_rows = 0
         if num_queries:
-            code, detail = native.search(
+            code, detail, full_search_rows = native.search(
                 x.data_ptr(), num_queries, dim, x.stride(0), x.stride(1),
                 _native.DTYPE_TAGS[str(x.dtype).removeprefix("torch.")],
                 panels.data_ptr(), bias.data_ptr(), weight.shape[0], float(norm_bound),
                 _native.METRIC_TAGS[metric], k, check_finite, torch.get_num_threads(),
                 dist.data_ptr(), index.data_ptr(),
+                weight.data_ptr(), weight.stride(0), weight.stride(1),
+                _native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
+                words.data_ptr() if use_prefilter else 0, columns.data_ptr() if use_prefilter else 0,
+                offsets.data_ptr() if use_prefilter else 0, bounds.tolist() if use_prefilter else [],
+                prefilter == "auto",
             )  # fmt: skip
             _native.raise_for_status(code, detail, stage="search")
+        _CPU_SEARCH_STATS.update(
+            op="nearest" if prefilter_operands is not None else "topk", queries=num_queries,
+            full_search_rows=full_search_rows, prefilter=use_prefilter,
+        )
         return dist, index
     if _gpu.is_gpu_backend(backend):  # "cuda" / "triton", optionally ":<precision>"
         return _gpu.topk(x, weight, k, metric, backend, check_finite)
@@ -136,16 +151,23 @@ def _nearest_op(
     panels: torch.Tensor,
     bias: torch.Tensor,
     norm_bound: torch.Tensor,
+    prefilter_panels: torch.Tensor,
+    prefilter_columns: torch.Tensor,
+    prefilter_offsets: torch.Tensor,
+    prefilter_bounds: torch.Tensor,
     metric: str,
     backend: str,
     check_finite: bool,
+    prefilter: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    dist, index = _topk_impl(x, weight, panels, bias, norm_bound, 1, metric, backend, check_finite)
+    operands = (prefilter_panels, prefilter_columns, prefilter_offsets, prefilter_bounds)
+    dist, index = _topk_impl(x, weight, panels, bias, norm_bound, 1, metric, backend, check_finite, operands, prefilter)
     return dist[:, 0].contiguous(), index[:, 0].contiguous()
 
 
 @_nearest_op.register_fake
-def _(x, weight, panels, bias, norm_bound, metric, backend, check_finite):
+def _(x, weight, panels, bias, norm_bound, prefilter_panels, prefilter_columns, prefilter_offsets, prefilter_bounds,
+      metric, backend, check_finite, prefilter):  # fmt: skip
     return x.new_empty(x.shape[0], dtype=torch.float32), x.new_empty(x.shape[0], dtype=torch.int64)
 
 
@@ -168,7 +190,7 @@ def _distance_grad(x: torch.Tensor, chosen: torch.Tensor, grad_dist: torch.Tenso
 
 def _setup_topk_context(ctx, inputs, output):
     x, weight = inputs[0], inputs[1]
-    metric = inputs[6] if len(inputs) == 9 else inputs[5]
+    metric = inputs[6] if len(inputs) == 9 else inputs[9]  # topk: ..., k, metric; nearest: ..., 4 int8 operands, metric
     ctx.metric = metric
     ctx.save_for_backward(x, weight, output[1])
 
@@ -182,7 +204,7 @@ def _topk_backward(ctx, grad_dist, grad_index):
 
 
 def _nearest_backward(ctx, grad_dist, grad_index):
-    return _topk_backward(ctx, grad_dist, grad_index)[:8]
+    return _topk_backward(ctx, grad_dist, grad_index)[:1] + (None,) * 12
 
 
 _topk_op.register_autograd(_topk_backward, setup_context=_setup_topk_context)
@@ -283,6 +305,7 @@ def nearest(
     backend: str = "auto",
     check_finite: bool = True,
     precision: str = "default",
+    prefilter: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest codebook row of every vector, fused: no N x V matrix is ever formed.
 
@@ -298,13 +321,25 @@ def nearest(
             of the exact inputs; 16-bit inputs on tensor cores), ``"exact"`` (low-precision search, fp64
             rescoring of certified candidates: the exact argmin, bitwise reproducible; see
             `spae_fast.last_search_stats`), ``"tf32"`` or ``"bf16"`` (fp32 inputs on tensor cores, approximate).
+        prefilter: CPU backend only: ``"auto"`` (default: on CPUs with AVX512-VNNI), ``"int8"`` (required) or
+            ``"none"``. The certified int8 pre-filter (as `saq`'s) ranks the vocabulary with int8 dot products,
+            proves that the exact fp32 winner is among the 16 best and rescores those with the fp32 kernel;
+            rows it cannot certify take the full fp32 search. dist and index are bitwise the same either way
+            (`spae_fast.ops.last_cpu_search_stats` counts the full-search rows). ``SPAE_FAST_PREFILTER=0``
+            turns it off. With a raw tensor the int8 copy is built per call; a `Codebook` caches it.
+            ``"auto"`` also probes the first sixteenth of the queries and drops the pre-filter for the rest when
+            more than a quarter of them needed the full search (e.g. random queries in high D). Under
+            ``torch.compile`` ``"auto"`` runs the plain fp32 search (same results).
 
     Returns:
         ``(dist [...] fp32, index [...] int64)``; ties resolve to the lowest index.
     """
     x, flat, weight, panels, bias, norm_bound, metric, backend = _prepare(x, codebook, metric, backend)
+    prefilter_operands = _prefilter_operands(codebook, weight, panels, bias, prefilter, backend)
     backend = _gpu.op_backend(backend, precision)
-    dist, index = torch.ops.spae_fast.nearest(flat, weight, panels, bias, norm_bound, metric, backend, check_finite)
+    dist, index = torch.ops.spae_fast.nearest(
+        flat, weight, panels, bias, norm_bound, *prefilter_operands, metric, backend, check_finite, prefilter
+    )
     return dist.reshape(x.shape[:-1]), index.reshape(x.shape[:-1])
 
 
@@ -335,9 +370,12 @@ def topk(
 # ----------------------------------------------------------------------------------------------------------
 
 SAQ_MODES = ("saq", "rq")
-SAQ_PREFILTERS = ("auto", "int8", "none")
+PREFILTERS = ("auto", "int8", "none")  # the certified int8 pre-filter of `nearest` and `saq`
+SAQ_PREFILTERS = PREFILTERS
+PREFILTER_ENV = "SPAE_FAST_PREFILTER"  # "0": never use the int8 pre-filter (auto and int8 fall back to fp32)
 SAQ_MAX_LAYERS = 64  # csrc/saq.cpp: SaqLayerSource::kMaxLayers
 _SAQ_STATS = {"queries": 0, "full_search_rows": 0, "prefilter": False}
+_CPU_SEARCH_STATS = {"op": None, "queries": 0, "full_search_rows": 0, "prefilter": False}
 _INT8_PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Codebook -> (version, *operands)
 
 
@@ -348,8 +386,16 @@ def last_saq_stats() -> dict:
     return dict(_SAQ_STATS)
 
 
+def last_cpu_search_stats() -> dict:
+    """Of the last native CPU search (``op``: ``"nearest"``, ``"topk"`` or ``"saq"``): ``queries`` (rows
+    searched; all layers for saq), ``prefilter`` (whether the certified int8 pre-filter ran) and
+    ``full_search_rows`` (queries its certificate could not settle, which took the full fp32 search; all of
+    them without the pre-filter)."""
+    return dict(_CPU_SEARCH_STATS)
+
+
 def int8_prefilter_available() -> bool:
-    """Whether this CPU and build run the certified AVX512-VNNI pre-filter of the SAQ search."""
+    """Whether this CPU and build run the certified AVX512-VNNI pre-filter (nearest and SAQ searches)."""
     native = _native._C
     return native is not None and hasattr(native, "cpu_supports_avx512_vnni") and native.cpu_supports_avx512_vnni()
 
@@ -370,12 +416,19 @@ def _pack_int8(panels: torch.Tensor, bias: torch.Tensor, num_rows: int, dim: int
     return words, columns, offsets, torch.tensor(bounds, dtype=torch.float64)
 
 
-def _saq_prefilter_operands(codebook, weight, panels, bias, prefilter: str, backend: str):
-    """(int8 words, column data, offsets, bounds) for the certified pre-filter, or four empty tensors (off)."""
-    if prefilter not in SAQ_PREFILTERS:
-        raise ValueError(f"prefilter must be one of {SAQ_PREFILTERS}, got {prefilter!r}")
+def _prefilter_operands(codebook, weight, panels, bias, prefilter: str, backend: str):
+    """(int8 words, column data, offsets, bounds) for the certified pre-filter of `nearest` / `saq`, or four
+    empty tensors (off). Cached on a `Codebook` (rebuilt when its weight changes)."""
+    if prefilter not in PREFILTERS:
+        raise ValueError(f"prefilter must be one of {PREFILTERS}, got {prefilter!r}")
     off = (_EMPTY, _EMPTY, _EMPTY, _EMPTY)
-    if prefilter == "none" or backend != "cpu" or os.environ.get("SPAE_FAST_SAQ_PREFILTER", "1") == "0":
+    if prefilter == "none" or backend != "cpu":
+        return off
+    if torch.compiler.is_compiling():  # the int8 pack is built outside torch's op table: eager only
+        if prefilter == "int8":
+            raise RuntimeError("prefilter='int8' is not supported under torch.compile; use 'auto' or 'none'")
+        return off
+    if os.environ.get(PREFILTER_ENV, "1") == "0":
         return off
     if not int8_prefilter_available():
         if prefilter == "int8":
@@ -420,6 +473,7 @@ def _saq_impl(z, weight, panels, bias, norm_bound, prefilter_panels, prefilter_c
         )  # fmt: skip
         _native.raise_for_status(code, detail, stage="saq", grid=grid)
         _SAQ_STATS.update(queries=ids.numel(), full_search_rows=full_search_rows, prefilter=use_prefilter)
+        _CPU_SEARCH_STATS.update(op="saq", **_SAQ_STATS)
         return ids
     if _gpu.is_gpu_backend(backend):  # "cuda" / "triton": exact-mode search, targets fused into the kernels
         return _gpu.saq(z, weight, list(sides), mode, backend, check_finite)
@@ -488,7 +542,7 @@ def saq(
             a rigorous lower bound of their exact score, proves that the exact winner is among them and
             rescores them with the fp32 kernel; rows it cannot certify (near-ties) take the full fp32 search.
             The ids are bitwise the same either way; only the speed changes (`last_saq_stats` counts the rows
-            that needed the full search).
+            that needed the full search). ``SPAE_FAST_PREFILTER=0`` turns it off.
 
     Returns:
         ids ``[B, sum_l s_l^2]`` int64: layer after layer, raster order inside a layer.
@@ -508,7 +562,7 @@ def saq(
         raise ValueError(f"mode must be one of {SAQ_MODES}, got {mode!r}")
     backend = resolve_backend(backend, z.device)
     weight, panels, bias, norm_bound, metric = _codebook_operands(codebook, "l2", backend)
-    prefilter_operands = _saq_prefilter_operands(codebook, weight, panels, bias, prefilter, backend)
+    prefilter_operands = _prefilter_operands(codebook, weight, panels, bias, prefilter, backend)
     return torch.ops.spae_fast.saq(
         z, weight, panels, bias, norm_bound, *prefilter_operands, list(pyramid.sides), mode, backend, check_finite
     )

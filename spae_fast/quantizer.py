@@ -32,7 +32,7 @@ from torch import nn
 
 from . import _validate
 from .codebook import Codebook
-from .ops import SAQ_MAX_LAYERS, SAQ_MODES, _saq_prefilter_operands, resolve_backend
+from .ops import SAQ_MAX_LAYERS, SAQ_MODES, _prefilter_operands, resolve_backend
 from .pyramid import DEFAULT_GRID, DEFAULT_LAYERS, TokenPyramid
 from .vocab import VocabCodebook
 
@@ -118,7 +118,7 @@ class SPAEQuantizer(nn.Module):
         empty = torch.empty(0)
         self._prefilter_operands = (empty, empty, empty)
         if codebook.device.type == "cpu" and codebook.cpu_panels is not None:
-            self._prefilter_operands = _saq_prefilter_operands(
+            self._prefilter_operands = _prefilter_operands(
                 codebook, codebook.weight, codebook.cpu_panels, codebook.cpu_bias, prefilter, "cpu"
             )
         # The frozen rows (a non-persistent buffer: follows .to(), stays out of state_dict).

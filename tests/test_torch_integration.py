@@ -30,9 +30,11 @@ def test_opcheck_nearest_and_topk(backend, metric, dtype):
     panels, bias, norm_bound = _operands(weight, metric, backend)
     for requires_grad in (False, True):
         x = queries_for(weight, 5, seed=2).requires_grad_(requires_grad)
-        torch.library.opcheck(
-            OPS.nearest.default, (x, weight, panels, bias, norm_bound, metric, backend, True)
-        )
+        for prefilter in ("none", "int8" if backend == "cpu" and spae_fast.ops.int8_prefilter_available() else "auto"):
+            int8 = spae_fast.ops._prefilter_operands(weight, weight, panels, bias, prefilter, backend)
+            torch.library.opcheck(
+                OPS.nearest.default, (x, weight, panels, bias, norm_bound, *int8, metric, backend, True, prefilter)
+            )
         torch.library.opcheck(
             OPS.topk.default, (x, weight, panels, bias, norm_bound, 3, metric, backend, True)
         )
