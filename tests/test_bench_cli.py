@@ -15,6 +15,7 @@ pytest.importorskip("faiss")
 EXPECTED_PROVIDERS = {
     "spae_fast",
     "spae_fast_raw",
+    "spae_fast_fp32",
     "spae_fast_topk16",
     "torch_matmul",
     "torch_cdist",
