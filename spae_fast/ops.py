@@ -327,7 +327,7 @@ def nearest(
             rows it cannot certify take the full fp32 search. dist and index are bitwise the same either way
             (`spae_fast.ops.last_cpu_search_stats` counts the full-search rows). ``SPAE_FAST_PREFILTER=0``
             turns it off. With a raw tensor the int8 copy is built per call; a `Codebook` caches it.
-            ``"auto"`` also probes the first sixteenth of the queries and drops the pre-filter for the rest when
+            ``"auto"`` also probes the first 1/32 of the queries (at least 16) and drops the pre-filter for the rest when
             more than a quarter of them needed the full search (e.g. random queries in high D). Under
             ``torch.compile`` ``"auto"`` runs the plain fp32 search (same results).
 
