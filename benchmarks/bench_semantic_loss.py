@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 import spae_fast
 from spae_fast import semantic
-from spae_fast.bench import git_sha, machine_info, proc_status_kib, versions
+from spae_fast.bench import CSV_COLUMNS, git_sha, machine_info, proc_status_kib, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 PROVIDERS = ("spae_fast", "spae_fast_tensor", "torch_gather", "torch_soft_ce", "torch_matmul")
@@ -61,19 +61,6 @@ THRESHOLDS = (0.98, 0.95, 0.90)
 SIDES = (1, 2, 4)  # the top 3 pyramid layers: 21 positions per image
 SECTION_START = "<!-- bench_semantic_loss:start -->"
 SECTION_END = "<!-- bench_semantic_loss:end -->"
-CSV_COLUMNS = (
-    "op",
-    "provider",
-    "shape",
-    "dtype",
-    "metric",
-    "value",
-    "device",
-    "versions",
-    "git_sha",
-    "table",
-    "note",
-)
 
 
 # ----------------------------------------------------------------------------------------------------------
