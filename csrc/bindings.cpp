@@ -28,6 +28,23 @@ spae::MatrixView make_view(uintptr_t data, int64_t rows, int64_t cols, int64_t r
   return view;
 }
 
+// The int8 copy of the certified pre-filter, or an empty view (panels == nullptr: pre-filter off).
+spae::PackedInt8CodebookView int8_prefilter_view(uintptr_t panels, uintptr_t columns, uintptr_t offsets,
+                                                 const std::vector<double>& bounds, int64_t rows, int64_t dim) {
+  spae::PackedInt8CodebookView view;
+  if (panels == 0 || bounds.size() != 4) return view;
+  view.panels = reinterpret_cast<const uint32_t*>(panels);
+  view.columns = reinterpret_cast<const float*>(columns);
+  view.offsets = reinterpret_cast<const int32_t*>(offsets);
+  view.rows = rows;
+  view.dim = dim;
+  view.max_norm = bounds[0];
+  view.max_rounding = bounds[1];
+  view.max_rounded_norm = bounds[2];
+  view.max_abs_bias = bounds[3];
+  return view;
+}
+
 py::tuple pack_codebook(uintptr_t data, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
                         int dtype, int metric, uintptr_t panels, uintptr_t bias, int num_threads) {
   const spae::MatrixView view = make_view(data, rows, cols, row_stride, col_stride, dtype);
@@ -61,17 +78,8 @@ py::tuple search(uintptr_t x, int64_t rows, int64_t cols, int64_t row_stride, in
   request.out_dist = reinterpret_cast<float*>(out_dist);
   request.out_index = reinterpret_cast<int64_t*>(out_index);
   if (weight != 0) request.weight = make_view(weight, codebook_rows, cols, weight_row_stride, weight_col_stride, weight_dtype);
-  if (prefilter_panels != 0 && prefilter_bounds.size() == 4) {
-    request.prefilter.panels = reinterpret_cast<const uint32_t*>(prefilter_panels);
-    request.prefilter.columns = reinterpret_cast<const float*>(prefilter_columns);
-    request.prefilter.offsets = reinterpret_cast<const int32_t*>(prefilter_offsets);
-    request.prefilter.rows = codebook_rows;
-    request.prefilter.dim = cols;
-    request.prefilter.max_norm = prefilter_bounds[0];
-    request.prefilter.max_rounding = prefilter_bounds[1];
-    request.prefilter.max_rounded_norm = prefilter_bounds[2];
-    request.prefilter.max_abs_bias = prefilter_bounds[3];
-  }
+  request.prefilter = int8_prefilter_view(prefilter_panels, prefilter_columns, prefilter_offsets, prefilter_bounds,
+                                          codebook_rows, cols);
   request.prefilter_adaptive = prefilter_adaptive;
   int64_t full_search_rows = 0;
   request.out_full_search_rows = &full_search_rows;
@@ -112,17 +120,8 @@ py::tuple saq(uintptr_t z, int z_dtype, int64_t batch, int64_t dim, int64_t grid
   request.check_finite = check_finite;
   request.num_threads = num_threads;
   request.out_ids = reinterpret_cast<int64_t*>(out_ids);
-  if (prefilter_panels != 0 && prefilter_bounds.size() == 4) {
-    request.prefilter.panels = reinterpret_cast<const uint32_t*>(prefilter_panels);
-    request.prefilter.columns = reinterpret_cast<const float*>(prefilter_columns);
-    request.prefilter.offsets = reinterpret_cast<const int32_t*>(prefilter_offsets);
-    request.prefilter.rows = weight_rows;
-    request.prefilter.dim = dim;
-    request.prefilter.max_norm = prefilter_bounds[0];
-    request.prefilter.max_rounding = prefilter_bounds[1];
-    request.prefilter.max_rounded_norm = prefilter_bounds[2];
-    request.prefilter.max_abs_bias = prefilter_bounds[3];
-  }
+  request.prefilter = int8_prefilter_view(prefilter_panels, prefilter_columns, prefilter_offsets, prefilter_bounds,
+                                          weight_rows, dim);
   int64_t full_search_rows = 0;
   request.out_full_search_rows = &full_search_rows;
   spae::StatusInfo info;
