@@ -34,6 +34,7 @@ import torch
 
 import spae_fast
 from spae_fast import _gpu
+from spae_fast.bench import replace_markdown_section
 
 DEVICE = torch.device("cuda")
 
@@ -307,22 +308,11 @@ SECTION = "## GPU kernels"
 def update_benchmarks_md(markdown: str) -> str:
     """Replaces the "## GPU kernels" section of BENCHMARKS.md (creating the file or section if needed)."""
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
-    text = "# Benchmarks\n"
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
     section = (
         f"{SECTION}\n\nbenchmarks/gpu_check.sh (benchmarks/bench_gpu.py); one process, one GPU; ratios within the "
         f"run are what the targets check.\n\n{markdown}\n"
     )
-    start = text.find(SECTION)
-    if start >= 0:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[end:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    replace_markdown_section(path, SECTION, section)
     return path
 
 

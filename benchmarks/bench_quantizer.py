@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from spae_fast.bench import git_sha, machine_info, proc_status_kib, versions
+from spae_fast.bench import git_sha, machine_info, proc_status_kib, replace_markdown_section, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## SPAE quantizer training step (CPU)"
@@ -270,15 +270,7 @@ def render(meta: dict, times: dict, ratios: dict, memory: dict | None, chunk: in
 
 
 def update_benchmarks_md(section: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    start = text.find(SECTION)
-    if start >= 0:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section.rstrip("\n") + "\n" + (text[end:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    path.write_text(text, encoding="utf-8")
+    replace_markdown_section(ROOT / "BENCHMARKS.md", SECTION, section)
 
 
 def main(argv: list[str] | None = None) -> int:

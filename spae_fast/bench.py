@@ -1087,10 +1087,30 @@ def render_markdown(meta: dict, suite: Suite, tables: list[dict], sweep: dict | 
 BENCHMARKS_SECTION = "## CPU: fused nearest / top-k search (spae-fast bench)"
 
 
+def replace_markdown_section(path: str | os.PathLike, heading: str, section: str, *, first: bool = False) -> None:
+    """Writes ``section`` (which starts with the line ``heading``) into the markdown file ``path``: it replaces
+    the text from ``heading`` up to the next "## " heading or "<!-- " marker line (sections written between
+    markers, like the semantic-loss one, keep their markers), or is added (right after the title when
+    ``first``, else at the end). The other sections stay as they are; a missing file starts as "# Benchmarks"."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
+    section = section.rstrip("\n") + "\n"
+    start = text.find(heading)
+    if start >= 0:
+        ends = [i for i in (text.find("\n## ", start + 1), text.find("\n<!-- ", start + 1)) if i >= 0]
+        text = text[:start] + section + (text[min(ends) :] if ends else "")
+    else:
+        title_end = text.find("\n## ") if first else -1
+        if title_end >= 0:
+            text = text[: title_end + 1] + section + "\n" + text[title_end + 1 :]
+        else:
+            text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text, encoding="utf-8")
+
+
 def update_benchmarks_md(path: Path, markdown: str, out: Path) -> None:
     """Replaces (or appends) the CPU section of ``path``; other sections (e.g. "## GPU kernels") stay."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
     body = markdown.split("\n", 1)[1].lstrip("\n")  # drop the report's own "## ..." title
     try:
         plot_path = os.path.relpath(out / "bench_nearest.png", path.parent)
@@ -1103,17 +1123,7 @@ def update_benchmarks_md(path: Path, markdown: str, out: Path) -> None:
         f"`bench_nearest.png` under `benchmarks/results/`. Method and memory measurement: the docstring of "
         f"`spae_fast/bench.py`.\n\n![GFLOP/s and extra memory]({plot_path})\n\n{body.rstrip()}\n"
     )
-    start = text.find(BENCHMARKS_SECTION)
-    if start >= 0:
-        end = text.find("\n## ", start + len(BENCHMARKS_SECTION))
-        text = text[:start] + section + (text[end:] if end >= 0 else "")
-    else:
-        title_end = text.find("\n## ")  # first section goes right after the title
-        if title_end >= 0:
-            text = text[: title_end + 1] + section + "\n" + text[title_end + 1 :]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
+    replace_markdown_section(path, BENCHMARKS_SECTION, section, first=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
