@@ -217,6 +217,33 @@ class SPAEQuantizer(nn.Module):
         loss = self.beta * (surrogate + (layer_errors.mean() - surrogate).detach())
         return SPAEQuantizerOutput(quantized, ids, loss, layer_errors.detach())
 
+    def layer_targets(self, z: torch.Tensor, ids: IdsLike, num_layers: int) -> torch.Tensor:
+        """The SAQ targets of the first ``num_layers`` layers at their sampled positions, differentiable in z:
+
+            z_l(p) = c_l z(p) - sum_{m<l} e(k_m(Up_m(p)))        c_l = l (SAQ) or 1 (RQ)
+
+        z ``[B, D, g, g]`` (the latent given to `forward`; cosine quantizers normalise it the same way), ids of
+        at least ``num_layers`` layers -> ``[B, total(num_layers), D]`` fp32, laid out as the ids (layer after
+        layer, raster order). These are the semantic loss's positions (SPAE-METHOD.md §4): its gradient reaches
+        z through c_l z(p); the chosen tokens' embeddings are constants (the codebook is frozen).
+        """
+        num_layers = self.pyramid.check_num_layers(num_layers)
+        flat = self.flatten_ids(ids, num_layers).to(self.weight.device)
+        latent = F.normalize(z.float(), dim=1) if self.metric == "cosine" else z.float()
+        cells = latent.flatten(2)  # [B, D, g * g]
+        targets = []
+        for layer in range(num_layers):
+            rows = torch.tensor(self.pyramid.positions(layer), device=z.device)
+            sampled = (rows[:, None] * self.grid + rows[None, :]).reshape(-1)  # [s_l^2] cells, raster order
+            coefficient = float(layer + 1) if self.mode == "saq" else 1.0
+            target = coefficient * cells[:, :, sampled].transpose(1, 2)  # [B, s_l^2, D]
+            if layer:
+                covering = flat[:, self.covering_columns[sampled, :layer].to(flat.device)]  # [B, s_l^2, layer]
+                previous = F.embedding_bag(covering.reshape(-1, layer), self.weight, mode="sum").float()
+                target = target - previous.view(target.shape)
+            targets.append(target)
+        return torch.cat(targets, dim=1)
+
     # ---- ids -> latents -----------------------------------------------------------------------------------
 
     def _covering(self, flat: torch.Tensor) -> torch.Tensor:
