@@ -14,12 +14,14 @@ N x V distance matrix. Public API:
     spae_fast.SPAEQuantizer(codebook, layers=(1, 2, 4, 8, 16, 16), grid=16, mode="saq")   # nn.Module
     spae_fast.semantic_loss(z, codebook, candidate_index, candidate_offsets, set_of_position, *, tau=1.0,
                             reduction="mean")   # fused CLIP-guided semantic loss (candidate sets: spae_fast.semantic)
+    spae_fast.SPAE(SPAEConfig(...), codebook)    # the autoencoder: encode(images) -> ids, decode(ids, num_layers)
 """
 
 from ._gpu import SearchStats, last_search_stats
 from .codebook import Codebook
 from .ops import BackendStatus, available, nearest, saq, topk
 from .ops import semantic_loss, semantic_loss_from_sets
+from .model import SPAE, SPAEConfig
 from .pyramid import TokenPyramid
 from .quantizer import SPAEQuantizer, SPAEQuantizerOutput
 from .vocab import VocabCodebook
@@ -29,6 +31,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendStatus",
     "Codebook",
+    "SPAE",
+    "SPAEConfig",
     "SPAEQuantizer",
     "SPAEQuantizerOutput",
     "SearchStats",
