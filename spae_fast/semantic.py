@@ -64,6 +64,15 @@ def pack_candidate_sets(candidate_sets: Sequence[torch.Tensor]) -> tuple[torch.T
     return index, offsets.to(device)
 
 
+def normalize_relevance(relevance: torch.Tensor) -> torch.Tensor:
+    """s(I, k): each image's ``[B, V]`` scores min-max normalised over the vocabulary to [0, 1], fp32; an image
+    whose scores are all equal gets s = 1 everywhere."""
+    score = relevance.float()
+    low = score.min(dim=1, keepdim=True).values
+    span = score.max(dim=1, keepdim=True).values - low
+    return torch.where(span > 0, (score - low) / span.clamp_min(torch.finfo(torch.float32).tiny), 1.0)
+
+
 def candidates_from_relevance(
     relevance: torch.Tensor, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *, normalize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,11 +99,7 @@ def candidates_from_relevance(
     thresholds = [float(rho) for rho in thresholds]
     if not thresholds:
         raise ValueError("thresholds must hold at least one rho (one per semantic layer)")
-    score = relevance.float()
-    if normalize:
-        low = score.min(dim=1, keepdim=True).values
-        span = score.max(dim=1, keepdim=True).values - low
-        score = torch.where(span > 0, (score - low) / span.clamp_min(torch.finfo(torch.float32).tiny), 1.0)
+    score = normalize_relevance(relevance) if normalize else relevance.float()
     mask = torch.stack([score >= rho for rho in thresholds], dim=1).reshape(-1, score.shape[1])  # [B * L, V]
     index = mask.nonzero()[:, 1].contiguous()
     offsets = torch.zeros(mask.shape[0] + 1, dtype=torch.int64, device=relevance.device)
