@@ -13,59 +13,12 @@ import torch
 from spae_fast import vocab
 from spae_fast.vocab import VocabCodebook, is_word, token_text
 
-CORPUS = [
-    "the cat sat on the mat and the dog ran over the hill",
-    "a quick brown fox jumps over the lazy dog, 12 times in 2024!",
-    "hello world: café naïve Straße über déjà vu",
-    "models read words; images become words of a frozen language model",
-] * 8
+from _tiny_llm import byte_level_tokenizer, save_tiny_model, sentencepiece_style_tokenizer
 
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SPAE_FAST_CACHE", str(tmp_path / "cache"))
-
-
-def _byte_level_tokenizer(vocab_size: int = 300):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    return tokenizer
-
-
-def _sentencepiece_style_tokenizer(vocab_size: int = 200):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.decoder = decoders.Metaspace()
-    tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"]))
-    return tokenizer
-
-
-def _save_tiny_model(folder, architecture: str, tokenizer, extra_rows: int = 0, **save_kwargs):
-    """A randomly initialised tiny causal LM + its tokenizer, written with save_pretrained."""
-    transformers = pytest.importorskip("transformers")
-    hf_tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer)
-    vocab_size = len(hf_tokenizer) + extra_rows  # embedding rows beyond the tokenizer (padding), as real models
-    torch.manual_seed(0)
-    if architecture == "gpt2":
-        config = transformers.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=1, n_head=2, n_positions=32,
-                                         bos_token_id=0, eos_token_id=0)  # fmt: skip
-        model = transformers.GPT2LMHeadModel(config)
-    else:
-        config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=24, intermediate_size=48, num_hidden_layers=1,
-                                          num_attention_heads=2, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)  # fmt: skip
-        model = transformers.LlamaForCausalLM(config)
-    model.save_pretrained(folder, **save_kwargs)
-    hf_tokenizer.save_pretrained(folder)
-    return model.get_input_embeddings().weight.detach().clone(), hf_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -157,7 +110,7 @@ def test_bad_filters_and_lookups():
 
 def test_tiny_gpt2_sharded_safetensors(tmp_path, monkeypatch):
     folder = tmp_path / "gpt2"
-    embedding, tokenizer = _save_tiny_model(folder, "gpt2", _byte_level_tokenizer(), extra_rows=3, max_shard_size="20KB")
+    embedding, tokenizer = save_tiny_model(folder, "gpt2", byte_level_tokenizer(), extra_rows=3, max_shard_size="20KB")
     assert (folder / "model.safetensors.index.json").is_file()
 
     from safetensors import safe_open as real_safe_open
@@ -208,7 +161,7 @@ def test_tiny_gpt2_sharded_safetensors(tmp_path, monkeypatch):
 
 def test_tiny_llama_single_safetensors_and_sentencepiece_tokens(tmp_path):
     folder = tmp_path / "llama"
-    embedding, tokenizer = _save_tiny_model(folder, "llama", _sentencepiece_style_tokenizer())
+    embedding, tokenizer = save_tiny_model(folder, "llama", sentencepiece_style_tokenizer())
     book = VocabCodebook.from_pretrained(folder, dtype=torch.float16)
     assert book.weight.dtype == torch.float16 and book.dim == 24
     assert torch.equal(book.weight, embedding[book.token_ids].half())
@@ -222,9 +175,9 @@ def test_tiny_llama_single_safetensors_and_sentencepiece_tokens(tmp_path):
 
 def test_cache_follows_the_checkpoint(tmp_path):
     folder = tmp_path / "gpt2"
-    _save_tiny_model(folder, "gpt2", _byte_level_tokenizer())
+    save_tiny_model(folder, "gpt2", byte_level_tokenizer())
     first = VocabCodebook.from_pretrained(folder, token_filter=None)
-    embedding, _ = _save_tiny_model(folder, "gpt2", _byte_level_tokenizer())  # rewritten: new mtime
+    embedding, _ = save_tiny_model(folder, "gpt2", byte_level_tokenizer())  # rewritten: new mtime
     with torch.no_grad():
         embedding += 1.0
     from safetensors.torch import save_file
@@ -261,7 +214,7 @@ def test_hub_download_fetches_only_the_embedding_shard(tmp_path, monkeypatch):
     from huggingface_hub.utils import EntryNotFoundError
 
     source = tmp_path / "remote"
-    _save_tiny_model(source, "gpt2", _byte_level_tokenizer(), max_shard_size="20KB")
+    save_tiny_model(source, "gpt2", byte_level_tokenizer(), max_shard_size="20KB")
     index = json.loads((source / "model.safetensors.index.json").read_text())
     wanted_shard = index["weight_map"]["transformer.wte.weight"]
     snapshot = tmp_path / "snapshot"
