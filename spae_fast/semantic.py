@@ -28,9 +28,18 @@ DEFAULT_THRESHOLDS = (0.98, 0.95, 0.90)
 
 
 class RelevanceProvider(Protocol):
-    """Scores every codebook token for every image: ``images -> relevance [B, V]`` (higher = more relevant)."""
+    """Scores every codebook token for every image (higher = more relevant); see `spae_fast.relevance`.
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
+    ``provider(images, labels=None) -> relevance [B, V]`` float32 on ``images.device``, with ``images``
+    ``[B, 3, H, W]`` float in [-1, 1] and ``labels`` ``[B]`` int64 class indices (``None`` when the data set
+    has none; label-driven providers such as `spae_fast.relevance.LabelTextRelevance` require them, CLIP's
+    ignores them). ``provider.num_rows`` is V, which must equal the codebook's rows.
+    """
+
+    @property
+    def num_rows(self) -> int: ...
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 def pack_candidate_sets(candidate_sets: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
