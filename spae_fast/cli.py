@@ -1,5 +1,7 @@
 """The ``spae-fast`` command line: one subcommand per job, each implemented in its own module.
 
+    spae-fast fewshot --model DIR --llm smollm2 --ways 2 5 ...     few-shot classification table (cli_fewshot.py)
+    spae-fast generate --model DIR --task denoise --out DIR          in-context generation, PNGs per layer
     spae-fast bench [--suite quick|default|full] [--out DIR] ...   benchmark of nearest / top-k (bench.py)
     spae-fast info                                                   backends, machine and versions
 
@@ -25,6 +27,8 @@ class Command:
 
 
 COMMANDS: tuple[Command, ...] = (
+    Command("fewshot", ".cli_fewshot", "few-shot classification of images by a frozen LLM reading their SPAE words"),
+    Command("generate", ".cli_generate", "a frozen LLM writes SPAE words in context (denoise, flip, shift, inpaint)"),
     Command("bench", ".bench", "benchmark fused nearest-word search against torch and FAISS baselines"),
     Command("info", ".cli", "show which backends can run here, the machine and the versions"),
 )
