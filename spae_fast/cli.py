@@ -1,12 +1,17 @@
 """The ``spae-fast`` command line: one subcommand per job, each implemented in its own module.
 
+    spae-fast demo [--out DIR]                                       the embedded default: train SPAE on digits
+    spae-fast train --data digits|skimage|FOLDER --out DIR ...       train an SPAE (cli_train.py)
+    spae-fast tokenize IMAGE --model DIR [--layers L]                image -> words per pyramid layer
+    spae-fast decode --model DIR --words "..." --out PNG             words -> image
+    spae-fast reconstruct IMAGE... --model DIR --out PNG             image -> words -> image, every prefix
     spae-fast fewshot --model DIR --llm smollm2 --ways 2 5 ...     few-shot classification table (cli_fewshot.py)
     spae-fast generate --model DIR --task denoise --out DIR          in-context generation, PNGs per layer
     spae-fast bench [--suite quick|default|full] [--out DIR] ...   benchmark of nearest / top-k (bench.py)
     spae-fast info                                                   backends, machine and versions
 
-Adding a subcommand (train, tokenize, ...): write a module with ``add_arguments(parser)`` and
-``run(args) -> int``, and add one `Command` line to `COMMANDS`. The module is imported only when its
+Adding a subcommand: write a module with ``add_arguments(parser)`` and ``run(args) -> int`` (or name other
+functions in its `Command`), and add one `Command` line to `COMMANDS`. The module is imported only when its
 subcommand runs (or its ``--help`` is built), so a heavy dependency of one command never slows the others.
 """
 
@@ -22,11 +27,22 @@ from collections.abc import Sequence
 @dataclasses.dataclass(frozen=True)
 class Command:
     name: str
-    module: str  # relative to the spae_fast package; provides add_arguments(parser) and run(args) -> int
+    module: str  # relative to the spae_fast package
     help: str
+    add_arguments: str = "add_arguments"  # the module's function (parser) -> None
+    run: str = "run"  # the module's function (args) -> int
 
 
 COMMANDS: tuple[Command, ...] = (
+    Command("demo", ".demo", "the embedded default: train a small SPAE on digits with the SmolLM2 vocabulary and "
+            "label-text semantic guidance, then write a report"),
+    Command("train", ".cli_train", "train an SPAE on a folder of images, digits or skimage samples"),
+    Command("tokenize", ".cli_codec", "print the words of an image, layer by layer", "add_tokenize_arguments",
+            "run_tokenize"),
+    Command("decode", ".cli_codec", "render words (a whole prefix of layers) as an image", "add_decode_arguments",
+            "run_decode"),
+    Command("reconstruct", ".cli_codec", "image -> words -> image from every prefix of layers, with PSNR",
+            "add_reconstruct_arguments", "run_reconstruct"),
     Command("fewshot", ".cli_fewshot", "few-shot classification of images by a frozen LLM reading their SPAE words"),
     Command("generate", ".cli_generate", "a frozen LLM writes SPAE words in context (denoise, flip, shift, inpaint)"),
     Command("bench", ".bench", "benchmark fused nearest-word search against torch and FAISS baselines"),
@@ -77,9 +93,11 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
         )
         if selected is None or selected == command.name:
             module = _load(command)
-            if module.__name__ != __name__ and module.__doc__:
-                sub.description = module.__doc__
-            module.add_arguments(sub)
+            # A module serving several commands documents each in its run function.
+            doc = module.__doc__ if command.run == "run" else getattr(module, command.run).__doc__
+            if module.__name__ != __name__ and doc:
+                sub.description = doc
+            getattr(module, command.add_arguments)(sub)
         sub.set_defaults(_command=command)
     return parser
 
@@ -90,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     selected = argv[0] if argv and not argv[0].startswith("-") else None
     args = build_parser(selected or "").parse_args(argv)
     args.argv = argv[1:]  # the subcommand's own arguments, for reports that say how they were made
-    return int(_load(args._command).run(args) or 0)
+    command = args._command
+    return int(getattr(_load(command), command.run)(args) or 0)
 
 
 if __name__ == "__main__":

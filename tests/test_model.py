@@ -11,7 +11,7 @@ import spae_fast
 from spae_fast.model import SPAE, SPAEConfig
 from spae_fast.vocab import VocabCodebook
 
-TINY = dict(image_size=16, base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1, layers=(1, 2, 4, 8))
+TINY = {"image_size": 16, "base_channels": 8, "channel_multipliers": (1, 2), "num_res_blocks": 1, "layers": (1, 2, 4, 8)}
 
 
 def make_vocab(rows: int = 64, dim: int = 12, seed: int = 0) -> VocabCodebook:

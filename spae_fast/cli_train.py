@@ -1,0 +1,154 @@
+"""``spae-fast train``: train an SPAE on a folder of images, ``digits`` (sklearn, upscaled) or ``skimage`` samples.
+
+    spae-fast train --data digits --image-size 32 --channel-multipliers 1,2,2 --layers 1,2,4,8,8 \\
+        --relevance label --steps 300 --out runs/digits
+    spae-fast train ... --out runs/digits --resume          # continue from runs/digits/checkpoint
+    torchrun --nproc-per-node 2 -m spae_fast.cli train ...   # data-parallel (gloo on CPUs, nccl on GPUs)
+
+Every `SPAEConfig` field (the model) and `TrainConfig` field (losses, optimiser, logging) is an option; lists
+are comma-separated (``--layers 1,2,4,8,16,16``). Relevance providers for the semantic loss: ``label`` (the
+class names of the data under the offline MiniLM sentence encoder), ``clip:PATH`` (a local transformers CLIP
+checkpoint) or ``none``. Output layout: see `spae_fast.trainer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+
+import torch
+
+from .model import SPAE, SPAEConfig
+from .trainer import TrainConfig, Trainer
+
+# Filled in from the codebook; not options.
+_DERIVED_MODEL_FIELDS = ("codebook_rows", "codebook_dim", "codebook_fingerprint")
+
+
+def parse_int_list(text: str) -> tuple[int, ...]:
+    """``"1,2,4"`` -> (1, 2, 4); ``"5-9"`` -> (5, 6, 7, 8, 9) (inclusive); parts may mix."""
+    values: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        low, dash, high = part.partition("-")
+        try:
+            values.extend(range(int(low), int(high) + 1) if dash else [int(part)])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated ints or ranges like 5-9, got {text!r}")
+    return tuple(values)
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: str, skip=()) -> None:
+    """One ``--field-name`` option per dataclass field, typed from its annotation, defaulting to the field's
+    default (tuples are comma-separated; ``none`` sets an optional field to None)."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        hint = hints[field.name]
+        options = typing.get_args(hint)
+        optional = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+        base = next(option for option in options if option is not type(None)) if optional else hint
+        if typing.get_origin(base) is tuple:
+            kind = parse_int_list if typing.get_args(base)[0] is int else _float_list
+        else:
+            kind = base
+        default = field.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        group.add_argument(
+            "--" + field.name.replace("_", "-"), dest=field.name, type=_optional(kind) if optional else kind,
+            default=default, help=f"(default: {shown})",
+        )  # fmt: skip
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace, skip=()):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in skip})
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="digits", help="'digits', 'skimage' or a folder of images (default: digits)")
+    parser.add_argument("--classes", type=parse_int_list, default=None,
+                        help="digits only: the classes to use, e.g. 0-4 (default: all ten)")  # fmt: skip
+
+
+def build_datasets(data: str, image_size: int, classes: tuple[int, ...] | None = None):
+    """(train, held-out) datasets: digits has a fixed stratified split; other sources evaluate on the training
+    images."""
+    from .data import build_dataset
+
+    if data == "digits":
+        kwargs = {"classes": classes} if classes else {}
+        return (build_dataset("digits", image_size, split="train", **kwargs),
+                build_dataset("digits", image_size, split="test", **kwargs))  # fmt: skip
+    if classes:
+        raise ValueError("--classes applies to --data digits only")
+    dataset = build_dataset(data, image_size)
+    return dataset, dataset
+
+
+def build_relevance(name: str, vocab, class_names):
+    """``label`` | ``clip:PATH`` | ``none`` -> a relevance provider (or None)."""
+    if name == "none":
+        return None
+    if name == "label":
+        from .relevance import LabelTextRelevance
+
+        return LabelTextRelevance(vocab, class_names)
+    if name.startswith("clip:"):
+        from .relevance import CLIPRelevance
+
+        return CLIPRelevance(vocab, name[len("clip:") :])
+    raise ValueError(f"--relevance must be 'label', 'clip:PATH' or 'none', got {name!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="output folder (metrics, samples, checkpoint, model)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    add_data_arguments(parser)
+    parser.add_argument("--relevance", default="label",
+                        help="semantic guidance: 'label', 'clip:PATH' or 'none' (default: label)")  # fmt: skip
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", default="auto", help="the quantizer's search backend (default: auto)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_dataclass_arguments(parser, SPAEConfig, "model (SPAEConfig)", skip=_DERIVED_MODEL_FIELDS)
+    add_dataclass_arguments(parser, TrainConfig, "training (TrainConfig)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .vocab import VocabCodebook
+
+    model_config = dataclass_from_args(SPAEConfig, args, skip=_DERIVED_MODEL_FIELDS)
+    train_config = dataclass_from_args(TrainConfig, args)
+    train, held_out = build_datasets(args.data, model_config.image_size, args.classes)
+    vocab = VocabCodebook.from_pretrained(model_config.codebook, token_filter=model_config.token_filter)
+    relevance = build_relevance(args.relevance, vocab, train.class_names)
+    torch.manual_seed(train_config.seed)  # the initial weights too
+    model = SPAE(model_config, vocab, backend=args.backend)
+    trainer = Trainer(model, train_config, args.out, train, eval_dataset=held_out, relevance=relevance,
+                      device=args.device)  # fmt: skip
+    summary = trainer.fit(resume=args.resume, progress=not args.no_progress)
+    if trainer.rank == 0:
+        print(json.dumps({"out": str(Path(args.out)), **summary}, indent=2))
+    return 0

@@ -1,0 +1,428 @@
+"""Training an `SPAE` (SPAE-METHOD.md §4): appearance losses, semantic guidance, optional GAN, DDP, checkpoints.
+
+Per step, with x the images, x' = decoder(z + sg(z_hat_L - z)) the reconstruction and z the encoder output:
+
+    L_app = w_pix * pixel(x', x) + w_perc * perceptual(x', x) + commitment + lambda_gan * w_gan * hinge_G(D(x'))
+    L_sem = semantic_loss(z_l(p) for the sampled positions p of the top L_sem layers, C_l(image))
+    L     = L_app + alpha * L_sem,        alpha = alpha0 * sg(L_app / L_sem) ("dynamic") or alpha0 ("constant")
+
+where z_l(p) are the SAQ targets (`SPAEQuantizer.layer_targets`), C_l the candidate sets of a relevance provider
+(`spae_fast.relevance`) thresholded per layer (`spae_fast.semantic.candidates_from_relevance`), lambda_gan the
+VQGAN adaptive weight, and the discriminator D (PatchGAN) is trained with the hinge loss plus LeCAM
+regularisation. Without a relevance provider there is no semantic term.
+
+Outputs in ``out_dir`` (written by rank 0):
+
+    train_config.json    the `TrainConfig` and the model's `SPAEConfig`
+    metrics.jsonl        one JSON object per logged step (loss terms, alpha, step time) and per evaluation
+                         (PSNR of every layer prefix on held-out images, relevance of the top layers' words)
+    samples/step_N.png   originals, then reconstructions from 1, 2, ..., L layers
+    checkpoint/          the latest state: model (`SPAE.save_pretrained`), discriminator (safetensors) and
+                         trainer_state.pt (optimizer states, step; tensors only, loaded with weights_only=True)
+    model/               the final model, for `SPAE.from_pretrained`
+
+Multi-process: run under ``torchrun --nproc-per-node N``; `setup_distributed` joins the process group (gloo on
+the CPU, nccl on GPUs), every rank reads its own shard of each epoch (`spae_fast.data.infinite_loader`) and
+gradients are averaged by DDP. Each rank computes its own relevance and semantic loss for its shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .losses import (
+    LeCAMRegularizer,
+    PatchDiscriminator,
+    PerceptualLoss,
+    adaptive_gan_weight,
+    dynamic_semantic_weight,
+    hinge_d_loss,
+    hinge_g_loss,
+    pixel_loss,
+    psnr,
+)
+from .model import SPAE
+from .ops import semantic_loss
+from .semantic import (
+    DEFAULT_THRESHOLDS,
+    RelevanceProvider,
+    candidates_from_relevance,
+    normalize_relevance,
+    pyramid_set_of_position,
+)
+
+TRAINER_STATE = "trainer_state.pt"
+DISCRIMINATOR_WEIGHTS = "discriminator.safetensors"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Optimisation and loss settings (every weight configurable; defaults suit the digits demo)."""
+
+    steps: int = 300
+    batch_size: int = 16
+    learning_rate: float = 4e-4
+    adam_betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    pixel_loss: str = "l2"  # "l2" | "l1"
+    pixel_weight: float = 1.0
+    perceptual_weight: float = 0.0  # needs perceptual_network
+    perceptual_network: str | None = None  # torchvision-format VGG16 weights (.safetensors / .pth)
+    gan_weight: float = 0.0  # 0: no discriminator
+    gan_start: int = 0  # step at which the GAN terms switch on
+    discriminator_lr: float = 4e-4
+    discriminator_channels: int = 64
+    lecam_weight: float = 0.001
+    semantic_layers: int = 3  # top pyramid layers that get semantic guidance
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS  # rho_l per semantic layer
+    tau: float = 1.0  # semantic softmax temperature
+    alpha0: float = 0.1
+    alpha_mode: str = "dynamic"  # "dynamic" | "constant"
+    log_every: int = 10
+    eval_every: int = 100
+    save_every: int = 100
+    eval_images: int = 8
+    seed: int = 0
+    max_minutes: float | None = None  # stop (and save) once training has run this long
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(float(b) for b in self.adam_betas)
+        self.thresholds = tuple(float(t) for t in self.thresholds)
+        if self.pixel_loss not in ("l2", "l1"):
+            raise ValueError(f"pixel_loss must be 'l2' or 'l1', got {self.pixel_loss!r}")
+        if self.alpha_mode not in ("dynamic", "constant"):
+            raise ValueError(f"alpha_mode must be 'dynamic' or 'constant', got {self.alpha_mode!r}")
+        for name in ("steps", "batch_size", "log_every", "eval_every", "save_every", "eval_images", "semantic_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "steps" else 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if len(self.thresholds) < self.semantic_layers:
+            raise ValueError(
+                f"thresholds has {len(self.thresholds)} values but semantic_layers={self.semantic_layers} needs one "
+                "per semantic layer"
+            )
+        if self.perceptual_weight > 0 and not self.perceptual_network:
+            raise ValueError("perceptual_weight > 0 needs perceptual_network (a VGG16 weights file)")
+        if not self.tau > 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+
+
+def setup_distributed() -> tuple[int, int]:
+    """(rank, world size); joins the default process group when launched by torchrun with WORLD_SIZE > 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _write_json(path: Path, value: object) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+class Trainer:
+    """Trains ``model`` on ``dataset`` (items ``(image [3, S, S] in [-1, 1], label)``).
+
+    Args:
+        model: the `SPAE` to train (its codebook stays frozen).
+        config: a `TrainConfig`.
+        out_dir: where metrics, samples and checkpoints go.
+        dataset: training images.
+        eval_dataset: held-out images for PSNR / relevance evaluations (default: ``dataset``).
+        relevance: a relevance provider (``provider(images, labels) -> [B, V]``) or None (no semantic loss).
+        device: where to train.
+    """
+
+    def __init__(
+        self,
+        model: SPAE,
+        config: TrainConfig,
+        out_dir: str | os.PathLike,
+        dataset: torch.utils.data.Dataset,
+        *,
+        eval_dataset: torch.utils.data.Dataset | None = None,
+        relevance: RelevanceProvider | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.device = torch.device(device)
+        self.rank, self.world_size = setup_distributed()
+        self.model = model.to(self.device)
+        self.dataset = dataset
+        self.eval_dataset = eval_dataset if eval_dataset is not None else dataset
+        self.relevance = relevance
+        if relevance is not None and relevance.num_rows != model.vocab.num_rows:
+            raise ValueError(
+                f"the relevance provider scores {relevance.num_rows} tokens but the codebook has "
+                f"{model.vocab.num_rows} rows"
+            )
+        if config.semantic_layers > model.num_layers:
+            raise ValueError(f"semantic_layers={config.semantic_layers} > the model's {model.num_layers} layers")
+        torch.manual_seed(config.seed)
+        self.network: nn.Module = model
+        if self.world_size > 1:
+            # The quantizer's buffers (the frozen codebook, up to GBs) are the same on every rank: keep DDP from
+            # broadcasting them at start-up and before every forward.
+            frozen = [f"quantizer.{name}" for name, _ in model.quantizer.named_buffers()]
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+            self.network = nn.parallel.DistributedDataParallel(model)
+        self.optimizer = torch.optim.Adam(
+            model.parameters(), lr=config.learning_rate, betas=config.adam_betas, weight_decay=config.weight_decay
+        )
+        self.discriminator = self.lecam = self.discriminator_network = self.discriminator_optimizer = None
+        if config.gan_weight > 0:
+            self.discriminator = PatchDiscriminator(
+                model.config.in_channels, config.discriminator_channels, image_size=model.config.image_size
+            ).to(self.device)
+            self.lecam = LeCAMRegularizer().to(self.device)
+            self.discriminator_network = self.discriminator
+            if self.world_size > 1:
+                self.discriminator_network = nn.parallel.DistributedDataParallel(self.discriminator)
+            self.discriminator_optimizer = torch.optim.Adam(
+                self.discriminator.parameters(), lr=config.discriminator_lr, betas=config.adam_betas
+            )
+        self.perceptual = None
+        if config.perceptual_weight > 0:
+            self.perceptual = PerceptualLoss.vgg16(config.perceptual_network).to(self.device)
+        self.step = 0
+        self.elapsed = 0.0  # training seconds over all runs of this out_dir (resumes add to it)
+
+    # ---- one step ------------------------------------------------------------------------------------------
+
+    def semantic_term(self, latent: torch.Tensor, ids: list[torch.Tensor], images: torch.Tensor,
+                      labels: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """L_sem of a batch: SAQ targets of the top layers' sampled positions against the candidate sets."""
+        layers = self.config.semantic_layers
+        quantizer = self.model.quantizer
+        with torch.no_grad():
+            relevance = self.relevance(images, labels)  # [B, V]
+        index, offsets = candidates_from_relevance(relevance, self.config.thresholds[:layers])
+        sets = pyramid_set_of_position(images.shape[0], quantizer.layers[:layers], latent.device)
+        targets = quantizer.layer_targets(latent, ids, layers)  # [B, n, D]
+        return semantic_loss(targets, quantizer.codebook, index, offsets, sets, tau=self.config.tau)
+
+    def gan_active(self) -> bool:
+        return self.discriminator is not None and self.step >= self.config.gan_start
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        config = self.config
+        self.model.train()
+        images, labels = images.to(self.device), labels.to(self.device)
+        out = self.network(images)
+        reconstruction = out.reconstruction
+        terms: dict[str, torch.Tensor] = {}
+        terms["pixel"] = pixel_loss(reconstruction, images, config.pixel_loss)
+        reconstruction_loss = config.pixel_weight * terms["pixel"]
+        if self.perceptual is not None:
+            terms["perceptual"] = self.perceptual(reconstruction, images)
+            reconstruction_loss = reconstruction_loss + config.perceptual_weight * terms["perceptual"]
+        terms["commitment"] = out.quantizer.loss
+        appearance = reconstruction_loss + out.quantizer.loss
+        if self.gan_active():
+            for parameter in self.discriminator.parameters():
+                parameter.requires_grad_(False)
+            terms["gan_generator"] = hinge_g_loss(self.discriminator_network(reconstruction))
+            for parameter in self.discriminator.parameters():
+                parameter.requires_grad_(True)
+            terms["gan_lambda"] = adaptive_gan_weight(
+                reconstruction_loss, terms["gan_generator"], self.model.decoder.last_layer
+            )
+            appearance = appearance + config.gan_weight * terms["gan_lambda"] * terms["gan_generator"]
+        total = appearance
+        if self.relevance is not None:
+            terms["semantic"] = self.semantic_term(out.latent, out.quantizer.ids, images, labels)
+            terms["alpha"] = dynamic_semantic_weight(appearance, terms["semantic"], config.alpha0, config.alpha_mode)
+            total = appearance + terms["alpha"] * terms["semantic"]
+        terms["total"] = total
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if config.grad_clip > 0:
+            terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+
+        if self.gan_active():
+            logits_real = self.discriminator_network(images)
+            logits_fake = self.discriminator_network(reconstruction.detach())
+            terms["gan_discriminator"] = hinge_d_loss(logits_real, logits_fake)
+            terms["lecam"] = self.lecam(logits_real, logits_fake)
+            discriminator_loss = terms["gan_discriminator"] + config.lecam_weight * terms["lecam"]
+            self.discriminator_optimizer.zero_grad(set_to_none=True)
+            discriminator_loss.backward()
+            self.discriminator_optimizer.step()
+        metrics = {name: float(value.detach()) for name, value in terms.items()}
+        metrics["psnr"] = float(psnr(reconstruction.detach(), images).mean())
+        for layer, error in enumerate(out.quantizer.layer_errors.tolist(), 1):
+            metrics[f"latent_error_{layer}"] = error
+        return metrics
+
+    # ---- evaluation ----------------------------------------------------------------------------------------
+
+    def eval_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        count = min(self.config.eval_images, len(self.eval_dataset))
+        items = [self.eval_dataset[i] for i in range(count)]
+        return torch.stack([image for image, _ in items]), torch.as_tensor([int(label) for _, label in items])
+
+    @torch.no_grad()
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, object]:
+        """PSNR of every layer prefix (and the relevance of the semantic layers' words when there is a provider)
+        on ``images``; also returns the reconstructions per prefix under ``"reconstructions"``."""
+        return evaluate_model(self.model, images.to(self.device), labels, self.relevance, self.config.semantic_layers)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+
+    def save_checkpoint(self, folder: Path | None = None) -> Path:
+        """Model, discriminator and optimizer state into ``out_dir/checkpoint`` (rank 0 only)."""
+        folder = folder or self.out_dir / "checkpoint"
+        if self.rank != 0:
+            return folder
+        from safetensors.torch import save_file
+
+        self.model.save_pretrained(folder)
+        state = {"step": self.step, "elapsed": self.elapsed, "optimizer": self.optimizer.state_dict()}
+        if self.discriminator is not None:
+            save_file({k: v.contiguous() for k, v in self.discriminator.state_dict().items()}
+                      | {f"lecam.{k}": v for k, v in self.lecam.state_dict().items()},
+                      str(folder / DISCRIMINATOR_WEIGHTS))  # fmt: skip
+            state["discriminator_optimizer"] = self.discriminator_optimizer.state_dict()
+        temporary = folder / (TRAINER_STATE + ".tmp")
+        torch.save(state, temporary)
+        os.replace(temporary, folder / TRAINER_STATE)
+        return folder
+
+    def load_checkpoint(self, folder: Path | None = None) -> None:
+        """Restores what `save_checkpoint` wrote (the model through `SPAE.from_pretrained`'s checks)."""
+        from safetensors.torch import load_file
+
+        folder = folder or self.out_dir / "checkpoint"
+        if not (folder / TRAINER_STATE).is_file():
+            raise FileNotFoundError(f"cannot resume: {folder / TRAINER_STATE} does not exist")
+        saved = SPAE.from_pretrained(folder, codebook=self.model.vocab)
+        if saved.config != self.model.config:
+            raise ValueError(f"cannot resume: the checkpoint's model config differs from this run's ({folder})")
+        self.model.load_state_dict(saved.state_dict())
+        state = torch.load(folder / TRAINER_STATE, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
+        if self.discriminator is not None:
+            weights = load_file(str(folder / DISCRIMINATOR_WEIGHTS), device=str(self.device))
+            self.discriminator.load_state_dict({k: v for k, v in weights.items() if not k.startswith("lecam.")})
+            self.lecam.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("lecam.")})
+            self.discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+
+    def _log(self, record: dict) -> None:
+        if self.rank == 0:
+            with open(self.out_dir / "metrics.jsonl", "a") as file:
+                file.write(json.dumps(record) + "\n")
+
+    def _evaluate_and_save_samples(self) -> dict[str, object]:
+        images, labels = self.eval_batch()
+        result = self.evaluate(images, labels)
+        reconstructions = result.pop("reconstructions")
+        if self.rank == 0:
+            from .imaging import save_grid
+
+            rows = [images] + reconstructions
+            labels_text = ["input"] + [f"{n} layer{'s' if n > 1 else ''}" for n in range(1, len(reconstructions) + 1)]
+            save_grid(self.out_dir / "samples" / f"step_{self.step:06d}.png", rows, row_labels=labels_text)
+        self._log({"step": self.step, "eval": result})
+        return result
+
+    def fit(self, resume: bool = False, progress: bool = True) -> dict[str, object]:
+        """Trains to ``config.steps`` (or ``max_minutes``), evaluating, logging and checkpointing on the way;
+        writes the final model to ``out_dir/model``. Returns the last evaluation and timings."""
+        from .data import infinite_loader
+
+        config = self.config
+        if self.rank == 0:
+            (self.out_dir / "samples").mkdir(parents=True, exist_ok=True)
+            _write_json(self.out_dir / "train_config.json",
+                        {"train": dataclasses.asdict(config), "model": self.model.config.to_dict(),
+                         "world_size": self.world_size})  # fmt: skip
+        if resume:
+            self.load_checkpoint()
+        loader: Iterator = infinite_loader(
+            self.dataset, config.batch_size, config.seed, self.rank, self.world_size, start_step=self.step
+        )
+        bar = None
+        if progress and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=config.steps, initial=self.step, desc="train", dynamic_ncols=True)
+        started, step_times = time.perf_counter(), []
+        elapsed_before = self.elapsed
+        last_eval: dict[str, object] = {}
+        while self.step < config.steps:
+            if config.max_minutes is not None and self.elapsed >= 60 * config.max_minutes:
+                break
+            images, labels = next(loader)
+            tic = time.perf_counter()
+            metrics = self.train_step(images, labels)
+            step_times.append(time.perf_counter() - tic)
+            self.step += 1
+            self.elapsed = elapsed_before + time.perf_counter() - started
+            if self.step % config.log_every == 0 or self.step == config.steps:
+                self._log({"step": self.step, "seconds": round(self.elapsed, 3),
+                           "step_seconds": round(step_times[-1], 4), **metrics})  # fmt: skip
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['total']:.4f}", psnr=f"{metrics['psnr']:.2f}")
+            if self.step % config.eval_every == 0:
+                last_eval = self._evaluate_and_save_samples()
+            if self.step % config.save_every == 0:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        if not last_eval or self.step % config.eval_every:
+            last_eval = self._evaluate_and_save_samples()
+        self.save_checkpoint()
+        if self.rank == 0:
+            self.model.save_pretrained(self.out_dir / "model")
+        median = sorted(step_times)[len(step_times) // 2] if step_times else math.nan
+        return {"step": self.step, "seconds": self.elapsed, "median_step_seconds": median, "eval": last_eval}
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: SPAE,
+    images: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    relevance: RelevanceProvider | None = None,
+    semantic_layers: int = 2,
+) -> dict[str, object]:
+    """PSNR (dB, mean over images) of the reconstruction from every prefix of layers, and with a relevance
+    provider the mean min-max-normalised relevance (in [0, 1]) of the words chosen in each of the top
+    ``semantic_layers`` layers and of all of them together. ``"reconstructions"``: one ``[B, C, H, W]`` per prefix."""
+    was_training = model.training
+    model.eval()
+    ids = model.encode(images)
+    reconstructions = [model.decode(ids, num_layers=n).clamp(-1, 1) for n in range(1, model.num_layers + 1)]
+    result: dict[str, object] = {
+        "psnr": [round(float(psnr(r, images).mean()), 4) for r in reconstructions],
+        "reconstructions": reconstructions,
+    }
+    if relevance is not None:
+        scores = normalize_relevance(relevance(images, labels))  # [B, V] in [0, 1]
+        pyramid = model.quantizer.pyramid
+        per_layer = []
+        for layer in range(min(semantic_layers, model.num_layers)):
+            rows = ids[:, pyramid.first(layer) : pyramid.first(layer) + pyramid.counts()[layer]]
+            per_layer.append(scores.gather(1, rows))
+        result["relevance"] = [round(float(r.mean()), 4) for r in per_layer]
+        result["relevance_mean"] = round(float(torch.cat(per_layer, 1).mean()), 4)
+    model.train(was_training)
+    return result

