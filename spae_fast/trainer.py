@@ -89,6 +89,7 @@ class TrainConfig:
     tau: float = 1.0  # semantic softmax temperature
     alpha0: float = 0.1
     alpha_mode: str = "dynamic"  # "dynamic" | "constant"
+    semantic_classes: tuple[int, ...] | None = None  # only images of these labels get guidance (None: all)
     log_every: int = 10
     eval_every: int = 100
     save_every: int = 100
@@ -99,6 +100,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.adam_betas = tuple(float(b) for b in self.adam_betas)
         self.thresholds = tuple(float(t) for t in self.thresholds)
+        if self.semantic_classes is not None:
+            self.semantic_classes = tuple(int(c) for c in self.semantic_classes)
         if self.pixel_loss not in ("l2", "l1"):
             raise ValueError(f"pixel_loss must be 'l2' or 'l1', got {self.pixel_loss!r}")
         if self.alpha_mode not in ("dynamic", "constant"):
@@ -211,6 +214,9 @@ class Trainer:
             relevance = self.relevance(images, labels)  # [B, V]
         index, offsets = candidates_from_relevance(relevance, self.config.thresholds[:layers])
         sets = pyramid_set_of_position(images.shape[0], quantizer.layers[:layers], latent.device)
+        if self.config.semantic_classes is not None:  # the other images' positions get no set: excluded
+            guided = torch.isin(labels, torch.tensor(self.config.semantic_classes, device=labels.device))
+            sets = torch.where(guided[:, None], sets, -1)
         targets = quantizer.layer_targets(latent, ids, layers)  # [B, n, D]
         return semantic_loss(targets, quantizer.codebook, index, offsets, sets, tau=self.config.tau)
 

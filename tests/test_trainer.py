@@ -135,6 +135,25 @@ def test_semantic_term_is_the_materialised_cross_entropy(vocab, digits, tmp_path
     torch.testing.assert_close(direct, loss.detach())
 
 
+def test_semantic_classes_limit_guidance_to_their_images(vocab, digits, tmp_path):
+    """semantic_classes=(0, 1): the loss is that of the guided images alone (others' positions are excluded)."""
+    train, _ = digits
+    model = make_model(vocab)
+    relevance = ClassRelevance(vocab.num_rows)
+    labels = torch.tensor([0, 5, 1, 7])
+    images = torch.stack([train[i][0] for i in range(4)])
+    out = model(images)
+    limited = Trainer(model, fast_config(semantic_layers=2, semantic_classes=(0, 1)), tmp_path, train,
+                      relevance=relevance).semantic_term(out.latent, out.quantizer.ids, images, labels)  # fmt: skip
+    everyone = Trainer(model, fast_config(semantic_layers=2), tmp_path, train, relevance=relevance)
+    per_image = [everyone.semantic_term(out.latent[b : b + 1], [ids[b : b + 1] for ids in out.quantizer.ids],
+                                        images[b : b + 1], labels[b : b + 1]) for b in (0, 2)]  # fmt: skip
+    torch.testing.assert_close(limited, torch.stack(per_image).mean(), rtol=1e-5, atol=1e-6)
+    unguided = Trainer(model, fast_config(semantic_layers=2, semantic_classes=(9,)), tmp_path, train,
+                       relevance=relevance).semantic_term(out.latent, out.quantizer.ids, images, labels)  # fmt: skip
+    assert float(unguided) == 0.0
+
+
 def test_gan_and_lecam_train_the_discriminator(vocab, digits, tmp_path):
     train, _ = digits
     trainer = Trainer(make_model(vocab), fast_config(steps=3, gan_weight=0.1, gan_start=1, discriminator_channels=8),
