@@ -15,6 +15,9 @@ N x V distance matrix. Public API:
     spae_fast.semantic_loss(z, codebook, candidate_index, candidate_offsets, set_of_position, *, tau=1.0,
                             reduction="mean")   # fused CLIP-guided semantic loss (candidate sets: spae_fast.semantic)
     spae_fast.SPAE(SPAEConfig(...), codebook)    # the autoencoder: encode(images) -> ids, decode(ids, num_layers)
+    spae_fast.FrozenLM.from_pretrained("smollm2" | path)   # a frozen causal LM for in-context prompting
+    spae_fast.ImageVocabulary(spae.quantizer, lm)           # image words as LLM ids (own vocabulary) or text
+    spae_fast.prompting.evaluate_fewshot / denoise / image_to_image   # few-shot classification, generation
 """
 
 from ._gpu import SearchStats, last_search_stats
@@ -22,6 +25,7 @@ from .codebook import Codebook
 from .ops import BackendStatus, available, nearest, saq, topk
 from .ops import semantic_loss, semantic_loss_from_sets
 from .model import SPAE, SPAEConfig
+from .prompting import FrozenLM, ImageVocabulary
 from .pyramid import TokenPyramid
 from .quantizer import SPAEQuantizer, SPAEQuantizerOutput
 from .vocab import VocabCodebook
@@ -31,6 +35,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendStatus",
     "Codebook",
+    "FrozenLM",
+    "ImageVocabulary",
     "SPAE",
     "SPAEConfig",
     "SPAEQuantizer",

@@ -2,7 +2,7 @@
 
     spae-fast fewshot --model DIR [--llm smollm2|PATH] [--data digits] [--ways 2 5] [--shots 1 3 5]
                       [--layers 2 3] [--episodes 100] [--queries Q] [--labels names nonsense]
-                      [--classes 5-9] [--repeats 1] [--task-induction] [--method cached|naive|generate]
+                      [--classes 5-9] [--repeats 1] [--task-induction] [--method shared|tree|kv_cache|naive|generate]
                       [--seed 0] [--out results.csv]
 
 The open-ended mini-ImageNet protocol of Frozen / LQAE / SPAE (SPAE-METHOD.md §5, `spae_fast.prompting`):
@@ -86,9 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--repeats", type=int, nargs="+", default=[1], help="times the support set is repeated"
     )
     parser.add_argument("--task-induction", action="store_true", help='start with "Answer with a or b."')
-    parser.add_argument("--method", default="cached", choices=("cached", "naive", "generate"),
-                        help="closed-set scoring with the shared-prefix cache (default), the same without it, "
-                        "or open-ended greedy answers")  # fmt: skip
+    parser.add_argument("--method", default="shared", choices=("shared", "tree", "kv_cache", "naive", "generate"),
+                        help="closed-set scoring with the support set encoded once (default 'shared': 'tree' or "
+                        "'kv_cache', whichever the model supports best), one forward per candidate ('naive'), "
+                        "or open-ended greedy answers ('generate')")  # fmt: skip
     parser.add_argument("--out", default=None, help="CSV file for the table (one row per setting)")
     parser.add_argument(
         "--episodes-out", default=None, help="CSV file of every query (episode, image, answer)"

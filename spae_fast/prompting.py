@@ -40,11 +40,21 @@ SmolLM2, Qwen) the concatenation equals the tokenization of the whole prompt str
 sit right after ``"Input:"``: in ids mode the codebook tokens carry their own leading space (``"Ġcat"``),
 in text mode each word is the piece ``" <word>"``.
 
-Caching (few-shot): the shared prefix (task induction + support) is run once; its KV cache is repeated along
-the batch for the episode's queries (one batched forward over all queries), and that cache is repeated again
-for every (query, candidate) pair, whose label tokens (all but the last, whose next-token logits are not
-needed) run as one more batched forward. Padding sits at the right of each stage and is masked with a 2-D
-attention mask plus explicit position ids, so the scores equal a plain forward over each full prompt
+Shared prefix (few-shot): the prefix (task induction + support) is encoded once per episode, not once per
+candidate; all queries and all candidate labels of the episode are scored against it in batch
+(`FrozenLM.score_continuations`), by one of two strategies with equal scores:
+
+- ``"tree"``: one forward over the packed sequence [prefix, every query, every (query, candidate)'s label
+  tokens but the last] with a tree-shaped 4-D attention mask (a query sees the prefix and itself, a label
+  the prefix, its query and itself) and each token at the position it has in its own prompt;
+- ``"kv_cache"``: the prefix runs once into the KV cache, which is repeated along the batch for the queries
+  (one batched forward) and again for every (query, candidate) pair (one more), right-padded with a 2-D
+  attention mask and explicit position ids.
+
+``"auto"`` takes the tree where the attention implementation accepts a custom mask (sdpa, eager) and the
+packed sequence is short, since on a CPU each forward of a small model costs a fixed ~70 ms (every weight
+is streamed once) on top of its tokens, and the tree needs one forward where the KV-cache fan-out needs
+three (measured in ``benchmarks/bench_fewshot.py``). Both equal the plain forward over each full prompt
 (``method="naive"``, one forward per (query, candidate), kept as the reference and the benchmark baseline).
 
 Progressive generation: the pyramid is written in steps (each layer, or chunks of ``chunk_size`` tokens of
@@ -77,7 +87,9 @@ from .vocab import SMOLLM2_ALIASES, VocabCodebook, cache_dir, smollm2_gguf_path
 # Nonsense labels of Frozen (Tsimpoukelli et al. 2021, "fast binding" tasks) first, then more of the kind.
 NONSENSE_LABELS = ("dax", "blicket", "slation", "perpo", "shously", "wug", "toma", "zorb", "fepple", "gazzer")
 LABEL_KINDS = ("names", "nonsense")
-FEWSHOT_METHODS = ("cached", "naive", "generate")
+FEWSHOT_METHODS = ("shared", "tree", "kv_cache", "naive", "generate")
+SHARING_STRATEGIES = ("auto", "tree", "kv_cache")
+TREE_MAX_TOKENS = 4096  # longest packed sequence "auto" scores in one forward (its mask is T x T)
 IMAGE_TOKEN_MODES = ("auto", "ids", "text")
 DENOISE_RATES = (0.50, 0.23)  # first and last corruption rate of the default 10 denoising examples
 _GGUF_CONVERSION_FORMAT = 1
@@ -322,18 +334,29 @@ class FrozenLM:
     # ---- forward with a KV cache --------------------------------------------------------------------------
 
     def _forward(
-        self, input_ids, cache=None, attention_mask=None, position_ids=None, keep: int | None = None
+        self,
+        input_ids,
+        cache=None,
+        attention_mask=None,
+        position_ids=None,
+        keep: int | torch.Tensor | None = None,
+        use_cache: bool = True,
     ):
-        """Logits ``[B, T or keep, V]`` (fp32) and the grown cache."""
-        kwargs = {self._cache_keyword: cache, "use_cache": True}
+        """Logits ``[B, T or kept, V]`` (fp32) and the grown cache. ``keep``: the last ``keep`` positions, or
+        a 1-D tensor of positions (transformers' ``logits_to_keep``, emulated where the model lacks it)."""
+        kwargs = {self._cache_keyword: cache, "use_cache": use_cache}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask.to(self.device)
         if position_ids is not None:
             kwargs["position_ids"] = position_ids.to(self.device)
         if keep is not None and self._logits_to_keep:
-            kwargs["logits_to_keep"] = keep
+            kwargs["logits_to_keep"] = keep.to(self.device) if isinstance(keep, torch.Tensor) else keep
         out = self.model(input_ids=input_ids.to(self.device), **kwargs)
-        logits = out.logits if keep is None or self._logits_to_keep else out.logits[:, -keep:]
+        logits = out.logits
+        if keep is not None and not self._logits_to_keep:
+            logits = (
+                logits[:, keep.to(logits.device)] if isinstance(keep, torch.Tensor) else logits[:, -keep:]
+            )
         new_cache = getattr(out, "cache", None)
         if new_cache is None:
             new_cache = getattr(out, "past_key_values", None)
@@ -356,36 +379,119 @@ class FrozenLM:
         logits, cache = self._forward(torch.tensor([list(prefix)]), keep=1)
         return cache, logits[0, -1]
 
+    def _tree_mask(self, allowed: torch.Tensor) -> torch.Tensor | None:
+        """``[T, T]`` bool "may attend" -> the 4-D mask the model's attention implementation takes as given
+        (sdpa: bool; eager: additive float), or None where a custom mask is not supported (flash, flex, ...)."""
+        implementation = getattr(self.model.config, "_attn_implementation", None)
+        if implementation == "sdpa":
+            return allowed[None, None]
+        if implementation == "eager":
+            dtype = self.model.get_input_embeddings().weight.dtype
+            zero = torch.zeros((), dtype=dtype)
+            return torch.where(allowed, zero, torch.finfo(dtype).min)[None, None]
+        return None
+
+    def sharing_strategy(self, prefix_length: int, queries, candidates) -> str:
+        """The `score_continuations` strategy ``"auto"`` picks: ``"tree"`` when the attention implementation
+        takes a custom mask and the packed sequence is at most `TREE_MAX_TOKENS` long, else ``"kv_cache"``."""
+        if self._tree_mask(torch.ones(1, 1, dtype=torch.bool)) is None:
+            return "kv_cache"
+        packed = (
+            prefix_length + sum(len(q) for q in queries) + len(queries) * sum(len(c) - 1 for c in candidates)
+        )
+        return "tree" if packed <= TREE_MAX_TOKENS else "kv_cache"
+
     @torch.inference_mode()
     def score_continuations(
-        self, prefix: Sequence[int], queries: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]]
+        self,
+        prefix: Sequence[int],
+        queries: Sequence[Sequence[int]],
+        candidates: Sequence[Sequence[int]],
+        strategy: str = "auto",
     ) -> torch.Tensor:
         """``[Q, C]`` summed log-likelihoods of ``candidates[c]`` after ``prefix + queries[q]``, with the shared
-        prefix run once and the batch fanned out through the KV cache (module docstring). Every query must
-        be non-empty and every candidate non-empty."""
-        num_queries, num_candidates = len(queries), len(candidates)
-        if (
-            not num_queries
-            or not num_candidates
-            or any(not q for q in queries)
-            or any(not c for c in candidates)
-        ):
+        prefix encoded once (every query and candidate non-empty). Strategies (equal scores, up to rounding):
+
+        - ``"tree"``: ONE forward over the packed sequence prefix, every query, every (query, candidate)
+          pair's candidate tokens but the last, with a tree-shaped attention mask (a query sees the prefix
+          and itself, a candidate the prefix, its query and itself) and each token at the position it has in
+          its own prompt. Fewest forwards, no padding, no copies of the prefix's keys / values.
+        - ``"kv_cache"``: the prefix runs once into the KV cache, which is repeated along the batch for the
+          queries (one forward) and again for every (query, candidate) pair (one more forward), right-padded
+          with a 2-D mask and explicit positions. Works with any attention implementation.
+        - ``"auto"`` (default): `sharing_strategy`.
+
+        On a CPU a small model's forward has a large fixed cost (every weight is streamed once per forward),
+        so ``"tree"`` (1 forward) beats ``"kv_cache"`` (3 forwards) for the short prompts of few-shot episodes.
+        """
+        if strategy not in SHARING_STRATEGIES:
+            raise ValueError(f"strategy must be one of {SHARING_STRATEGIES}, got {strategy!r}")
+        if not queries or not candidates or any(not q for q in queries) or any(not c for c in candidates):
             raise ValueError("score_continuations needs at least one non-empty query and candidate")
         longest = len(prefix) + max(len(q) for q in queries) + max(len(c) for c in candidates)
         self._check_length(longest, "the few-shot prompt")
-        past = len(prefix)
+        if strategy == "auto":
+            strategy = self.sharing_strategy(len(prefix), queries, candidates)
+        if strategy == "tree":
+            return self._score_tree(list(prefix), queries, candidates)
+        return self._score_kv_cache(list(prefix), queries, candidates)
+
+    def _score_tree(self, prefix: list[int], queries, candidates) -> torch.Tensor:
+        num_queries, num_candidates, past = len(queries), len(candidates), len(prefix)
+        tokens, positions = list(prefix), list(range(past))
+        query_spans = []
+        for query in queries:
+            query_spans.append((len(tokens), len(query)))
+            tokens += query
+            positions += range(past, past + len(query))
+        label_spans = []  # (start, length, query) per (query, candidate), row-major
+        for q, query in enumerate(queries):
+            for candidate in candidates:
+                rest = list(candidate[:-1])  # fed to predict tokens 1..m-1
+                label_spans.append((len(tokens), len(rest), q))
+                tokens += rest
+                positions += range(past + len(query), past + len(query) + len(rest))
+        total = len(tokens)
+        allowed = torch.zeros(total, total, dtype=torch.bool)
+        causal = torch.ones(total, total, dtype=torch.bool).tril()
+        allowed[:past, :past] = causal[:past, :past]
+        for start, length in query_spans:
+            allowed[start : start + length, :past] = True
+            allowed[start : start + length, start : start + length] = causal[:length, :length]
+        for start, length, q in label_spans:
+            query_start, query_length = query_spans[q]
+            allowed[start : start + length, :past] = True
+            allowed[start : start + length, query_start : query_start + query_length] = True
+            allowed[start : start + length, start : start + length] = causal[:length, :length]
+        # logits at each query's last token (-> every candidate's first token), then at every candidate token
+        keep = [start + length - 1 for start, length in query_spans]
+        keep += [start + i for start, length, _ in label_spans for i in range(length)]
+        logits, _ = self._forward(
+            torch.tensor([tokens]), attention_mask=self._tree_mask(allowed), position_ids=torch.tensor([positions]),
+            keep=torch.tensor(keep), use_cache=False,
+        )  # fmt: skip
+        log_probs = torch.log_softmax(logits[0], dim=-1)  # [kept, V]
+        first_tokens = torch.tensor([c[0] for c in candidates], device=log_probs.device)
+        scores = log_probs[:num_queries][:, first_tokens].clone()  # [Q, C]
+        row = num_queries
+        for pair, (_, length, q) in enumerate(label_spans):
+            candidate = candidates[pair % num_candidates]
+            if length:
+                targets = torch.tensor(candidate[1:], device=log_probs.device)
+                scores[q, pair % num_candidates] += log_probs[row + torch.arange(length), targets].sum()
+            row += length
+        return scores.cpu()
+
+    def _score_kv_cache(self, prefix: list[int], queries, candidates) -> torch.Tensor:
+        num_queries, num_candidates, past = len(queries), len(candidates), len(prefix)
         cache, _ = self.prefill(prefix)
         cache = _repeat_cache(cache, num_queries)
         # Stage 1: all queries, right-padded, in one batch after the prefix.
         query_ids, query_mask, query_lengths = _pad_rows(queries, self.pad_id)
         keep = int(query_lengths.max() - query_lengths.min()) + 1
-        ones = torch.ones(num_queries, past, dtype=torch.bool)
-        mask = torch.cat([ones, query_mask], dim=1)
+        mask = torch.cat([torch.ones(num_queries, past, dtype=torch.bool), query_mask], dim=1)
         logits, cache = self._forward(query_ids, cache, attention_mask=mask, keep=keep)
-        width = query_ids.shape[1]
-        last = (
-            query_lengths - 1 - (width - keep)
-        )  # index of each query's last real token among the kept logits
+        last = query_lengths - 1 - (query_ids.shape[1] - keep)  # each query's last real token among the kept
         first_logits = logits[
             torch.arange(num_queries), last
         ]  # [Q, V]: predicts every candidate's first token
@@ -400,9 +506,8 @@ class FrozenLM:
         label_ids = label_ids.repeat(num_queries, 1)  # row q * C + c
         label_mask = label_mask.repeat(num_queries, 1)
         prior = mask.repeat_interleave(num_candidates, dim=0)
-        positions = (past + query_lengths).repeat_interleave(num_candidates)[:, None] + torch.arange(
-            label_ids.shape[1]
-        )
+        start = (past + query_lengths).repeat_interleave(num_candidates)[:, None]
+        positions = start + torch.arange(label_ids.shape[1])
         logits, _ = self._forward(
             label_ids, cache, attention_mask=torch.cat([prior, label_mask], dim=1), position_ids=positions
         )
@@ -890,7 +995,7 @@ def evaluate_fewshot(
     label_kind: str = "names",
     class_names: Sequence[str] | None = None,
     task_induction: bool | str = False,
-    method: str = "cached",
+    method: str = "shared",
     seed: int = 0,
     class_pool: Sequence[int] | None = None,
     max_new_tokens: int | None = None,
@@ -902,8 +1007,10 @@ def evaluate_fewshot(
     Episodes: ``episodes`` as given, else `sample_episodes` (``num_episodes``, ``num_queries`` per episode,
     default one per way, ``seed``, ``class_pool``). ``label_kind``: ``"names"`` (``class_names[c]``, else the
     class id) or ``"nonsense"`` (Frozen's "dax", "blicket", ... assigned to the ways at random per episode).
-    ``method``: ``"cached"`` (closed set, shared-prefix KV cache), ``"naive"`` (closed set, one forward per
-    query and candidate: the same scores) or ``"generate"`` (open-ended greedy answer, exact match).
+    ``method``: ``"shared"`` (default; closed set, the shared prefix encoded once: `FrozenLM.score_continuations`
+    with strategy "auto"), ``"tree"`` / ``"kv_cache"`` (the same with that strategy), ``"naive"`` (closed set,
+    one forward per query and candidate: the same scores) or ``"generate"`` (open-ended greedy answer, exact
+    match).
     """
     if method not in FEWSHOT_METHODS:
         raise ValueError(f"method must be one of {FEWSHOT_METHODS}, got {method!r}")
@@ -943,8 +1050,11 @@ def evaluate_fewshot(
             predictions = [words.index(a) if a in words else -1 for a in answers]
             answers = texts
         else:
-            score = lm.score_continuations if method == "cached" else lm.score_naive
-            table = score(prompt.prefix, prompt.queries, prompt.candidates)
+            if method == "naive":
+                table = lm.score_naive(prompt.prefix, prompt.queries, prompt.candidates)
+            else:
+                strategy = "auto" if method == "shared" else method
+                table = lm.score_continuations(prompt.prefix, prompt.queries, prompt.candidates, strategy)
             predictions = table.argmax(dim=1).tolist()
             answers = [words[p] for p in predictions]
             scores = table.tolist()

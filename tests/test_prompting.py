@@ -303,8 +303,9 @@ def test_wilson_interval():
 # ---- scoring ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("strategy", ["tree", "kv_cache"])
 @pytest.mark.parametrize("which", ["a", "b"])
-def test_cached_scores_equal_naive_scores(setup, images_a, images_b, which):
+def test_shared_prefix_scores_equal_naive_scores(setup, images_a, images_b, which, strategy):
     images = images_a if which == "a" else images_b
     lm = images.lm
     before = snapshot(lm.model)
@@ -314,20 +315,40 @@ def test_cached_scores_equal_naive_scores(setup, images_a, images_b, which):
     if which == "b":  # text mode: queries and candidates of different lengths exercise the padding
         assert len({len(q) for q in prompt.queries}) > 1
         assert len({len(c) for c in prompt.candidates}) > 1
-    cached = lm.score_continuations(prompt.prefix, prompt.queries, prompt.candidates)
+    shared = lm.score_continuations(prompt.prefix, prompt.queries, prompt.candidates, strategy)
     naive = lm.score_naive(prompt.prefix, prompt.queries, prompt.candidates)
-    assert cached.shape == (5, 3)
-    torch.testing.assert_close(cached, naive, rtol=1e-4, atol=1e-4)
+    assert shared.shape == (5, 3)
+    torch.testing.assert_close(shared, naive, rtol=1e-4, atol=1e-4)
     assert_unchanged(lm.model, before)
 
 
-def test_cached_scores_with_one_token_candidates(setup, images_a):
+def test_tree_strategy_with_the_eager_attention_and_auto_choice(setup, images_a):
+    lm = images_a.lm
+    episode = sample_episodes(setup["labels"], ways=2, shots=1, num_queries=3, num_episodes=1, seed=3)[0]
+    prompt = build_episode_prompt(images_a, setup["ids"], episode, ["dax", "blicket"], num_layers=3)
+    assert lm.sharing_strategy(len(prompt.prefix), prompt.queries, prompt.candidates) == "tree"
+    naive = lm.score_naive(prompt.prefix, prompt.queries, prompt.candidates)
+    implementation = lm.model.config._attn_implementation
+    try:
+        lm.model.config._attn_implementation = "eager"
+        eager = lm.score_continuations(prompt.prefix, prompt.queries, prompt.candidates, "tree")
+        lm.model.config._attn_implementation = "flash_attention_2"  # no custom masks: auto falls back
+        assert lm.sharing_strategy(len(prompt.prefix), prompt.queries, prompt.candidates) == "kv_cache"
+    finally:
+        lm.model.config._attn_implementation = implementation
+    torch.testing.assert_close(eager, naive, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="strategy must be"):
+        lm.score_continuations(prompt.prefix, prompt.queries, prompt.candidates, "batch")
+
+
+@pytest.mark.parametrize("strategy", ["tree", "kv_cache"])
+def test_shared_prefix_scores_with_one_token_candidates(setup, images_a, strategy):
     lm = images_a.lm
     episode = sample_episodes(setup["labels"], ways=2, shots=1, num_queries=2, num_episodes=1, seed=2)[0]
     prompt = build_episode_prompt(images_a, setup["ids"], episode, ["dax", "blicket"], num_layers=2)
     candidates = [c[:1] for c in prompt.candidates]
     torch.testing.assert_close(
-        lm.score_continuations(prompt.prefix, prompt.queries, candidates),
+        lm.score_continuations(prompt.prefix, prompt.queries, candidates, strategy),
         lm.score_naive(prompt.prefix, prompt.queries, candidates), rtol=1e-4, atol=1e-4,
     )  # fmt: skip
 
@@ -359,7 +380,11 @@ def test_evaluate_fewshot(setup, images_a):
               "class_names": setup["names"]}  # fmt: skip
     cached = evaluate_fewshot(images_a, setup["ids"], setup["labels"], **common)
     naive = evaluate_fewshot(images_a, setup["ids"], setup["labels"], method="naive", **common)
+    fanned = evaluate_fewshot(images_a, setup["ids"], setup["labels"], method="kv_cache", **common)
     assert [r.predictions for r in cached.records] == [r.predictions for r in naive.records]
+    assert [r.predictions for r in fanned.records] == [r.predictions for r in naive.records]
+    with pytest.raises(ValueError, match="method must be"):
+        evaluate_fewshot(images_a, setup["ids"], setup["labels"], method="cached", **common)
     assert cached.total == 8 and 0 <= cached.correct <= 8
     assert cached.interval == wilson_interval(cached.correct, 8)
     assert cached.chance == 0.5 and cached.tokens_per_image == 5
@@ -620,9 +645,10 @@ def test_smollm2_two_way_episode(smollm2):
     text, queries = episode_text(vocab, ids, episode, ["dog", "cat"], 5)
     assert as_text.prefix == tokenize(text).input_ids
     assert as_text.queries == [tokenize(q).input_ids for q in queries]
-    cached = lm.score_continuations(prompt.prefix, prompt.queries, prompt.candidates)
     naive = lm.score_naive(prompt.prefix, prompt.queries, prompt.candidates)
-    torch.testing.assert_close(cached, naive, rtol=1e-4, atol=2e-4)
+    for strategy in ("tree", "kv_cache"):
+        shared = lm.score_continuations(prompt.prefix, prompt.queries, prompt.candidates, strategy)
+        torch.testing.assert_close(shared, naive, rtol=1e-4, atol=2e-4)
     result = evaluate_fewshot(images, ids, labels, episodes=[episode], ways=2, shots=1, num_layers=2,
                               class_names=["dog", "cat"])  # fmt: skip
     assert result.total == 2 and math.isfinite(result.accuracy)
