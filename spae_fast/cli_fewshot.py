@@ -64,6 +64,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="feed image words as LLM ids (the codebook's own LLM) or as text (default auto)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; 1 is faster on a busy machine)")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,6 +122,8 @@ def load_setup(args):
     from .model import SPAE
     from .prompting import FrozenLM, ImageVocabulary
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     spae = SPAE.from_pretrained(args.model).eval()
     lm = FrozenLM.from_pretrained(args.llm)
     images = ImageVocabulary(spae.quantizer, lm, mode=args.image_tokens)

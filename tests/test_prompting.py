@@ -687,7 +687,7 @@ def test_cli_fewshot(saved_models, tmp_path, capsys, monkeypatch):
     table = tmp_path / "table.csv"
     argv = ["fewshot", "--model", str(saved_models / "spae"), "--llm", str(saved_models / "llm"), "--data", "digits",
             "--ways", "2", "3", "--shots", "1", "--layers", "2", "--episodes", "2", "--labels", "names", "nonsense",
-            "--classes", "5-9", "--out", str(table), "--episodes-out", str(tmp_path / "queries.csv")]  # fmt: skip
+            "--threads", "1", "--classes", "5-9", "--out", str(table), "--episodes-out", str(tmp_path / "queries.csv")]  # fmt: skip
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "image words as ids" in out
