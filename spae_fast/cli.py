@@ -73,6 +73,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# Shared by the commands that take a set of classes (train, fewshot, generate).
+def parse_classes(text: str | None) -> list[int] | None:
+    """``"5-9"`` -> [5, 6, 7, 8, 9]; ``"0,2,4"`` -> [0, 2, 4]; ``"0-2,7"`` -> [0, 1, 2, 7]; None -> None."""
+    if text is None:
+        return None
+    classes: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                low, high = (int(x) for x in part.split("-", 1))
+                if high < low:
+                    raise ValueError
+                classes += range(low, high + 1)
+            elif part:
+                classes.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"classes must look like '5-9' or '0,2,4', got {text!r}") from None
+    if not classes:
+        raise argparse.ArgumentTypeError(f"classes must name at least one class, got {text!r}")
+    return sorted(set(classes))
+
+
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the ``selected`` subcommand's module is imported (all of them when None)."""
     from . import __version__

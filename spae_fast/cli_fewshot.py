@@ -26,27 +26,7 @@ from pathlib import Path
 
 import torch
 
-
-def parse_classes(text: str | None) -> list[int] | None:
-    """``"5-9"`` -> [5, 6, 7, 8, 9]; ``"0,2,4"`` -> [0, 2, 4]; ``"0-2,7"`` -> [0, 1, 2, 7]; None -> None."""
-    if text is None:
-        return None
-    classes: list[int] = []
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part:
-                low, high = (int(x) for x in part.split("-", 1))
-                if high < low:
-                    raise ValueError
-                classes += range(low, high + 1)
-            elif part:
-                classes.append(int(part))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"classes must look like '5-9' or '0,2,4', got {text!r}") from None
-    if not classes:
-        raise argparse.ArgumentTypeError(f"classes must name at least one class, got {text!r}")
-    return sorted(set(classes))
+from .cli import parse_classes
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import parse_classes
 from .model import SPAE, SPAEConfig
 from .trainer import TrainConfig, Trainer
 
@@ -30,25 +31,18 @@ _DERIVED_MODEL_FIELDS = ("codebook_rows", "codebook_dim", "codebook_fingerprint"
 
 
 def parse_int_list(text: str) -> tuple[int, ...]:
-    """``"1,2,4"`` -> (1, 2, 4); ``"5-9"`` -> (5, 6, 7, 8, 9) (inclusive); parts may mix."""
-    values: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        low, dash, high = part.partition("-")
-        try:
-            values.extend(range(int(low), int(high) + 1) if dash else [int(part)])
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated ints or ranges like 5-9, got {text!r}")
-    return tuple(values)
+    """``"1,2,4,8,8"`` -> (1, 2, 4, 8, 8): order and repeats kept (pyramid sides, channel multipliers)."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
 
 
 def _float_list(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _optional(kind):
@@ -89,7 +83,7 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, skip=()):
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="digits", help="'digits', 'skimage' or a folder of images (default: digits)")
-    parser.add_argument("--classes", type=parse_int_list, default=None,
+    parser.add_argument("--classes", type=parse_classes, default=None,
                         help="digits only: the classes to use, e.g. 0-4 (default: all ten)")  # fmt: skip
 
 
