@@ -87,7 +87,9 @@ class TrainConfig:
     semantic_layers: int = 3  # top pyramid layers that get semantic guidance
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS  # rho_l per semantic layer
     tau: float = 1.0  # semantic softmax temperature
-    alpha0: float = 0.1
+    # alpha0: the semantic term's share of L_app. On the digits demo (150 steps) 0.1 barely changed the words
+    # (layer-1..2 relevance 0.32, as without guidance: 0.32); 1.0 nearly doubled it (0.61) for -2.4 dB PSNR.
+    alpha0: float = 1.0
     alpha_mode: str = "dynamic"  # "dynamic" | "constant"
     semantic_classes: tuple[int, ...] | None = None  # only images of these labels get guidance (None: all)
     log_every: int = 10
