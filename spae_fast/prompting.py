@@ -482,19 +482,27 @@ class FrozenLM:
             row += length
         return scores.cpu()
 
-    def _score_kv_cache(self, prefix: list[int], queries, candidates) -> torch.Tensor:
-        num_queries, num_candidates, past = len(queries), len(candidates), len(prefix)
+    def _queries_after_prefix(self, prefix: Sequence[int], queries: Sequence[Sequence[int]]):
+        """Encodes ``prefix`` once, then all queries right-padded in one batch on copies of its cache.
+
+        Returns ``(cache, mask [Q, past + T] bool, lengths [Q], next_logits [Q, V])``: the cache after each
+        query, the attention mask so far, the queries' lengths, and the logits after each query's last token.
+        """
+        num_queries, past = len(queries), len(prefix)
         cache, _ = self.prefill(prefix)
         cache = _repeat_cache(cache, num_queries)
-        # Stage 1: all queries, right-padded, in one batch after the prefix.
-        query_ids, query_mask, query_lengths = _pad_rows(queries, self.pad_id)
-        keep = int(query_lengths.max() - query_lengths.min()) + 1
+        query_ids, query_mask, lengths = _pad_rows(queries, self.pad_id)
+        keep = int(lengths.max() - lengths.min()) + 1
         mask = torch.cat([torch.ones(num_queries, past, dtype=torch.bool), query_mask], dim=1)
         logits, cache = self._forward(query_ids, cache, attention_mask=mask, keep=keep)
-        last = query_lengths - 1 - (query_ids.shape[1] - keep)  # each query's last real token among the kept
-        first_logits = logits[
-            torch.arange(num_queries), last
-        ]  # [Q, V]: predicts every candidate's first token
+        last = lengths - 1 - (query_ids.shape[1] - keep)  # each query's last real token among the kept
+        return cache, mask, lengths, logits[torch.arange(num_queries), last]
+
+    def _score_kv_cache(self, prefix: list[int], queries, candidates) -> torch.Tensor:
+        num_queries, num_candidates, past = len(queries), len(candidates), len(prefix)
+        # Stage 1: all queries, right-padded, in one batch after the prefix.
+        cache, mask, query_lengths, first_logits = self._queries_after_prefix(prefix, queries)
+        # first_logits [Q, V] predict every candidate's first token
         first_tokens = torch.tensor([c[0] for c in candidates], device=first_logits.device)
         scores = torch.log_softmax(first_logits, dim=-1)[:, first_tokens]  # [Q, C]
         rest = [list(c[:-1]) for c in candidates]  # fed to predict tokens 1..m-1
@@ -547,13 +555,7 @@ class FrozenLM:
         past = len(prefix)
         self._check_length(past + max(len(q) for q in queries) + max_new_tokens, "the few-shot prompt")
         newlines = self.newline_tokens()
-        cache, _ = self.prefill(prefix)
-        cache = _repeat_cache(cache, num_queries)
-        query_ids, query_mask, lengths = _pad_rows(queries, self.pad_id)
-        keep = int(lengths.max() - lengths.min()) + 1
-        mask = torch.cat([torch.ones(num_queries, past, dtype=torch.bool), query_mask], dim=1)
-        logits, cache = self._forward(query_ids, cache, attention_mask=mask, keep=keep)
-        step_logits = logits[torch.arange(num_queries), lengths - 1 - (query_ids.shape[1] - keep)]
+        cache, mask, lengths, step_logits = self._queries_after_prefix(prefix, queries)
         generated: list[list[int]] = [[] for _ in range(num_queries)]
         done = [False] * num_queries
         for step in range(max_new_tokens):
