@@ -1,0 +1,245 @@
+#!/usr/bin/env python
+"""Fidelity report of the embedded default (SPAE-METHOD.md §2-4): train the demo SPAE in several variants, then
+measure reconstruction per layer prefix and the semantic relevance of the words on held-out digits.
+
+    python benchmarks/fidelity.py [--out benchmarks/results/fidelity] [--steps 400] [--variants ...]
+                                  [--reuse] [--write-benchmarks-md]
+
+Variants (all: the demo's model and training, `spae_fast.demo.DEMO_MODEL` / `DEMO_TRAINING`, same seed):
+  saq_semantic    SAQ, label-text semantic guidance on all ten classes (= ``spae-fast demo``)
+  saq_plain       SAQ, no semantic loss (the control)
+  rq_semantic     residual quantization instead of SAQ, with guidance
+  saq_semantic_0to4  SAQ, guidance only on images of digits 0-4 (for held-out-class evaluations, issue #6)
+
+Evaluation on the held-out split (360 images, every class), with the label-text provider of all ten class
+names (MiniLM; relevance s in [0, 1] = min-max normalised over the vocabulary per image):
+  * PSNR (dB) of the reconstruction from each prefix of layers;
+  * the mean relevance of the words of layers 1 and 2 (1 + 4 words) to the image's class name.
+
+Also measures one training step of the trained saq_semantic model (batch 16, median of --repeats after a
+warm-up), split into encoder + decoder (forward and backward, the quantizer's output precomputed), the
+quantizer forward (the fused SAQ search and its running means), and the semantic loss (relevance, candidate
+sets, SAQ targets, fused loss forward + backward), against the whole step as the trainer runs it.
+
+Models go to OUT/<variant>/model (`SPAE.from_pretrained`); ``--reuse`` skips training a variant whose model
+exists. Writes OUT/fidelity.json and fidelity.md; with --write-benchmarks-md also the "Fidelity" section of
+BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from spae_fast.bench import git_sha, machine_info, replace_markdown_section, versions
+from spae_fast.cli_train import build_datasets
+from spae_fast.demo import DEMO_MODEL, DEMO_TRAINING
+from spae_fast.model import SPAE
+from spae_fast.relevance import LabelTextRelevance
+from spae_fast.trainer import Trainer, evaluate_model
+from spae_fast.vocab import VocabCodebook
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = {
+    "saq_semantic": ({"mode": "saq"}, {"relevance": True}),
+    "saq_plain": ({"mode": "saq"}, {"relevance": False}),
+    "rq_semantic": ({"mode": "rq"}, {"relevance": True}),
+    "saq_semantic_0to4": ({"mode": "saq"}, {"relevance": True, "semantic_classes": (0, 1, 2, 3, 4)}),
+}
+HEADING = "## Fidelity"
+
+
+def train_variant(name: str, out: Path, steps: int, vocab, relevance, train, held_out, reuse: bool) -> SPAE:
+    model_overrides, options = VARIANTS[name]
+    folder = out / name
+    if reuse and (folder / "model" / "config.json").is_file():
+        return SPAE.from_pretrained(folder / "model", codebook=vocab)
+    config = dataclasses.replace(DEMO_TRAINING, steps=steps, semantic_classes=options.get("semantic_classes"))
+    torch.manual_seed(config.seed)
+    model = SPAE(dataclasses.replace(DEMO_MODEL, **model_overrides), vocab)
+    provider = relevance if options["relevance"] else None
+    summary = Trainer(model, config, folder, train, eval_dataset=held_out, relevance=provider).fit(progress=False)
+    print(f"  {name}: {summary['step']} steps in {summary['seconds']:.0f} s", flush=True)
+    return model
+
+
+def evaluate_variant(model: SPAE, relevance, held_out, batch: int = 120) -> dict:
+    psnr, relevance_sum, count = None, None, 0
+    for start in range(0, len(held_out), batch):
+        items = [held_out[i] for i in range(start, min(start + batch, len(held_out)))]
+        images = torch.stack([image for image, _ in items])
+        labels = torch.as_tensor([int(label) for _, label in items])
+        result = evaluate_model(model, images, labels, relevance, semantic_layers=2)
+        weight = len(items)
+        psnr = [w * weight + (psnr[i] if psnr else 0.0) for i, w in enumerate(result["psnr"])]
+        layer_relevance = [r * weight for r in result["relevance"]]
+        relevance_sum = [a + b for a, b in zip(relevance_sum, layer_relevance)] if relevance_sum else layer_relevance
+        count += weight
+    per_layer = [r / count for r in relevance_sum]
+    return {
+        "psnr": [round(p / count, 3) for p in psnr],
+        "relevance_layer": [round(r, 4) for r in per_layer],
+        "relevance_1to2": round((per_layer[0] * 1 + per_layer[1] * 4) / 5, 4),  # per word, 1 + 4 words
+    }
+
+
+def time_step_split(model: SPAE, relevance, train, repeats: int) -> dict:
+    """Median seconds of: the whole trainer step; encoder + decoder fwd/bwd; quantizer fwd; semantic fwd/bwd."""
+    config = dataclasses.replace(DEMO_TRAINING, steps=10**9)
+    trainer = Trainer(model, config, "/tmp/spae_fidelity_timing", train, relevance=relevance)
+    generator = torch.Generator().manual_seed(1)
+    index = torch.randperm(len(train), generator=generator)[: config.batch_size]
+    images = torch.stack([train[int(i)][0] for i in index])
+    labels = torch.as_tensor([int(train[int(i)][1]) for i in index])
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # the timed steps must not drift the model
+
+    def encoder_decoder():
+        latent = model.encoder(images)
+        with torch.no_grad():
+            quantized = model.quantizer(latent).quantized
+        start = time.perf_counter()
+        latent = model.encoder(images)
+        reconstruction = model.decoder(latent + (quantized - latent).detach())
+        ((reconstruction - images) ** 2).mean().backward()
+        return time.perf_counter() - start
+
+    def quantizer():
+        latent = model.encoder(images).detach().requires_grad_(True)
+        start = time.perf_counter()
+        out = model.quantizer(latent)
+        out.loss.backward()
+        return time.perf_counter() - start
+
+    def semantic():
+        latent = model.encoder(images).detach().requires_grad_(True)
+        ids = model.quantizer(latent).ids
+        start = time.perf_counter()
+        trainer.semantic_term(latent, ids, images, labels).backward()
+        return time.perf_counter() - start
+
+    def whole():
+        start = time.perf_counter()
+        trainer.train_step(images, labels)
+        return time.perf_counter() - start
+
+    parts = {"step": whole, "encoder_decoder": encoder_decoder, "quantizer": quantizer, "semantic_loss": semantic}
+    times: dict[str, list[float]] = {name: [] for name in parts}
+    for round_index in range(repeats + 1):  # round 0 warms up
+        for name, fn in parts.items():
+            model.zero_grad(set_to_none=True)
+            seconds = fn()
+            if round_index:
+                times[name].append(seconds)
+        model.load_state_dict(state)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    median["quantizer_plus_semantic_share"] = (median["quantizer"] + median["semantic_loss"]) / median["step"]
+    return {name: round(value, 4) for name, value in median.items()}
+
+
+def render(meta: dict, results: dict, timing: dict | None) -> str:
+    lines = [
+        f"{HEADING} (embedded default: demo SPAE on digits, SmolLM2 vocabulary)",
+        "",
+        f"`{meta['command']}` — {meta['date']}, git {meta['git']}, {meta['machine']}, torch {meta['torch']}.",
+        (
+            f"Each variant trained {meta['steps']} steps (batch 16, 32x32 digits, layers 1,2,4,8,8 = 1/5/21/85/149 "
+            "words); evaluated on the 360 held-out digits. Relevance: label-text (MiniLM) relevance of each word to "
+            "the image's class name, min-max normalised over the vocabulary (0..1); mean over the 5 words of layers "
+            "1-2."
+        ),
+        "",
+        "| variant | PSNR 1 | PSNR 2 | PSNR 3 | PSNR 4 | PSNR 5 | relevance layer 1 | layer 2 | layers 1-2 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in results.items():
+        psnr = " | ".join(f"{p:.2f}" for p in r["psnr"])
+        layers = " | ".join(f"{v:.3f}" for v in r["relevance_layer"])
+        lines.append(f"| {name} | {psnr} | {layers} | {r['relevance_1to2']:.3f} |")
+    lines.append("")
+    checks = []
+    for name, r in results.items():
+        increasing = all(b > a for a, b in zip(r["psnr"], r["psnr"][1:]))
+        checks.append(f"- {name}: PSNR strictly increases with each layer: **{'yes' if increasing else 'no'}**")
+    if "saq_semantic" in results and "saq_plain" in results:
+        a, b = results["saq_semantic"]["relevance_1to2"], results["saq_plain"]["relevance_1to2"]
+        checks.append(f"- layer 1-2 relevance with guidance {a:.3f} vs without {b:.3f}: "
+                      f"**{'higher' if a > b else 'not higher'}**")  # fmt: skip
+    if "saq_semantic" in results and "rq_semantic" in results:
+        s, r = results["saq_semantic"], results["rq_semantic"]
+        checks.append(
+            f"- SAQ vs RQ (both guided): relevance {s['relevance_1to2']:.3f} vs {r['relevance_1to2']:.3f}, full PSNR "
+            f"{s['psnr'][-1]:.2f} vs {r['psnr'][-1]:.2f} dB: SAQ's words "
+            f"**{'more' if s['relevance_1to2'] > r['relevance_1to2'] else 'not more'}** relevant"
+        )
+    lines += checks
+    if timing:
+        lines += [
+            "",
+            "### One training step of the demo model (median seconds, batch 16)",
+            "",
+            (
+                "| whole step | encoder + decoder (fwd + bwd) | quantizer (fwd + bwd) | semantic loss (fwd + bwd) "
+                "| quantizer + semantic share |"
+            ),
+            "|---:|---:|---:|---:|---:|",
+            (
+                f"| {timing['step']:.3f} | {timing['encoder_decoder']:.3f} | {timing['quantizer']:.3f} | "
+                f"{timing['semantic_loss']:.3f} | {100 * timing['quantizer_plus_semantic_share']:.0f}% |"
+            ),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fidelity"))
+    parser.add_argument("--steps", type=int, default=DEMO_TRAINING.steps)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--reuse", action="store_true", help="skip training variants whose model exists")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds of the step split (0: skip it)")
+    parser.add_argument("--write-benchmarks-md", action="store_true")
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train, held_out = build_datasets("digits", DEMO_MODEL.image_size)
+    vocab = VocabCodebook.from_pretrained(DEMO_MODEL.codebook, token_filter=DEMO_MODEL.token_filter)
+    relevance = LabelTextRelevance(vocab, train.class_names)
+    results, models = {}, {}
+    for name in args.variants:
+        models[name] = train_variant(name, out, args.steps, vocab, relevance, train, held_out, args.reuse)
+        results[name] = evaluate_variant(models[name], relevance, held_out)
+        print(f"  {name}: {results[name]}", flush=True)
+    timing = None
+    if args.repeats and "saq_semantic" in models:
+        timing = time_step_split(models["saq_semantic"], relevance, train, args.repeats)
+        print(f"  step split: {timing}", flush=True)
+    info = machine_info()
+    meta = {
+        "command": " ".join(["python benchmarks/fidelity.py", *sys.argv[1:]]),
+        "date": datetime.date.today().isoformat(),
+        "git": git_sha(ROOT),
+        "machine": f"{info.get('cpu', '?')} ({info.get('threads', '?')} threads)",
+        "torch": versions().get("torch", torch.__version__),
+        "steps": args.steps,
+    }
+    (out / "fidelity.json").write_text(json.dumps({"meta": meta, "results": results, "step_split": timing},
+                                                  indent=2) + "\n")  # fmt: skip
+    section = render(meta, results, timing)
+    (out / "fidelity.md").write_text(section)
+    print(section)
+    if args.write_benchmarks_md:
+        replace_markdown_section(ROOT / "BENCHMARKS.md", HEADING, section)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
