@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     pyramid = model.quantizer.pyramid
     report = {
         "image_size": DEMO_MODEL.image_size,
-        "codebook": f"{vocab.source or DEMO_MODEL.codebook} ({vocab.num_rows} x {vocab.dim})",
+        "codebook": f"{DEMO_MODEL.codebook} ({vocab.num_rows} x {vocab.dim} words)",
         "relevance": args.relevance,
         "steps": summary["step"],
         "train_seconds": summary["seconds"],
