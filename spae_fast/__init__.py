@@ -22,9 +22,8 @@ N x V distance matrix. Public API:
 
 from ._gpu import SearchStats, last_search_stats
 from .codebook import Codebook
-from .ops import BackendStatus, available, nearest, saq, topk
-from .ops import semantic_loss, semantic_loss_from_sets
 from .model import SPAE, SPAEConfig
+from .ops import BackendStatus, available, nearest, saq, semantic_loss, semantic_loss_from_sets, topk
 from .prompting import FrozenLM, ImageVocabulary
 from .pyramid import TokenPyramid
 from .quantizer import SPAEQuantizer, SPAEQuantizerOutput
@@ -33,17 +32,18 @@ from .vocab import VocabCodebook
 __version__ = "0.1.0"
 
 __all__ = [
+    "SPAE",
     "BackendStatus",
     "Codebook",
     "FrozenLM",
     "ImageVocabulary",
-    "SPAE",
     "SPAEConfig",
     "SPAEQuantizer",
     "SPAEQuantizerOutput",
     "SearchStats",
     "TokenPyramid",
     "VocabCodebook",
+    "__version__",
     "available",
     "last_search_stats",
     "nearest",
@@ -51,5 +51,4 @@ __all__ = [
     "semantic_loss",
     "semantic_loss_from_sets",
     "topk",
-    "__version__",
 ]

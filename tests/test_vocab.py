@@ -9,11 +9,10 @@ import time
 import numpy as np
 import pytest
 import torch
+from _tiny_llm import byte_level_tokenizer, save_tiny_model, sentencepiece_style_tokenizer
 
 from spae_fast import vocab
 from spae_fast.vocab import VocabCodebook, is_word, token_text
-
-from _tiny_llm import byte_level_tokenizer, save_tiny_model, sentencepiece_style_tokenizer
 
 
 @pytest.fixture(autouse=True)
