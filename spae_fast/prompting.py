@@ -357,8 +357,10 @@ class FrozenLM:
             logits = (
                 logits[:, keep.to(logits.device)] if isinstance(keep, torch.Tensor) else logits[:, -keep:]
             )
+        if not use_cache:
+            return logits.float(), None
         new_cache = getattr(out, "cache", None)
-        if new_cache is None:
+        if new_cache is None:  # transformers 4 (in 5, reading `past_key_values` warns of its deprecation)
             new_cache = getattr(out, "past_key_values", None)
         return logits.float(), new_cache
 
