@@ -338,15 +338,17 @@ class Trainer:
                 file.write(json.dumps(record) + "\n")
 
     def _evaluate_and_save_samples(self) -> dict[str, object]:
+        """Rank 0 evaluates the held-out batch, logs it and writes the sample grid; other ranks return {}."""
+        if self.rank != 0:
+            return {}
+        from .imaging import save_grid
+
         images, labels = self.eval_batch()
         result = self.evaluate(images, labels)
         reconstructions = result.pop("reconstructions")
-        if self.rank == 0:
-            from .imaging import save_grid
-
-            rows = [images] + reconstructions
-            labels_text = ["input"] + [f"{n} layer{'s' if n > 1 else ''}" for n in range(1, len(reconstructions) + 1)]
-            save_grid(self.out_dir / "samples" / f"step_{self.step:06d}.png", rows, row_labels=labels_text)
+        rows = [images] + reconstructions
+        labels_text = ["input"] + [f"{n} layer{'s' if n > 1 else ''}" for n in range(1, len(reconstructions) + 1)]
+        save_grid(self.out_dir / "samples" / f"step_{self.step:06d}.png", rows, row_labels=labels_text)
         self._log({"step": self.step, "eval": result})
         return result
 
