@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# Shared by the commands that take a set of classes (train, fewshot, generate).
+# Shared by the commands that take a set of classes (train, fewshot).
 def parse_classes(text: str | None) -> list[int] | None:
     """``"5-9"`` -> [5, 6, 7, 8, 9]; ``"0,2,4"`` -> [0, 2, 4]; ``"0-2,7"`` -> [0, 1, 2, 7]; None -> None."""
     if text is None:
