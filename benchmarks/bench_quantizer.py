@@ -57,7 +57,7 @@ TARGETS = {"torch_cdist": (5.0, 20.0), "torch_chunked": (3.0, None)}  # (speed-u
 NOTE = (
     "Where the time goes: the step is dominated by the distance contraction, 2·N·V·D = 541 GFLOP for the 9552 "
     "queries of the default step. The baselines run it as MKL sgemm (fp32); spae_fast runs exact int8 products "
-    "(AVX512-VNNI) over the whole vocabulary and fp32 only for 16 certified candidates per query (plus the full "
+    "(AVX512-VNNI) over the whole vocabulary and fp32 only for the few certified candidates per query (plus the full "
     "fp32 search for the rare rows the certificate cannot settle), so the speed-up over the baselines is bounded "
     "by the ratio of the int8 to the fp32 dot-product rate of the CPU, not by memory or overheads."
 )

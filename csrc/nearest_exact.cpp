@@ -39,13 +39,22 @@ namespace {
 // of E_k) and the exact search's fp32 chain add at most G = g (||x|| P + n P~ + 2 B + a P + n b) with
 // g = 1.01 (D + 8) 2^-24 and the maxima P, b, P~, B of ||p_k||, b_k, ||p~_k||, |bias_k| (plus 1e-30 D for
 // underflow). So the kernel's key lb_k = s~_k - E_k satisfies  lb_k - G <= s_k <= lb_k + 2 E_k + G.
-// Keep the m = 16 rows with the smallest (lb, index). If lb_(m) - G > min over the list of (lb_c + 2E_c + G),
-// every row outside the list has an exact score above some listed row's, so the exact winner is listed:
-// rescoring the 16 candidates with the fp32 micro-kernel (bitwise the full search's arithmetic) and taking
-// the smallest (s, index) is exactly the full search's answer. Rows it cannot certify (near-ties, duplicated
-// rows, NaN) run the full fp32 search instead.
+// Keep the m rows with the smallest (lb, index) and let U = min over the list of (lb_c + 2E_c). A row with
+// lb_k - G > U + G has an exact score above some listed row's, so it cannot be the winner. If the m-th
+// listed row is such a row, so is every row outside the list (their lb is no smaller): the exact winner is
+// among the listed rows with lb_c - G <= U + G (a prefix of the list, usually a handful), and rescoring just
+// those with the fp32 micro-kernel (bitwise the full search's arithmetic) and taking the smallest (s, index)
+// is exactly the full search's answer.
+//
+// Two passes: m = 64 for every query, then m = 512 for the few it could not certify (high-D queries far
+// from every row, where the bound's window holds more than 64 rows). Rows neither certifies (more than 512
+// near-ties, duplicated rows, NaN) run the full fp32 search. Measured on a 2-core Zen 4 (N = 4096): random
+// 32000 x 1024 tables, m = 16 certified 37% of the queries, m = 64 94%, then the second pass 100%; the
+// search took 0.53 s against 1.5 s for torch.matmul of the same shape. A single pass with m = 128 certifies
+// as much but its longer lists cost ~10% more on every query.
 
-constexpr int64_t kCandidates = kPanelWidth;  // rescored in one fp32 micro-kernel call
+constexpr int64_t kCandidates = 64;        // first pass: list length per query
+constexpr int64_t kLongCandidates = 512;   // second pass, on the rows the first could not certify
 
 inline float round_up(double value) {
   const float rounded = static_cast<float>(value);
@@ -158,53 +167,73 @@ class SubsetSource final : public QuerySource {
 
 }  // namespace
 
-StatusInfo nearest_exact(const QuerySource& source, const PackedCodebookView& cb, const MatrixView& weight,
-                         const PackedInt8CodebookView& prefilter, bool check_finite, int num_threads,
-                         float* distances, int64_t* out_index, int64_t* full_search_rows) {
-  const int64_t num_queries = source.rows();
 #if defined(SPAE_HAVE_AVX512VNNI_KERNEL)
-  if (prefilter.panels != nullptr && num_queries > 0 && cpu_supports_avx512_vnni()) {
-    const PackedInt8CodebookView& q8 = prefilter;
-    const int64_t dim = cb.dim;
-    const MicroKernel kernel = active_micro_kernel();
-    const double gamma = 1.01 * static_cast<double>(dim + 8) * 0x1p-24;
-    std::vector<uint8_t> settled(static_cast<size_t>(num_queries), 0);
-    const Int8Engine engine{q8, cb.max_norm, cb.metric};
-    const int64_t candidates = std::min<int64_t>(kCandidates, cb.rows);
-    const StatusInfo info = fused::run(
-        source, engine, candidates, check_finite, num_threads,
-        [&](int64_t row, const float* values, const int64_t* indices, int64_t count, const Int8RowInfo& x) {
-          if (count < 1 || !std::isfinite(values[0]) || !std::isfinite(values[count - 1])) return;
-          if (count < candidates) return;
-          if (candidates < cb.rows) {  // else the list holds every row: nothing to certify
-            const double a = x.rounding, n = x.rounded_norm;
-            const double slack = gamma * (std::sqrt(x.norm_sq) * q8.max_norm + n * q8.max_rounded_norm +
-                                          2.0 * q8.max_abs_bias + a * q8.max_norm + n * q8.max_rounding) +
-                                 1e-30 * static_cast<double>(dim + 8);
-            double best_upper = fused::kInf;
-            for (int64_t c = 0; c < count; ++c) {
-              const int64_t k = indices[c];
-              const float* column = q8.columns + (k / kInt8PanelWidth) * 4 * kInt8PanelWidth + k % kInt8PanelWidth;
-              const double error = a * column[kInt8PanelWidth] + n * column[2 * kInt8PanelWidth];
-              best_upper = std::min(best_upper, static_cast<double>(values[c]) + 2.0 * error);
-            }
-            const double margin = static_cast<double>(values[candidates - 1]) - best_upper - 2.0 * slack;
-            if (!(std::isfinite(margin) && margin > 1e-6 * slack)) return;
-          }
-          // Rescore the candidates exactly: their fp32 rows side by side as one panel, the query as tile row 0.
-          thread_local std::vector<float> panel, query, row_buffer;
-          panel.assign(static_cast<size_t>(dim * kPanelWidth), 0.0f);
-          query.assign(static_cast<size_t>(dim * kTileRows), 0.0f);
-          row_buffer.resize(static_cast<size_t>(dim));
-          float bias[kPanelWidth], scores[kTileRows * kPanelWidth], thresholds[kTileRows];
-          uint32_t masks[kTileRows];
+// One certified int8 pass over `source` keeping `candidates` rows per query: settles (sets settled[row] and
+// writes distances / out_index) every row whose certificate holds; leaves the others untouched.
+static StatusInfo certified_int8_pass(const QuerySource& source, const PackedCodebookView& cb,
+                                      const MatrixView& weight, const PackedInt8CodebookView& prefilter,
+                                      bool check_finite, int num_threads, int64_t candidates, float* distances,
+                                      int64_t* out_index, std::vector<uint8_t>& settled) {
+  const PackedInt8CodebookView& q8 = prefilter;
+  const int64_t dim = cb.dim;
+  const MicroKernel kernel = active_micro_kernel();
+  const double gamma = 1.01 * static_cast<double>(dim + 8) * 0x1p-24;
+  const Int8Engine engine{q8, cb.max_norm, cb.metric};
+  return fused::run(
+      source, engine, candidates, check_finite, num_threads,
+      [&](int64_t row, const float* values, const int64_t* indices, int64_t count, const Int8RowInfo& x) {
+        if (count < 1 || !std::isfinite(values[0]) || !std::isfinite(values[count - 1])) return;
+        if (count < candidates) return;
+        // The rows that can still be the winner: lb_c - G <= best_upper + G, where best_upper is the least
+        // upper bound on the list, min_c (lb_c + 2 E_c). A row with lb - G above it has an exact score
+        // strictly above some listed row's, so it ranks after that row. The list is sorted by lb, so these
+        // rows are a prefix, and only they are rescored (usually a handful of the 64).
+        const double a = x.rounding, n = x.rounded_norm;
+        const double slack = gamma * (std::sqrt(x.norm_sq) * q8.max_norm + n * q8.max_rounded_norm +
+                                      2.0 * q8.max_abs_bias + a * q8.max_norm + n * q8.max_rounding) +
+                             1e-30 * static_cast<double>(dim + 8);
+        double best_upper = fused::kInf;
+        for (int64_t c = 0; c < count; ++c) {
+          const int64_t k = indices[c];
+          const float* column = q8.columns + (k / kInt8PanelWidth) * 4 * kInt8PanelWidth + k % kInt8PanelWidth;
+          const double error = a * column[kInt8PanelWidth] + n * column[2 * kInt8PanelWidth];
+          best_upper = std::min(best_upper, static_cast<double>(values[c]) + 2.0 * error);
+        }
+        const auto excluded = [&](int64_t c) {
+          const double margin = static_cast<double>(values[c]) - best_upper - 2.0 * slack;
+          return std::isfinite(margin) && margin > 1e-6 * slack;
+        };
+        // Certified when the list's last row is excluded: then so is every row outside the list (their lb
+        // is no smaller). A list that holds every row needs no certificate.
+        if (candidates < cb.rows && !excluded(count - 1)) return;
+        int64_t needed = 1;
+        while (needed < count && !excluded(needed)) ++needed;
+        count = needed;
+        // Rescore the candidates exactly: their fp32 rows side by side as panels of 16, the query as tile
+        // row 0 of one packed tile (each score is the full search's own fp32 chain, wherever its column sits).
+        thread_local std::vector<float> panel, query, row_buffer, rescored;
+        const int64_t num_rescore_panels = (count + kPanelWidth - 1) / kPanelWidth;
+        // No zero fill (it cost more than the rescoring): pack_query_block writes the whole tile, and the
+        // panel's unused columns keep stale values whose scores are never read.
+        panel.resize(static_cast<size_t>(dim * kPanelWidth));
+        query.resize(static_cast<size_t>(dim * kTileRows));
+        row_buffer.resize(static_cast<size_t>(dim));
+        rescored.resize(static_cast<size_t>(num_rescore_panels * kPanelWidth));
+        float bias[kPanelWidth], scores[kTileRows * kPanelWidth], thresholds[kTileRows];
+        uint32_t masks[kTileRows];
+        // The query exactly as the fp32 search packs it (cosine normalisation, ||x||^2 for the l2 distance).
+        double norm_sq = 0.0;
+        pack_query_block(source, cb.metric, cb, false, row, 1, kTileRows, row_buffer.data(), query.data(), &norm_sq);
+        std::fill(thresholds, thresholds + kTileRows, fused::kInf);
+        for (int64_t first = 0; first < count; first += kPanelWidth) {
           for (int64_t c = 0; c < kPanelWidth; ++c) {
             bias[c] = fused::kInf;
-            if (c >= count) continue;
+            const int64_t slot = first + c;
+            if (slot >= count) continue;
             // l2: p = -2 e exactly as pack_codebook wrote it (scaling by -2 is exact), read from the row-major
             // table: one contiguous row per candidate instead of D cache lines of the packed panels. Other
             // metrics: the packed column itself (cosine's scale is not exact to redo).
-            const int64_t k = indices[c];
+            const int64_t k = indices[slot];
             const MatrixView& e = weight;
             if (cb.metric != Metric::L2 || e.data == nullptr) {
               const float* column = cb.panels + (k / kPanelWidth) * dim * kPanelWidth + k % kPanelWidth;
@@ -219,27 +248,60 @@ StatusInfo nearest_exact(const QuerySource& source, const PackedCodebookView& cb
             }
             bias[c] = cb.bias[k];
           }
-          // The query exactly as the fp32 search packs it (cosine normalisation, ||x||^2 for the l2 distance).
-          double norm_sq = 0.0;
-          pack_query_block(source, cb.metric, cb, false, row, 1, kTileRows, row_buffer.data(), query.data(), &norm_sq);
-          std::fill(thresholds, thresholds + kTileRows, fused::kInf);
           kernel(query.data(), panel.data(), bias, dim, thresholds, scores, masks);
-          int64_t best = 0;
-          for (int64_t c = 1; c < count; ++c)
-            if (fused::ranks_before(scores[c], indices[c], scores[best], indices[best])) best = c;
-          out_index[row] = indices[best];
-          distances[row] = finish_distance(cb.metric, scores[best], norm_sq);
-          settled[row] = 1;
-        });
+          std::copy(scores, scores + kPanelWidth, rescored.begin() + first);
+        }
+        int64_t best = 0;
+        for (int64_t c = 1; c < count; ++c)
+          if (fused::ranks_before(rescored[c], indices[c], rescored[best], indices[best])) best = c;
+        const float best_score = rescored[best];
+        out_index[row] = indices[best];
+        distances[row] = finish_distance(cb.metric, best_score, norm_sq);
+        settled[row] = 1;
+      });
+}
+#endif
+
+StatusInfo nearest_exact(const QuerySource& source, const PackedCodebookView& cb, const MatrixView& weight,
+                         const PackedInt8CodebookView& prefilter, bool check_finite, int num_threads,
+                         float* distances, int64_t* out_index, int64_t* full_search_rows) {
+  const int64_t num_queries = source.rows();
+#if defined(SPAE_HAVE_AVX512VNNI_KERNEL)
+  if (prefilter.panels != nullptr && num_queries > 0 && cpu_supports_avx512_vnni()) {
+    std::vector<uint8_t> settled(static_cast<size_t>(num_queries), 0);
+    const StatusInfo info = certified_int8_pass(source, cb, weight, prefilter, check_finite, num_threads,
+                                                std::min<int64_t>(kCandidates, cb.rows), distances, out_index,
+                                                settled);
     if (info.status != Status::Ok) return info;
     std::vector<int64_t> rest;
     for (int64_t row = 0; row < num_queries; ++row)
       if (!settled[row]) rest.push_back(row);
-    *full_search_rows += static_cast<int64_t>(rest.size());
     if (rest.empty()) return {};
-    const SubsetSource subset(source, rest);
+    // Second tier: the rows the short list could not settle, again in int8 with a long list (a few % of the
+    // rows at 1/4 the cost of the fp32 search each), before the fp32 search takes what is left.
     std::vector<int64_t> rest_index(rest.size());
     std::vector<float> rest_dist(rest.size());
+    if (cb.rows > kCandidates) {
+      const SubsetSource subset(source, rest);
+      std::vector<uint8_t> rest_settled(rest.size(), 0);
+      const StatusInfo second = certified_int8_pass(subset, cb, weight, prefilter, false, num_threads,
+                                                    std::min<int64_t>(kLongCandidates, cb.rows), rest_dist.data(),
+                                                    rest_index.data(), rest_settled);
+      if (second.status != Status::Ok) return {second.status, second.detail >= 0 ? rest[second.detail] : -1};
+      std::vector<int64_t> still;
+      for (size_t i = 0; i < rest.size(); ++i) {
+        if (rest_settled[i]) {
+          out_index[rest[i]] = rest_index[i];
+          distances[rest[i]] = rest_dist[i];
+        } else {
+          still.push_back(rest[i]);
+        }
+      }
+      rest.swap(still);
+      if (rest.empty()) return {};
+    }
+    *full_search_rows += static_cast<int64_t>(rest.size());
+    const SubsetSource subset(source, rest);
     const StatusInfo full = search_topk_source(subset, cb, 1, check_finite, num_threads, rest_dist.data(),
                                                rest_index.data());
     if (full.status != Status::Ok) return {full.status, full.detail >= 0 ? rest[full.detail] : full.detail};

@@ -208,9 +208,9 @@ void pack_codebook_int8(const PackedCodebookView& fp32, uint32_t* panels, float*
                         double* bounds, int num_threads);
 
 // Exact nearest row (k = 1) of every query of `source` (nearest_exact.cpp): where `prefilter` is set and the
-// CPU has AVX512-VNNI, an int8 search keeps 16 candidates, a rigorous bound proves the exact fp32 winner is
-// among them and the fp32 micro-kernel rescores them; other rows (and everything without the pre-filter) take
-// the full fp32 search. dist / index are bitwise the full search's. `weight` ([V, D] raw table, may be empty)
+// CPU has AVX512-VNNI, an int8 search keeps 64 candidates (512 in a second pass for the rows the first cannot
+// settle), a rigorous bound proves the exact fp32 winner is among them and the fp32 micro-kernel rescores the
+// few that can still win; other rows (and everything without the pre-filter) take the full fp32 search. dist / index are bitwise the full search's. `weight` ([V, D] raw table, may be empty)
 // speeds up the l2 rescoring. Adds the rows sent to the full search to *full_search_rows.
 StatusInfo nearest_exact(const QuerySource& source, const PackedCodebookView& codebook, const MatrixView& weight,
                          const PackedInt8CodebookView& prefilter, bool check_finite, int num_threads,
@@ -261,9 +261,10 @@ struct SaqRequest {
   bool check_finite = true;
   int num_threads = 1;
   int64_t* out_ids = nullptr;  // [B, sum_l s_l^2] contiguous, layer after layer, raster order
-  // Optional (panels == nullptr: off): search each layer in int8 first, keep the 16 best candidates by a
-  // lower bound of their exact score, prove with a rigorous error bound that the exact fp32 winner is among
-  // them and rescore them with the fp32 micro-kernel; rows it cannot certify take the full fp32 search.
+  // Optional (panels == nullptr: off): search each layer in int8 first (nearest_exact), keep the 64 best
+  // candidates by a lower bound of their exact score (512 in a second pass where needed), prove with a
+  // rigorous error bound that the exact fp32 winner is among them and rescore the ones that can still win
+  // with the fp32 micro-kernel; rows it cannot certify take the full fp32 search.
   // Bitwise the same ids either way.
   PackedInt8CodebookView prefilter;
   int64_t* out_full_search_rows = nullptr;  // optional: how many queries the certificate sent to full fp32

@@ -323,7 +323,8 @@ def nearest(
             `spae_fast.last_search_stats`), ``"tf32"`` or ``"bf16"`` (fp32 inputs on tensor cores, approximate).
         prefilter: CPU backend only: ``"auto"`` (default: on CPUs with AVX512-VNNI), ``"int8"`` (required) or
             ``"none"``. The certified int8 pre-filter (as `saq`'s) ranks the vocabulary with int8 dot products,
-            proves that the exact fp32 winner is among the 16 best and rescores those with the fp32 kernel;
+            proves that the exact fp32 winner is among the 64 best (512 in a second pass where needed) and
+            rescores the few that can still win with the fp32 kernel;
             rows it cannot certify take the full fp32 search. dist and index are bitwise the same either way
             (`spae_fast.ops.last_cpu_search_stats` counts the full-search rows). ``SPAE_FAST_PREFILTER=0``
             turns it off. With a raw tensor the int8 copy is built per call; a `Codebook` caches it.
@@ -538,9 +539,10 @@ def saq(
         backend: ``"auto"``, ``"cpu"`` (native) or ``"torch"`` (reference).
         check_finite: raise ``ValueError`` on NaN / Inf in ``z``.
         prefilter: ``"auto"`` (default: on CPUs with AVX512-VNNI), ``"int8"`` (required) or ``"none"``. The
-            certified pre-filter searches with int8 dot products (exact int32 sums), keeps the 16 best rows by
-            a rigorous lower bound of their exact score, proves that the exact winner is among them and
-            rescores them with the fp32 kernel; rows it cannot certify (near-ties) take the full fp32 search.
+            certified pre-filter searches with int8 dot products (exact int32 sums), keeps the 64 best rows by
+            a rigorous lower bound of their exact score (512 in a second pass where needed), proves that the
+            exact winner is among them and rescores the few that can still win with the fp32 kernel; rows it
+            cannot certify (more than 512 near-ties) take the full fp32 search.
             The ids are bitwise the same either way; only the speed changes (`last_saq_stats` counts the rows
             that needed the full search). ``SPAE_FAST_PREFILTER=0`` turns it off.
 

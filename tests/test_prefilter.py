@@ -60,10 +60,21 @@ def test_duplicate_rows_and_midpoints(metric):
 @needs_int8
 def test_ties_fall_back_to_the_full_search():
     generator = torch.Generator().manual_seed(6)
+    base = torch.randn(4, 32, generator=generator)
+    # 600 equal rows each: no certificate can separate the 64 (first pass) or 512 (second pass) candidates
+    weight = torch.cat([base] * 600)
+    stats = _same(base[torch.randint(0, 4, (30,), generator=generator)], weight)
+    assert stats["full_search_rows"] == 30
+
+
+@needs_int8
+def test_second_pass_settles_what_the_short_list_cannot():
+    generator = torch.Generator().manual_seed(9)
     base = torch.randn(10, 32, generator=generator)
-    weight = torch.cat([base] * 20)  # 20 equal rows: no certificate can separate 16 candidates
+    # 100 equal rows each: more ties than the first pass's 64 candidates, fewer than the second pass's 512
+    weight = torch.cat([torch.cat([base] * 100), torch.randn(800, 32, generator=generator) * 3])
     stats = _same(base[torch.randint(0, 10, (30,), generator=generator)], weight)
-    assert stats["full_search_rows"] > 0
+    assert stats["full_search_rows"] == 0
 
 
 @needs_int8
