@@ -9,7 +9,9 @@
 2. LLM copying ceiling: the same prompt format as `spae-fast fewshot` ("Input: <words>\\nOutput: <label>\\n" per
    support example, then the query, labels scored by log-likelihood), but the query's words are IDENTICAL to
    its class's support words (5 random English words per class, nonsense labels "dax" / "blicket"). A perfect
-   in-context learner scores 100%; this bounds what the LLM can reach with ideal words.
+   in-context learner scores 100%; this bounds what the LLM can reach with ideal words. Reported plain, and
+   with Frozen's task induction line ("Answer with dax or blicket.") and the support set repeated 3 times,
+   the protocol's strongest setting.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 from spae_fast.cli_train import build_datasets
 from spae_fast.model import SPAE
-from spae_fast.prompting import FrozenLM
+from spae_fast.prompting import FrozenLM, task_induction_text
 
 PLAIN_WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "chair", "ocean", "music", "green",
                "table"]  # fmt: skip
@@ -45,7 +47,7 @@ def word_overlap_accuracy(model: SPAE, num_layers: int, episodes: int, seed: int
     return score / episodes
 
 
-def llm_copying_ceiling(lm: FrozenLM, episodes: int, seed: int = 0) -> float:
+def llm_copying_ceiling(lm: FrozenLM, episodes: int, seed: int = 0, induction: bool = False, repeats: int = 1) -> float:
     rng = random.Random(seed)
     correct = 0
     for _ in range(episodes):
@@ -54,7 +56,8 @@ def llm_copying_ceiling(lm: FrozenLM, episodes: int, seed: int = 0) -> float:
         support = [(first, "dax"), (second, "blicket")]
         rng.shuffle(support)
         query_is_first = rng.random() < 0.5
-        prefix = "".join(f"Input: {words}\nOutput: {label}\n" for words, label in support)
+        prefix = task_induction_text(["dax", "blicket"]) if induction else ""
+        prefix += "".join(f"Input: {words}\nOutput: {label}\n" for words, label in support * repeats)
         query = f"Input: {first if query_is_first else second}\nOutput:"
         scores = lm.score_continuations(lm.piece(prefix), [lm.piece(query)], [lm.piece(" dax\n"), lm.piece(" blicket\n")])
         correct += int(scores[0].argmax()) == (0 if query_is_first else 1)
@@ -75,8 +78,12 @@ def main() -> int:
         accuracy = word_overlap_accuracy(model, layers, args.episodes)
         words = model.quantizer.pyramid.total(layers)
         print(f"word-overlap 1-shot 2-way accuracy, {layers} layers ({words} words): {100 * accuracy:.1f}%")
-    ceiling = llm_copying_ceiling(FrozenLM.from_pretrained(args.llm), args.llm_episodes)
-    print(f"LLM ({args.llm}) 1-shot 2-way accuracy with identical query and support words: {100 * ceiling:.1f}%")
+    lm = FrozenLM.from_pretrained(args.llm)
+    for induction, repeats in ((False, 1), (True, 3)):
+        ceiling = llm_copying_ceiling(lm, args.llm_episodes, induction=induction, repeats=repeats)
+        setting = "task induction, support repeated 3 times" if induction else "plain"
+        print(f"LLM ({args.llm}) 1-shot 2-way accuracy with identical query and support words ({setting}): "
+              f"{100 * ceiling:.1f}%")
     return 0
 
 
