@@ -41,6 +41,7 @@ namespace fused {
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kQueryBlockBytes = 512 * 1024;  // packed query block kept in L2 while panels stream
 constexpr int64_t kMaxQueryBlockRows = 240;
+constexpr int64_t kListBlockBytes = 1 << 20;  // the block's top-k buffers, per thread
 constexpr int64_t kMinPanelsPerSplit = 16;
 constexpr int64_t kMaxSplitListBytes = int64_t{32} << 20;  // partial top-k lists of the codebook splits
 
@@ -99,8 +100,10 @@ struct TopkList {
   void finalize() { cut(true); }
 };
 
-inline int64_t query_block_rows(int64_t words_per_row, int64_t num_queries, int64_t tile) {
+inline int64_t query_block_rows(int64_t words_per_row, int64_t num_queries, int64_t tile, int64_t k) {
   int64_t rows = kQueryBlockBytes / (std::max<int64_t>(words_per_row, 1) * static_cast<int64_t>(sizeof(float)));
+  // Long lists (the pre-filter's 512-candidate second pass) also bound the rows: 2k entries per row.
+  rows = std::min(rows, kListBlockBytes / (2 * k * static_cast<int64_t>(sizeof(float) + sizeof(int64_t))));
   rows = std::clamp<int64_t>(rows, tile, kMaxQueryBlockRows);
   rows = std::min(rows, num_queries + tile - 1);
   return std::max<int64_t>(tile, rows / tile * tile);
@@ -121,7 +124,7 @@ StatusInfo run(const QuerySource& source, const Engine& engine, const int64_t k,
 
   const int threads = std::max(1, num_threads);
   const int64_t words = engine.words_per_row();
-  const int64_t block_rows = query_block_rows(words, num_queries, kTile);
+  const int64_t block_rows = query_block_rows(words, num_queries, kTile, k);
   const int64_t num_blocks = (num_queries + block_rows - 1) / block_rows;
   const int64_t num_panels = engine.num_panels();
 
