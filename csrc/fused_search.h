@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <limits>
 #include <new>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -100,6 +101,15 @@ struct TopkList {
   void finalize() { cut(true); }
 };
 
+// Engines may cap a row's offer threshold below its list's (Int8Engine: rows that cannot win are never
+// listed): static constexpr bool kThresholdCap = true and float threshold_cap(RowInfo&, float value,
+// int64_t column) const, called after each offer, returning the row's new cap.
+template <class Engine, class = void>
+struct HasThresholdCap : std::false_type {};
+template <class Engine>
+struct HasThresholdCap<Engine, std::void_t<decltype(Engine::kThresholdCap)>>
+    : std::bool_constant<Engine::kThresholdCap> {};
+
 inline int64_t query_block_rows(int64_t words_per_row, int64_t num_queries, int64_t tile, int64_t k) {
   int64_t rows = kQueryBlockBytes / (std::max<int64_t>(words_per_row, 1) * static_cast<int64_t>(sizeof(float)));
   // Long lists (the pre-filter's 512-candidate second pass) also bound the rows: 2k entries per row.
@@ -169,7 +179,7 @@ StatusInfo run(const QuerySource& source, const Engine& engine, const int64_t k,
 #pragma omp parallel num_threads(threads)
   {
     std::vector<Word> packed;
-    std::vector<float> row_buffer, list_values, scores(kTile * kWidth);
+    std::vector<float> row_buffer, list_values, caps, scores(kTile * kWidth);
     std::vector<int64_t> list_indices;
     std::vector<RowInfo> info;
     std::vector<TopkList> lists;
@@ -181,6 +191,7 @@ StatusInfo run(const QuerySource& source, const Engine& engine, const int64_t k,
       list_indices.resize(static_cast<size_t>(block_rows * 2 * k));
       info.resize(static_cast<size_t>(block_rows));
       lists.resize(static_cast<size_t>(block_rows));
+      caps.resize(static_cast<size_t>(block_rows));
     } catch (const std::bad_alloc&) {
       allocated = false;
       record_failure({Status::OutOfMemory, -1});
@@ -203,6 +214,7 @@ StatusInfo run(const QuerySource& source, const Engine& engine, const int64_t k,
       if (failed_status.load(std::memory_order_relaxed) != static_cast<int>(Status::Ok)) continue;
       for (int64_t r = 0; r < rows; ++r)
         lists[r] = {list_values.data() + r * 2 * k, list_indices.data() + r * 2 * k, 0, k};
+      std::fill(caps.begin(), caps.end(), kInf);
 
       const int64_t panel_begin = split * panels_per_split;
       const int64_t panel_end = std::min(num_panels, panel_begin + panels_per_split);
@@ -212,7 +224,8 @@ StatusInfo run(const QuerySource& source, const Engine& engine, const int64_t k,
         const int64_t first_column = p * kWidth;
         for (int64_t tile = 0; tile < padded_rows; tile += kTile) {
           const int64_t tile_rows = std::min<int64_t>(kTile, rows - tile);
-          for (int r = 0; r < kTile; ++r) thresholds[r] = r < tile_rows ? lists[tile + r].threshold() : -kInf;
+          for (int r = 0; r < kTile; ++r)
+            thresholds[r] = r < tile_rows ? std::min(lists[tile + r].threshold(), caps[tile + r]) : -kInf;
           engine.tile(packed.data() + tile * words, p, thresholds, scores.data(), masks);
           for (int r = 0; r < tile_rows; ++r) {
             uint32_t mask = masks[r];
@@ -220,7 +233,11 @@ StatusInfo run(const QuerySource& source, const Engine& engine, const int64_t k,
               const int c = __builtin_ctz(mask);
               mask &= mask - 1;
               const int64_t column = first_column + c;
-              if (column < engine.rows()) lists[tile + r].offer(scores[r * kWidth + c], column);
+              if (column >= engine.rows()) continue;
+              const float value = scores[r * kWidth + c];
+              lists[tile + r].offer(value, column);
+              if constexpr (HasThresholdCap<Engine>::value)
+                caps[tile + r] = engine.threshold_cap(info[tile + r], value, column);
             }
           }
         }
