@@ -146,3 +146,23 @@ def test_errors_match_the_full_search():
     for prefilter in ("none", "int8", "auto"):
         with pytest.raises(ValueError, match="17"):
             spae_fast.nearest(x, weight, backend="cpu", prefilter=prefilter)
+
+
+@needs_int8
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dim", [3, 31, 200])
+def test_near_duplicate_rows_and_near_ties(metric, dim):
+    """Rows 1e-4 apart (below the int8 resolution) and queries between two rows: the certificate must keep
+    every row that can still win in its list (the threshold cap), so the answer stays bitwise the fp32 one."""
+    generator = torch.Generator().manual_seed(dim)
+    base = torch.randn(150, dim, generator=generator)
+    weight = torch.cat([base] + [base + 1e-4 * torch.randn(base.shape, generator=generator) for _ in range(3)])
+    i, j = (torch.randint(0, 600, (300,), generator=generator) for _ in range(2))
+    t = torch.rand(300, 1, generator=generator)
+    x = torch.cat([
+        0.5 * (weight[i] + weight[j]),
+        t * weight[i] + (1 - t) * weight[j] + 1e-3 * torch.randn(300, dim, generator=generator),
+        weight[i],
+    ])
+    stats = _same(x, spae_fast.Codebook(weight, metric=metric))
+    assert stats["full_search_rows"] < stats["queries"]  # the int8 pass settles rows here
