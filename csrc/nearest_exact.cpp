@@ -91,6 +91,13 @@ struct Int8Engine {
   int64_t num_panels() const { return cb.num_panels(); }
   int64_t words_per_row() const { return cb.quads() + 3; }  // u8 quads, then s_x, a, n
 
+  // lb_k + 2 E_k = lb_k + 2 (a P_k + n b_k): the upper bound of row k's exact score (up to G).
+  double upper_bound(const Int8RowInfo& info, float lower, int64_t column) const {
+    const float* data = cb.columns + (column / kWidth) * 4 * kWidth + column % kWidth;
+    return static_cast<double>(lower) + 2.0 * (static_cast<double>(info.rounding) * data[kWidth] +
+                                               static_cast<double>(info.rounded_norm) * data[2 * kWidth]);
+  }
+
   // The offer threshold cap of the driver (fused_search.h): after row `info` was offered column k with lower
   // bound lb, U = min(U, lb + 2 E_k), and every row with lb > U + 2G (+ the 1e-6 G guard of `excluded`) is
   // excluded from the winner whatever else is offered, so it need not enter the candidate list at all. This
@@ -98,10 +105,7 @@ struct Int8Engine {
   // the cap never excludes a row the certificate keeps.
   static constexpr bool kThresholdCap = true;
   float threshold_cap(Int8RowInfo& info, float lower, int64_t column) const {
-    const float* data = cb.columns + (column / kWidth) * 4 * kWidth + column % kWidth;
-    const double upper = static_cast<double>(lower) +
-                         2.0 * (static_cast<double>(info.rounding) * data[kWidth] +
-                                static_cast<double>(info.rounded_norm) * data[2 * kWidth]);
+    const double upper = upper_bound(info, lower, column);
     if (upper < info.best_upper) info.best_upper = upper;  // NaN never lowers it
     return round_up(info.best_upper + 2.0 * info.slack * (1.0 + 2e-6));
   }
@@ -201,11 +205,9 @@ static StatusInfo certified_int8_pass(const QuerySource& source, const PackedCod
                                       const MatrixView& weight, const PackedInt8CodebookView& prefilter,
                                       bool check_finite, int num_threads, int64_t candidates, float* distances,
                                       int64_t* out_index, std::vector<uint8_t>& settled) {
-  const PackedInt8CodebookView& q8 = prefilter;
   const int64_t dim = cb.dim;
   const MicroKernel kernel = active_micro_kernel();
-  const double gamma = 1.01 * static_cast<double>(dim + 8) * 0x1p-24;
-  const Int8Engine engine{q8, cb.max_norm, cb.metric};
+  const Int8Engine engine{prefilter, cb.max_norm, cb.metric};
   return fused::run(
       source, engine, candidates, check_finite, num_threads,
       [&](int64_t row, const float* values, const int64_t* indices, int64_t count, const Int8RowInfo& x) {
@@ -214,14 +216,10 @@ static StatusInfo certified_int8_pass(const QuerySource& source, const PackedCod
         // upper bound on the list, min_c (lb_c + 2 E_c). A row with lb - G above it has an exact score
         // strictly above some listed row's, so it ranks after that row. The list is sorted by lb, so these
         // rows are a prefix, and only they are rescored (usually a handful of the 64).
-        const double a = x.rounding, n = x.rounded_norm, slack = x.slack;
+        const double slack = x.slack;
         double best_upper = fused::kInf;
-        for (int64_t c = 0; c < count; ++c) {
-          const int64_t k = indices[c];
-          const float* column = q8.columns + (k / kInt8PanelWidth) * 4 * kInt8PanelWidth + k % kInt8PanelWidth;
-          const double error = a * column[kInt8PanelWidth] + n * column[2 * kInt8PanelWidth];
-          best_upper = std::min(best_upper, static_cast<double>(values[c]) + 2.0 * error);
-        }
+        for (int64_t c = 0; c < count; ++c)
+          best_upper = std::min(best_upper, engine.upper_bound(x, values[c], indices[c]));
         const auto excluded = [&](int64_t c) {
           const double margin = static_cast<double>(values[c]) - best_upper - 2.0 * slack;
           return std::isfinite(margin) && margin > 1e-6 * slack;

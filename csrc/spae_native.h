@@ -210,8 +210,9 @@ void pack_codebook_int8(const PackedCodebookView& fp32, uint32_t* panels, float*
 // Exact nearest row (k = 1) of every query of `source` (nearest_exact.cpp): where `prefilter` is set and the
 // CPU has AVX512-VNNI, an int8 search keeps 64 candidates (512 in a second pass for the rows the first cannot
 // settle), a rigorous bound proves the exact fp32 winner is among them and the fp32 micro-kernel rescores the
-// few that can still win; other rows (and everything without the pre-filter) take the full fp32 search. dist / index are bitwise the full search's. `weight` ([V, D] raw table, may be empty)
-// speeds up the l2 rescoring. Adds the rows sent to the full search to *full_search_rows.
+// few that can still win; other rows (and everything without the pre-filter) take the full fp32 search.
+// dist / index are bitwise the full search's. `weight` ([V, D] raw table, may be empty) speeds up the l2
+// rescoring. Adds the rows sent to the full search to *full_search_rows.
 StatusInfo nearest_exact(const QuerySource& source, const PackedCodebookView& codebook, const MatrixView& weight,
                          const PackedInt8CodebookView& prefilter, bool check_finite, int num_threads,
                          float* out_dist, int64_t* out_index, int64_t* full_search_rows);
