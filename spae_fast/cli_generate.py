@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 
 from .cli_fewshot import add_common_arguments, load_images, load_setup
+from .losses import psnr
 
 TASKS = ("denoise", "flip", "shift", "inpaint")
 
@@ -54,11 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest codebook words")
     parser.add_argument("--out", required=True, help="output folder for the PNGs and the JSON report")
-
-
-def _psnr(images: torch.Tensor, reference: torch.Tensor) -> list[float]:
-    error = (images.clamp(-1, 1).double() - reference.double()).pow(2).flatten(1).mean(1)
-    return [float("inf") if e == 0 else 10 * math.log10(4.0 / float(e)) for e in error]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,12 +111,12 @@ def run(args: argparse.Namespace) -> int:
         entry = {"image": order[index], "seconds": seconds, "words": quantizer.to_text(result.ids[None])[0]}
         with torch.no_grad():
             prefixes = [spae.decode(p, num_layers=n) for n, p in enumerate(result.prefixes, 1)]
-            entry["psnr_per_layer"] = [_psnr(p, expected[index : index + 1])[0] for p in prefixes]
-            reconstruction = spae.decode(expected_ids[index : index + 1])
-            entry["psnr_reconstruction"] = _psnr(reconstruction, expected[index : index + 1])[0]
+            target = expected[index : index + 1]
+            entry["psnr_per_layer"] = [float(psnr(p, target)[0]) for p in prefixes]
+            entry["psnr_reconstruction"] = float(psnr(spae.decode(expected_ids[index : index + 1]), target)[0])
             if args.task == "denoise":
                 least = result.context[-1][1][: quantizer.pyramid.total(args.layers)][None]
-                entry["psnr_least_corrupted"] = _psnr(spae.decode(least), expected[index : index + 1])[0]
+                entry["psnr_least_corrupted"] = float(psnr(spae.decode(least), target)[0])
                 entry["words_changed_vs_clean"] = int((result.ids != expected_ids[index]).sum())
                 entry["words_changed_least_corrupted"] = int((least[0] != expected_ids[index]).sum())
         report["images"].append(entry)
