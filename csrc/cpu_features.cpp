@@ -26,6 +26,15 @@ bool cpu_supports_avx512_vnni() {
 #endif
 }
 
+bool cpu_supports_avx512_bf16() {
+#if defined(SPAE_HAVE_AVX512BF16_KERNEL) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 static Isa default_isa() {
   const bool has_avx2 = cpu_supports_avx2_fma();
   if (const char* forced = std::getenv("SPAE_FAST_CPU_ISA")) {

@@ -23,8 +23,15 @@
 // FMA chain over d, the groups are visited in ascending order, the softmax sums and the accumulation chains
 // have a fixed order - bitwise identical for any thread count, batch split or block size (for a given ISA).
 //
+// Precision "bf16" (the three bf16 operands set; AVX512-BF16 CPUs only): z is rounded to bf16 as it is packed,
+// the scores of a tile and group come from semantic_scores_bf16 (the same [panel][row][16] layout, so the
+// softmax tile kernel is shared), and the weights are rounded to bf16 pairs for semantic_accumulate_bf16. The
+// set means use the bf16-rounded rows and the candidate term the rounded z, so the loss is exactly that of
+// bf16(z) against bf16(E) up to fp32 accumulation. Same determinism guarantees, for the bf16 kernel.
+//
 // Extra memory: per thread one packed block of z and its accumulator (<= 2 x 256 KiB), the group's rows
-// (64 x D fp32); plus S x D fp64 set means. Independent of V; no N x V buffer.
+// (64 x D fp32); plus S x D fp64 set means and the transposed candidate list (V + 1 offsets, M set ids). No
+// N x V buffer.
 #include "semantic_loss.h"
 
 #include <omp.h>
@@ -106,6 +113,14 @@ void semantic_accumulate_portable(const float* weights, const float* rows, int64
   }
 }
 
+void semantic_row_to_f64_portable(const float* row, int64_t dim, bool round_bf16, double* out) {
+  for (int64_t d = 0; d < dim; ++d) out[d] = round_bf16 ? bf16_to_float(float_to_bf16(row[d])) : row[d];
+}
+
+void semantic_add_f64_portable(const double* src, int64_t dim, double* dst) {
+  for (int64_t d = 0; d < dim; ++d) dst[d] += src[d];
+}
+
 // ---- the op ----
 
 StatusInfo semantic_loss(const SemanticLossRequest& req) {
@@ -123,6 +138,14 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
     if (req.candidate_index[i] < 0 || req.candidate_index[i] >= vocab) return {Status::BadArgument, 2};
   for (int64_t p = 0; p < num_rows; ++p)
     if (req.set_of_position[p] < -1 || req.set_of_position[p] >= num_sets) return {Status::BadArgument, 4};
+  const bool bf16 = req.bf16_panels != nullptr;
+#if defined(SPAE_HAVE_AVX512BF16_KERNEL)
+  const bool bf16_available = cpu_supports_avx512_bf16();
+#else
+  const bool bf16_available = false;
+#endif
+  if (bf16 && (!bf16_available || req.bf16_bias == nullptr || (req.compute_grad && req.bf16_rows == nullptr)))
+    return {Status::BadArgument, 5};
 
   std::fill(req.out_loss, req.out_loss + num_rows, 0.0f);
   if (req.compute_grad) std::fill(req.out_grad, req.out_grad + num_rows * dim, 0.0f);
@@ -143,32 +166,83 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
     return {Status::OutOfMemory, -1};
   }
   const int threads = std::max(1, req.num_threads);
+  const SemanticRowToF64 row_to_f64 =
+#if defined(SPAE_HAVE_AVX2_KERNEL)
+      active_isa() == Isa::Avx2Fma ? semantic_row_to_f64_avx2 :
+#endif
+                                   semantic_row_to_f64_portable;
+  const SemanticAddF64 add_f64 =
+#if defined(SPAE_HAVE_AVX2_KERNEL)
+      active_isa() == Isa::Avx2Fma ? semantic_add_f64_avx2 :
+#endif
+                                   semantic_add_f64_portable;
+  const bool direct_rows = req.weight.dtype == DType::Float32 && req.weight.col_stride == 1 && req.weight.row_stride >= dim;
 
-  // Mean embedding and mean ||e||^2 (the packed fp32 bias, as in the logits) of every set, summed in fp64
-  // in list order: one set per iteration, so the result does not depend on the thread count.
+  // Mean embedding and mean ||e||^2 (the packed fp32 bias, as in the logits) of every set, summed in fp64.
+  // The sets' rows are visited in ascending codebook row (the candidate list transposed: row -> its sets), so
+  // the table streams once, in order, instead of once per set in list order (the sets of one batch hold
+  // ~3x the table's rows). The sets are split across the threads; every (set, column) sum is one chain in
+  // ascending row (duplicates in list order), so the result does not depend on the thread count.
+  std::vector<int64_t> row_offsets;  // [V + 1]: the sets of row k are entry_sets[row_offsets[k] : row_offsets[k + 1]]
+  std::vector<int32_t> entry_sets;   // [M]
+  std::vector<int64_t> used_rows;    // rows that are in some set, ascending
+  try {
+    row_offsets.assign(static_cast<size_t>(vocab + 1), 0);
+    entry_sets.resize(static_cast<size_t>(num_candidates));
+    for (int64_t i = 0; i < num_candidates; ++i) ++row_offsets[req.candidate_index[i] + 1];
+    for (int64_t k = 0; k < vocab; ++k) {
+      if (row_offsets[k + 1] > 0) used_rows.push_back(k);
+      row_offsets[k + 1] += row_offsets[k];
+    }
+    std::vector<int64_t> fill(row_offsets.begin(), row_offsets.end() - 1);
+    for (int64_t s = 0; s < num_sets; ++s)
+      for (int64_t i = offsets[s]; i < offsets[s + 1]; ++i)
+        entry_sets[fill[req.candidate_index[i]]++] = static_cast<int32_t>(s);
+  } catch (const std::bad_alloc&) {
+    return {Status::OutOfMemory, -1};
+  }
   bool set_alloc_ok = true;
 #pragma omp parallel num_threads(threads)
   {
+    // This thread's sets: a contiguous range holding about 1/T of the candidates. Its rows are converted to
+    // fp64 once each and added to every one of its sets that holds them.
+    const int thread = omp_get_thread_num(), team = omp_get_num_threads();
+    const int64_t* set_begin_it = std::lower_bound(offsets, offsets + num_sets, num_candidates * thread / team);
+    const int64_t* set_end_it = std::lower_bound(offsets, offsets + num_sets, num_candidates * (thread + 1) / team);
+    const int32_t set_begin = static_cast<int32_t>(set_begin_it - offsets);
+    const int32_t set_end = thread + 1 == team ? static_cast<int32_t>(num_sets) : static_cast<int32_t>(set_end_it - offsets);
     std::vector<float> row;
+    std::vector<double> row64;
     try {
       row.resize(static_cast<size_t>(dim));
+      row64.resize(static_cast<size_t>(dim));
     } catch (const std::bad_alloc&) {
 #pragma omp atomic write
       set_alloc_ok = false;
     }
+    for (size_t u = 0; u < used_rows.size() && !row64.empty() && set_begin < set_end; ++u) {
+      const int64_t k = used_rows[u];
+      const int32_t* first = std::lower_bound<const int32_t*, int32_t>(entry_sets.data() + row_offsets[k], entry_sets.data() + row_offsets[k + 1], set_begin);
+      const int32_t* last = std::lower_bound<const int32_t*, int32_t>(first, entry_sets.data() + row_offsets[k + 1], set_end);
+      if (first == last) continue;
+      const float* values = static_cast<const float*>(req.weight.data) + k * req.weight.row_stride;
+      if (!direct_rows) {
+        load_row(req.weight, k, row.data());
+        values = row.data();
+      }
+      row_to_f64(values, dim, bf16, row64.data());
+      for (const int32_t* it = first; it != last; ++it) add_f64(row64.data(), dim, set_mean.data() + *it * dim);
+    }
+#pragma omp barrier
 #pragma omp for schedule(static)
     for (int64_t s = 0; s < num_sets; ++s) {
       const int64_t begin = offsets[s], end = offsets[s + 1];
-      if (end == begin || row.empty()) continue;
-      double* mean = set_mean.data() + s * dim;
-      double norm = 0.0;
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t k = req.candidate_index[i];
-        load_row(req.weight, k, row.data());
-        for (int64_t d = 0; d < dim; ++d) mean[d] += static_cast<double>(row[d]);
-        norm += static_cast<double>(req.codebook.bias[k]);
-      }
+      if (end == begin) continue;
+      double norm = 0.0;  // in list order
+      for (int64_t i = begin; i < end; ++i)
+        norm += static_cast<double>(bf16 ? req.bf16_bias[req.candidate_index[i]] : req.codebook.bias[req.candidate_index[i]]);
       const double count = static_cast<double>(end - begin);
+      double* mean = set_mean.data() + s * dim;
       for (int64_t d = 0; d < dim; ++d) mean[d] /= count;
       set_norm[s] = norm / count;
     }
@@ -205,8 +279,11 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
   const int64_t num_panels = req.codebook.num_panels();
   const int64_t num_groups = (num_panels + kSemanticGroupPanels - 1) / kSemanticGroupPanels;
   const float tau_f = static_cast<float>(req.tau);
-  const bool direct_rows = req.weight.dtype == DType::Float32 && req.weight.col_stride == 1 && req.weight.row_stride >= dim;
   const double max_norm = req.codebook.max_norm;
+  // Precision "bf16": the tile as bf16 pairs [D/2][6] beside the fp32 copy, and the accumulator rows padded
+  // to whole 64-column chunks of the bf16 accumulate kernel.
+  const int64_t dim_pairs = (dim + 1) / 2;
+  const int64_t acc_stride = bf16 ? semantic_bf16_dim_pad(dim) : dim;
 
   std::atomic<int> failed_status{static_cast<int>(Status::Ok)};
   std::atomic<int64_t> failed_detail{std::numeric_limits<int64_t>::max()};
@@ -221,6 +298,7 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> packed, acc, group_rows, row_buffer, run_max, scores, weights;
+    std::vector<uint32_t> packed_pairs, weight_pairs;
     std::vector<double> run_sum;
     bool allocated = true;
     try {
@@ -231,8 +309,12 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
       scores.resize(static_cast<size_t>(kSemanticGroupPanels * kTileRows * kPanelWidth));
       weights.resize(static_cast<size_t>(kTileRows * kSemanticGroupCols));
       if (req.compute_grad) {
-        acc.resize(static_cast<size_t>(block_rows * dim));
-        group_rows.resize(static_cast<size_t>(kSemanticGroupCols * dim));
+        acc.resize(static_cast<size_t>(block_rows * acc_stride));
+        if (!bf16) group_rows.resize(static_cast<size_t>(kSemanticGroupCols * dim));
+      }
+      if (bf16) {
+        packed_pairs.resize(static_cast<size_t>(block_tiles * dim_pairs * kTileRows));
+        weight_pairs.resize(static_cast<size_t>(kTileRows * kSemanticGroupCols / 2));
       }
     } catch (const std::bad_alloc&) {
       allocated = false;
@@ -251,6 +333,7 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
 
       // Pack the block's rows as [tile][d][6] (zero pad rows), checking them as the search does.
       std::fill(packed.begin(), packed.begin() + tiles * kTileRows * dim, 0.0f);
+      if (bf16) std::fill(packed_pairs.begin(), packed_pairs.begin() + tiles * dim_pairs * kTileRows, 0u);
       bool block_ok = true;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = active[first + r];
@@ -277,23 +360,32 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
           }
         }
         float* dst = packed.data() + (r / kTileRows) * dim * kTileRows + (r % kTileRows);
+        if (bf16) {  // bf16(z): the pairs for the kernel, the rounded values for the candidate term
+          uint32_t* pairs = packed_pairs.data() + (r / kTileRows) * dim_pairs * kTileRows + (r % kTileRows);
+          for (int64_t d = 0; d < dim; ++d) {
+            const uint16_t rounded = float_to_bf16(row_buffer[d]);
+            row_buffer[d] = bf16_to_float(rounded);
+            pairs[(d / 2) * kTileRows] |= static_cast<uint32_t>(rounded) << (16 * (d % 2));
+          }
+        }
         for (int64_t d = 0; d < dim; ++d) dst[d * kTileRows] = row_buffer[d];
       }
       if (!block_ok || failed_status.load(std::memory_order_relaxed) != static_cast<int>(Status::Ok)) continue;
 
       std::fill(run_max.begin(), run_max.end(), -kInf);
       std::fill(run_sum.begin(), run_sum.end(), 0.0);
-      if (req.compute_grad) std::fill(acc.begin(), acc.begin() + tiles * kTileRows * dim, 0.0f);
+      if (req.compute_grad) std::fill(acc.begin(), acc.begin() + tiles * kTileRows * acc_stride, 0.0f);
 
       for (int64_t group = 0; group < num_groups; ++group) {
         // The group's 64 codebook rows as fp32 [64][ld]: the table itself when it is fp32 with unit column
         // stride (and the group is whole), else a converted copy.
         const float* rows_ptr = group_rows.data();
         int64_t rows_ld = dim;
-        if (req.compute_grad && direct_rows && (group + 1) * kSemanticGroupCols <= vocab) {
+        // (Precision "bf16" reads its own packed rows, req.bf16_rows.)
+        if (!bf16 && req.compute_grad && direct_rows && (group + 1) * kSemanticGroupCols <= vocab) {
           rows_ptr = static_cast<const float*>(req.weight.data) + group * kSemanticGroupCols * req.weight.row_stride;
           rows_ld = req.weight.row_stride;
-        } else if (req.compute_grad) {
+        } else if (!bf16 && req.compute_grad) {
           for (int c = 0; c < kSemanticGroupCols; ++c) {
             const int64_t k = group * kSemanticGroupCols + c;
             float* dst = group_rows.data() + c * dim;
@@ -306,7 +398,13 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
         }
         for (int64_t tile = 0; tile < tiles; ++tile) {
           const float* tile_queries = packed.data() + tile * kTileRows * dim;
-          for (int j = 0; j < kSemanticGroupPanels; ++j) {
+#if defined(SPAE_HAVE_AVX512BF16_KERNEL)
+          if (bf16)
+            semantic_scores_bf16(packed_pairs.data() + tile * dim_pairs * kTileRows,
+                                 req.bf16_panels + group * dim_pairs * kSemanticGroupCols,
+                                 req.bf16_bias + group * kSemanticGroupCols, dim_pairs, scores.data());
+#endif
+          for (int j = 0; j < kSemanticGroupPanels && !bf16; ++j) {
             const int64_t panel = group * kSemanticGroupPanels + j;
             float* out = scores.data() + j * kTileRows * kPanelWidth;
             if (panel < num_panels) {
@@ -324,7 +422,7 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
               const double scale = tile_max[r] == -kInf ? 0.0 : std::exp(static_cast<double>(tile_max[r]) - new_max[r]);
               run_sum[slot] *= scale;
               if (req.compute_grad) {
-                float* row_acc = acc.data() + slot * dim;
+                float* row_acc = acc.data() + slot * acc_stride;
                 const float scale_f = static_cast<float>(scale);
                 for (int64_t d = 0; d < dim; ++d) row_acc[d] *= scale_f;
               }
@@ -332,6 +430,15 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
             }
             run_sum[slot] += static_cast<double>(sums[r]);
           }
+#if defined(SPAE_HAVE_AVX512BF16_KERNEL)
+          if (req.compute_grad && bf16) {
+            semantic_round_weights_bf16(weights.data(), weight_pairs.data());
+            semantic_accumulate_bf16(weight_pairs.data(),
+                                     req.bf16_rows + group * (kSemanticGroupCols / 2) * acc_stride, acc_stride,
+                                     acc.data() + tile * kTileRows * acc_stride);
+            continue;
+          }
+#endif
           if (req.compute_grad) accumulate(weights.data(), rows_ptr, rows_ld, dim, acc.data() + tile * kTileRows * dim);
         }
       }
@@ -349,7 +456,7 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
         req.out_loss[row] = static_cast<float>(lse - target);
         if (req.compute_grad) {
           const double inv_sum = 1.0 / run_sum[r], scale = 2.0 / req.tau;
-          const float* row_acc = acc.data() + r * dim;
+          const float* row_acc = acc.data() + r * acc_stride;
           float* out = req.out_grad + row * dim;
           for (int64_t d = 0; d < dim; ++d)
             out[d] = static_cast<float>(scale * (static_cast<double>(row_acc[d]) * inv_sum - mean[d]));

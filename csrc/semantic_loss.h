@@ -41,12 +41,18 @@ struct SemanticLossRequest {
   bool compute_grad = true;
   bool check_finite = true;
   int num_threads = 1;
+  // Precision "bf16" (all three set, else fp32): the loss of bf16(z) against bf16(E), products exact, fp32
+  // accumulation, the gradient's softmax weights rounded to bf16 too; see semantic_loss_avx512bf16.cpp. The
+  // table packed for it (spae_fast.Codebook builds these once), G = ceil(V / 64) groups of 64 rows:
+  const uint32_t* bf16_panels = nullptr;  // [G][ceil(D / 2)][64] words: bf16 pairs (-2e_c[2j], -2e_c[2j+1])
+  const uint32_t* bf16_rows = nullptr;    // [G][32][round_up(D, 64)] words: bf16 pairs (e_2i[d], e_2i+1[d])
+  const float* bf16_bias = nullptr;       // [G * 64]: ||bf16(e)||^2 in fp32, +inf on pad rows
   float* out_loss = nullptr;  // [N]; 0 for rows without a set or with an empty set
   float* out_grad = nullptr;  // [N, D] contiguous (only with compute_grad); 0 for such rows
 };
 
 // BadArgument details: 1 = sizes / tau, 2 = candidate id out of range, 3 = offsets not a valid CSR,
-// 4 = set_of_position out of range. NonFiniteQuery / Overflow: detail is the lowest offending row of z.
+// 4 = set_of_position out of range, 5 = bf16 operands missing or no AVX512-BF16 kernel on this CPU. NonFiniteQuery / Overflow: detail is the lowest offending row of z.
 StatusInfo semantic_loss(const SemanticLossRequest& request);
 
 // ISA-specific pieces (semantic_loss.cpp: portable; semantic_loss_avx2.cpp: AVX2 + FMA).
@@ -62,6 +68,28 @@ using SemanticSoftmaxTile = void (*)(const float* scores, float tau, const float
 // from acc[r][d] (independent of the tiling).
 using SemanticAccumulate = void (*)(const float* weights, const float* rows, int64_t ld_rows, int64_t dim,
                                     float* acc);
+
+#if defined(SPAE_HAVE_AVX512BF16_KERNEL)
+// Precision "bf16" pieces (semantic_loss_avx512bf16.cpp; only where cpu_supports_avx512_bf16()).
+void semantic_scores_bf16(const uint32_t* tile_pairs, const uint32_t* group_pairs, const float* group_bias,
+                          int64_t pairs, float* scores);
+void semantic_accumulate_bf16(const uint32_t* weight_pairs, const uint32_t* row_pairs, int64_t dim_pad,
+                              float* acc);
+void semantic_round_weights_bf16(const float* weights, uint32_t* weight_pairs);
+#endif
+bool cpu_supports_avx512_bf16();
+inline int64_t semantic_bf16_dim_pad(int64_t dim) { return (dim + 63) / 64 * 64; }
+
+// For the candidate sets' means (fp64 sums of the sets' rows): a row converted to fp64 (rounded to bf16 first
+// with round_bf16), and dst[d] += src[d] for d < dim.
+using SemanticRowToF64 = void (*)(const float* row, int64_t dim, bool round_bf16, double* out);
+using SemanticAddF64 = void (*)(const double* src, int64_t dim, double* dst);
+void semantic_row_to_f64_portable(const float* row, int64_t dim, bool round_bf16, double* out);
+void semantic_add_f64_portable(const double* src, int64_t dim, double* dst);
+#if defined(SPAE_HAVE_AVX2_KERNEL)
+void semantic_row_to_f64_avx2(const float* row, int64_t dim, bool round_bf16, double* out);
+void semantic_add_f64_avx2(const double* src, int64_t dim, double* dst);
+#endif
 
 void semantic_softmax_tile_portable(const float* scores, float tau, const float* max_in, float* max_out,
                                     float* weights, float* sums);

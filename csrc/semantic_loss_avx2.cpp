@@ -161,4 +161,28 @@ void semantic_accumulate_avx2(const float* weights, const float* rows, int64_t l
   }
 }
 
+void semantic_row_to_f64_avx2(const float* row, int64_t dim, bool round_bf16, double* out) {
+  const __m256i round_bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+  const __m256i high_half = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  int64_t d = 0;
+  for (; d + 8 <= dim; d += 8) {
+    __m256 v = _mm256_loadu_ps(row + d);
+    if (round_bf16) {  // to bf16, nearest even (finite inputs): bits + 0x7fff + lsb, low half cleared
+      const __m256i bits = _mm256_castps_si256(v);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), one);
+      v = _mm256_castsi256_ps(
+          _mm256_and_si256(_mm256_add_epi32(bits, _mm256_add_epi32(round_bias, lsb)), high_half));
+    }
+    _mm256_storeu_pd(out + d, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    _mm256_storeu_pd(out + d + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+  }
+  semantic_row_to_f64_portable(row + d, dim - d, round_bf16, out + d);
+}
+
+void semantic_add_f64_avx2(const double* src, int64_t dim, double* dst) {
+  int64_t d = 0;
+  for (; d + 4 <= dim; d += 4) _mm256_storeu_pd(dst + d, _mm256_add_pd(_mm256_loadu_pd(dst + d), _mm256_loadu_pd(src + d)));
+  for (; d < dim; ++d) dst[d] += src[d];
+}
+
 }  // namespace spae

@@ -26,7 +26,7 @@ py::tuple semantic_loss_binding(uintptr_t z, int64_t rows, int64_t dim, int64_t 
                                 double max_norm, uintptr_t candidate_index, int64_t num_candidates,
                                 uintptr_t candidate_offsets, int64_t num_sets, uintptr_t set_of_position, double tau,
                                 bool compute_grad, bool check_finite, int num_threads, uintptr_t out_loss,
-                                uintptr_t out_grad) {
+                                uintptr_t out_grad, uintptr_t bf16_panels, uintptr_t bf16_rows, uintptr_t bf16_bias) {
   SemanticLossRequest request;
   request.z = view_of(z, rows, dim, z_row_stride, z_col_stride, z_dtype);
   request.weight = view_of(weight, vocab, dim, weight_row_stride, weight_col_stride, weight_dtype);
@@ -47,6 +47,9 @@ py::tuple semantic_loss_binding(uintptr_t z, int64_t rows, int64_t dim, int64_t 
   request.num_threads = num_threads;
   request.out_loss = reinterpret_cast<float*>(out_loss);
   request.out_grad = reinterpret_cast<float*>(out_grad);
+  request.bf16_panels = reinterpret_cast<const uint32_t*>(bf16_panels);  // 0: precision fp32
+  request.bf16_rows = reinterpret_cast<const uint32_t*>(bf16_rows);
+  request.bf16_bias = reinterpret_cast<const float*>(bf16_bias);
   StatusInfo info;
   {
     py::gil_scoped_release release;
@@ -60,6 +63,8 @@ py::tuple semantic_loss_binding(uintptr_t z, int64_t rows, int64_t dim, int64_t 
 void register_semantic_loss_bindings(py::module_& m) {
   m.def("semantic_loss", &semantic_loss_binding,
         "Fused semantic loss: per-row loss and gradient direction (see csrc/semantic_loss.h).");
+  m.def("cpu_supports_avx512_bf16", &spae::cpu_supports_avx512_bf16,
+        "Whether semantic_loss has its AVX512-BF16 kernel (precision 'bf16') on this CPU.");
 }
 
 }  // namespace spae

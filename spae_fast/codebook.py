@@ -38,6 +38,7 @@ class Codebook:
             )
         else:
             self.cpu_panels = self.cpu_bias = self.cpu_norm_bound = None
+        self._derived: dict[str, object] = {}
 
     @property
     def num_rows(self) -> int:
@@ -62,11 +63,24 @@ class Codebook:
                 "stale. Build a new spae_fast.Codebook from the updated table."
             )
 
+    def derived(self, key: str, build):
+        """Another prepared form of the table (e.g. the semantic loss's bf16 packing), built by ``build()`` on
+        first use and kept; counted by `nbytes_packed`."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
+
     def nbytes_packed(self) -> int:
-        """Bytes held by the packed CPU copy (0 when the codebook lives on another device)."""
+        """Bytes held by the packed CPU copies (0 when the codebook lives on another device): the search's
+        fp32 panels, plus any `derived` form built so far (tensors other than the table itself)."""
         if self.cpu_panels is None:
             return 0
-        return self.cpu_panels.nbytes + self.cpu_bias.nbytes
+        extra = 0
+        for value in self._derived.values():
+            for tensor in value if isinstance(value, tuple) else (value,):
+                if isinstance(tensor, torch.Tensor) and tensor.data_ptr() != self.weight.data_ptr():
+                    extra += tensor.nbytes
+        return self.cpu_panels.nbytes + self.cpu_bias.nbytes + extra
 
     def __repr__(self) -> str:
         return (

@@ -576,11 +576,54 @@ def saq(
 # ----------------------------------------------------------------------------------------------------------
 
 SEMANTIC_REDUCTIONS = ("mean", "sum", "none")
+# "default": fp32 operands and accumulation (exact fp32 products); "bf16": the loss of bf16(z) against bf16(E)
+# (rounded to nearest even), products exact, fp32 accumulation - twice the multiply-adds per instruction on
+# CPUs with AVX512-BF16 (VDPBF16PS), tensor cores in the Triton kernel. See `semantic_loss`.
+SEMANTIC_PRECISIONS = ("default", "bf16")
+
+
+def cpu_has_bf16_semantic_kernel() -> bool:
+    """Whether this CPU runs `semantic_loss(precision="bf16")` on its AVX512-BF16 kernel (elsewhere the same
+    rounded operands go through the fp32 kernel: the same loss, no speed-up)."""
+    return bool(_native.cpu_module().cpu_supports_avx512_bf16())
+
+
+def pack_semantic_bf16(
+    weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The table prepared for the CPU semantic loss at precision "bf16": ``(weight, panels, bias, norm_bound,
+    rows)``, the operands of the ``spae_fast::semantic_loss`` op.
+
+    With the AVX512-BF16 kernel (csrc/semantic_loss_avx512bf16.cpp), G = ceil(V / 64) groups of 64 rows:
+    ``panels`` int32 [G, ceil(D / 2), 64], each word the bf16 pair (-2 e_c[2j], -2 e_c[2j + 1]) (-2e is exact
+    in bf16); ``rows`` int32 [G, 32, round_up(D, 64)], each word the pair (e_2i[d], e_2i+1[d]); ``bias`` fp32
+    [G * 64] = ||bf16(e)||^2, +inf on pad rows; ``weight`` is the table itself (the kernel rounds the rows of
+    the candidate sets). Without it: ``weight, panels, bias`` are bf16(E) in fp32 and its fp32 packing, and
+    ``rows`` is empty. About ``V * D * 4`` bytes either way."""
+    rounded16 = weight.detach().to(torch.bfloat16)
+    rounded = rounded16.float()
+    if not cpu_has_bf16_semantic_kernel():
+        panels, bias, norm_bound = torch.ops.spae_fast.pack_codebook(rounded, "l2")
+        return rounded, panels, bias, norm_bound, _EMPTY
+    num_rows, dim = rounded16.shape
+    groups, pairs, dim_pad = -(-num_rows // 64), -(-dim // 2), -(-dim // 64) * 64
+    scaled = torch.zeros(groups * 64, 2 * pairs, dtype=torch.bfloat16)
+    scaled[:num_rows, :dim] = rounded16 * -2.0  # exact: a power-of-two scaling
+    panels = scaled.view(groups, 64, pairs, 2).permute(0, 2, 1, 3).contiguous().view(torch.int32).squeeze(-1)
+    padded = torch.zeros(groups * 64, dim_pad, dtype=torch.bfloat16)
+    padded[:num_rows, :dim] = rounded16
+    rows = padded.view(groups, 32, 2, dim_pad).permute(0, 1, 3, 2).contiguous().view(torch.int32).squeeze(-1)
+    bias = torch.full((groups * 64,), float("inf"), dtype=torch.float32)
+    norms = (rounded.double() ** 2).sum(1)
+    bias[:num_rows] = norms.float()
+    norm_bound = norms.max().sqrt() * (1.0 + 1e-12)  # the kernel's overflow check, as pack_codebook's bound
+    return weight.detach(), panels.contiguous(), bias, norm_bound, rows.contiguous()
 _SEMANTIC_BAD_ARGUMENT = {
     1: "sizes or tau",
     2: "a candidate_index entry is out of range [0, V)",
     3: "candidate_offsets is not a valid CSR (offsets[0] = 0, non-decreasing, offsets[-1] = M)",
     4: "a set_of_position entry is out of range [-1, S)",
+    5: "precision 'bf16' operands are missing or this CPU has no AVX512-BF16 kernel",
 }
 
 
@@ -659,32 +702,46 @@ def _semantic_combine(z, lse, mu, set_mean, set_norm, sizes, set_of_position, ta
 
 def _semantic_loss_impl(
     z, weight, panels, bias, norm_bound, candidate_index, candidate_offsets, set_of_position, tau, compute_grad,
-    backend, check_finite,
+    backend, check_finite, bf16_rows,
 ):  # fmt: skip
-    """z [N, D] -> (loss [N] fp32, grad [N, D] fp32 or [0, D]); see `semantic_loss`."""
+    """z [N, D] -> (loss [N] fp32, grad [N, D] fp32 or [0, D]); see `semantic_loss`. A ":bf16" suffix on the
+    backend selects precision "bf16" (operands from `pack_semantic_bf16` on the CPU)."""
     num, dim = z.shape
+    backend, _, precision = backend.partition(":")
+    bf16 = precision == "bf16"
     if backend == "torch":
         _semantic_check_finite(z, weight, check_finite)
+        if bf16:  # the definition: the same loss of the rounded operands
+            z, weight = z.bfloat16().float(), weight.bfloat16().float()
         return _ref.semantic_loss_parts_reference(
             z, weight, candidate_index, candidate_offsets, set_of_position, tau, compute_grad
         )
     if backend == "cpu":
         native = _native.cpu_module()
+        bf16_kernel = bf16 and bf16_rows.numel() > 0
+        if bf16 and not bf16_kernel:  # no AVX512-BF16: the rounded operands through the fp32 kernel
+            z = z.bfloat16().float()
         loss = torch.empty(num, dtype=torch.float32)
         grad = torch.empty(num if compute_grad else 0, dim, dtype=torch.float32)
         code, detail = native.semantic_loss(
             z.data_ptr(), num, dim, z.stride(0), z.stride(1), _native.DTYPE_TAGS[str(z.dtype).removeprefix("torch.")],
             weight.data_ptr(), weight.shape[0], weight.stride(0), weight.stride(1),
             _native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
-            panels.data_ptr(), bias.data_ptr(), float(norm_bound),
+            0 if bf16_kernel else panels.data_ptr(), 0 if bf16_kernel else bias.data_ptr(), float(norm_bound),
             candidate_index.data_ptr(), candidate_index.numel(), candidate_offsets.data_ptr(),
             candidate_offsets.numel() - 1, set_of_position.data_ptr(), float(tau), compute_grad, check_finite,
             torch.get_num_threads(), loss.data_ptr(), grad.data_ptr() if compute_grad else 0,
+            panels.data_ptr() if bf16_kernel else 0, bf16_rows.data_ptr() if bf16_kernel else 0,
+            bias.data_ptr() if bf16_kernel else 0,
         )  # fmt: skip
         _raise_semantic_status(code, detail)
         return loss, grad
-    if backend.partition(":")[0] == "triton":
+    if backend == "triton":
         _semantic_check_finite(z, weight, check_finite)
+        if bf16:  # 16-bit operands of one dtype go to the tensor cores; the interpreter gets them as fp32
+            z, weight = z.bfloat16(), weight.bfloat16()
+            if _triton_interpreting():
+                z, weight = z.float(), weight.float()
         module = _semantic_triton_module()
         lse, mu = module.softmax_stats(z, weight, tau, compute_grad)
         set_mean, set_norm = module.set_means(weight, candidate_index, candidate_offsets)
@@ -707,16 +764,17 @@ def _semantic_loss_op(
     compute_grad: bool,
     backend: str,
     check_finite: bool,
+    bf16_rows: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _semantic_loss_impl(
         z, weight, panels, bias, norm_bound, candidate_index, candidate_offsets, set_of_position, tau,
-        compute_grad, backend, check_finite,
+        compute_grad, backend, check_finite, bf16_rows,
     )  # fmt: skip
 
 
 @_semantic_loss_op.register_fake
 def _(z, weight, panels, bias, norm_bound, candidate_index, candidate_offsets, set_of_position, tau, compute_grad,
-      backend, check_finite):  # fmt: skip
+      backend, check_finite, bf16_rows):  # fmt: skip
     num, dim = z.shape
     return z.new_empty(num, dtype=torch.float32), z.new_empty(num if compute_grad else 0, dim, dtype=torch.float32)
 
@@ -736,7 +794,7 @@ def _semantic_backward(ctx, grad_loss, grad_direction):
             "compute_grad=True (spae_fast.semantic_loss does so whenever z requires grad)"
         )
     grad_z = (grad_loss[:, None] * direction).to(ctx.z_dtype)
-    return (grad_z,) + (None,) * 11
+    return (grad_z,) + (None,) * 12
 
 
 _semantic_loss_op.register_autograd(_semantic_backward, setup_context=_setup_semantic_context)
@@ -813,6 +871,15 @@ def _semantic_backend(backend: str, device: torch.device) -> str:
     return resolve_backend(backend, device)
 
 
+def _semantic_bf16_operands(codebook):
+    """`pack_semantic_bf16` of the table; a `Codebook` packs it once and keeps it."""
+    if not isinstance(codebook, Codebook):
+        return pack_semantic_bf16(_validate.codebook_weight(codebook, "codebook"))
+    if not torch.compiler.is_compiling():
+        codebook.check_unchanged()
+    return codebook.derived("semantic_bf16", lambda: pack_semantic_bf16(codebook.weight))
+
+
 def _fixed_order_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum of a 1-D tensor in fp64 in an order that does not depend on the thread count."""
     width = 1024
@@ -831,6 +898,7 @@ def semantic_loss(
     reduction: str = "mean",
     backend: str = "auto",
     check_finite: bool = True,
+    precision: str = "default",
 ) -> torch.Tensor:
     """SPAE's semantic-guidance loss, fused: no (positions x vocabulary) logits, forward or backward.
 
@@ -847,7 +915,7 @@ def semantic_loss(
     codebook is frozen: no gradient flows to it; first derivatives only (no double backward). The per-position
     values of the native ("cpu", for a given micro-kernel) and Triton kernels are bitwise identical for any
     thread count, grid and batch split; the reductions sum in a fixed order. Extra memory of the native
-    kernel: O(N D + S D) plus ~0.5 MiB per thread, independent of V.
+    kernel: O(N D + S D + V + M) plus ~0.5 MiB per thread; nothing of size N x V.
 
     Args:
         z: ``[..., D]`` positions (for SPAE the layer targets z_l(p) of the sampled positions), fp32 / bf16 /
@@ -868,6 +936,17 @@ def semantic_loss(
         backend: ``"auto"``, ``"cpu"`` (native), ``"torch"`` (reference), ``"triton"`` (CUDA tensors, or CPU
             tensors with TRITON_INTERPRET=1).
         check_finite: raise ``ValueError`` on NaN / Inf in ``z``.
+        precision: ``"default"``: fp32 products and accumulation (16-bit inputs are exact in fp32).
+            ``"bf16"``: the loss of bf16(z) against bf16(E), both rounded to nearest even: every product is
+            exact, accumulation stays fp32, and the softmax weights that form the gradient's weighted embedding
+            sum are rounded to bf16 too; the gradient is applied to ``z`` as if the rounding were the identity
+            (straight-through). On CPUs with AVX512-BF16 (``cpu_has_bf16_semantic_kernel()``) this runs at
+            twice the multiply-adds per instruction of fp32 (about 2x faster; a `Codebook` caches the bf16
+            packing, V * D * 4 bytes, on first use); elsewhere the rounded operands go through the fp32
+            kernel (same loss, no speed-up). On CUDA the Triton kernel feeds bf16 operands to the tensor
+            cores. The error against the fp32 loss is that of rounding z and E to 8 significant bits: about
+            2^-9 |z| |e| / tau per logit (see docs/DECISIONS.md for measured values). Training code that can
+            afford it (the semantic term is a guidance loss) should use it; the trainer does by default.
 
     Returns:
         fp32 loss: a scalar (``"mean"`` / ``"sum"``) or per position (``"none"``).
@@ -889,17 +968,26 @@ def semantic_loss(
         raise ValueError(f"tau must be finite and > 0, got {tau}")
     if reduction not in SEMANTIC_REDUCTIONS:
         raise ValueError(f"reduction must be one of {SEMANTIC_REDUCTIONS}, got {reduction!r}")
+    if precision not in SEMANTIC_PRECISIONS:
+        raise ValueError(f"precision must be one of {SEMANTIC_PRECISIONS}, got {precision!r}")
     positions_shape = tuple(z.shape[:-1])
     index, offsets, sets = _semantic_candidates(
         candidate_index, candidate_offsets, set_of_position, positions_shape, num_rows, device
     )
     backend = _semantic_backend(backend, z.device)
-    weight, panels, bias, norm_bound, _ = _codebook_operands(codebook, "l2", backend)
+    if precision == "bf16" and backend == "cpu":
+        weight, panels, bias, norm_bound, bf16_rows = _semantic_bf16_operands(codebook)
+    else:
+        weight, panels, bias, norm_bound, _ = _codebook_operands(codebook, "l2", backend)
+        bf16_rows = _EMPTY
+    if precision == "bf16":
+        backend = f"{backend}:bf16"
     flat = z.reshape(-1, dim)
     compute_grad = torch.is_grad_enabled() and z.requires_grad
     loss, _ = torch.ops.spae_fast.semantic_loss(
-        flat, weight, panels, bias, norm_bound, index, offsets, sets, float(tau), compute_grad, backend, check_finite
-    )
+        flat, weight, panels, bias, norm_bound, index, offsets, sets, float(tau), compute_grad, backend, check_finite,
+        bf16_rows,
+    )  # fmt: skip
     if reduction == "none":
         return loss.reshape(positions_shape)
     total = _fixed_order_sum(loss)

@@ -458,7 +458,7 @@ def _op_args(backend: str, compute_grad: bool, dtype=torch.float32):
     else:
         panels = bias = norm_bound = torch.empty(0)
     z = z.requires_grad_(compute_grad)
-    return (z, weight, panels, bias, norm_bound, index, offsets, sets, 0.9, compute_grad, backend, True)
+    return (z, weight, panels, bias, norm_bound, index, offsets, sets, 0.9, compute_grad, backend, True, torch.empty(0))
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
@@ -469,6 +469,14 @@ def test_opcheck(backend, compute_grad):
 
 def test_opcheck_bf16():
     torch.library.opcheck(OPS.semantic_loss.default, _op_args("cpu", True, torch.bfloat16))
+
+
+@pytest.mark.parametrize("compute_grad", [True, False])
+def test_opcheck_precision_bf16(compute_grad):
+    z, weight, _, _, _, index, offsets, sets, tau, _, _, check, _ = _op_args("cpu", compute_grad)
+    packed = spae_fast.ops.pack_semantic_bf16(weight)
+    args = (z, *packed[:4], index, offsets, sets, tau, compute_grad, "cpu:bf16", check, packed[4])
+    torch.library.opcheck(OPS.semantic_loss.default, args)
 
 
 def test_op_without_gradient_refuses_backward():
@@ -573,6 +581,8 @@ BAD_INPUTS = [
     ({"reduction": "avg"}, ValueError, "reduction must be one of"),
     ({"backend": "gpu"}, ValueError, "backend must be one of"),
     ({"backend": "cuda"}, RuntimeError, "no semantic_loss kernel"),
+    ({"precision": "fp16"}, ValueError, "precision must be one of"),
+    ({"precision": "tf32"}, ValueError, "precision must be one of"),
 ]
 
 
@@ -582,7 +592,7 @@ def test_bad_inputs(change, error, message):
     kwargs = {key: args.pop(key) for key in list(args) if key in ("z", "codebook")}
     args.update({k: v for k, v in change.items() if k in args})
     kwargs.update({k: v for k, v in change.items() if k in ("z", "codebook")})
-    options = {k: v for k, v in change.items() if k in ("tau", "reduction", "backend")}
+    options = {k: v for k, v in change.items() if k in ("tau", "reduction", "backend", "precision")}
     with pytest.raises(error, match=message):
         spae_fast.semantic_loss(kwargs["z"], kwargs["codebook"], args["candidate_index"], args["candidate_offsets"],
                                 args["set_of_position"], **options)  # fmt: skip
@@ -704,6 +714,17 @@ def test_triton_matches_reference(triton_interpreter, num, num_rows, dim):
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=atol / 10)
 
 
+def test_triton_precision_bf16_is_the_loss_of_the_rounded_operands(triton_interpreter):
+    z, weight, mask = make_problem(13, 70, 21, seed=97)
+    index, offsets = _ref.candidates_from_mask(mask)
+    loss, grad = loss_and_grad(z, weight, index, offsets, tau=0.8, backend="triton", precision="bf16")
+    z16, w16 = _round_bf16(z), _round_bf16(weight)
+    ref_loss, ref_grad = reference_loss_and_grad(z16, w16, index, offsets, tau=0.8)
+    atol = tolerance(z16, w16, 0.8)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=atol)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=atol / 10)
+
+
 def test_triton_shared_sets_no_grad_and_strides(triton_interpreter):
     z, weight, _ = make_problem(18, 35, 20, seed=71)
     index, offsets = pack_candidate_sets([torch.tensor([3, 3, 30]), torch.tensor([], dtype=torch.long),
@@ -734,3 +755,155 @@ def test_triton_kernels_import_from_installed_package():
         os.path.dirname(spae_fast.__file__), "triton_kernels"
     )
     assert callable(module.softmax_stats) and callable(module.set_means)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# precision="bf16": the loss of bf16(z) against bf16(E), fp32 accumulation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _round_bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16).float()
+
+
+@pytest.fixture(params=["torch", "cpu-portable", "cpu-avx2", "cpu-avx512bf16"])
+def bf16_impl(request, use_isa) -> str:
+    """Every CPU path of precision "bf16": the reference, the rounded operands through the fp32 kernel (each
+    micro-kernel; what CPUs without AVX512-BF16 run) and the AVX512-BF16 kernel."""
+    if request.param == "torch":
+        return "torch"
+    if request.param == "cpu-avx512bf16":
+        if not spae_fast.ops.cpu_has_bf16_semantic_kernel():
+            pytest.skip("this CPU has no AVX512-BF16")
+        return "cpu"
+    use_isa(request.param.removeprefix("cpu-"))
+    return "cpu-emulated"
+
+
+def bf16_loss_and_grad(z, weight, index, offsets, sets=None, *, impl, **kwargs):
+    if impl != "cpu-emulated":
+        return loss_and_grad(z, weight, index, offsets, sets, precision="bf16", backend=impl, **kwargs)
+    # CPUs without AVX512-BF16: pack_semantic_bf16 then hands back the rounded table and its fp32 packing
+    original = spae_fast.ops.cpu_has_bf16_semantic_kernel
+    spae_fast.ops.cpu_has_bf16_semantic_kernel = lambda: False
+    try:
+        return loss_and_grad(z, weight, index, offsets, sets, precision="bf16", backend="cpu", **kwargs)
+    finally:
+        spae_fast.ops.cpu_has_bf16_semantic_kernel = original
+
+
+BF16_SHAPES = [(1, 1, 1), (1, 7, 3), (5, 37, 19), (29, 203, 37), (13, 300, 64), (7, 65, 17), (9, 130, 130)]
+
+
+@pytest.mark.parametrize(("num", "num_rows", "dim"), BF16_SHAPES)
+def test_bf16_is_the_loss_of_the_rounded_operands(bf16_impl, num, num_rows, dim):
+    """Loss: the fp64 cross-entropy of bf16(z) against bf16(E), to fp32 accuracy. Gradient: that of the rounded
+    problem (straight-through), up to the bf16 rounding of the softmax weights (relative 2^-8 per weight)."""
+    z, weight, mask = make_problem(num, num_rows, dim, seed=num * 11 + dim)
+    index, offsets = _ref.candidates_from_mask(mask)
+    loss, grad = bf16_loss_and_grad(z, weight, index, offsets, impl=bf16_impl, tau=0.7)
+    z16, w16 = _round_bf16(z), _round_bf16(weight)
+    exact = materialised_cross_entropy(z16, w16, mask, 0.7, reduction="none")
+    torch.testing.assert_close(loss.double(), exact, rtol=0, atol=tolerance(z16, w16, 0.7))
+    ref_loss, ref_grad = reference_loss_and_grad(z16, w16, index, offsets, tau=0.7, dtype=torch.float64)
+    scale = float(ref_grad.abs().max()) + 1e-30
+    assert float((grad.double() - ref_grad).abs().max()) <= 2**-7 * scale + tolerance(z16, w16, 0.7) / 10
+    # and it differs from the fp32 loss only by the rounding of the operands
+    fp32_loss, _ = loss_and_grad(z, weight, index, offsets, tau=0.7, backend="torch")
+    assert float((loss - fp32_loss).abs().max()) <= 2**-7 * (tolerance(z, weight, 0.7) / 2e-6)
+
+
+def test_bf16_kernel_matches_the_emulation_closely():
+    if not spae_fast.ops.cpu_has_bf16_semantic_kernel():
+        pytest.skip("this CPU has no AVX512-BF16")
+    z, weight, mask = make_problem(40, 517, 70, seed=71)
+    index, offsets = _ref.candidates_from_mask(mask)
+    kernel = bf16_loss_and_grad(z, weight, index, offsets, impl="cpu")
+    emulated = bf16_loss_and_grad(z, weight, index, offsets, impl="cpu-emulated")
+    torch.testing.assert_close(kernel[0], emulated[0], rtol=0, atol=tolerance(_round_bf16(z), weight, 1.0))
+    assert float((kernel[1] - emulated[1]).abs().max()) <= 2**-7 * float(emulated[1].abs().max())
+
+
+def test_bf16_large_vocabulary_odd_sizes_and_strides():
+    """Several 64-row groups with a partial last one, D not a multiple of 2 or 64, strided inputs."""
+    z, weight, mask = make_problem(23, 64 * 9 + 5, 67, seed=73)
+    index, offsets = _ref.candidates_from_mask(mask)
+    wide = torch.zeros(weight.shape[0], 80)
+    wide[:, :67] = weight
+    strided_weight = wide[:, :67]
+    strided_z = torch.zeros(23, 67 * 2)[:, ::2]
+    strided_z.copy_(z)
+    got = bf16_loss_and_grad(strided_z, strided_weight, index, offsets, impl="cpu")
+    want = bf16_loss_and_grad(z.contiguous(), weight.contiguous(), index, offsets, impl="cpu")
+    assert_identical(got[0], want[0], "loss with strided inputs")
+    assert_identical(got[1], want[1], "grad with strided inputs")
+    exact = materialised_cross_entropy(_round_bf16(z), _round_bf16(weight), mask, 1.0, reduction="none")
+    torch.testing.assert_close(got[0].double(), exact, rtol=0, atol=tolerance(z, weight, 1.0))
+
+
+@pytest.mark.parametrize("num", [1, 7, 200])
+def test_bf16_bitwise_identical_across_thread_counts_and_batch_splits(set_threads, num):
+    z, weight, mask = make_problem(num, 333, 29, seed=num + 3)
+    index, offsets = _ref.candidates_from_mask(mask)
+    runs = []
+    for threads in (1, 2, 3):
+        set_threads(threads)
+        runs.append(bf16_loss_and_grad(z, weight, index, offsets, impl="cpu"))
+    for loss, grad in runs[1:]:
+        assert_identical(loss, runs[0][0], "bf16 loss across thread counts")
+        assert_identical(grad, runs[0][1], "bf16 grad across thread counts")
+    if num > 1:
+        cut = num // 3
+        sets = torch.arange(num)
+        head = bf16_loss_and_grad(z[:cut], weight, index, offsets, sets[:cut], impl="cpu")
+        tail = bf16_loss_and_grad(z[cut:], weight, index, offsets, sets[cut:], impl="cpu")
+        assert_identical(torch.cat([head[0], tail[0]]), runs[0][0], "bf16 loss across a batch split")
+        assert_identical(torch.cat([head[1], tail[1]]), runs[0][1], "bf16 grad across a batch split")
+
+
+def test_bf16_codebook_caches_its_packing_and_matches_the_tensor():
+    z, weight, mask = make_problem(11, 150, 24, seed=79)
+    index, offsets = _ref.candidates_from_mask(mask)
+    codebook = spae_fast.Codebook(weight)
+    before = codebook.nbytes_packed()
+    with_codebook = bf16_loss_and_grad(z, codebook, index, offsets, impl="cpu")
+    assert codebook.nbytes_packed() > before  # the bf16 packing is kept for the next call
+    first = codebook._derived["semantic_bf16"]
+    bf16_loss_and_grad(z, codebook, index, offsets, impl="cpu")
+    assert codebook._derived["semantic_bf16"] is first
+    with_tensor = bf16_loss_and_grad(z, weight, index, offsets, impl="cpu")
+    assert_identical(with_codebook[0], with_tensor[0], "bf16 loss: Codebook vs tensor")
+    assert_identical(with_codebook[1], with_tensor[1], "bf16 grad: Codebook vs tensor")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bf16_precision_with_16bit_inputs(bf16_impl, dtype):
+    z, weight, mask = make_problem(9, 90, 21, seed=83)
+    z, weight = z.to(dtype), weight.to(dtype)
+    index, offsets = _ref.candidates_from_mask(mask)
+    loss, grad = bf16_loss_and_grad(z, weight, index, offsets, impl=bf16_impl)
+    assert grad.dtype == dtype
+    exact = materialised_cross_entropy(_round_bf16(z.float()), _round_bf16(weight.float()), mask, 1.0, "none")
+    torch.testing.assert_close(loss.double(), exact, rtol=0, atol=tolerance(z.float(), weight.float(), 1.0))
+
+
+def test_bf16_non_finite_and_overflow_are_reported(bf16_impl):
+    z, weight, mask = make_problem(6, 40, 8, seed=89)
+    index, offsets = _ref.candidates_from_mask(mask)
+    bad = z.clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="first bad row 3"):
+        bf16_loss_and_grad(bad, weight, index, offsets, impl=bf16_impl)
+    if bf16_impl != "torch":
+        huge = z.clone()
+        huge[4] = 1e36
+        with pytest.raises(ValueError, match="z row 4 is too large"):
+            bf16_loss_and_grad(huge, weight, index, offsets, impl=bf16_impl)
+
+
+def test_trainer_uses_the_configured_precision():
+    from spae_fast.trainer import TrainConfig
+
+    assert TrainConfig().semantic_precision == "bf16"
+    with pytest.raises(ValueError, match="semantic_precision must be one of"):
+        TrainConfig(semantic_precision="fp8")
