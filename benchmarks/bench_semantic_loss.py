@@ -15,12 +15,18 @@ Providers (same inputs, same process, interleaved rounds; median of --repeats af
 the per-round ratios, which shared-machine load disturbs less):
   * spae_fast          `spae_fast.semantic_loss(z, Codebook, ...)` + backward, native CPU kernel; the
                        Codebook (the frozen table packed once, V*D*4 bytes) is built before timing.
+  * spae_fast_bf16     the same at precision="bf16" (AVX512-BF16 kernel where the CPU has it; the Codebook's
+                       bf16 packing is built before timing).
   * spae_fast_tensor   the same with the plain [V, D] tensor: the table is packed inside every call.
   * torch_gather       plain PyTorch: logits = addmm(-||e||^2/tau, z, E^T, alpha=2/tau) [N, V] materialised,
                        log_softmax, gather of the candidate columns, mean per position, mean; backward.
   * torch_soft_ce      plain PyTorch: the same logits, dense soft targets [N, V] uniform on each set,
                        F.cross_entropy(logits, targets); backward.
+  * torch_gather_bf16  plain PyTorch in bf16, as a user of autocast writes it: a bf16 copy of the frozen table
+                       made once, logits = addmm in bf16 [N, V] (oneDNN's AVX512-BF16 GEMM), log_softmax and
+                       the gather in fp32; backward.
   * torch_matmul       the forward GEMM z @ E^T alone (the roofline of one pass; not a loss).
+  * torch_matmul_bf16  the same GEMM with bf16 operands.
 
 Peak memory: every provider runs in a fresh subprocess (glibc told to mmap every block >= 64 KiB and to trim,
 so freed memory cannot be reused unseen): inputs allocated, one small warm-up call, VmRSS read, the peak reset
@@ -56,7 +62,19 @@ from spae_fast import semantic
 from spae_fast.bench import CSV_COLUMNS, git_sha, machine_info, proc_status_kib, versions
 
 ROOT = Path(__file__).resolve().parent.parent
-PROVIDERS = ("spae_fast", "spae_fast_tensor", "torch_gather", "torch_soft_ce", "torch_matmul")
+PROVIDERS = (
+    "spae_fast", "spae_fast_bf16", "spae_fast_tensor", "torch_gather", "torch_soft_ce", "torch_gather_bf16",
+    "torch_matmul", "torch_matmul_bf16",
+)  # fmt: skip
+
+
+def precision_of(name: str) -> str:
+    return "bf16" if name.endswith("_bf16") else "fp32"
+
+
+def fused_of(name: str) -> str:
+    """The spae_fast provider a baseline is compared with: the one of the same precision."""
+    return "spae_fast_bf16" if precision_of(name) == "bf16" else "spae_fast"
 THRESHOLDS = (0.98, 0.95, 0.90)
 SIDES = (1, 2, 4)  # the top 3 pyramid layers: 21 positions per image
 SECTION_START = "<!-- bench_semantic_loss:start -->"
@@ -106,10 +124,16 @@ class Provider:
     def __init__(self, name: str, weight: torch.Tensor, index, offsets, sets, tau: float = 1.0):
         self.name, self.weight, self.tau = name, weight, tau
         self.index, self.offsets, self.sets = index, offsets, sets
-        if name == "spae_fast":
+        if name in ("spae_fast", "spae_fast_bf16"):
             self.codebook = spae_fast.Codebook(weight)  # packed once, before any timing
+        if name == "spae_fast_bf16":
+            spae_fast.semantic_loss(weight[:1], self.codebook, index[:0], torch.zeros(2, dtype=torch.long),
+                                    precision="bf16")  # fmt: skip  (builds and caches the bf16 packing)
         if name.startswith("torch"):
             self.bias = -(weight.double() ** 2).sum(1).float() / tau  # [V], precomputed (frozen table)
+            if name.endswith("_bf16"):  # the bf16 copies a bf16 user keeps of the frozen table
+                self.weight16 = weight.bfloat16()
+                self.bias16 = -(weight.bfloat16().double() ** 2).sum(1).bfloat16() / tau
             sizes = offsets[1:] - offsets[:-1]
             counts = sizes[sets]  # [N]
             self.pair_position = torch.repeat_interleave(torch.arange(sets.numel()), counts)
@@ -123,19 +147,25 @@ class Provider:
 
     def __call__(self, z: torch.Tensor):
         leaf = z.detach().clone().requires_grad_(self.name != "torch_matmul")
-        if self.name == "spae_fast":
+        if self.name in ("spae_fast", "spae_fast_bf16"):
             loss = spae_fast.semantic_loss(
-                leaf, self.codebook, self.index, self.offsets, self.sets, tau=self.tau
-            )
+                leaf, self.codebook, self.index, self.offsets, self.sets, tau=self.tau,
+                precision="bf16" if self.name == "spae_fast_bf16" else "default",
+            )  # fmt: skip
         elif self.name == "spae_fast_tensor":
             loss = spae_fast.semantic_loss(
                 leaf, self.weight, self.index, self.offsets, self.sets, tau=self.tau
             )
         elif self.name == "torch_matmul":
             return leaf @ self.weight.T, None
+        elif self.name == "torch_matmul_bf16":
+            return leaf.bfloat16() @ self.weight16.T, None
         else:
-            logits = torch.addmm(self.bias, leaf, self.weight.T, alpha=2.0 / self.tau)  # [N, V]
-            if self.name == "torch_gather":
+            if self.name == "torch_gather_bf16":  # [N, V] bf16, then fp32 for the softmax (as autocast does)
+                logits = torch.addmm(self.bias16, leaf.bfloat16(), self.weight16.T, alpha=2.0 / self.tau).float()
+            else:
+                logits = torch.addmm(self.bias, leaf, self.weight.T, alpha=2.0 / self.tau)  # [N, V]
+            if self.name in ("torch_gather", "torch_gather_bf16"):
                 picked = logits.log_softmax(dim=1)[self.pair_position, self.pair_column]
                 loss = -(picked * self.pair_weight).sum() / self.active
             else:  # torch_soft_ce
@@ -173,9 +203,10 @@ def child_main(job: dict) -> None:
     z, index, offsets, sets = make_inputs(weight, job["batch"])
     provider = Provider(job["provider"], weight, index, offsets, sets)
     # one small call first: one-time library initialisation (thread pools, ...) is not per-call memory
-    if job["provider"] == "spae_fast":
+    if job["provider"] in ("spae_fast", "spae_fast_bf16"):
         leaf = z[:8].clone().requires_grad_(True)
-        spae_fast.semantic_loss(leaf, provider.codebook, index, offsets, sets[:8]).backward()
+        precision = "bf16" if job["provider"] == "spae_fast_bf16" else "default"
+        spae_fast.semantic_loss(leaf, provider.codebook, index, offsets, sets[:8], precision=precision).backward()
         del leaf
     else:
         Provider(job["provider"], weight, index, offsets, sets[:8].clone())(z[:8])
@@ -192,7 +223,7 @@ def child_main(job: dict) -> None:
     seconds = time.perf_counter() - start
     peak_kib = proc_status_kib("VmHWM")
     del result
-    packed = provider.codebook.nbytes_packed() if job["provider"] == "spae_fast" else 0
+    packed = provider.codebook.nbytes_packed() if job["provider"] in ("spae_fast", "spae_fast_bf16") else 0
     print(json.dumps({"extra_bytes": (peak_kib - base_kib) * 1024, "base_bytes": base_kib * 1024,
                       "seconds": seconds, "method": method, "packed_bytes": packed}))  # fmt: skip
 
@@ -233,7 +264,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"Forward + backward of the semantic loss (SPAE-METHOD.md §4), B = {meta['batch']} images x "
             f"{meta['positions']} positions (top 3 layers) = N = {meta['n']} queries against {meta['table']} "
             f"(V = {meta['rows']}, D = {meta['dim']}); {meta['num_sets']} candidate sets (sizes {meta['set_sizes']}), "
-            f"tau = 1, fp32."
+            f"tau = 1. Inputs fp32; precision bf16 rounds z and E to bf16 (products exact, fp32 accumulation)."
         ),
         "",
         (
@@ -250,18 +281,21 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             "see `benchmarks/bench_semantic_loss.py`."
         ),
         "",
-        "| provider | median time (s) | speed-up of spae_fast | peak extra memory (MiB) | memory ratio vs spae_fast |",
-        "|---|---:|---:|---:|---:|",
+        "| provider | precision | median time (s) | speed-up of spae_fast (same precision) | speed-up of "
+        "spae_fast_bf16 | peak extra memory (MiB) | memory ratio vs spae_fast (same precision) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['provider']} | {row['time']:.3f} | {row['speedup']} | {row['memory']} | {row['memory_ratio']} |"
+            f"| {row['provider']} | {row['precision']} | {row['time']:.3f} | {row['speedup']} | "
+            f"{row['speedup_bf16']} | {row['memory']} | {row['memory_ratio']} |"
         )
     lines += [
         "",
         (
             f"spae_fast's `Codebook` (built once per training run, not per call) holds the packed table: "
-            f"{meta['packed_mib']:.1f} MiB. `torch_matmul` is the forward GEMM alone (no loss): one of the two "
+            f"{meta['packed_mib']:.1f} MiB ({meta['packed_bf16_mib']:.1f} MiB with the bf16 packing as well). "
+            "`torch_matmul` is the forward GEMM alone (no loss): one of the two "
             "GEMM-sized passes every provider needs (the fused kernel streams the vocabulary once and forms the "
             "logits and the softmax-weighted embedding sum in that pass)."
         ),
@@ -272,8 +306,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             "(torch_matmul is about half of torch_gather). The fused op has to do the same two V x D contractions "
             "per position (the logits, and the softmax-weighted embedding sum), so with fp32 arithmetic it saves "
             "the N x V memory traffic and allocations - the elementwise passes, and nearly all the memory - but "
-            "no GEMM work; a 2x speed-up would need fewer FLOPs (low-precision or sparsified accumulation), which "
-            "would change the result."
+            "no GEMM work, and its two contractions already run near the FMA peak. Precision bf16 halves the "
+            "instructions of both contractions (VDPBF16PS: two exact bf16 products per fp32 lane); the loss "
+            "moves by the rounding of z and E to 8 significant bits (the check lines above: loss and gradient "
+            "of every provider against the first)."
         ),
         "",
         (
@@ -334,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
 
     providers = {name: Provider(name, weight, index, offsets, sets) for name in names}
     # agreement: every loss provider must give the same loss and gradient
-    results = {name: provider(z) for name, provider in providers.items() if name != "torch_matmul"}
+    results = {name: provider(z) for name, provider in providers.items() if not name.startswith("torch_matmul")}
     first = next(iter(results.values()))
     for name, (loss, grad) in results.items():
         diff = (grad - first[1]).abs().max() / first[1].abs().max()
@@ -343,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     meta["packed_mib"] = (
         providers["spae_fast"].codebook.nbytes_packed() / 2**20 if "spae_fast" in providers else 0.0
+    )
+    meta["packed_bf16_mib"] = (
+        providers["spae_fast_bf16"].codebook.nbytes_packed() / 2**20 if "spae_fast_bf16" in providers else 0.0
     )
 
     print("timing")
@@ -356,27 +395,33 @@ def main(argv: list[str] | None = None) -> int:
             np.save(weight_path, weight.numpy())
             memory = measure_memory(names, weight_path, args.batch, args.threads, print)
 
-    fused = "spae_fast"
-    fused_mem = memory.get(fused, {}).get("extra_bytes")
     rows = []
     for name in names:
         mem = memory.get(name, {}).get("extra_bytes")
+        fused = fused_of(name)
+        fused_mem = memory.get(fused, {}).get("extra_bytes")
         rows.append({
-            "provider": name, "time": medians[name],
+            "provider": name, "precision": precision_of(name), "time": medians[name],
             "speedup": f"{medians[name] / medians[fused]:.2f}x" if fused in medians and name != fused else "-",
+            "speedup_bf16": (f"{medians[name] / medians['spae_fast_bf16']:.2f}x"
+                             if "spae_fast_bf16" in medians and name != "spae_fast_bf16" else "-"),
             "memory": f"{mem / 2**20:.1f}" if mem is not None else "n/a",
             "memory_ratio": f"{mem / fused_mem:.0f}x" if mem is not None and fused_mem and name != fused else "-",
         })  # fmt: skip
     verdict = []
-    for baseline in ("torch_gather", "torch_soft_ce"):
+    comparisons = [("spae_fast", "torch_gather"), ("spae_fast", "torch_soft_ce"),
+                   ("spae_fast_bf16", "torch_gather"), ("spae_fast_bf16", "torch_soft_ce"),
+                   ("spae_fast_bf16", "torch_gather_bf16")]  # fmt: skip
+    for fused, baseline in comparisons:
         if fused in medians and baseline in medians:
             speed = medians[baseline] / medians[fused]
             paired = statistics.median(b / f for b, f in zip(times[baseline], times[fused]))
             text = (
-                f"vs {baseline}: {speed:.2f}x faster (median of the per-round ratios {paired:.2f}x; "
+                f"{fused} vs {baseline}: {speed:.2f}x faster (median of the per-round ratios {paired:.2f}x; "
                 f"{'met' if speed >= 2 else 'NOT met'})"
             )
             base_mem = memory.get(baseline, {}).get("extra_bytes")
+            fused_mem = memory.get(fused, {}).get("extra_bytes")
             if base_mem is not None and fused_mem:
                 ratio = base_mem / fused_mem
                 text += f", {ratio:.0f}x less peak memory ({'met' if ratio >= 20 else 'NOT met'})"
@@ -392,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for name in names:
-            base = {"op": "semantic_loss_fwd_bwd", "provider": name, "shape": shape, "dtype": "float32",
+            base = {"op": "semantic_loss_fwd_bwd", "provider": name, "shape": shape, "dtype": precision_of(name),
                     "device": meta["machine"]["cpu"], "versions": version_text, "git_sha": meta["git_sha"],
                     "table": table, "note": ""}  # fmt: skip
             for t in times[name]:
