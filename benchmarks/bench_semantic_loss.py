@@ -281,8 +281,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             "see `benchmarks/bench_semantic_loss.py`."
         ),
         "",
-        "| provider | precision | median time (s) | speed-up of spae_fast (same precision) | speed-up of "
-        "spae_fast_bf16 | peak extra memory (MiB) | memory ratio vs spae_fast (same precision) |",
+        (
+            "| provider | precision | median time (s) | speed-up of spae_fast (same precision) | speed-up of "
+            "spae_fast_bf16 | peak extra memory (MiB) | memory ratio vs spae_fast (same precision) |"
+        ),
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -370,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
 
     providers = {name: Provider(name, weight, index, offsets, sets) for name in names}
     # agreement: every loss provider must give the same loss and gradient
-    results = {name: provider(z) for name, provider in providers.items() if not name.startswith("torch_matmul")}
+    results = {
+        name: provider(z) for name, provider in providers.items() if not name.startswith("torch_matmul")
+    }  # the GEMM-only providers compute no loss
     first = next(iter(results.values()))
     for name, (loss, grad) in results.items():
         diff = (grad - first[1]).abs().max() / first[1].abs().max()

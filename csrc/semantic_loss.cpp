@@ -130,6 +130,7 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
       num_rows < 0 || num_sets < 0 || num_candidates < 0 || !(req.tau > 0.0) || !std::isfinite(req.tau) ||
       (req.compute_grad && req.out_grad == nullptr && num_rows > 0) || req.candidate_offsets == nullptr)
     return {Status::BadArgument, 1};
+  if (num_sets > std::numeric_limits<int32_t>::max()) return {Status::BadArgument, 1};
   const int64_t* offsets = req.candidate_offsets;
   if (offsets[0] != 0 || offsets[num_sets] != num_candidates) return {Status::BadArgument, 3};
   for (int64_t s = 0; s < num_sets; ++s)
@@ -176,7 +177,8 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
       active_isa() == Isa::Avx2Fma ? semantic_add_f64_avx2 :
 #endif
                                    semantic_add_f64_portable;
-  const bool direct_rows = req.weight.dtype == DType::Float32 && req.weight.col_stride == 1 && req.weight.row_stride >= dim;
+  const bool direct_rows =
+      req.weight.dtype == DType::Float32 && req.weight.col_stride == 1 && req.weight.row_stride >= dim;
 
   // Mean embedding and mean ||e||^2 (the packed fp32 bias, as in the logits) of every set, summed in fp64.
   // The sets' rows are visited in ascending codebook row (the candidate list transposed: row -> its sets), so
@@ -207,10 +209,11 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
     // This thread's sets: a contiguous range holding about 1/T of the candidates. Its rows are converted to
     // fp64 once each and added to every one of its sets that holds them.
     const int thread = omp_get_thread_num(), team = omp_get_num_threads();
-    const int64_t* set_begin_it = std::lower_bound(offsets, offsets + num_sets, num_candidates * thread / team);
-    const int64_t* set_end_it = std::lower_bound(offsets, offsets + num_sets, num_candidates * (thread + 1) / team);
-    const int32_t set_begin = static_cast<int32_t>(set_begin_it - offsets);
-    const int32_t set_end = thread + 1 == team ? static_cast<int32_t>(num_sets) : static_cast<int32_t>(set_end_it - offsets);
+    auto first_set_of = [&](int t) -> int32_t {  // the first set of thread t (num_sets for t = team)
+      if (t == team) return static_cast<int32_t>(num_sets);
+      return static_cast<int32_t>(std::lower_bound(offsets, offsets + num_sets, num_candidates * t / team) - offsets);
+    };
+    const int32_t set_begin = first_set_of(thread), set_end = first_set_of(thread + 1);
     std::vector<float> row;
     std::vector<double> row64;
     try {
@@ -222,8 +225,10 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
     }
     for (size_t u = 0; u < used_rows.size() && !row64.empty() && set_begin < set_end; ++u) {
       const int64_t k = used_rows[u];
-      const int32_t* first = std::lower_bound<const int32_t*, int32_t>(entry_sets.data() + row_offsets[k], entry_sets.data() + row_offsets[k + 1], set_begin);
-      const int32_t* last = std::lower_bound<const int32_t*, int32_t>(first, entry_sets.data() + row_offsets[k + 1], set_end);
+      const int32_t* row_sets = entry_sets.data() + row_offsets[k];  // the row's sets, ascending
+      const int32_t* row_end = entry_sets.data() + row_offsets[k + 1];
+      const int32_t* first = std::lower_bound(row_sets, row_end, set_begin);
+      const int32_t* last = std::lower_bound(first, row_end, set_end);
       if (first == last) continue;
       const float* values = static_cast<const float*>(req.weight.data) + k * req.weight.row_stride;
       if (!direct_rows) {
@@ -240,7 +245,7 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
       if (end == begin) continue;
       double norm = 0.0;  // in list order
       for (int64_t i = begin; i < end; ++i)
-        norm += static_cast<double>(bf16 ? req.bf16_bias[req.candidate_index[i]] : req.codebook.bias[req.candidate_index[i]]);
+        norm += static_cast<double>((bf16 ? req.bf16_bias : req.codebook.bias)[req.candidate_index[i]]);
       const double count = static_cast<double>(end - begin);
       double* mean = set_mean.data() + s * dim;
       for (int64_t d = 0; d < dim; ++d) mean[d] /= count;

@@ -52,10 +52,12 @@ struct SemanticLossRequest {
 };
 
 // BadArgument details: 1 = sizes / tau, 2 = candidate id out of range, 3 = offsets not a valid CSR,
-// 4 = set_of_position out of range, 5 = bf16 operands missing or no AVX512-BF16 kernel on this CPU. NonFiniteQuery / Overflow: detail is the lowest offending row of z.
+// 4 = set_of_position out of range, 5 = bf16 operands missing or no AVX512-BF16 kernel on this CPU.
+// NonFiniteQuery / Overflow: detail is the lowest offending row of z.
 StatusInfo semantic_loss(const SemanticLossRequest& request);
 
-// ISA-specific pieces (semantic_loss.cpp: portable; semantic_loss_avx2.cpp: AVX2 + FMA).
+// ISA-specific pieces (semantic_loss.cpp: portable; semantic_loss_avx2.cpp: AVX2 + FMA;
+// semantic_loss_avx512bf16.cpp: precision "bf16").
 //
 // softmax tile: `scores` holds kSemanticGroupPanels micro-kernel outputs [panel][kTileRows][kPanelWidth]
 // (score = ||e||^2 - 2 z.e, +inf on pad columns). For each row r: s = score / -tau, new running max

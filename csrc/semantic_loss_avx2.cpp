@@ -3,6 +3,7 @@
 //
 //   semantic_softmax_tile_avx2: logits s = score / -tau of a 6 x 64 tile, the rows' new running max, the
 //       weights exp(s - max) (a Cephes-style vector expf, ~1 ulp, exactly 0 for s = -inf) and their sums.
+//   semantic_row_to_f64_avx2 / semantic_add_f64_avx2: the fp64 sums of the candidate sets' rows.
 //   semantic_accumulate_avx2:   acc[6, D] += weights[6, 64] x rows[64, D], the same 6 x 16 register tile as
 //       the distance micro-kernel (12 accumulators, 2 row loads and 6 broadcasts per step) with D as the
 //       output dimension and the 64 vocabulary rows as the reduction: each output is one FMA chain in
@@ -181,7 +182,8 @@ void semantic_row_to_f64_avx2(const float* row, int64_t dim, bool round_bf16, do
 
 void semantic_add_f64_avx2(const double* src, int64_t dim, double* dst) {
   int64_t d = 0;
-  for (; d + 4 <= dim; d += 4) _mm256_storeu_pd(dst + d, _mm256_add_pd(_mm256_loadu_pd(dst + d), _mm256_loadu_pd(src + d)));
+  for (; d + 4 <= dim; d += 4)
+    _mm256_storeu_pd(dst + d, _mm256_add_pd(_mm256_loadu_pd(dst + d), _mm256_loadu_pd(src + d)));
   for (; d < dim; ++d) dst[d] += src[d];
 }
 

@@ -602,6 +602,13 @@ def pack_semantic_bf16(
     ``rows`` is empty. About ``V * D * 4`` bytes either way."""
     rounded16 = weight.detach().to(torch.bfloat16)
     rounded = rounded16.float()
+    bad = ~torch.isfinite(rounded).all(1)  # NaN / Inf, or an fp32 value past bf16's range
+    if bool(bad.any()):
+        _native.raise_for_status(_native._NON_FINITE_CODEBOOK, int(bad.nonzero()[0, 0]), stage="codebook")
+    norms = (rounded.double() ** 2).sum(1)
+    too_large = norms > float(torch.finfo(torch.float32).max)
+    if bool(too_large.any()):
+        _native.raise_for_status(_native._OVERFLOW, int(too_large.nonzero()[0, 0]), stage="codebook")
     if not cpu_has_bf16_semantic_kernel():
         panels, bias, norm_bound = torch.ops.spae_fast.pack_codebook(rounded, "l2")
         return rounded, panels, bias, norm_bound, _EMPTY
@@ -614,10 +621,11 @@ def pack_semantic_bf16(
     padded[:num_rows, :dim] = rounded16
     rows = padded.view(groups, 32, 2, dim_pad).permute(0, 1, 3, 2).contiguous().view(torch.int32).squeeze(-1)
     bias = torch.full((groups * 64,), float("inf"), dtype=torch.float32)
-    norms = (rounded.double() ** 2).sum(1)
     bias[:num_rows] = norms.float()
     norm_bound = norms.max().sqrt() * (1.0 + 1e-12)  # the kernel's overflow check, as pack_codebook's bound
     return weight.detach(), panels.contiguous(), bias, norm_bound, rows.contiguous()
+
+
 _SEMANTIC_BAD_ARGUMENT = {
     1: "sizes or tau",
     2: "a candidate_index entry is out of range [0, V)",
@@ -710,9 +718,9 @@ def _semantic_loss_impl(
     backend, _, precision = backend.partition(":")
     bf16 = precision == "bf16"
     if backend == "torch":
-        _semantic_check_finite(z, weight, check_finite)
         if bf16:  # the definition: the same loss of the rounded operands
             z, weight = z.bfloat16().float(), weight.bfloat16().float()
+        _semantic_check_finite(z, weight, check_finite)
         return _ref.semantic_loss_parts_reference(
             z, weight, candidate_index, candidate_offsets, set_of_position, tau, compute_grad
         )
@@ -737,11 +745,11 @@ def _semantic_loss_impl(
         _raise_semantic_status(code, detail)
         return loss, grad
     if backend == "triton":
-        _semantic_check_finite(z, weight, check_finite)
         if bf16:  # 16-bit operands of one dtype go to the tensor cores; the interpreter gets them as fp32
             z, weight = z.bfloat16(), weight.bfloat16()
             if _triton_interpreting():
                 z, weight = z.float(), weight.float()
+        _semantic_check_finite(z, weight, check_finite)
         module = _semantic_triton_module()
         lse, mu = module.softmax_stats(z, weight, tau, compute_grad)
         set_mean, set_norm = module.set_means(weight, candidate_index, candidate_offsets)

@@ -126,7 +126,9 @@ class TrainConfig:
         if not self.tau > 0:
             raise ValueError(f"tau must be > 0, got {self.tau}")
         if self.semantic_precision not in SEMANTIC_PRECISIONS:
-            raise ValueError(f"semantic_precision must be one of {SEMANTIC_PRECISIONS}, got {self.semantic_precision!r}")
+            raise ValueError(
+                f"semantic_precision must be one of {SEMANTIC_PRECISIONS}, got {self.semantic_precision!r}"
+            )
 
 
 def setup_distributed() -> tuple[int, int]:

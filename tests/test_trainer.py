@@ -103,21 +103,26 @@ def test_training_lowers_the_loss_and_writes_everything(vocab, digits, tmp_path)
     assert recorded["train"]["steps"] == 40 and recorded["model"]["layers"] == [1, 2, 4, 8]
 
 
-def test_semantic_term_is_the_materialised_cross_entropy(vocab, digits, tmp_path):
+@pytest.mark.parametrize("precision", ["default", "bf16"])
+def test_semantic_term_is_the_materialised_cross_entropy(vocab, digits, tmp_path, precision):
     """The trainer's L_sem = mean over the top layers' sampled positions p of
-    -mean_{c in C(p)} log softmax_k(-||z_l(p) - e_k||^2 / tau)[c], computed here with the full logit matrix."""
+    -mean_{c in C(p)} log softmax_k(-||z_l(p) - e_k||^2 / tau)[c], computed here with the full logit matrix
+    (at precision bf16: of the bf16-rounded targets and table, the trainer's default)."""
     train, _ = digits
     model = make_model(vocab)
     relevance = ClassRelevance(vocab.num_rows)
-    trainer = Trainer(model, fast_config(semantic_layers=3, tau=0.5, thresholds=(0.9, 0.8, 0.7)), tmp_path, train,
-                      relevance=relevance)  # fmt: skip
+    config = fast_config(semantic_layers=3, tau=0.5, thresholds=(0.9, 0.8, 0.7), semantic_precision=precision)
+    trainer = Trainer(model, config, tmp_path, train, relevance=relevance)
     images = torch.stack([train[i][0] for i in range(3)])
     labels = torch.stack([train[i][1] for i in range(3)])
     out = model(images)
     loss = trainer.semantic_term(out.latent, out.quantizer.ids, images, labels)
 
     targets = model.quantizer.layer_targets(out.latent, out.quantizer.ids, 3)  # [3, 21, D]
-    logits = -torch.cdist(targets.double(), vocab.weight.double()[None]) ** 2 / 0.5  # [3, 21, V]
+    operands = (targets.detach(), vocab.weight)
+    if precision == "bf16":
+        operands = tuple(x.bfloat16() for x in operands)
+    logits = -torch.cdist(operands[0].double(), operands[1].double()[None]) ** 2 / 0.5  # [3, 21, V]
     log_softmax = torch.log_softmax(logits, dim=-1)
     index, offsets = candidates_from_relevance(relevance(images, labels), (0.9, 0.8, 0.7))
     sets = pyramid_set_of_position(3, (1, 2, 4))
@@ -131,7 +136,9 @@ def test_semantic_term_is_the_materialised_cross_entropy(vocab, digits, tmp_path
     loss.backward()
     assert model.encoder.conv_out.weight.grad.abs().sum() > 0  # guidance reaches the encoder
     assert model.decoder.conv_out.weight.grad is None  # and nothing else
-    direct = semantic_loss(targets.detach(), model.quantizer.codebook, index, offsets, sets, tau=0.5)
+    direct = semantic_loss(
+        targets.detach(), model.quantizer.codebook, index, offsets, sets, tau=0.5, precision=precision
+    )
     torch.testing.assert_close(direct, loss.detach())
 
 
