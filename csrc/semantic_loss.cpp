@@ -123,6 +123,13 @@ void semantic_add_f64_portable(const double* src, int64_t dim, double* dst) {
 
 // ---- the op ----
 
+// The AVX2 + FMA piece `name`_avx2 where that micro-kernel is active, else `name`_portable.
+#if defined(SPAE_HAVE_AVX2_KERNEL)
+#define SPAE_BY_ISA(name) (active_isa() == Isa::Avx2Fma ? name##_avx2 : name##_portable)
+#else
+#define SPAE_BY_ISA(name) (name##_portable)
+#endif
+
 StatusInfo semantic_loss(const SemanticLossRequest& req) {
   const int64_t num_rows = req.z.rows, dim = req.z.cols, vocab = req.codebook.rows;
   const int64_t num_sets = req.num_sets, num_candidates = req.num_candidates;
@@ -167,16 +174,8 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
     return {Status::OutOfMemory, -1};
   }
   const int threads = std::max(1, req.num_threads);
-  const SemanticRowToF64 row_to_f64 =
-#if defined(SPAE_HAVE_AVX2_KERNEL)
-      active_isa() == Isa::Avx2Fma ? semantic_row_to_f64_avx2 :
-#endif
-                                   semantic_row_to_f64_portable;
-  const SemanticAddF64 add_f64 =
-#if defined(SPAE_HAVE_AVX2_KERNEL)
-      active_isa() == Isa::Avx2Fma ? semantic_add_f64_avx2 :
-#endif
-                                   semantic_add_f64_portable;
+  const SemanticRowToF64 row_to_f64 = SPAE_BY_ISA(semantic_row_to_f64);
+  const SemanticAddF64 add_f64 = SPAE_BY_ISA(semantic_add_f64);
   const bool direct_rows =
       req.weight.dtype == DType::Float32 && req.weight.col_stride == 1 && req.weight.row_stride >= dim;
 
@@ -254,21 +253,9 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
   }
   if (!set_alloc_ok) return {Status::OutOfMemory, -1};
 
-  const MicroKernel score_kernel =
-#if defined(SPAE_HAVE_AVX2_KERNEL)
-      active_isa() == Isa::Avx2Fma ? micro_kernel_avx2 :
-#endif
-                                   micro_kernel_portable;
-  const SemanticSoftmaxTile softmax_tile =
-#if defined(SPAE_HAVE_AVX2_KERNEL)
-      active_isa() == Isa::Avx2Fma ? semantic_softmax_tile_avx2 :
-#endif
-                                   semantic_softmax_tile_portable;
-  const SemanticAccumulate accumulate =
-#if defined(SPAE_HAVE_AVX2_KERNEL)
-      active_isa() == Isa::Avx2Fma ? semantic_accumulate_avx2 :
-#endif
-                                   semantic_accumulate_portable;
+  const MicroKernel score_kernel = SPAE_BY_ISA(micro_kernel);
+  const SemanticSoftmaxTile softmax_tile = SPAE_BY_ISA(semantic_softmax_tile);
+  const SemanticAccumulate accumulate = SPAE_BY_ISA(semantic_accumulate);
 
   // Blocks of whole tiles; as many blocks as needed to bound the per-thread buffers, rounded up to a
   // multiple of the thread count so the threads get equal shares (results do not depend on the blocking).
