@@ -6,15 +6,21 @@ measure reconstruction per layer prefix and the semantic relevance of the words 
                                   [--reuse] [--write-benchmarks-md] [--render-only]
 
 Variants (all: the demo's model and training, `spae_fast.demo.DEMO_MODEL` / `DEMO_TRAINING`, same seed):
-  saq_semantic    SAQ, label-text semantic guidance on all ten classes (= ``spae-fast demo``)
-  saq_plain       SAQ, no semantic loss (the control)
-  rq_semantic     residual quantization instead of SAQ, with guidance
+  saq_semantic    SAQ, label-text semantic guidance on all ten classes (= ``spae-fast demo``; alpha0 = 1)
+  saq_plain       SAQ, no semantic loss (the control; alpha0 = 0)
+  saq_semantic_a0.3, saq_semantic_a0.1   SAQ with weaker guidance (alpha0 = 0.3, 0.1): with saq_plain and
+                  saq_semantic, SAQ's relevance-vs-reconstruction curve
+  rq_semantic     residual quantization instead of SAQ, with guidance (alpha0 = 1)
+  saq_semantic_s1, rq_semantic_s1   the two again with training seed 1 (one seed's numbers move by ~2 dB)
   saq_semantic_0to4  SAQ, guidance only on images of digits 0-4 (for held-out-class evaluations, issue #6)
 
 Evaluation on the held-out split (360 images, every class), with the label-text provider of all ten class
 names (MiniLM; relevance s in [0, 1] = min-max normalised over the vocabulary per image):
   * PSNR (dB) of the reconstruction from each prefix of layers;
-  * the mean relevance of the words of layers 1 and 2 (1 + 4 words) to the image's class name.
+  * the mean relevance to the image's class name of the words of each layer, of layers 1-2 (1 + 4 words: the
+    guided-vs-unguided target) and of all words (1 + 4 + 16 + 64 + 64 = 149, mean per word);
+  * SAQ vs RQ at equal reconstruction: SAQ's curve (relevance of all words against full PSNR, over its alpha0
+    variants) interpolated linearly at RQ's full PSNR, against RQ's relevance.
 
 Also measures one training step of the trained saq_semantic model (batch 16, median of --repeats after a
 warm-up), split into encoder + decoder (forward and backward, the quantizer's output precomputed), the
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import statistics
 import sys
@@ -53,7 +60,12 @@ VARIANTS = {
     "saq_plain": ({"mode": "saq"}, {"relevance": False}),
     "rq_semantic": ({"mode": "rq"}, {"relevance": True}),
     "saq_semantic_0to4": ({"mode": "saq"}, {"relevance": True, "semantic_classes": (0, 1, 2, 3, 4)}),
+    "saq_semantic_a0.3": ({"mode": "saq"}, {"relevance": True, "alpha0": 0.3}),
+    "saq_semantic_a0.1": ({"mode": "saq"}, {"relevance": True, "alpha0": 0.1}),
+    "saq_semantic_s1": ({"mode": "saq"}, {"relevance": True, "seed": 1}),
+    "rq_semantic_s1": ({"mode": "rq"}, {"relevance": True, "seed": 1}),
 }
+SAQ_CURVE = ("saq_plain", "saq_semantic_a0.1", "saq_semantic_a0.3", "saq_semantic")  # alpha0 = 0, 0.1, 0.3, 1
 HEADING = "## Fidelity"
 
 
@@ -62,7 +74,9 @@ def train_variant(name: str, out: Path, steps: int, vocab, relevance, train, hel
     folder = out / name
     if reuse and (folder / "model" / "config.json").is_file():
         return SPAE.from_pretrained(folder / "model", codebook=vocab)
-    config = dataclasses.replace(DEMO_TRAINING, steps=steps, semantic_classes=options.get("semantic_classes"))
+    config = dataclasses.replace(DEMO_TRAINING, steps=steps, semantic_classes=options.get("semantic_classes"),
+                                 alpha0=options.get("alpha0", DEMO_TRAINING.alpha0),
+                                 seed=options.get("seed", DEMO_TRAINING.seed))  # fmt: skip
     torch.manual_seed(config.seed)
     model = SPAE(dataclasses.replace(DEMO_MODEL, **model_overrides), vocab)
     provider = relevance if options["relevance"] else None
@@ -77,18 +91,40 @@ def evaluate_variant(model: SPAE, relevance, held_out, batch: int = 120) -> dict
         items = [held_out[i] for i in range(start, min(start + batch, len(held_out)))]
         images = torch.stack([image for image, _ in items])
         labels = torch.as_tensor([int(label) for _, label in items])
-        result = evaluate_model(model, images, labels, relevance, semantic_layers=2)
+        result = evaluate_model(model, images, labels, relevance, semantic_layers=model.quantizer.num_layers)
         weight = len(items)
         psnr = [w * weight + (psnr[i] if psnr else 0.0) for i, w in enumerate(result["psnr"])]
         layer_relevance = [r * weight for r in result["relevance"]]
         relevance_sum = [a + b for a, b in zip(relevance_sum, layer_relevance)] if relevance_sum else layer_relevance
         count += weight
     per_layer = [r / count for r in relevance_sum]
+    words = [side * side for side in model.quantizer.layers]  # words per layer
     return {
         "psnr": [round(p / count, 3) for p in psnr],
         "relevance_layer": [round(r, 4) for r in per_layer],
-        "relevance_1to2": round((per_layer[0] * 1 + per_layer[1] * 4) / 5, 4),  # per word, 1 + 4 words
+        "relevance_1to2": round(sum(r * w for r, w in zip(per_layer[:2], words[:2])) / sum(words[:2]), 4),
+        "relevance_all": round(sum(r * w for r, w in zip(per_layer, words)) / sum(words), 4),  # per word
     }
+
+
+def saq_vs_rq(results: dict, rq: dict, key: str) -> str:
+    """SAQ's `key` relevance at RQ's full-reconstruction PSNR, along SAQ's alpha0 curve (SAQ_CURVE): linear
+    interpolation between the two variants that bracket it; when every SAQ variant reconstructs better than RQ,
+    the one closest to RQ's PSNR (raising alpha0 further lowers PSNR and, along the curve, raises relevance, so
+    this is the comparison least favourable to SAQ)."""
+    points = sorted((results[n]["psnr"][-1], results[n][key], n) for n in SAQ_CURVE if n in results)
+    psnr, value = rq["psnr"][-1], rq[key]
+    for (p0, r0, n0), (p1, r1, n1) in itertools.pairwise(points):
+        if p0 <= psnr <= p1 and p1 > p0:
+            saq = r0 + (r1 - r0) * (psnr - p0) / (p1 - p0)
+            return (f"at RQ's {psnr:.2f} dB (SAQ interpolated between {n0} and {n1}): SAQ {saq:.3f} vs RQ {value:.3f}: "
+                    f"SAQ's words **{'more' if saq > value else 'not more'}** relevant")  # fmt: skip
+    if points and points[0][0] >= psnr:
+        p0, r0, n0 = points[0]
+        return (f"every SAQ variant reconstructs better than RQ ({psnr:.2f} dB); the closest, {n0} ({p0:.2f} dB): "
+                f"SAQ {r0:.3f} vs RQ {value:.3f}: SAQ's words **{'more' if r0 > value else 'not more'}** relevant "
+                "at equal or better reconstruction")  # fmt: skip
+    return f"RQ's {psnr:.2f} dB is above SAQ's curve: **not measured**"
 
 
 def time_step_split(model: SPAE, relevance, train, repeats: int) -> dict:
@@ -152,17 +188,21 @@ def render(meta: dict, results: dict, timing: dict | None) -> str:
         (
             f"Each variant trained {meta['steps']} steps (batch 16, 32x32 digits, layers 1,2,4,8,8 = 1/5/21/85/149 "
             "words); evaluated on the 360 held-out digits. Relevance: label-text (MiniLM) relevance of each word to "
-            "the image's class name, min-max normalised over the vocabulary (0..1); mean over the 5 words of layers "
-            "1-2."
+            "the image's class name, min-max normalised over the vocabulary (0..1): mean per layer, over the 5 words of "
+            "layers 1-2, and over all 149 words. Guidance acts on layers 1-3; alpha0 is the semantic term's share "
+            "of the appearance loss."
         ),
         "",
-        "| variant | PSNR 1 | PSNR 2 | PSNR 3 | PSNR 4 | PSNR 5 | relevance layer 1 | layer 2 | layers 1-2 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        (
+            "| variant | PSNR 1 | PSNR 2 | PSNR 3 | PSNR 4 | PSNR 5 | relevance layer 1 | layer 2 | layer 3 "
+            "| layer 4 | layer 5 | layers 1-2 | all words |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
         psnr = " | ".join(f"{p:.2f}" for p in r["psnr"])
         layers = " | ".join(f"{v:.3f}" for v in r["relevance_layer"])
-        lines.append(f"| {name} | {psnr} | {layers} | {r['relevance_1to2']:.3f} |")
+        lines.append(f"| {name} | {psnr} | {layers} | {r['relevance_1to2']:.3f} | {r['relevance_all']:.3f} |")
     lines.append("")
     checks = []
     for name, r in results.items():
@@ -175,9 +215,24 @@ def render(meta: dict, results: dict, timing: dict | None) -> str:
     if "saq_semantic" in results and "rq_semantic" in results:
         s, r = results["saq_semantic"], results["rq_semantic"]
         checks.append(
-            f"- SAQ vs RQ (both guided): relevance {s['relevance_1to2']:.3f} vs {r['relevance_1to2']:.3f}, full PSNR "
-            f"{s['psnr'][-1]:.2f} vs {r['psnr'][-1]:.2f} dB: SAQ's words "
-            f"**{'more' if s['relevance_1to2'] > r['relevance_1to2'] else 'not more'}** relevant"
+            f"- SAQ vs RQ, both alpha0 = 1: full PSNR {s['psnr'][-1]:.2f} vs {r['psnr'][-1]:.2f} dB; relevance of all "
+            f"words {s['relevance_all']:.3f} vs {r['relevance_all']:.3f}, of layers 1-2 {s['relevance_1to2']:.3f} vs "
+            f"{r['relevance_1to2']:.3f}"
+        )
+    for rq_name in ("rq_semantic", "rq_semantic_s1"):
+        if rq_name not in results or "saq_semantic" not in results:
+            continue
+        for key, label in (("relevance_all", "all words"), ("relevance_1to2", "layers 1-2")):
+            checks.append(
+                f"- SAQ (alpha0 curve, seed 0) vs {rq_name} at equal reconstruction, relevance of {label}: "
+                f"{saq_vs_rq(results, results[rq_name], key)}"
+            )
+    if "saq_semantic_s1" in results and "rq_semantic_s1" in results:
+        s, r = results["saq_semantic_s1"], results["rq_semantic_s1"]
+        checks.append(
+            f"- seed 1, SAQ vs RQ, both alpha0 = 1: full PSNR {s['psnr'][-1]:.2f} vs {r['psnr'][-1]:.2f} dB; relevance "
+            f"of all words {s['relevance_all']:.3f} vs {r['relevance_all']:.3f}, of layers 1-2 "
+            f"{s['relevance_1to2']:.3f} vs {r['relevance_1to2']:.3f}"
         )
     lines += checks
     if timing:
