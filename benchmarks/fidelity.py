@@ -14,7 +14,7 @@ Variants (all: the demo's model and training, `spae_fast.demo.DEMO_MODEL` / `DEM
   saq_semantic_s1, rq_semantic_s1   the two again with training seed 1 (one seed's numbers move by ~2 dB)
   saq_semantic_0to4  SAQ, guidance only on images of digits 0-4 (for held-out-class evaluations, issue #6)
 
-Evaluation on the held-out split (360 images, every class), with the label-text provider of all ten class
+Evaluation on the held-out split (359 images, every class), with the label-text provider of all ten class
 names (MiniLM; relevance s in [0, 1] = min-max normalised over the vocabulary per image):
   * PSNR (dB) of the reconstruction from each prefix of layers;
   * the mean relevance to the image's class name of the words of each layer, of layers 1-2 (1 + 4 words: the
@@ -48,10 +48,10 @@ import torch
 
 from spae_fast.bench import git_sha, machine_info, replace_markdown_section, versions
 from spae_fast.cli_train import build_datasets
-from spae_fast.demo import DEMO_MODEL, DEMO_TRAINING
+from spae_fast.demo import DEMO_MODEL, DEMO_TRAINING, evaluate_held_out
 from spae_fast.model import SPAE
 from spae_fast.relevance import LabelTextRelevance
-from spae_fast.trainer import Trainer, evaluate_model
+from spae_fast.trainer import Trainer
 from spae_fast.vocab import VocabCodebook
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,22 +85,12 @@ def train_variant(name: str, out: Path, steps: int, vocab, relevance, train, hel
     return model
 
 
-def evaluate_variant(model: SPAE, relevance, held_out, batch: int = 120) -> dict:
-    psnr, relevance_sum, count = None, None, 0
-    for start in range(0, len(held_out), batch):
-        items = [held_out[i] for i in range(start, min(start + batch, len(held_out)))]
-        images = torch.stack([image for image, _ in items])
-        labels = torch.as_tensor([int(label) for _, label in items])
-        result = evaluate_model(model, images, labels, relevance, semantic_layers=model.quantizer.num_layers)
-        weight = len(items)
-        psnr = [w * weight + (psnr[i] if psnr else 0.0) for i, w in enumerate(result["psnr"])]
-        layer_relevance = [r * weight for r in result["relevance"]]
-        relevance_sum = [a + b for a, b in zip(relevance_sum, layer_relevance)] if relevance_sum else layer_relevance
-        count += weight
-    per_layer = [r / count for r in relevance_sum]
+def evaluate_variant(model: SPAE, relevance, held_out) -> dict:
+    result = evaluate_held_out(model, relevance, held_out, layers=model.quantizer.num_layers)
+    per_layer = result["relevance"]
     words = [side * side for side in model.quantizer.layers]  # words per layer
     return {
-        "psnr": [round(p / count, 3) for p in psnr],
+        "psnr": [round(p, 3) for p in result["psnr"]],
         "relevance_layer": [round(r, 4) for r in per_layer],
         "relevance_1to2": round(sum(r * w for r, w in zip(per_layer[:2], words[:2])) / sum(words[:2]), 4),
         "relevance_all": round(sum(r * w for r, w in zip(per_layer, words)) / sum(words), 4),  # per word
@@ -187,7 +177,7 @@ def render(meta: dict, results: dict, timing: dict | None) -> str:
         f"`{meta['command']}` — {meta['date']}, git {meta['git']}, {meta['machine']}, torch {meta['torch']}.",
         (
             f"Each variant trained {meta['steps']} steps (batch 16, 32x32 digits, layers 1,2,4,8,8 = 1/5/21/85/149 "
-            "words); evaluated on the 360 held-out digits. Relevance: label-text (MiniLM) relevance of each word to "
+            "words); evaluated on the 359 held-out digits. Relevance: label-text (MiniLM) relevance of each word to "
             "the image's class name, min-max normalised over the vocabulary (0..1): mean per layer, over the 5 words of "
             "layers 1-2, and over all 149 words. Guidance acts on layers 1-3; alpha0 is the semantic term's share "
             "of the appearance loss."

@@ -334,5 +334,7 @@ def test_demo_smoke(tmp_path):
     assert cli_main(["demo", "--out", str(out), "--steps", "2", "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert len(report["psnr"]) == 5 and report["words_per_prefix"] == [1, 5, 21, 85, 149]
+    assert report["held_out_images"] > 10  # PSNR and relevance over the whole held-out split
+    assert len(report["relevance_per_layer"]) == 2 and 0.0 <= report["relevance_mean"] <= 1.0
     assert len(report["samples"]) == 10 and all(len(s["words"]) == 5 for s in report["samples"])
     assert (out / "reconstructions.png").is_file() and (out / "report.md").is_file()
