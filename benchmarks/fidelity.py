@@ -202,13 +202,14 @@ def render(meta: dict, results: dict, timing: dict | None) -> str:
         a, b = results["saq_semantic"]["relevance_1to2"], results["saq_plain"]["relevance_1to2"]
         checks.append(f"- layer 1-2 relevance with guidance {a:.3f} vs without {b:.3f}: "
                       f"**{'higher' if a > b else 'not higher'}**")  # fmt: skip
-    if "saq_semantic" in results and "rq_semantic" in results:
-        s, r = results["saq_semantic"], results["rq_semantic"]
-        checks.append(
-            f"- SAQ vs RQ, both alpha0 = 1: full PSNR {s['psnr'][-1]:.2f} vs {r['psnr'][-1]:.2f} dB; relevance of all "
-            f"words {s['relevance_all']:.3f} vs {r['relevance_all']:.3f}, of layers 1-2 {s['relevance_1to2']:.3f} vs "
-            f"{r['relevance_1to2']:.3f}"
-        )
+    for seed, saq_name, rq_name in ((0, "saq_semantic", "rq_semantic"), (1, "saq_semantic_s1", "rq_semantic_s1")):
+        if saq_name in results and rq_name in results:
+            s, r = results[saq_name], results[rq_name]
+            checks.append(
+                f"- seed {seed}, SAQ vs RQ, both alpha0 = 1: full PSNR {s['psnr'][-1]:.2f} vs {r['psnr'][-1]:.2f} dB; "
+                f"relevance of all words {s['relevance_all']:.3f} vs {r['relevance_all']:.3f}, of layers 1-2 "
+                f"{s['relevance_1to2']:.3f} vs {r['relevance_1to2']:.3f}"
+            )
     for rq_name in ("rq_semantic", "rq_semantic_s1"):
         if rq_name not in results or "saq_semantic" not in results:
             continue
@@ -217,13 +218,6 @@ def render(meta: dict, results: dict, timing: dict | None) -> str:
                 f"- SAQ (alpha0 curve, seed 0) vs {rq_name} at equal reconstruction, relevance of {label}: "
                 f"{saq_vs_rq(results, results[rq_name], key)}"
             )
-    if "saq_semantic_s1" in results and "rq_semantic_s1" in results:
-        s, r = results["saq_semantic_s1"], results["rq_semantic_s1"]
-        checks.append(
-            f"- seed 1, SAQ vs RQ, both alpha0 = 1: full PSNR {s['psnr'][-1]:.2f} vs {r['psnr'][-1]:.2f} dB; relevance "
-            f"of all words {s['relevance_all']:.3f} vs {r['relevance_all']:.3f}, of layers 1-2 "
-            f"{s['relevance_1to2']:.3f} vs {r['relevance_1to2']:.3f}"
-        )
     lines += checks
     if timing:
         lines += [
