@@ -83,3 +83,21 @@ def test_auto_uses_triton_on_cuda_and_mean_matches():
     assert torch.equal(auto, explicit)
     cpu = spae_fast.semantic_loss(z, weight, index, offsets, sets, backend="cpu")
     torch.testing.assert_close(auto.cpu(), cpu, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("batch", "num_rows", "dim"), [(2, 1000, 64), (3, 4099, 576)])
+def test_triton_precision_bf16_matches_the_cpu_bf16_loss(batch, num_rows, dim):
+    """precision="bf16" is the loss of bf16(z) against bf16(E): the Triton kernel (tensor cores) and the CPU
+    kernel agree up to fp32 accumulation order and the CPU's bf16 rounding of the gradient's softmax weights."""
+    z, weight, index, offsets, sets = _problem(batch, num_rows, dim, seed=num_rows + 1)
+    loss, grad = _loss_and_grad(z.to(DEVICE), weight.to(DEVICE), index.to(DEVICE), offsets.to(DEVICE),
+                                sets.to(DEVICE), backend="triton", tau=0.5, precision="bf16")  # fmt: skip
+    cpu_loss, cpu_grad = _loss_and_grad(z, weight, index, offsets, sets, backend="cpu", tau=0.5, precision="bf16")
+    exact = _ref.semantic_loss_reference(
+        z.bfloat16().double(), weight.bfloat16().double(), index, offsets, sets, tau=0.5, reduction="none"
+    )
+    scale = weight.norm(dim=1).max() ** 2 + 2 * z.norm(dim=1).max() * weight.norm(dim=1).max()
+    atol = float(1e-5 * scale / 0.5) + 1e-5
+    torch.testing.assert_close(loss.cpu().double(), exact, rtol=0, atol=atol)
+    torch.testing.assert_close(loss.cpu(), cpu_loss, rtol=0, atol=atol)
+    assert float((grad.cpu() - cpu_grad).abs().max()) <= 2**-7 * float(cpu_grad.abs().max()) + atol
