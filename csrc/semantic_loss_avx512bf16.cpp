@@ -25,24 +25,34 @@
 namespace spae {
 
 #define SPAE_BF16_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+// Tile row r's 64 fp32 outputs as four named zmm (GCC 12 keeps an array of vectors partly on the stack; see the
+// VNNI kernel): acc<r>_0 .. acc<r>_3 = base[0 .. 63].
+#define SPAE_BF16_ACC_LOAD(r, base)                     \
+  __m512 acc##r##_0 = _mm512_loadu_ps(base);            \
+  __m512 acc##r##_1 = _mm512_loadu_ps((base) + 16);     \
+  __m512 acc##r##_2 = _mm512_loadu_ps((base) + 32);     \
+  __m512 acc##r##_3 = _mm512_loadu_ps((base) + 48);
+// One pair step's 64 operand words: b0 .. b3 = words[0 .. 63].
+#define SPAE_BF16_PAIRS_LOAD(words)                                              \
+  const __m512bh b0 = (__m512bh)_mm512_loadu_si512(words);                       \
+  const __m512bh b1 = (__m512bh)_mm512_loadu_si512((words) + 16);                \
+  const __m512bh b2 = (__m512bh)_mm512_loadu_si512((words) + 32);                \
+  const __m512bh b3 = (__m512bh)_mm512_loadu_si512((words) + 48);
+// Row r's bf16 pair `word`, broadcast, times b0 .. b3 into its four accumulators.
+#define SPAE_BF16_DOT4(r, word)                                                   \
+  {                                                                               \
+    const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(word));       \
+    acc##r##_0 = _mm512_dpbf16_ps(acc##r##_0, a, b0);                             \
+    acc##r##_1 = _mm512_dpbf16_ps(acc##r##_1, a, b1);                             \
+    acc##r##_2 = _mm512_dpbf16_ps(acc##r##_2, a, b2);                             \
+    acc##r##_3 = _mm512_dpbf16_ps(acc##r##_3, a, b3);                             \
+  }
 
 void semantic_scores_bf16(const uint32_t* tile_pairs, const uint32_t* group_pairs, const float* group_bias,
                           int64_t pairs, float* scores) {
   static_assert(kTileRows == 6 && kSemanticGroupCols == 64 && kPanelWidth == 16, "a 6 x 64 tile");
-  // 24 named accumulators (GCC 12 keeps an array of vectors partly on the stack; see the VNNI kernel).
-#define SPAE_BF16_DECLARE(r)                              \
-  __m512 acc##r##_0 = _mm512_loadu_ps(group_bias);        \
-  __m512 acc##r##_1 = _mm512_loadu_ps(group_bias + 16);   \
-  __m512 acc##r##_2 = _mm512_loadu_ps(group_bias + 32);   \
-  __m512 acc##r##_3 = _mm512_loadu_ps(group_bias + 48);
-#define SPAE_BF16_STEP(r)                                                                  \
-  {                                                                                        \
-    const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(tile_pairs[r]));      \
-    acc##r##_0 = _mm512_dpbf16_ps(acc##r##_0, a, b0);                                      \
-    acc##r##_1 = _mm512_dpbf16_ps(acc##r##_1, a, b1);                                      \
-    acc##r##_2 = _mm512_dpbf16_ps(acc##r##_2, a, b2);                                      \
-    acc##r##_3 = _mm512_dpbf16_ps(acc##r##_3, a, b3);                                      \
-  }
+#define SPAE_BF16_DECLARE(r) SPAE_BF16_ACC_LOAD(r, group_bias)
+#define SPAE_BF16_STEP(r) SPAE_BF16_DOT4(r, tile_pairs[r])
 #define SPAE_BF16_STORE(r)                                                     \
   _mm512_storeu_ps(scores + (0 * kTileRows + r) * kPanelWidth, acc##r##_0);  \
   _mm512_storeu_ps(scores + (1 * kTileRows + r) * kPanelWidth, acc##r##_1);  \
@@ -50,10 +60,7 @@ void semantic_scores_bf16(const uint32_t* tile_pairs, const uint32_t* group_pair
   _mm512_storeu_ps(scores + (3 * kTileRows + r) * kPanelWidth, acc##r##_3);
   SPAE_BF16_ROWS(SPAE_BF16_DECLARE)
   for (int64_t j = 0; j < pairs; ++j, tile_pairs += kTileRows, group_pairs += kSemanticGroupCols) {
-    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(group_pairs);
-    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(group_pairs + 16);
-    const __m512bh b2 = (__m512bh)_mm512_loadu_si512(group_pairs + 32);
-    const __m512bh b3 = (__m512bh)_mm512_loadu_si512(group_pairs + 48);
+    SPAE_BF16_PAIRS_LOAD(group_pairs)
     SPAE_BF16_ROWS(SPAE_BF16_STEP)
   }
   SPAE_BF16_ROWS(SPAE_BF16_STORE)
@@ -65,41 +72,30 @@ void semantic_scores_bf16(const uint32_t* tile_pairs, const uint32_t* group_pair
 void semantic_accumulate_bf16(const uint32_t* weight_pairs, const uint32_t* row_pairs, int64_t dim_pad,
                               float* acc) {
   constexpr int kPairs = kSemanticGroupCols / 2;  // 32 pair steps per group
-  for (int64_t d0 = 0; d0 < dim_pad; d0 += 64) {
-#define SPAE_BF16_LOAD(r)                                           \
-  __m512 acc##r##_0 = _mm512_loadu_ps(acc + r * dim_pad + d0);      \
-  __m512 acc##r##_1 = _mm512_loadu_ps(acc + r * dim_pad + d0 + 16); \
-  __m512 acc##r##_2 = _mm512_loadu_ps(acc + r * dim_pad + d0 + 32); \
-  __m512 acc##r##_3 = _mm512_loadu_ps(acc + r * dim_pad + d0 + 48);
-#define SPAE_BF16_STEP(r)                                                                      \
-  {                                                                                            \
-    const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(weight_pairs[r * kPairs + j])); \
-    acc##r##_0 = _mm512_dpbf16_ps(acc##r##_0, a, b0);                                          \
-    acc##r##_1 = _mm512_dpbf16_ps(acc##r##_1, a, b1);                                          \
-    acc##r##_2 = _mm512_dpbf16_ps(acc##r##_2, a, b2);                                          \
-    acc##r##_3 = _mm512_dpbf16_ps(acc##r##_3, a, b3);                                          \
-  }
-#define SPAE_BF16_STORE(r)                                 \
+#define SPAE_BF16_LOAD(r) SPAE_BF16_ACC_LOAD(r, acc + r * dim_pad + d0)
+#define SPAE_BF16_STEP(r) SPAE_BF16_DOT4(r, weight_pairs[r * kPairs + j])
+#define SPAE_BF16_STORE(r)                                   \
   _mm512_storeu_ps(acc + r * dim_pad + d0, acc##r##_0);      \
   _mm512_storeu_ps(acc + r * dim_pad + d0 + 16, acc##r##_1); \
   _mm512_storeu_ps(acc + r * dim_pad + d0 + 32, acc##r##_2); \
   _mm512_storeu_ps(acc + r * dim_pad + d0 + 48, acc##r##_3);
+  for (int64_t d0 = 0; d0 < dim_pad; d0 += 64) {
     SPAE_BF16_ROWS(SPAE_BF16_LOAD)
     const uint32_t* rows = row_pairs + d0;
     for (int j = 0; j < kPairs; ++j, rows += dim_pad) {
-      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(rows);
-      const __m512bh b1 = (__m512bh)_mm512_loadu_si512(rows + 16);
-      const __m512bh b2 = (__m512bh)_mm512_loadu_si512(rows + 32);
-      const __m512bh b3 = (__m512bh)_mm512_loadu_si512(rows + 48);
+      SPAE_BF16_PAIRS_LOAD(rows)
       SPAE_BF16_ROWS(SPAE_BF16_STEP)
     }
     SPAE_BF16_ROWS(SPAE_BF16_STORE)
+  }
 #undef SPAE_BF16_STORE
 #undef SPAE_BF16_STEP
 #undef SPAE_BF16_LOAD
-  }
 }
 
+#undef SPAE_BF16_DOT4
+#undef SPAE_BF16_PAIRS_LOAD
+#undef SPAE_BF16_ACC_LOAD
 #undef SPAE_BF16_ROWS
 
 void semantic_round_weights_bf16(const float* weights, uint32_t* weight_pairs) {
