@@ -181,9 +181,9 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
 
   // Mean embedding and mean ||e||^2 (the packed fp32 bias, as in the logits) of every set, summed in fp64.
   // The sets' rows are visited in ascending codebook row (the candidate list transposed: row -> its sets), so
-  // the table streams once, in order, instead of once per set in list order (the sets of one batch hold
-  // ~3x the table's rows). The sets are split across the threads; every (set, column) sum is one chain in
-  // ascending row (duplicates in list order), so the result does not depend on the thread count.
+  // each thread streams the rows of its sets once, in order, instead of once per set in list order (the sets
+  // of one batch hold ~3x the table's rows). The sets are split across the threads; every (set, column) sum
+  // is one chain in ascending row (duplicates in list order), so the result does not depend on the threads.
   std::vector<int64_t> row_offsets;  // [V + 1]: the sets of row k are entry_sets[row_offsets[k] : row_offsets[k + 1]]
   std::vector<int32_t> entry_sets;   // [M]
   std::vector<int64_t> used_rows;    // rows that are in some set, ascending

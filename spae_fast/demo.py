@@ -77,24 +77,20 @@ def word_report(model: SPAE, relevance, images: torch.Tensor, labels: torch.Tens
 def evaluate_held_out(model: SPAE, relevance, held_out, layers: int = REPORT_LAYERS, batch: int = 120) -> dict:
     """PSNR per prefix and the relevance of the words of layers 1..``layers`` over a whole dataset split
     (image-weighted means of `evaluate_model` over batches of images)."""
-    totals: dict[str, list[float]] = {}
+    sums: dict[str, torch.Tensor] = {}
     count = 0
     for start in range(0, len(held_out), batch):
         items = [held_out[i] for i in range(start, min(start + batch, len(held_out)))]
         images = torch.stack([image for image, _ in items])
         labels = torch.as_tensor([int(label) for _, label in items])
         part = evaluate_model(model, images, labels, relevance, layers)
-        for key in ("psnr", "relevance"):
+        for key in ("psnr", "relevance", "relevance_mean"):  # per prefix, per layer, scalar
             if key in part:
-                values = [v * len(items) for v in part[key]]
-                totals[key] = [a + b for a, b in zip(totals[key], values)] if key in totals else values
-        if "relevance_mean" in part:
-            totals.setdefault("relevance_mean", [0.0])[0] += part["relevance_mean"] * len(items)
+                value = torch.as_tensor(part[key], dtype=torch.float64) * len(items)
+                sums[key] = sums[key] + value if key in sums else value
         count += len(items)
-    result = {key: [round(v / count, 4) for v in values] for key, values in totals.items()}
-    if "relevance_mean" in result:
-        result["relevance_mean"] = result["relevance_mean"][0]
-    return result
+    means = {key: (total / count).tolist() for key, total in sums.items()}
+    return {key: [round(v, 4) for v in m] if isinstance(m, list) else round(m, 4) for key, m in means.items()}
 
 
 def write_report(out: Path, report: dict) -> None:

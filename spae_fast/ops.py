@@ -601,15 +601,15 @@ def pack_semantic_bf16(
     the candidate sets). Without it: ``weight, panels, bias`` are bf16(E) in fp32 and its fp32 packing, and
     ``rows`` is empty. About ``V * D * 4`` bytes either way."""
     rounded16 = weight.detach().to(torch.bfloat16)
-    rounded = rounded16.float()
-    bad = ~torch.isfinite(rounded).all(1)  # NaN / Inf, or an fp32 value past bf16's range
+    bad = ~torch.isfinite(rounded16).all(1)  # NaN / Inf, or an fp32 value past bf16's range
     if bool(bad.any()):
         _native.raise_for_status(_native._NON_FINITE_CODEBOOK, int(bad.nonzero()[0, 0]), stage="codebook")
-    norms = (rounded.double() ** 2).sum(1)
+    norms = (rounded16.double() ** 2).sum(1)
     too_large = norms > float(torch.finfo(torch.float32).max)
     if bool(too_large.any()):
         _native.raise_for_status(_native._OVERFLOW, int(too_large.nonzero()[0, 0]), stage="codebook")
     if not cpu_has_bf16_semantic_kernel():
+        rounded = rounded16.float()
         panels, bias, norm_bound = torch.ops.spae_fast.pack_codebook(rounded, "l2")
         return rounded, panels, bias, norm_bound, _EMPTY
     num_rows, dim = rounded16.shape
