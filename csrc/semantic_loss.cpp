@@ -16,8 +16,9 @@
 // micro-kernel forms 4 panels of scores, the softmax-tile kernel turns them into logits, updates the running
 // max and sum and writes the 6 x 64 weights exp(s - m), and the accumulate kernel adds weights x rows
 // (64 x D: the group's codebook rows, read in place from an fp32 table, else converted to fp32 once per block
-// and group) into the tile's [6, D] accumulator. The mean embedding of each set is summed in fp64 once,
-// before the pass.
+// and group) into the tile's [6, D] accumulator. The mean embedding of each set is summed in fp64 during the
+// same pass: each block owns some of the sets and adds to them the group's rows while they are in cache. The
+// candidate term and the gradient's set part are applied once every block is done (the sums are complete).
 //
 // Determinism: the value of every row depends only on that row, the codebook and the set: each score is one
 // FMA chain over d, the groups are visited in ascending order, the softmax sums and the accumulation chains
@@ -30,8 +31,8 @@
 // bf16(z) against bf16(E) up to fp32 accumulation. Same determinism guarantees, for the bf16 kernel.
 //
 // Extra memory: per thread one packed block of z and its accumulator (<= 2 x 256 KiB), the group's rows
-// (64 x D fp32); plus S x D fp64 set means and the transposed candidate list (V + 1 offsets, M set ids). No
-// N x V buffer.
+// (64 x D fp32); plus S x D fp64 set means, the transposed candidate list (V + 1 offsets, M set ids) and N
+// fp64 logsumexps. No N x V buffer.
 #include "semantic_loss.h"
 
 #include <omp.h>
@@ -158,101 +159,24 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
   std::fill(req.out_loss, req.out_loss + num_rows, 0.0f);
   if (req.compute_grad) std::fill(req.out_grad, req.out_grad + num_rows * dim, 0.0f);
 
-  // Rows that take part: a set with at least one candidate, in ascending order.
+  // Rows that take part: a set with at least one candidate, in ascending order; only their sets' means are needed.
   std::vector<int64_t> active;
-  std::vector<double> set_mean, set_norm;
+  std::vector<char> set_needed;
   try {
     active.reserve(static_cast<size_t>(num_rows));
+    set_needed.assign(static_cast<size_t>(num_sets), 0);
     for (int64_t p = 0; p < num_rows; ++p) {
       const int64_t s = req.set_of_position[p];
-      if (s >= 0 && offsets[s + 1] > offsets[s]) active.push_back(p);
-    }
-    if (active.empty()) return {};
-    set_mean.assign(static_cast<size_t>(num_sets * dim), 0.0);
-    set_norm.assign(static_cast<size_t>(num_sets), 0.0);
-  } catch (const std::bad_alloc&) {
-    return {Status::OutOfMemory, -1};
-  }
-  const int threads = std::max(1, req.num_threads);
-  const SemanticRowToF64 row_to_f64 = SPAE_BY_ISA(semantic_row_to_f64);
-  const SemanticAddF64 add_f64 = SPAE_BY_ISA(semantic_add_f64);
-  const bool direct_rows =
-      req.weight.dtype == DType::Float32 && req.weight.col_stride == 1 && req.weight.row_stride >= dim;
-
-  // Mean embedding and mean ||e||^2 (the packed fp32 bias, as in the logits) of every set, summed in fp64.
-  // The sets' rows are visited in ascending codebook row (the candidate list transposed: row -> its sets), so
-  // each thread streams the rows of its sets once, in order, instead of once per set in list order (the sets
-  // of one batch hold ~3x the table's rows). The sets are split across the threads; every (set, column) sum
-  // is one chain in ascending row (duplicates in list order), so the result does not depend on the threads.
-  std::vector<int64_t> row_offsets;  // [V + 1]: the sets of row k are entry_sets[row_offsets[k] : row_offsets[k + 1]]
-  std::vector<int32_t> entry_sets;   // [M]
-  std::vector<int64_t> used_rows;    // rows that are in some set, ascending
-  try {
-    row_offsets.assign(static_cast<size_t>(vocab + 1), 0);
-    entry_sets.resize(static_cast<size_t>(num_candidates));
-    for (int64_t i = 0; i < num_candidates; ++i) ++row_offsets[req.candidate_index[i] + 1];
-    for (int64_t k = 0; k < vocab; ++k) {
-      if (row_offsets[k + 1] > 0) used_rows.push_back(k);
-      row_offsets[k + 1] += row_offsets[k];
-    }
-    std::vector<int64_t> fill(row_offsets.begin(), row_offsets.end() - 1);
-    for (int64_t s = 0; s < num_sets; ++s)
-      for (int64_t i = offsets[s]; i < offsets[s + 1]; ++i)
-        entry_sets[fill[req.candidate_index[i]]++] = static_cast<int32_t>(s);
-  } catch (const std::bad_alloc&) {
-    return {Status::OutOfMemory, -1};
-  }
-  bool set_alloc_ok = true;
-#pragma omp parallel num_threads(threads)
-  {
-    // This thread's sets: a contiguous range holding about 1/T of the candidates. Its rows are converted to
-    // fp64 once each and added to every one of its sets that holds them.
-    const int thread = omp_get_thread_num(), team = omp_get_num_threads();
-    auto first_set_of = [&](int t) -> int32_t {  // the first set of thread t (num_sets for t = team)
-      if (t == team) return static_cast<int32_t>(num_sets);
-      return static_cast<int32_t>(std::lower_bound(offsets, offsets + num_sets, num_candidates * t / team) - offsets);
-    };
-    const int32_t set_begin = first_set_of(thread), set_end = first_set_of(thread + 1);
-    std::vector<float> row;
-    std::vector<double> row64;
-    try {
-      row.resize(static_cast<size_t>(dim));
-      row64.resize(static_cast<size_t>(dim));
-    } catch (const std::bad_alloc&) {
-#pragma omp atomic write
-      set_alloc_ok = false;
-    }
-    for (size_t u = 0; u < used_rows.size() && !row64.empty() && set_begin < set_end; ++u) {
-      const int64_t k = used_rows[u];
-      const int32_t* row_sets = entry_sets.data() + row_offsets[k];  // the row's sets, ascending
-      const int32_t* row_end = entry_sets.data() + row_offsets[k + 1];
-      const int32_t* first = std::lower_bound(row_sets, row_end, set_begin);
-      const int32_t* last = std::lower_bound(first, row_end, set_end);
-      if (first == last) continue;
-      const float* values = static_cast<const float*>(req.weight.data) + k * req.weight.row_stride;
-      if (!direct_rows) {
-        load_row(req.weight, k, row.data());
-        values = row.data();
+      if (s >= 0 && offsets[s + 1] > offsets[s]) {
+        active.push_back(p);
+        set_needed[s] = 1;
       }
-      row_to_f64(values, dim, bf16, row64.data());
-      for (const int32_t* it = first; it != last; ++it) add_f64(row64.data(), dim, set_mean.data() + *it * dim);
     }
-#pragma omp barrier
-#pragma omp for schedule(static)
-    for (int64_t s = 0; s < num_sets; ++s) {
-      const int64_t begin = offsets[s], end = offsets[s + 1];
-      if (end == begin) continue;
-      double norm = 0.0;  // in list order
-      for (int64_t i = begin; i < end; ++i)
-        norm += static_cast<double>((bf16 ? req.bf16_bias : req.codebook.bias)[req.candidate_index[i]]);
-      const double count = static_cast<double>(end - begin);
-      double* mean = set_mean.data() + s * dim;
-      for (int64_t d = 0; d < dim; ++d) mean[d] /= count;
-      set_norm[s] = norm / count;
-    }
+  } catch (const std::bad_alloc&) {
+    return {Status::OutOfMemory, -1};
   }
-  if (!set_alloc_ok) return {Status::OutOfMemory, -1};
-
+  if (active.empty()) return {};
+  const int threads = std::max(1, req.num_threads);
   const MicroKernel score_kernel = SPAE_BY_ISA(micro_kernel);
   const SemanticSoftmaxTile softmax_tile = SPAE_BY_ISA(semantic_softmax_tile);
   const SemanticAccumulate accumulate = SPAE_BY_ISA(semantic_accumulate);
@@ -277,6 +201,50 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
   const int64_t dim_pairs = (dim + 1) / 2;
   const int64_t acc_stride = bf16 ? semantic_bf16_dim_pad(dim) : dim;
 
+  // The candidate sets' mean embeddings and mean ||e||^2, summed in fp64 inside the streaming pass, where each
+  // vocabulary group's rows are already in cache (a separate pass would read the table from memory again: the
+  // sets of one batch hold ~3x the table's rows). Block b owns a contiguous range of the needed sets (about
+  // 1/num_blocks of their candidates) and adds each group's rows to those of its sets that hold them. The
+  // candidate list is transposed (row -> its sets, ascending), so every (set, column) sum is one chain in
+  // ascending row (duplicates in list order): the result does not depend on the blocking or the threads.
+  std::vector<int64_t> row_offsets;  // [V + 1]: the needed sets of row k are entry_sets[row_offsets[k] : [k + 1]]
+  std::vector<int32_t> entry_sets;
+  std::vector<int32_t> owned_sets;   // [num_blocks + 1]: block b owns sets [owned_sets[b], owned_sets[b + 1])
+  std::vector<double> set_mean, set_norm, row_lse;
+  try {
+    row_offsets.assign(static_cast<size_t>(vocab + 1), 0);
+    std::vector<int64_t> needed_before(static_cast<size_t>(num_sets + 1), 0);  // candidates of needed sets < s
+    for (int64_t s = 0; s < num_sets; ++s) {
+      needed_before[s + 1] = needed_before[s];
+      if (!set_needed[s]) continue;
+      needed_before[s + 1] += offsets[s + 1] - offsets[s];
+      for (int64_t i = offsets[s]; i < offsets[s + 1]; ++i) ++row_offsets[req.candidate_index[i] + 1];
+    }
+    for (int64_t k = 0; k < vocab; ++k) row_offsets[k + 1] += row_offsets[k];
+    entry_sets.resize(static_cast<size_t>(row_offsets[vocab]));
+    std::vector<int64_t> fill(row_offsets.begin(), row_offsets.end() - 1);
+    for (int64_t s = 0; s < num_sets; ++s)
+      if (set_needed[s])
+        for (int64_t i = offsets[s]; i < offsets[s + 1]; ++i)
+          entry_sets[fill[req.candidate_index[i]]++] = static_cast<int32_t>(s);
+    owned_sets.resize(static_cast<size_t>(num_blocks + 1));
+    for (int64_t b = 0; b <= num_blocks; ++b)
+      owned_sets[b] = b == num_blocks ? static_cast<int32_t>(num_sets)
+                                      : static_cast<int32_t>(std::lower_bound(needed_before.begin(),
+                                                                              needed_before.end() - 1,
+                                                                              needed_before[num_sets] * b / num_blocks) -
+                                                             needed_before.begin());
+    set_mean.assign(static_cast<size_t>(num_sets * dim), 0.0);
+    set_norm.assign(static_cast<size_t>(num_sets), 0.0);
+    row_lse.resize(static_cast<size_t>(num_active));
+  } catch (const std::bad_alloc&) {
+    return {Status::OutOfMemory, -1};
+  }
+  const SemanticRowToF64 row_to_f64 = SPAE_BY_ISA(semantic_row_to_f64);
+  const SemanticAddF64 add_f64 = SPAE_BY_ISA(semantic_add_f64);
+  const bool direct_rows =
+      req.weight.dtype == DType::Float32 && req.weight.col_stride == 1 && req.weight.row_stride >= dim;
+
   std::atomic<int> failed_status{static_cast<int>(Status::Ok)};
   std::atomic<int64_t> failed_detail{std::numeric_limits<int64_t>::max()};
   auto record_failure = [&](StatusInfo info) {
@@ -291,11 +259,12 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
   {
     std::vector<float> packed, acc, group_rows, row_buffer, run_max, scores, weights;
     std::vector<uint32_t> packed_pairs, weight_pairs;
-    std::vector<double> run_sum;
+    std::vector<double> run_sum, row64;
     bool allocated = true;
     try {
       packed.resize(static_cast<size_t>(block_rows * dim));
       row_buffer.resize(static_cast<size_t>(dim));
+      row64.resize(static_cast<size_t>(dim));
       run_max.resize(static_cast<size_t>(block_rows));
       run_sum.resize(static_cast<size_t>(block_rows));
       scores.resize(static_cast<size_t>(kSemanticGroupPanels * kTileRows * kPanelWidth));
@@ -433,26 +402,88 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
 #endif
           if (req.compute_grad) accumulate(weights.data(), rows_ptr, rows_ld, dim, acc.data() + tile * kTileRows * dim);
         }
+
+        // This block's sets: add the group's rows that they hold (from the operand the kernels just read).
+        const int32_t set_begin = owned_sets[block], set_end = owned_sets[block + 1];
+        for (int c = 0; c < kSemanticGroupCols && set_begin < set_end; ++c) {
+          const int64_t k = group * kSemanticGroupCols + c;
+          if (k >= vocab) break;
+          const int32_t* row_begin = entry_sets.data() + row_offsets[k];
+          const int32_t* row_end = entry_sets.data() + row_offsets[k + 1];
+          const int32_t* first_set = std::lower_bound(row_begin, row_end, set_begin);
+          const int32_t* last_set = std::lower_bound(first_set, row_end, set_end);
+          if (first_set == last_set) continue;
+          const float* values = row_buffer.data();
+          bool round = false;
+          if (bf16 && req.compute_grad) {  // bf16(e_k): half c % 2 of the pair words (e_2i[d], e_2i+1[d])
+            const uint32_t* pairs = req.bf16_rows + (group * (kSemanticGroupCols / 2) + c / 2) * acc_stride;
+            // A bf16 is the top half of its fp32: the low word shifted up, or the high word with the low cleared.
+            const uint32_t low_mask = c % 2 == 0 ? 0x0000FFFFu : 0xFFFF0000u;
+            const int shift = c % 2 == 0 ? 16 : 0;
+            for (int64_t d = 0; d < dim; ++d) {
+              const uint32_t bits = (pairs[d] & low_mask) << shift;
+              std::memcpy(&row_buffer[d], &bits, sizeof bits);
+            }
+          } else if (req.compute_grad) {
+            values = rows_ptr + c * rows_ld;
+          } else if (direct_rows) {
+            values = static_cast<const float*>(req.weight.data) + k * req.weight.row_stride;
+            round = bf16;
+          } else {
+            load_row(req.weight, k, row_buffer.data());
+            round = bf16;
+          }
+          row_to_f64(values, dim, round, row64.data());
+          for (const int32_t* it = first_set; it != last_set; ++it)
+            add_f64(row64.data(), dim, set_mean.data() + static_cast<int64_t>(*it) * dim);
+        }
       }
 
-      // Finish every row: lse, the candidate term from the set's mean embedding, the gradient direction.
+      // The parts of every row that need no set mean: lse and the softmax-weighted embedding sum.
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t row = active[first + r];
-        const int64_t s = req.set_of_position[row];
-        const double* mean = set_mean.data() + s * dim;
-        const float* z_packed = packed.data() + (r / kTileRows) * dim * kTileRows + (r % kTileRows);
-        double dot = 0.0;
-        for (int64_t d = 0; d < dim; ++d) dot += static_cast<double>(z_packed[d * kTileRows]) * mean[d];
-        const double lse = static_cast<double>(run_max[r]) + std::log(run_sum[r]);
-        const double target = (2.0 * dot - set_norm[s]) / req.tau;
-        req.out_loss[row] = static_cast<float>(lse - target);
+        row_lse[first + r] = static_cast<double>(run_max[r]) + std::log(run_sum[r]);
         if (req.compute_grad) {
-          const double inv_sum = 1.0 / run_sum[r], scale = 2.0 / req.tau;
+          const double inv_sum = 1.0 / run_sum[r];
           const float* row_acc = acc.data() + r * acc_stride;
-          float* out = req.out_grad + row * dim;
-          for (int64_t d = 0; d < dim; ++d)
-            out[d] = static_cast<float>(scale * (static_cast<double>(row_acc[d]) * inv_sum - mean[d]));
+          float* out = req.out_grad + active[first + r] * dim;
+          for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<float>(static_cast<double>(row_acc[d]) * inv_sum);
         }
+      }
+    }  // (the loop's barrier: every set sum is complete)
+
+    const bool ok = failed_status.load() == static_cast<int>(Status::Ok);
+#pragma omp for schedule(static)
+    for (int64_t s = 0; s < num_sets; ++s) {
+      if (!ok || !set_needed[s]) continue;
+      const int64_t begin = offsets[s], end = offsets[s + 1];
+      double norm = 0.0;  // in list order
+      for (int64_t i = begin; i < end; ++i)
+        norm += static_cast<double>((bf16 ? req.bf16_bias : req.codebook.bias)[req.candidate_index[i]]);
+      const double count = static_cast<double>(end - begin);
+      double* mean = set_mean.data() + s * dim;
+      for (int64_t d = 0; d < dim; ++d) mean[d] /= count;
+      set_norm[s] = norm / count;
+    }
+
+    // Finish every row: the candidate term from its set's mean embedding, and the gradient
+    // (2 / tau) (mu - mean_C(e)) with mu the softmax-weighted embedding sum left in out_grad.
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < num_active; ++i) {
+      if (!ok || row64.empty()) continue;
+      const int64_t row = active[i];
+      const int64_t s = req.set_of_position[row];
+      const double* mean = set_mean.data() + s * dim;
+      load_row(req.z, row, row_buffer.data());
+      double dot = 0.0;
+      for (int64_t d = 0; d < dim; ++d) {
+        const float z_value = bf16 ? bf16_to_float(float_to_bf16(row_buffer[d])) : row_buffer[d];
+        dot += static_cast<double>(z_value) * mean[d];
+      }
+      req.out_loss[row] = static_cast<float>(row_lse[i] - (2.0 * dot - set_norm[s]) / req.tau);
+      if (req.compute_grad) {
+        const double scale = 2.0 / req.tau;
+        float* out = req.out_grad + row * dim;
+        for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<float>(scale * (static_cast<double>(out[d]) - mean[d]));
       }
     }
   }

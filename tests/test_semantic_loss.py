@@ -813,6 +813,30 @@ def test_bf16_is_the_loss_of_the_rounded_operands(bf16_impl, num, num_rows, dim)
     assert float((loss - fp32_loss).abs().max()) <= 2**-7 * (tolerance(z, weight, 0.7) / 2e-6)
 
 
+@pytest.mark.parametrize("table", ["contiguous", "strided", "bf16"])
+def test_bf16_no_grad_gives_the_same_loss(bf16_impl, table):
+    """Without autograd the set means are summed from the table itself (rounded to bf16), with it from the
+    packed bf16 rows the gradient pass reads: the loss is bitwise the same either way, for any table layout."""
+    z, weight, mask = make_problem(11, 64 * 3 + 9, 21, seed=37)
+    if table == "strided":
+        weight = torch.cat([weight, weight], dim=1)[:, ::2]
+    elif table == "bf16":
+        weight = weight.to(torch.bfloat16)
+    index, offsets = _ref.candidates_from_mask(mask)
+    with_grad, _ = bf16_loss_and_grad(z, weight, index, offsets, impl=bf16_impl)
+    original = spae_fast.ops.cpu_has_bf16_semantic_kernel
+    if bf16_impl == "cpu-emulated":
+        spae_fast.ops.cpu_has_bf16_semantic_kernel = lambda: False
+    try:
+        with torch.no_grad():
+            backend = "cpu" if bf16_impl == "cpu-emulated" else bf16_impl
+            without = spae_fast.semantic_loss(z, weight, index, offsets, reduction="none", precision="bf16",
+                                              backend=backend)  # fmt: skip
+    finally:
+        spae_fast.ops.cpu_has_bf16_semantic_kernel = original
+    assert_identical(without, with_grad, "no_grad vs grad")
+
+
 def test_bf16_kernel_matches_the_emulation_closely():
     if not spae_fast.ops.cpu_has_bf16_semantic_kernel():
         pytest.skip("this CPU has no AVX512-BF16")
