@@ -74,11 +74,29 @@ class SaqLayerSource final : public QuerySource {
     }
     const double coefficient = req_.residual ? 1.0 : static_cast<double>(layer_ + 1);
     const int64_t z_base = b * req_.stride_b + y * req_.stride_y + x * req_.stride_x;
-    for (int64_t d = 0; d < req_.dim; ++d) {
-      double sum = 0.0;
-      for (int64_t m = 0; m < layer_; ++m) sum += static_cast<double>(req_.weight.at(covering[m], d));
-      const double z = load_as_float(req_.z, req_.z_dtype, z_base + d * req_.stride_d);
-      out[d] = static_cast<float>(coefficient * z - sum);
+    const int64_t dim = req_.dim;
+    // sum[d] = sum_m e(covering[m])[d] in ascending m, layer after layer so each pass reads one contiguous row
+    // (the same fp64 chain per d as a d-outer loop; this one vectorises).
+    thread_local std::vector<double> sum;
+    sum.assign(static_cast<size_t>(dim), 0.0);
+    const MatrixView& e = req_.weight;
+    for (int64_t m = 0; m < layer_; ++m) {
+      if (e.dtype == DType::Float32 && e.col_stride == 1) {
+        const float* row = static_cast<const float*>(e.data) + covering[m] * e.row_stride;
+        for (int64_t d = 0; d < dim; ++d) sum[d] += static_cast<double>(row[d]);
+      } else {
+        for (int64_t d = 0; d < dim; ++d) sum[d] += static_cast<double>(e.at(covering[m], d));
+      }
+    }
+    if (req_.z_dtype == DType::Float32) {
+      const float* z = static_cast<const float*>(req_.z) + z_base;
+      for (int64_t d = 0; d < dim; ++d)
+        out[d] = static_cast<float>(coefficient * static_cast<double>(z[d * req_.stride_d]) - sum[d]);
+    } else {
+      for (int64_t d = 0; d < dim; ++d) {
+        const double z = load_as_float(req_.z, req_.z_dtype, z_base + d * req_.stride_d);
+        out[d] = static_cast<float>(coefficient * z - sum[d]);
+      }
     }
   }
 
