@@ -25,7 +25,10 @@ names (MiniLM; relevance s in [0, 1] = min-max normalised over the vocabulary pe
 Also measures one training step of the trained saq_semantic model (batch 16, median of --repeats after a
 warm-up), split into encoder + decoder (forward and backward, the quantizer's output precomputed), the
 quantizer forward (the fused SAQ search and its running means), and the semantic loss (relevance, candidate
-sets, SAQ targets, fused loss forward + backward), against the whole step as the trainer runs it.
+sets, SAQ targets, fused loss forward + backward), against the whole step as the trainer runs it. The same
+split for the library's default `SPAEConfig` (128 x 128 images, 6 layers = 597 words per image, untrained
+weights, digits upscaled) shows how the share moves with the CNN's size: the quantizer's work is fixed by the
+number of words and the vocabulary, the CNN's by the pixels and the widths.
 
 Models go to OUT/<variant>/model (`SPAE.from_pretrained`); ``--reuse`` skips training a variant whose model
 exists. Writes OUT/fidelity.json and fidelity.md; with --write-benchmarks-md also the "Fidelity" section of
@@ -49,7 +52,7 @@ import torch
 from spae_fast.bench import git_sha, machine_info, replace_markdown_section, versions
 from spae_fast.cli_train import build_datasets
 from spae_fast.demo import DEMO_MODEL, DEMO_TRAINING, evaluate_held_out
-from spae_fast.model import SPAE
+from spae_fast.model import SPAE, SPAEConfig
 from spae_fast.relevance import LabelTextRelevance
 from spae_fast.trainer import Trainer
 from spae_fast.vocab import VocabCodebook
@@ -67,6 +70,11 @@ VARIANTS = {
 }
 SAQ_CURVE = ("saq_plain", "saq_semantic_a0.1", "saq_semantic_a0.3", "saq_semantic")  # alpha0 = 0, 0.1, 0.3, 1
 HEADING = "## Fidelity"
+# The models of the step split: the demo's (the target's) and the library default's, for scale.
+STEP_SPLIT_MODELS = {
+    "demo": "demo (32 x 32, 1.1M-parameter CNN, 149 words, trained)",
+    "library_default": "library default `SPAEConfig()` (128 x 128, 5.4M-parameter CNN, 597 words, untrained)",
+}
 
 
 def train_variant(name: str, out: Path, steps: int, vocab, relevance, train, held_out, reuse: bool) -> SPAE:
@@ -220,24 +228,38 @@ def render(meta: dict, results: dict, timing: dict | None) -> str:
             )
     lines += checks
     if timing:
+        if "step" in timing:  # a fidelity.json from before the per-model split
+            timing = {"demo": timing}
         lines += [
             "",
-            "### One training step of the demo model (median seconds, batch 16)",
+            "### One training step (median seconds, batch 16)",
             "",
             (
-                "| whole step | encoder + decoder (fwd + bwd) | quantizer (fwd + bwd) | semantic loss (fwd + bwd) "
-                "| quantizer + semantic share |"
+                "| model | whole step | encoder + decoder (fwd + bwd) | quantizer (fwd + bwd) "
+                "| semantic loss (fwd + bwd) | quantizer + semantic share |"
             ),
-            "|---:|---:|---:|---:|---:|",
-            (
-                f"| {timing['step']:.3f} | {timing['encoder_decoder']:.3f} | {timing['quantizer']:.3f} | "
-                f"{timing['semantic_loss']:.3f} | {100 * timing['quantizer_plus_semantic_share']:.0f}% |"
-            ),
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, t in timing.items():
+            lines.append(
+                f"| {STEP_SPLIT_MODELS.get(name, name)} | {t['step']:.3f} | {t['encoder_decoder']:.3f} | "
+                f"{t['quantizer']:.3f} | {t['semantic_loss']:.3f} | {100 * t['quantizer_plus_semantic_share']:.0f}% |"
+            )
+        lines.append("")
+        for name, t in timing.items():
+            share = t["quantizer_plus_semantic_share"]
+            lines.append(
+                f"- {STEP_SPLIT_MODELS.get(name, name)}: quantizer + semantic loss <= 30% of the step: "
+                f"**{'met' if share <= 0.3 else 'NOT met'}** ({100 * share:.0f}%)"
+            )
+        lines += [
             "",
             (
-                f"Target: quantizer + semantic loss <= 30% of the step: "
-                f"**{'met' if timing['quantizer_plus_semantic_share'] <= 0.3 else 'NOT met'}**. The parts are timed "
-                "apart (each with its own forward), so they need not add up to the whole step."
+                "The target is stated for the demo model. The parts are timed apart (each with its own forward), so "
+                "they need not add up to the whole step. The quantizer's work is set by the words per image and "
+                "the vocabulary (149 x 47,096 x 576 multiply-adds per image for the demo, searched in int8 at the "
+                "AVX512-VNNI rate), the CNN's by the pixels and the widths; the demo's 1.1M-parameter CNN on "
+                "32 x 32 images is too small for the search to be a minor part of its step on a CPU."
             ),
         ]
     return "\n".join(lines) + "\n"
@@ -274,8 +296,12 @@ def main() -> int:
         print(f"  {name}: {results[name]}", flush=True)
     timing = None
     if args.repeats and "saq_semantic" in models:
-        timing = time_step_split(models["saq_semantic"], relevance, train, args.repeats)
-        print(f"  step split: {timing}", flush=True)
+        timing = {"demo": time_step_split(models["saq_semantic"], relevance, train, args.repeats)}
+        print(f"  step split, demo: {timing['demo']}", flush=True)
+        default = SPAE(SPAEConfig(), vocab)  # untrained: the timing depends on the shapes
+        default_train, _ = build_datasets("digits", default.config.image_size)
+        timing["library_default"] = time_step_split(default, relevance, default_train, max(1, args.repeats // 2))
+        print(f"  step split, library default: {timing['library_default']}", flush=True)
     info = machine_info()
     meta = {
         "command": " ".join(["python benchmarks/fidelity.py", *sys.argv[1:]]),
