@@ -114,12 +114,12 @@ void semantic_accumulate_portable(const float* weights, const float* rows, int64
   }
 }
 
-void semantic_row_to_f64_portable(const float* row, int64_t dim, bool round_bf16, double* out) {
-  for (int64_t d = 0; d < dim; ++d) out[d] = round_bf16 ? bf16_to_float(float_to_bf16(row[d])) : row[d];
+void semantic_add_f32_portable(const float* src, int64_t dim, float* dst) {
+  for (int64_t d = 0; d < dim; ++d) dst[d] += src[d];
 }
 
-void semantic_add_f64_portable(const double* src, int64_t dim, double* dst) {
-  for (int64_t d = 0; d < dim; ++d) dst[d] += src[d];
+void semantic_add_f32_to_f64_portable(const float* src, int64_t dim, double* dst) {
+  for (int64_t d = 0; d < dim; ++d) dst[d] += static_cast<double>(src[d]);
 }
 
 // ---- the op ----
@@ -201,16 +201,19 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
   const int64_t dim_pairs = (dim + 1) / 2;
   const int64_t acc_stride = bf16 ? semantic_bf16_dim_pad(dim) : dim;
 
-  // The candidate sets' mean embeddings and mean ||e||^2, summed in fp64 inside the streaming pass, where each
+  // The candidate sets' mean embeddings and mean ||e||^2, summed inside the streaming pass, where each
   // vocabulary group's rows are already in cache (a separate pass would read the table from memory again: the
   // sets of one batch hold ~3x the table's rows). Block b owns a contiguous range of the needed sets (about
-  // 1/num_blocks of their candidates) and adds each group's rows to those of its sets that hold them. The
-  // candidate list is transposed (row -> its sets, ascending), so every (set, column) sum is one chain in
-  // ascending row (duplicates in list order): the result does not depend on the blocking or the threads.
+  // 1/num_blocks of their candidates) and adds each group's rows to those of its sets that hold them: in fp32
+  // within the group (at most 64 rows, so the partials of a block's sets stay in L1), then each partial into
+  // the set's fp64 sum. The candidate list is transposed (row -> its sets, ascending), so every (set, column)
+  // sum is one fixed sequence of chains (rows ascending, duplicates in list order, groups ascending): the
+  // result does not depend on the blocking or the threads.
   std::vector<int64_t> row_offsets;  // [V + 1]: the needed sets of row k are entry_sets[row_offsets[k] : [k + 1]]
   std::vector<int32_t> entry_sets;
   std::vector<int32_t> owned_sets;   // [num_blocks + 1]: block b owns sets [owned_sets[b], owned_sets[b + 1])
   std::vector<double> set_mean, set_norm, row_lse;
+  int64_t max_row_sets = 0, max_group_sets = 0;  // most needed sets of one row / one block in one group
   try {
     row_offsets.assign(static_cast<size_t>(vocab + 1), 0);
     std::vector<int64_t> needed_before(static_cast<size_t>(num_sets + 1), 0);  // candidates of needed sets < s
@@ -227,6 +230,7 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
       if (set_needed[s])
         for (int64_t i = offsets[s]; i < offsets[s + 1]; ++i)
           entry_sets[fill[req.candidate_index[i]]++] = static_cast<int32_t>(s);
+    for (int64_t k = 0; k < vocab; ++k) max_row_sets = std::max(max_row_sets, row_offsets[k + 1] - row_offsets[k]);
     owned_sets.resize(static_cast<size_t>(num_blocks + 1));
     for (int64_t b = 0; b <= num_blocks; ++b)
       owned_sets[b] = b == num_blocks ? static_cast<int32_t>(num_sets)
@@ -234,14 +238,17 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
                                                                               needed_before.end() - 1,
                                                                               needed_before[num_sets] * b / num_blocks) -
                                                              needed_before.begin());
+    for (int64_t b = 0; b < num_blocks; ++b)
+      max_group_sets = std::max<int64_t>(max_group_sets, owned_sets[b + 1] - owned_sets[b]);
+    max_group_sets = std::min(max_group_sets, kSemanticGroupCols * max_row_sets);
     set_mean.assign(static_cast<size_t>(num_sets * dim), 0.0);
     set_norm.assign(static_cast<size_t>(num_sets), 0.0);
     row_lse.resize(static_cast<size_t>(num_active));
   } catch (const std::bad_alloc&) {
     return {Status::OutOfMemory, -1};
   }
-  const SemanticRowToF64 row_to_f64 = SPAE_BY_ISA(semantic_row_to_f64);
-  const SemanticAddF64 add_f64 = SPAE_BY_ISA(semantic_add_f64);
+  const SemanticAddF32 add_f32 = SPAE_BY_ISA(semantic_add_f32);
+  const SemanticAddF32ToF64 add_f32_to_f64 = SPAE_BY_ISA(semantic_add_f32_to_f64);
   const bool direct_rows =
       req.weight.dtype == DType::Float32 && req.weight.col_stride == 1 && req.weight.row_stride >= dim;
 
@@ -259,12 +266,16 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
   {
     std::vector<float> packed, acc, group_rows, row_buffer, run_max, scores, weights;
     std::vector<uint32_t> packed_pairs, weight_pairs;
-    std::vector<double> run_sum, row64;
+    std::vector<double> run_sum;
+    std::vector<float> set_partial;        // [slot][D]: the fp32 sums of the sets touched in the current group
+    std::vector<int32_t> slot_of_set, touched_sets;  // set -> its slot (-1: none yet); slot -> set
     bool allocated = true;
     try {
       packed.resize(static_cast<size_t>(block_rows * dim));
       row_buffer.resize(static_cast<size_t>(dim));
-      row64.resize(static_cast<size_t>(dim));
+      set_partial.resize(static_cast<size_t>(max_group_sets * dim));
+      slot_of_set.assign(static_cast<size_t>(num_sets), -1);
+      touched_sets.reserve(static_cast<size_t>(max_group_sets));
       run_max.resize(static_cast<size_t>(block_rows));
       run_sum.resize(static_cast<size_t>(block_rows));
       scores.resize(static_cast<size_t>(kSemanticGroupPanels * kTileRows * kPanelWidth));
@@ -403,7 +414,8 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
           if (req.compute_grad) accumulate(weights.data(), rows_ptr, rows_ld, dim, acc.data() + tile * kTileRows * dim);
         }
 
-        // This block's sets: add the group's rows that they hold (from the operand the kernels just read).
+        // This block's sets: add the group's rows that they hold (from the operand the kernels just read) to
+        // fp32 partials of the group, then the partials to the sets' fp64 sums.
         const int32_t set_begin = owned_sets[block], set_end = owned_sets[block + 1];
         for (int c = 0; c < kSemanticGroupCols && set_begin < set_end; ++c) {
           const int64_t k = group * kSemanticGroupCols + c;
@@ -414,7 +426,6 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
           const int32_t* last_set = std::lower_bound(first_set, row_end, set_end);
           if (first_set == last_set) continue;
           const float* values = row_buffer.data();
-          bool round = false;
           if (bf16 && req.compute_grad) {  // bf16(e_k): half c % 2 of the pair words (e_2i[d], e_2i+1[d])
             const uint32_t* pairs = req.bf16_rows + (group * (kSemanticGroupCols / 2) + c / 2) * acc_stride;
             // A bf16 is the top half of its fp32: the low word shifted up, or the high word with the low cleared.
@@ -426,17 +437,34 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
             }
           } else if (req.compute_grad) {
             values = rows_ptr + c * rows_ld;
-          } else if (direct_rows) {
-            values = static_cast<const float*>(req.weight.data) + k * req.weight.row_stride;
-            round = bf16;
           } else {
-            load_row(req.weight, k, row_buffer.data());
-            round = bf16;
+            if (direct_rows) {
+              values = static_cast<const float*>(req.weight.data) + k * req.weight.row_stride;
+            } else {
+              load_row(req.weight, k, row_buffer.data());
+            }
+            if (bf16) {
+              for (int64_t d = 0; d < dim; ++d) row_buffer[d] = bf16_to_float(float_to_bf16(values[d]));
+              values = row_buffer.data();
+            }
           }
-          row_to_f64(values, dim, round, row64.data());
-          for (const int32_t* it = first_set; it != last_set; ++it)
-            add_f64(row64.data(), dim, set_mean.data() + static_cast<int64_t>(*it) * dim);
+          for (const int32_t* it = first_set; it != last_set; ++it) {
+            int32_t& slot = slot_of_set[*it];
+            if (slot < 0) {  // the set's first row in this group starts its partial
+              slot = static_cast<int32_t>(touched_sets.size());
+              touched_sets.push_back(*it);
+              std::memcpy(set_partial.data() + slot * dim, values, static_cast<size_t>(dim) * sizeof(float));
+            } else {
+              add_f32(values, dim, set_partial.data() + slot * dim);
+            }
+          }
         }
+        for (size_t slot = 0; slot < touched_sets.size(); ++slot) {
+          const int32_t set = touched_sets[slot];
+          add_f32_to_f64(set_partial.data() + slot * dim, dim, set_mean.data() + static_cast<int64_t>(set) * dim);
+          slot_of_set[set] = -1;
+        }
+        touched_sets.clear();
       }
 
       // The parts of every row that need no set mean: lse and the softmax-weighted embedding sum.
@@ -469,7 +497,7 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
     // (2 / tau) (mu - mean_C(e)) with mu the softmax-weighted embedding sum left in out_grad.
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < num_active; ++i) {
-      if (!ok || row64.empty()) continue;
+      if (!ok || row_buffer.empty()) continue;
       const int64_t row = active[i];
       const int64_t s = req.set_of_position[row];
       const double* mean = set_mean.data() + s * dim;

@@ -82,15 +82,15 @@ void semantic_round_weights_bf16(const float* weights, uint32_t* weight_pairs);
 bool cpu_supports_avx512_bf16();
 inline int64_t semantic_bf16_dim_pad(int64_t dim) { return (dim + 63) / 64 * 64; }
 
-// For the candidate sets' means (fp64 sums of the sets' rows): a row converted to fp64 (rounded to bf16 first
-// with round_bf16), and dst[d] += src[d] for d < dim.
-using SemanticRowToF64 = void (*)(const float* row, int64_t dim, bool round_bf16, double* out);
-using SemanticAddF64 = void (*)(const double* src, int64_t dim, double* dst);
-void semantic_row_to_f64_portable(const float* row, int64_t dim, bool round_bf16, double* out);
-void semantic_add_f64_portable(const double* src, int64_t dim, double* dst);
+// For the candidate sets' means: a row added to a set's fp32 partial sum of one vocabulary group
+// (dst[d] += src[d]), and the partial added to the set's fp64 sum (dst[d] += double(src[d])), d < dim.
+using SemanticAddF32 = void (*)(const float* src, int64_t dim, float* dst);
+using SemanticAddF32ToF64 = void (*)(const float* src, int64_t dim, double* dst);
+void semantic_add_f32_portable(const float* src, int64_t dim, float* dst);
+void semantic_add_f32_to_f64_portable(const float* src, int64_t dim, double* dst);
 #if defined(SPAE_HAVE_AVX2_KERNEL)
-void semantic_row_to_f64_avx2(const float* row, int64_t dim, bool round_bf16, double* out);
-void semantic_add_f64_avx2(const double* src, int64_t dim, double* dst);
+void semantic_add_f32_avx2(const float* src, int64_t dim, float* dst);
+void semantic_add_f32_to_f64_avx2(const float* src, int64_t dim, double* dst);
 #endif
 
 void semantic_softmax_tile_portable(const float* scores, float tau, const float* max_in, float* max_out,

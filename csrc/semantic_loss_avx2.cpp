@@ -3,7 +3,8 @@
 //
 //   semantic_softmax_tile_avx2: logits s = score / -tau of a 6 x 64 tile, the rows' new running max, the
 //       weights exp(s - max) (a Cephes-style vector expf, ~1 ulp, exactly 0 for s = -inf) and their sums.
-//   semantic_row_to_f64_avx2 / semantic_add_f64_avx2: the fp64 sums of the candidate sets' rows.
+//   semantic_add_f32_avx2 / semantic_add_f32_to_f64_avx2: the sums of the candidate sets' rows (fp32 per
+//       vocabulary group, then fp64).
 //   semantic_accumulate_avx2:   acc[6, D] += weights[6, 64] x rows[64, D], the same 6 x 16 register tile as
 //       the distance micro-kernel (12 accumulators, 2 row loads and 6 broadcasts per step) with D as the
 //       output dimension and the 64 vocabulary rows as the reduction: each output is one FMA chain in
@@ -59,13 +60,22 @@ void semantic_softmax_tile_avx2(const float* scores, float tau, const float* max
                                 float* weights, float* sums) {
   static_assert(kSemanticGroupCols == 64 && kPanelWidth == 16, "written for 4 panels of 16 columns");
   const __m256 neg_tau = _mm256_set1_ps(-tau);
+  // score / -tau; when tau is a power of two its reciprocal is exact and so is the product: the same logits
+  // (tau = 1 by default) for a multiply instead of a divide.
+  int exponent = 0;
+  const bool exact_reciprocal = std::frexp(tau, &exponent) == 0.5f && std::isfinite(1.0f / tau);
+  const __m256 neg_inv_tau = _mm256_set1_ps(-1.0f / tau);
+  const auto logit = [&](const float* src) {
+    const __m256 score = _mm256_loadu_ps(src);
+    return exact_reciprocal ? _mm256_mul_ps(score, neg_inv_tau) : _mm256_div_ps(score, neg_tau);
+  };
   for (int r = 0; r < kTileRows; ++r) {
     __m256 logits[8];
     __m256 row_max = _mm256_set1_ps(max_in[r]);
     for (int j = 0; j < kSemanticGroupPanels; ++j) {
       const float* src = scores + (j * kTileRows + r) * kPanelWidth;
-      logits[2 * j] = _mm256_div_ps(_mm256_loadu_ps(src), neg_tau);
-      logits[2 * j + 1] = _mm256_div_ps(_mm256_loadu_ps(src + 8), neg_tau);
+      logits[2 * j] = logit(src);
+      logits[2 * j + 1] = logit(src + 8);
       row_max = _mm256_max_ps(logits[2 * j], row_max);
       row_max = _mm256_max_ps(logits[2 * j + 1], row_max);
     }
@@ -162,29 +172,18 @@ void semantic_accumulate_avx2(const float* weights, const float* rows, int64_t l
   }
 }
 
-void semantic_row_to_f64_avx2(const float* row, int64_t dim, bool round_bf16, double* out) {
-  const __m256i round_bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
-  const __m256i high_half = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+void semantic_add_f32_avx2(const float* src, int64_t dim, float* dst) {
   int64_t d = 0;
-  for (; d + 8 <= dim; d += 8) {
-    __m256 v = _mm256_loadu_ps(row + d);
-    if (round_bf16) {  // to bf16, nearest even (finite inputs): bits + 0x7fff + lsb, low half cleared
-      const __m256i bits = _mm256_castps_si256(v);
-      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), one);
-      v = _mm256_castsi256_ps(
-          _mm256_and_si256(_mm256_add_epi32(bits, _mm256_add_epi32(round_bias, lsb)), high_half));
-    }
-    _mm256_storeu_pd(out + d, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
-    _mm256_storeu_pd(out + d + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
-  }
-  semantic_row_to_f64_portable(row + d, dim - d, round_bf16, out + d);
+  for (; d + 8 <= dim; d += 8)
+    _mm256_storeu_ps(dst + d, _mm256_add_ps(_mm256_loadu_ps(dst + d), _mm256_loadu_ps(src + d)));
+  for (; d < dim; ++d) dst[d] += src[d];
 }
 
-void semantic_add_f64_avx2(const double* src, int64_t dim, double* dst) {
+void semantic_add_f32_to_f64_avx2(const float* src, int64_t dim, double* dst) {
   int64_t d = 0;
   for (; d + 4 <= dim; d += 4)
-    _mm256_storeu_pd(dst + d, _mm256_add_pd(_mm256_loadu_pd(dst + d), _mm256_loadu_pd(src + d)));
-  for (; d < dim; ++d) dst[d] += src[d];
+    _mm256_storeu_pd(dst + d, _mm256_add_pd(_mm256_loadu_pd(dst + d), _mm256_cvtps_pd(_mm_loadu_ps(src + d))));
+  for (; d < dim; ++d) dst[d] += static_cast<double>(src[d]);
 }
 
 }  // namespace spae

@@ -160,7 +160,7 @@ def test_matches_reference(impl, num, num_rows, dim):
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=atol / 10)
 
 
-@pytest.mark.parametrize("tau", [0.05, 1.0, 13.0])
+@pytest.mark.parametrize("tau", [0.05, 0.5, 1.0, 13.0])
 def test_matches_fp64_and_materialised_cross_entropy(impl, tau):
     z, weight, mask = make_problem(23, 150, 24, seed=3, empty_rows=(4, 17))
     index, offsets = _ref.candidates_from_mask(mask)
