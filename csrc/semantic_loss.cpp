@@ -16,9 +16,10 @@
 // micro-kernel forms 4 panels of scores, the softmax-tile kernel turns them into logits, updates the running
 // max and sum and writes the 6 x 64 weights exp(s - m), and the accumulate kernel adds weights x rows
 // (64 x D: the group's codebook rows, read in place from an fp32 table, else converted to fp32 once per block
-// and group) into the tile's [6, D] accumulator. The mean embedding of each set is summed in fp64 during the
-// same pass: each block owns some of the sets and adds to them the group's rows while they are in cache. The
-// candidate term and the gradient's set part are applied once every block is done (the sums are complete).
+// and group) into the tile's [6, D] accumulator. The mean embedding of each set is summed during the same pass
+// (fp32 within a group, then fp64): each block owns some of the sets and adds to them the group's rows while
+// they are in cache. The candidate term and the gradient's set part are applied once every block is done
+// (the sums are complete).
 //
 // Determinism: the value of every row depends only on that row, the codebook and the set: each score is one
 // FMA chain over d, the groups are visited in ascending order, the softmax sums and the accumulation chains
@@ -31,8 +32,8 @@
 // bf16(z) against bf16(E) up to fp32 accumulation. Same determinism guarantees, for the bf16 kernel.
 //
 // Extra memory: per thread one packed block of z and its accumulator (<= 2 x 256 KiB), the group's rows
-// (64 x D fp32); plus S x D fp64 set means, the transposed candidate list (V + 1 offsets, M set ids) and N
-// fp64 logsumexps. No N x V buffer.
+// (64 x D fp32) and the fp32 partials of the sets one group touches; plus S x D fp64 set means, the
+// transposed candidate list (V + 1 offsets, M set ids) and N fp64 logsumexps. No N x V buffer.
 #include "semantic_loss.h"
 
 #include <omp.h>
