@@ -67,8 +67,8 @@ class SPAEQuantizer(nn.Module):
         backend: ``"auto"``, ``"cpu"`` (native fused kernel) or ``"torch"`` (reference); see
             `spae_fast.available()`.
         check_finite: raise ``ValueError`` on NaN / Inf latents.
-        prefilter: the native search's certified bf16 pre-filter, ``"auto"`` (on CPUs with AVX512-BF16),
-            ``"bf16"`` or ``"none"``; exact either way (see `spae_fast.saq`), packed once here.
+        prefilter: the native search's certified int8 pre-filter, ``"auto"`` (on CPUs with AVX512-VNNI),
+            ``"int8"`` (required) or ``"none"``; exact either way (see `spae_fast.saq`), packed once here.
     """
 
     def __init__(
