@@ -23,7 +23,9 @@ names (MiniLM; relevance s in [0, 1] = min-max normalised over the vocabulary pe
   * the mean relevance to the image's class name of the words of each layer, of layers 1-2 (1 + 4 words: the
     guided-vs-unguided target) and of all words (1 + 4 + 16 + 64 + 64 = 149, mean per word);
   * SAQ vs RQ at equal reconstruction: SAQ's curve (relevance of all words against full PSNR, over its alpha0
-    variants) interpolated linearly at RQ's full PSNR, against RQ's relevance.
+    variants) interpolated linearly at RQ's full PSNR, against RQ's relevance; and over four seeds of each at
+    alpha0 = 1 (mean and spread of full PSNR and relevance), since one run's PSNR moves by 1-2 dB;
+  * over the demo's four seeds, how often each added layer raises PSNR.
 
 Also measures one training step of the trained saq_semantic model (batch 16, median of --repeats after a
 warm-up), split into encoder + decoder (forward and backward, the quantizer's output precomputed), the
