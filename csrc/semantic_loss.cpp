@@ -31,7 +31,7 @@
 // set means use the bf16-rounded rows and the candidate term the rounded z, so the loss is exactly that of
 // bf16(z) against bf16(E) up to fp32 accumulation. Same determinism guarantees, for the bf16 kernel.
 //
-// Extra memory: per thread one packed block of z and its accumulator (<= 2 x 256 KiB), the group's rows
+// Extra memory: per thread one packed block of z and its accumulator (<= 2 x 512 KiB), the group's rows
 // (64 x D fp32) and the fp32 partials of the sets one group touches; plus S x D fp64 set means, the
 // transposed candidate list (V + 1 offsets, M set ids) and N fp64 logsumexps. No N x V buffer.
 #include "semantic_loss.h"
@@ -50,8 +50,11 @@ namespace spae {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
-constexpr int64_t kBlockBytes = 256 * 1024;  // packed z block (and its accumulator) per thread
-constexpr int64_t kMaxBlockTiles = 16;       // 96 rows
+// Packed z block (and its accumulator) per thread. Every block streams the whole table once, so blocks are as
+// large as the L2 allows: at N = 336, 2 threads, blocks of 28 tiles instead of 14 made the op ~4-5% faster
+// (bf16 and fp32) by halving the table's trips from memory.
+constexpr int64_t kBlockBytes = 512 * 1024;
+constexpr int64_t kMaxBlockTiles = 32;  // 192 rows
 
 // Row `row` of a strided [rows, cols] matrix as fp32 (exact for bf16 / fp16).
 void load_row(const MatrixView& m, int64_t row, float* out) {

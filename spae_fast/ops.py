@@ -923,7 +923,7 @@ def semantic_loss(
     codebook is frozen: no gradient flows to it; first derivatives only (no double backward). The per-position
     values of the native ("cpu", for a given micro-kernel) and Triton kernels are bitwise identical for any
     thread count, grid and batch split; the reductions sum in a fixed order. Extra memory of the native
-    kernel: O(N D + S D + V + M) plus ~0.5 MiB per thread and the fp32 partial sums of the sets that one
+    kernel: O(N D + S D + V + M) plus ~1.5 MiB per thread and the fp32 partial sums of the sets that one
     64-row vocabulary group touches; nothing of size N x V.
 
     Args:
