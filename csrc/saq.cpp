@@ -75,27 +75,32 @@ class SaqLayerSource final : public QuerySource {
     const double coefficient = req_.residual ? 1.0 : static_cast<double>(layer_ + 1);
     const int64_t z_base = b * req_.stride_b + y * req_.stride_y + x * req_.stride_x;
     const int64_t dim = req_.dim;
-    // sum[d] = sum_m e(covering[m])[d] in ascending m, layer after layer so each pass reads one contiguous row
-    // (the same fp64 chain per d as a d-outer loop; this one vectorises).
-    thread_local std::vector<double> sum;
-    sum.assign(static_cast<size_t>(dim), 0.0);
     const MatrixView& e = req_.weight;
-    for (int64_t m = 0; m < layer_; ++m) {
-      if (e.dtype == DType::Float32 && e.col_stride == 1) {
-        const float* row = static_cast<const float*>(e.data) + covering[m] * e.row_stride;
-        for (int64_t d = 0; d < dim; ++d) sum[d] += static_cast<double>(row[d]);
-      } else {
-        for (int64_t d = 0; d < dim; ++d) sum[d] += static_cast<double>(e.at(covering[m], d));
+    // sum[d] = sum_m e(covering[m])[d] in ascending m, per chunk of dims layer after layer, so each pass reads
+    // a contiguous piece of one row (the same fp64 chain per d as a d-outer loop; this one vectorises). The
+    // chunk lives on the stack: no allocation inside the search's parallel region.
+    constexpr int64_t kChunk = 256;
+    double sum[kChunk];
+    for (int64_t d0 = 0; d0 < dim; d0 += kChunk) {
+      const int64_t width = std::min(kChunk, dim - d0);
+      std::fill(sum, sum + width, 0.0);
+      for (int64_t m = 0; m < layer_; ++m) {
+        if (e.dtype == DType::Float32 && e.col_stride == 1) {
+          const float* row = static_cast<const float*>(e.data) + covering[m] * e.row_stride + d0;
+          for (int64_t d = 0; d < width; ++d) sum[d] += static_cast<double>(row[d]);
+        } else {
+          for (int64_t d = 0; d < width; ++d) sum[d] += static_cast<double>(e.at(covering[m], d0 + d));
+        }
       }
-    }
-    if (req_.z_dtype == DType::Float32) {
-      const float* z = static_cast<const float*>(req_.z) + z_base;
-      for (int64_t d = 0; d < dim; ++d)
-        out[d] = static_cast<float>(coefficient * static_cast<double>(z[d * req_.stride_d]) - sum[d]);
-    } else {
-      for (int64_t d = 0; d < dim; ++d) {
-        const double z = load_as_float(req_.z, req_.z_dtype, z_base + d * req_.stride_d);
-        out[d] = static_cast<float>(coefficient * z - sum[d]);
+      if (req_.z_dtype == DType::Float32) {
+        const float* z = static_cast<const float*>(req_.z) + z_base + d0 * req_.stride_d;
+        for (int64_t d = 0; d < width; ++d)
+          out[d0 + d] = static_cast<float>(coefficient * static_cast<double>(z[d * req_.stride_d]) - sum[d]);
+      } else {
+        for (int64_t d = 0; d < width; ++d) {
+          const double z = load_as_float(req_.z, req_.z_dtype, z_base + (d0 + d) * req_.stride_d);
+          out[d0 + d] = static_cast<float>(coefficient * z - sum[d]);
+        }
       }
     }
   }

@@ -107,6 +107,7 @@ CASES = [
     (2, 1, 5, 4, (2, 4)),
     (2, 16, 1, 4, (1, 2, 4)),  # V = 1
     (5, 9, 40, 6, (1, 1, 3, 3, 6)),  # repeated sides
+    (2, 300, 50, 4, (1, 2, 4)),  # D above the native targets' 256-dim chunk
 ]
 
 
