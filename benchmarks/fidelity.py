@@ -219,12 +219,14 @@ def render(meta: dict, results: dict, timing: dict | None) -> str:
     for name, r in results.items():
         increasing = all(b > a for a, b in zip(r["psnr"], r["psnr"][1:]))
         checks.append(f"- {name}: PSNR strictly increases with each layer: **{'yes' if increasing else 'no'}**")
-    seeds = [results[name]["psnr"] for name in DEMO_SEEDS if name in results]
-    if len(seeds) > 1:
+    saq_seeds = {name: results[name] for name in DEMO_SEEDS if name in results}
+    rq_runs = [results[name] for name in RQ_SEEDS if name in results]
+    if len(saq_seeds) > 1:
+        seeds = [r["psnr"] for r in saq_seeds.values()]
         steps = [sum(p[i + 1] > p[i] for p in seeds) for i in range(len(seeds[0]) - 1)]
         gains = [min(p[i + 1] - p[i] for p in seeds) for i in range(len(seeds[0]) - 1)]
         checks.append(
-            f"- the demo's configuration over {len(seeds)} training seeds ({', '.join(DEMO_SEEDS[:len(seeds)])}): "
+            f"- the demo's configuration over {len(seeds)} training seeds ({', '.join(saq_seeds)}): "
             "PSNR rises from layer l to l + 1 in "
             + ", ".join(f"{l + 1}->{l + 2}: {k}/{len(seeds)} (min gain {g:+.2f} dB)"
                         for l, (k, g) in enumerate(zip(steps, gains)))  # fmt: skip
@@ -241,8 +243,7 @@ def render(meta: dict, results: dict, timing: dict | None) -> str:
                 f"relevance of all words {s['relevance_all']:.3f} vs {r['relevance_all']:.3f}, of layers 1-2 "
                 f"{s['relevance_1to2']:.3f} vs {r['relevance_1to2']:.3f}"
             )
-    saq_runs = [results[n] for n in DEMO_SEEDS if n in results]
-    rq_runs = [results[n] for n in RQ_SEEDS if n in results]
+    saq_runs = list(saq_seeds.values())
     if len(saq_runs) > 1 and len(rq_runs) > 1:
         def spread(runs, key, last=False):
             values = [r[key][-1] if last else r[key] for r in runs]
