@@ -72,6 +72,14 @@ def precision_of(name: str) -> str:
     return "bf16" if name.endswith("_bf16") else "fp32"
 
 
+FUSED_PROVIDERS = ("spae_fast", "spae_fast_bf16")  # semantic_loss on a Codebook, at its two precisions
+
+
+def op_precision(name: str) -> str:
+    """The ``precision=`` argument of `spae_fast.semantic_loss` for a fused provider."""
+    return "bf16" if precision_of(name) == "bf16" else "default"
+
+
 def fused_of(name: str) -> str:
     """The spae_fast provider a baseline is compared with: the one of the same precision."""
     return "spae_fast_bf16" if precision_of(name) == "bf16" else "spae_fast"
@@ -124,7 +132,7 @@ class Provider:
     def __init__(self, name: str, weight: torch.Tensor, index, offsets, sets, tau: float = 1.0):
         self.name, self.weight, self.tau = name, weight, tau
         self.index, self.offsets, self.sets = index, offsets, sets
-        if name in ("spae_fast", "spae_fast_bf16"):
+        if name in FUSED_PROVIDERS:
             self.codebook = spae_fast.Codebook(weight)  # packed once, before any timing
         if name == "spae_fast_bf16":
             spae_fast.semantic_loss(weight[:1], self.codebook, index[:0], torch.zeros(2, dtype=torch.long),
@@ -147,10 +155,10 @@ class Provider:
 
     def __call__(self, z: torch.Tensor):
         leaf = z.detach().clone().requires_grad_(self.name != "torch_matmul")
-        if self.name in ("spae_fast", "spae_fast_bf16"):
+        if self.name in FUSED_PROVIDERS:
             loss = spae_fast.semantic_loss(
                 leaf, self.codebook, self.index, self.offsets, self.sets, tau=self.tau,
-                precision="bf16" if self.name == "spae_fast_bf16" else "default",
+                precision=op_precision(self.name),
             )  # fmt: skip
         elif self.name == "spae_fast_tensor":
             loss = spae_fast.semantic_loss(
@@ -203,9 +211,9 @@ def child_main(job: dict) -> None:
     z, index, offsets, sets = make_inputs(weight, job["batch"])
     provider = Provider(job["provider"], weight, index, offsets, sets)
     # one small call first: one-time library initialisation (thread pools, ...) is not per-call memory
-    if job["provider"] in ("spae_fast", "spae_fast_bf16"):
+    if job["provider"] in FUSED_PROVIDERS:
         leaf = z[:8].clone().requires_grad_(True)
-        precision = "bf16" if job["provider"] == "spae_fast_bf16" else "default"
+        precision = op_precision(job["provider"])
         spae_fast.semantic_loss(leaf, provider.codebook, index, offsets, sets[:8], precision=precision).backward()
         del leaf
     else:
@@ -223,7 +231,7 @@ def child_main(job: dict) -> None:
     seconds = time.perf_counter() - start
     peak_kib = proc_status_kib("VmHWM")
     del result
-    packed = provider.codebook.nbytes_packed() if job["provider"] in ("spae_fast", "spae_fast_bf16") else 0
+    packed = provider.codebook.nbytes_packed() if job["provider"] in FUSED_PROVIDERS else 0
     print(json.dumps({"extra_bytes": (peak_kib - base_kib) * 1024, "base_bytes": base_kib * 1024,
                       "seconds": seconds, "method": method, "packed_bytes": packed}))  # fmt: skip
 

@@ -448,7 +448,7 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
               load_row(req.weight, k, row_buffer.data());
             }
             if (bf16) {
-              for (int64_t d = 0; d < dim; ++d) row_buffer[d] = bf16_to_float(float_to_bf16(values[d]));
+              for (int64_t d = 0; d < dim; ++d) row_buffer[d] = round_to_bf16(values[d]);
               values = row_buffer.data();
             }
           }
@@ -508,7 +508,7 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
       load_row(req.z, row, row_buffer.data());
       double dot = 0.0;
       for (int64_t d = 0; d < dim; ++d) {
-        const float z_value = bf16 ? bf16_to_float(float_to_bf16(row_buffer[d])) : row_buffer[d];
+        const float z_value = bf16 ? round_to_bf16(row_buffer[d]) : row_buffer[d];
         dot += static_cast<double>(z_value) * mean[d];
       }
       req.out_loss[row] = static_cast<float>(row_lse[i] - (2.0 * dot - set_norm[s]) / req.tau);

@@ -61,6 +61,9 @@ inline uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
+// f rounded to the nearest bf16 and widened back (the value a bf16 operand stands for).
+inline float round_to_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+
 inline float half_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   uint32_t exponent = (h >> 10) & 0x1fu;
