@@ -8,7 +8,7 @@ MiniLM sentence encoder relates every token to the class names "zero" .. "nine")
     model/                      the trained SPAE (`SPAE.from_pretrained`, `spae-fast tokenize --model ...`)
     metrics.jsonl, samples/     the training log (see `spae_fast.trainer`)
 
-Budget: 15 minutes on 2 CPU cores, about 8.5 used (the step count below was sized on such a machine; ``--max-minutes``
+Budget: 15 minutes on 2 CPU cores, about 3.5 used (the step count below was sized on such a machine; ``--max-minutes``
 caps the training time on slower ones). The first run also dequantises SmolLM2's embedding table (~5 s) and
 embeds its word tokens with MiniLM (~1 min); both are cached (`spae_fast.vocab.cache_dir()`).
 """
@@ -26,13 +26,10 @@ import torch
 from .model import SPAE, SPAEConfig
 from .trainer import TrainConfig, Trainer, evaluate_model
 
-# 8 x 8 latent grid; 1 + 4 + 16 + 64 + 64 = 149 words per image. CNN widths 64/128/256 with two ResBlocks per
-# level (13.2M parameters): sized so that the network, not the vocabulary work, dominates a step (quantizer +
-# semantic loss 27% of it; issue #5 asks <= 30%). The earlier 1.1M-parameter CNN (widths 32/64/64, one ResBlock)
-# spent 73% of its step on the vocabulary (docs/DECISIONS.md, "The demo's CNN").
 DEMO_MODEL = SPAEConfig(
-    image_size=32, base_channels=64, channel_multipliers=(1, 2, 4), num_res_blocks=2, layers=(1, 2, 4, 8, 8)
-)
+    image_size=32, base_channels=32, channel_multipliers=(1, 2, 2), num_res_blocks=1, layers=(1, 2, 4, 8, 8)
+)  # 8 x 8 latent grid; 1 + 4 + 16 + 64 + 64 = 149 words per image; a 1.1M-parameter CNN (why this small:
+# docs/DECISIONS.md, "The demo's CNN")
 DEMO_TRAINING = TrainConfig(steps=400, batch_size=16, eval_every=100, save_every=100, eval_images=10)
 REPORT_LAYERS = 2  # the words of layers 1..2 (5 words) describe each sample image
 
