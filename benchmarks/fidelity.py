@@ -84,7 +84,8 @@ DEMO_SEEDS = ("saq_semantic", "saq_semantic_s1", "saq_semantic_s2", "saq_semanti
 RQ_SEEDS = ("rq_semantic", "rq_semantic_s1", "rq_semantic_s2", "rq_semantic_s3")
 SAQ_CURVE = ("saq_plain", "saq_semantic_a0.1", "saq_semantic_a0.3", "saq_semantic")  # alpha0 = 0, 0.1, 0.3, 1
 HEADING = "## Fidelity"
-# The models of the step split: the demo's (the target's) and the library default's, for scale.
+# The models of the step split: the demo's (the target's), and for scale the demo with a larger CNN and the
+# library default.
 STEP_SPLIT_MODELS = {
     "demo": "demo (32 x 32, 1.1M-parameter CNN, 149 words, trained)",
     "demo_wide_cnn": "the demo with a 13.2M-parameter CNN (widths 64/128/256, two ResBlocks; untrained)",
@@ -348,15 +349,19 @@ def main() -> int:
         print(f"  {name}: {results[name]}", flush=True)
     timing = None
     if args.repeats and "saq_semantic" in models:
-        timing = {"demo": time_step_split(models["saq_semantic"], relevance, train, args.repeats)}
-        print(f"  step split, demo: {timing['demo']}", flush=True)
-        wide = SPAE(dataclasses.replace(DEMO_MODEL, **WIDE_DEMO_CNN), vocab)  # untrained, as the next
-        timing["demo_wide_cnn"] = time_step_split(wide, relevance, train, max(1, args.repeats // 2))
-        print(f"  step split, demo with the wide CNN: {timing['demo_wide_cnn']}", flush=True)
-        default = SPAE(SPAEConfig(), vocab)  # untrained: the timing depends on the shapes
-        default_train, _ = build_datasets("digits", default.config.image_size)
-        timing["library_default"] = time_step_split(default, relevance, default_train, max(1, args.repeats // 2))
-        print(f"  step split, library default: {timing['library_default']}", flush=True)
+        # model, its batch source, timed rounds; the untrained models time their shapes (STEP_SPLIT_MODELS)
+        default = SPAE(SPAEConfig(), vocab)
+        split_runs = {
+            "demo": (models["saq_semantic"], train, args.repeats),
+            "demo_wide_cnn": (SPAE(dataclasses.replace(DEMO_MODEL, **WIDE_DEMO_CNN), vocab), train,
+                              max(1, args.repeats // 2)),
+            "library_default": (default, build_datasets("digits", default.config.image_size)[0],
+                                max(1, args.repeats // 2)),
+        }  # fmt: skip
+        timing = {}
+        for name, (model, images, repeats) in split_runs.items():
+            timing[name] = time_step_split(model, relevance, images, repeats)
+            print(f"  step split, {name}: {timing[name]}", flush=True)
     info = machine_info()
     meta = {
         "command": " ".join(["python benchmarks/fidelity.py", *sys.argv[1:]]),
