@@ -204,6 +204,8 @@ class SPAEOutput(NamedTuple):
     reconstruction: torch.Tensor  # [B, C, H, W] decoder(z + sg(z_hat_L - z))
     latent: torch.Tensor  # [B, D, g, g] the encoder output z
     quantizer: SPAEQuantizerOutput  # ids per layer, commitment loss, per-prefix latent errors
+    # [B, C, H, W] decoder(sg(z_hat_{l_b})) of each image's own prefix l_b, when `forward` got prefix_layers
+    prefix_reconstruction: torch.Tensor | None = None
 
 
 class SPAE(nn.Module):
@@ -271,11 +273,20 @@ class SPAE(nn.Module):
             raise ValueError(f"{name} must have shape [B, {channels}, {size}, {size}], got {tuple(images.shape)}")
         return images.to(self.decoder.conv_out.weight.dtype)
 
-    def forward(self, images: torch.Tensor) -> SPAEOutput:
-        """images ``[B, C, H, W]`` -> reconstruction through all layers (straight-through), z, quantizer output."""
+    def forward(self, images: torch.Tensor, prefix_layers: torch.Tensor | None = None) -> SPAEOutput:
+        """images ``[B, C, H, W]`` -> reconstruction through all layers (straight-through), z, quantizer output.
+
+        ``prefix_layers`` ``[B]`` (ints in 1 .. L): also decode image b from the running mean of its first
+        ``prefix_layers[b]`` layers (detached: words are discrete, so only the decoder learns from it), in the
+        same decoder call as the full reconstruction; returned as ``prefix_reconstruction``."""
         latent = self.encoder(self._check_images(images))
         quantized = self.quantizer(latent)
-        return SPAEOutput(self.decoder(quantized.quantized), latent, quantized)
+        if prefix_layers is None:
+            return SPAEOutput(self.decoder(quantized.quantized), latent, quantized)
+        with torch.no_grad():
+            prefix = self.quantizer.prefix_latents(quantized.ids, prefix_layers).to(quantized.quantized.dtype)
+        full, shorter = self.decoder(torch.cat([quantized.quantized, prefix])).chunk(2)
+        return SPAEOutput(full, latent, quantized, shorter)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, num_layers: int | None = None) -> torch.Tensor:

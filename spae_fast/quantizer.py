@@ -306,6 +306,25 @@ class SPAEQuantizer(nn.Module):
         cells = self._reconstruct(covering, covering.shape[1])  # [B g g, D]
         return cells.view(flat.shape[0], self.grid, self.grid, -1).permute(0, 3, 1, 2)
 
+    def prefix_latents(self, ids: IdsLike, num_layers: torch.Tensor) -> torch.Tensor:
+        """z_hat of a different prefix per image: ``num_layers`` ``[B]`` ints in 1 .. L -> ``[B, D, g, g]`` fp32,
+        image b decoded from its first ``num_layers[b]`` layers (as `decode` would give it, up to rounding: one
+        weighted embedding_bag for the whole batch). Used to train the decoder on shorter descriptions."""
+        flat = self.flatten_ids(ids).to(self.weight.device)
+        available = self.pyramid.prefix_layers(flat.shape[1])
+        if (not isinstance(num_layers, torch.Tensor) or num_layers.dtype.is_floating_point
+                or tuple(num_layers.shape) != (flat.shape[0],)):  # fmt: skip
+            raise TypeError(f"num_layers must be an integer tensor [B] = [{flat.shape[0]}], got {num_layers!r}")
+        if num_layers.numel() and not (1 <= int(num_layers.min()) and int(num_layers.max()) <= available):
+            raise ValueError(f"num_layers must be in 1 .. {available} (the layers ids hold), got "
+                             f"{int(num_layers.min())} .. {int(num_layers.max())}")  # fmt: skip
+        covering = self._covering(flat)  # [B g g, L]
+        counts = num_layers.to(covering.device).repeat_interleave(self.grid * self.grid)[:, None]  # [B g g, 1]
+        used = (torch.arange(available, device=covering.device)[None, :] < counts).float()
+        weights = used / counts if self.mode == "saq" else used  # running mean (SAQ) or sum (RQ) of the prefix
+        cells = F.embedding_bag(covering, self.weight, mode="sum", per_sample_weights=weights.to(self.weight.dtype))
+        return cells.float().view(flat.shape[0], self.grid, self.grid, -1).permute(0, 3, 1, 2)
+
     # ---- ids <-> words ------------------------------------------------------------------------------------
 
     def _vocab(self) -> VocabCodebook:

@@ -79,6 +79,54 @@ def test_words_round_trip(model):
 
 
 @pytest.mark.parametrize("mode", ["saq", "rq"])
+def test_prefix_latents_decode_each_image_from_its_own_prefix(vocab, mode):
+    """prefix_latents(ids, l) at image b = the running mean (SAQ) / sum (RQ) of its first l_b layers' covering
+    embeddings, against fp64 and against `decode` of that prefix alone."""
+    quantizer = spae_fast.SPAEQuantizer(vocab, layers=(1, 2, 4), grid=4, mode=mode)
+    ids = quantizer.quantize(torch.randn(5, 12, 4, 4, generator=torch.Generator().manual_seed(2)))
+    lengths = torch.tensor([1, 3, 2, 2, 1])
+    latents = quantizer.prefix_latents(ids, lengths)
+    assert latents.shape == (5, 12, 4, 4) and latents.dtype == torch.float32
+    e = vocab.weight.double()
+    for b, length in enumerate(lengths.tolist()):
+        torch.testing.assert_close(latents[b : b + 1], quantizer.decode(ids[b : b + 1], length), atol=1e-6, rtol=1e-6)
+        covering = torch.zeros(12, 4, 4, dtype=torch.float64)
+        for layer, side in enumerate((1, 2, 4)[:length]):
+            rows = quantizer.split_ids(ids[b : b + 1])[layer][0]  # [side, side]
+            stride = 4 // side
+            covering += e[rows].permute(2, 0, 1).repeat_interleave(stride, 1).repeat_interleave(stride, 2)
+        expected = covering / length if mode == "saq" else covering
+        torch.testing.assert_close(latents[b].double(), expected, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"num_layers must be in 1 \.\. 3"):
+        quantizer.prefix_latents(ids, torch.tensor([1, 4, 2, 2, 1]))
+    with pytest.raises(ValueError, match=r"num_layers must be in 1 \.\. 2"):  # ids of two layers only
+        quantizer.prefix_latents(ids[:, :5], torch.tensor([1, 3, 2, 2, 1]))
+    with pytest.raises(TypeError, match=r"num_layers must be an integer tensor \[B\] = \[5\]"):
+        quantizer.prefix_latents(ids, torch.tensor([1.0, 2, 2, 2, 1]))
+    with pytest.raises(TypeError, match="num_layers must be an integer tensor"):
+        quantizer.prefix_latents(ids, torch.tensor([1, 2]))
+
+
+def test_forward_decodes_the_prefixes_in_the_same_call(model):
+    """forward(images, prefix_layers): the full reconstruction as without it, plus each image decoded from its
+    own prefix; the prefix's pixel loss trains the decoder only (the prefix latent is detached)."""
+    x = images(4)
+    lengths = torch.tensor([1, 2, 3, 4])
+    out = model(x, lengths)
+    torch.testing.assert_close(out.reconstruction, model(x).reconstruction, atol=1e-5, rtol=1e-5)
+    assert model(x).prefix_reconstruction is None
+    ids = model.encode(x)
+    for b, length in enumerate(lengths.tolist()):
+        torch.testing.assert_close(out.prefix_reconstruction[b : b + 1], model.decode(ids[b : b + 1], length),
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
+    torch.testing.assert_close(out.prefix_reconstruction[3], out.reconstruction[3], atol=1e-5, rtol=1e-5)
+    ((out.prefix_reconstruction - x) ** 2).mean().backward()
+    assert model.decoder.conv_out.weight.grad.abs().sum() > 0
+    encoder_grad = model.encoder.conv_in.weight.grad  # zeros: the shared decoder call's other half has no loss
+    assert encoder_grad is None or not encoder_grad.any()
+
+
+@pytest.mark.parametrize("mode", ["saq", "rq"])
 def test_layer_targets_are_the_saq_targets(vocab, mode):
     """z_l(p) = c_l z(p) - sum_{m<l} e(k_m(Up_m(p))) against an fp64 computation, and the search of each target
     reproduces the op's ids (SPAE-METHOD.md §3)."""

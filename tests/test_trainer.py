@@ -199,6 +199,35 @@ def test_resume_refuses_a_different_model(vocab, digits, tmp_path):
         Trainer(make_model(vocab), fast_config(), tmp_path / "empty", train).fit(resume=True, progress=False)
 
 
+def test_prefix_training_trains_the_decoder_on_every_shorter_prefix(vocab, digits, tmp_path):
+    """prefix_weight > 0: image b of step s is also decoded from its first 1 + (b + s) mod (L - 1) layers; the
+    term joins the total outside L_app (alpha still matches alpha0 L_app) and its loss falls with training."""
+    train, held_out = digits
+    relevance = ClassRelevance(vocab.num_rows)
+    config = fast_config(steps=40, batch_size=8, eval_every=40, save_every=40, semantic_layers=2, prefix_weight=0.5)
+    trainer = Trainer(make_model(vocab), config, tmp_path, train, eval_dataset=held_out, relevance=relevance)
+    assert trainer.prefix_layers(5).tolist() == [1, 2, 3, 1, 2]
+    trainer.step = 2
+    assert trainer.prefix_layers(3).tolist() == [3, 1, 2]
+    trainer.step = 0
+    trainer.fit(progress=False)
+    steps = [m for m in read_metrics(tmp_path) if "eval" not in m]
+    last = steps[-1]
+    appearance = last["pixel"] + last["commitment"]
+    assert last["alpha"] * last["semantic"] == pytest.approx(config.alpha0 * appearance, rel=1e-4)
+    assert last["total"] == pytest.approx(appearance + last["alpha"] * last["semantic"] + 0.5 * last["prefix_pixel"],
+                                          rel=1e-4)  # fmt: skip
+    assert sum(m["prefix_pixel"] for m in steps[-5:]) < 0.7 * sum(m["prefix_pixel"] for m in steps[:5])
+    one_layer = fast_config(semantic_layers=1, prefix_weight=0.5)
+    assert Trainer(make_model(vocab, layers=(8,)), one_layer, tmp_path / "one", train).prefix_layers(4) is None
+    off = fast_config(prefix_weight=0.0)
+    assert Trainer(make_model(vocab), off, tmp_path / "off", train).prefix_layers(4) is None
+    trainer.step, trainer.rank, trainer.world_size = 1, 1, 2  # rank 1's images are 1, 3, 5 of the joint batch
+    assert trainer.prefix_layers(3).tolist() == [3, 2, 1]
+    with pytest.raises(ValueError, match="prefix_weight must be >= 0"):
+        TrainConfig(prefix_weight=-1.0)
+
+
 def test_bad_training_settings(vocab, digits, tmp_path):
     train, _ = digits
     with pytest.raises(ValueError, match="pixel_loss"):
