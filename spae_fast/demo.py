@@ -8,7 +8,7 @@ MiniLM sentence encoder relates every token to the class names "zero" .. "nine")
     model/                      the trained SPAE (`SPAE.from_pretrained`, `spae-fast tokenize --model ...`)
     metrics.jsonl, samples/     the training log (see `spae_fast.trainer`)
 
-Budget: 15 minutes on 2 CPU cores, about 3.5 used (the step count below was sized on such a machine; ``--max-minutes``
+Budget: 15 minutes on 2 CPU cores, about 4 used (the step count below was sized on such a machine; ``--max-minutes``
 caps the training time on slower ones). The first run also dequantises SmolLM2's embedding table (~5 s) and
 embeds its word tokens with MiniLM (~1 min); both are cached (`spae_fast.vocab.cache_dir()`).
 """
