@@ -81,8 +81,9 @@ class TrainConfig:
     # 1 + (b + s) mod (L - 1), so every prefix is trained equally), in the full reconstruction's decoder call.
     # The prefix's latent is detached (words are discrete): only the decoder learns to render 1, 2, ... layers.
     # Not part of L_app, so the dynamic semantic weight and the GAN's adaptive weight are unchanged. 0: off
-    # (the decoder then only ever sees all L layers, and 1 or 2 words decode to near-blank images). 0.1 made
-    # PSNR rise with every layer on the digits demo at no cost in full PSNR; 0.5 cost 1.5-3 dB (DECISIONS.md).
+    # (the decoder then only ever sees all L layers, and 1 or 2 words decode to near-blank images). On the
+    # digits demo 0.1 made PSNR rise with every layer in every seed, its full PSNR moving within the seeds'
+    # spread; 0.5 cost 1.5-3 dB of full PSNR (docs/DECISIONS.md, "Prefix training").
     prefix_weight: float = 0.1
     perceptual_weight: float = 0.0  # needs perceptual_network
     perceptual_network: str | None = None  # torchvision-format VGG16 weights (.safetensors / .pth)
