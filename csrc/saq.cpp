@@ -52,19 +52,24 @@ class SaqLayerSource final : public QuerySource {
   int64_t rows() const override { return req_.batch * layers_[layer_].side * layers_[layer_].side; }
   int64_t dim() const override { return req_.dim; }
 
-  int64_t position_of(int64_t row) const {
+  // Image and grid cell (b, y, x) that query row `row` of this layer samples.
+  struct Cell {
+    int64_t b, y, x;
+  };
+  Cell cell_of(int64_t row) const {
     const LayerGeometry& g = layers_[layer_];
     const int64_t per_image = g.side * g.side;
-    const int64_t b = row / per_image, r = row % per_image;
-    const int64_t y = g.stride * (r / g.side) + g.offset, x = g.stride * (r % g.side) + g.offset;
-    return (b * req_.grid + y) * req_.grid + x;
+    const int64_t r = row % per_image;
+    return {row / per_image, g.stride * (r / g.side) + g.offset, g.stride * (r % g.side) + g.offset};
+  }
+
+  int64_t position_of(int64_t row) const {
+    const Cell c = cell_of(row);
+    return (c.b * req_.grid + c.y) * req_.grid + c.x;
   }
 
   void load_row(int64_t row, float* out) const override {
-    const LayerGeometry& g = layers_[layer_];
-    const int64_t per_image = g.side * g.side;
-    const int64_t b = row / per_image, r = row % per_image;
-    const int64_t y = g.stride * (r / g.side) + g.offset, x = g.stride * (r % g.side) + g.offset;
+    const auto [b, y, x] = cell_of(row);
     // Rows of the covering tokens of the layers above, in ascending layer order.
     int64_t covering[kMaxLayers];
     const int64_t* ids = req_.out_ids + b * total_;
@@ -76,6 +81,7 @@ class SaqLayerSource final : public QuerySource {
     const int64_t z_base = b * req_.stride_b + y * req_.stride_y + x * req_.stride_x;
     const int64_t dim = req_.dim;
     const MatrixView& e = req_.weight;
+    const bool contiguous_fp32_table = e.dtype == DType::Float32 && e.col_stride == 1;
     // sum[d] = sum_m e(covering[m])[d] in ascending m, per chunk of dims layer after layer, so each pass reads
     // a contiguous piece of one row (the same fp64 chain per d as a d-outer loop; this one vectorises). The
     // chunk lives on the stack: no allocation inside the search's parallel region.
@@ -85,7 +91,7 @@ class SaqLayerSource final : public QuerySource {
       const int64_t width = std::min(kChunk, dim - d0);
       std::fill(sum, sum + width, 0.0);
       for (int64_t m = 0; m < layer_; ++m) {
-        if (e.dtype == DType::Float32 && e.col_stride == 1) {
+        if (contiguous_fp32_table) {
           const float* row = static_cast<const float*>(e.data) + covering[m] * e.row_stride + d0;
           for (int64_t d = 0; d < width; ++d) sum[d] += static_cast<double>(row[d]);
         } else {
