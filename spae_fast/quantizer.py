@@ -296,13 +296,18 @@ class SPAEQuantizer(nn.Module):
             raise TypeError(f"ids must be integer codebook rows, got {out.dtype}")
         return out.to(torch.int64)
 
-    def decode(self, ids: IdsLike, num_layers: int | None = None) -> torch.Tensor:
-        """The reconstruction z_hat_n ``[B, D, g, g]`` of the first ``num_layers`` layers (all of ``ids`` by default):
-        the running mean (SAQ) or sum (RQ) of the covering tokens' embeddings at every grid cell."""
+    def _codebook_rows(self, ids: IdsLike, num_layers: int | None = None) -> torch.Tensor:
+        """`flatten_ids`, checked to be rows of this codebook, on the codebook's device."""
         flat = self.flatten_ids(ids, num_layers)
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.weight.shape[0]):
             raise ValueError(f"ids must be codebook rows in [0, {self.weight.shape[0]}), got {int(flat.min())} .. {int(flat.max())}")
-        covering = self._covering(flat.to(self.weight.device))
+        return flat.to(self.weight.device)
+
+    def decode(self, ids: IdsLike, num_layers: int | None = None) -> torch.Tensor:
+        """The reconstruction z_hat_n ``[B, D, g, g]`` of the first ``num_layers`` layers (all of ``ids`` by default):
+        the running mean (SAQ) or sum (RQ) of the covering tokens' embeddings at every grid cell."""
+        flat = self._codebook_rows(ids, num_layers)
+        covering = self._covering(flat)
         cells = self._reconstruct(covering, covering.shape[1])  # [B g g, D]
         return cells.view(flat.shape[0], self.grid, self.grid, -1).permute(0, 3, 1, 2)
 
@@ -310,7 +315,7 @@ class SPAEQuantizer(nn.Module):
         """z_hat of a different prefix per image: ``num_layers`` ``[B]`` ints in 1 .. L -> ``[B, D, g, g]`` fp32,
         image b decoded from its first ``num_layers[b]`` layers (as `decode` would give it, up to rounding: one
         weighted embedding_bag for the whole batch). Used to train the decoder on shorter descriptions."""
-        flat = self.flatten_ids(ids).to(self.weight.device)
+        flat = self._codebook_rows(ids)
         available = self.pyramid.prefix_layers(flat.shape[1])
         if (not isinstance(num_layers, torch.Tensor) or num_layers.dtype.is_floating_point
                 or tuple(num_layers.shape) != (flat.shape[0],)):  # fmt: skip

@@ -105,6 +105,8 @@ def test_prefix_latents_decode_each_image_from_its_own_prefix(vocab, mode):
         quantizer.prefix_latents(ids, torch.tensor([1.0, 2, 2, 2, 1]))
     with pytest.raises(TypeError, match="num_layers must be an integer tensor"):
         quantizer.prefix_latents(ids, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"ids must be codebook rows in \[0, 64\)"):  # as `decode` says
+        quantizer.prefix_latents(ids + 64, lengths)
 
 
 def test_forward_decodes_the_prefixes_in_the_same_call(model):
