@@ -142,6 +142,34 @@ def test_clip_matches_direct_computation(clip):
     assert offsets.shape == (3 * 2 + 1,) and index.numel() >= 3 * 2
 
 
+def test_clip_batch_contrast_and_class_word_similarity(clip):
+    """contrast="batch": s'(I_b, k) minus the mean of the batch's other images' s'(., k); a batch of one is not
+    contrasted. class_word_similarity: CLIP's text side on class names and tokens alike."""
+    model, tokenizer = clip
+    vocab = make_vocab()
+    plain = R.CLIPRelevance(vocab, model, processor_or_tokenizer=tokenizer, templates=TEMPLATES)
+    contrasted = R.CLIPRelevance(vocab, model, processor_or_tokenizer=tokenizer, templates=TEMPLATES,
+                                 contrast="batch")  # fmt: skip
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    scores = plain(images)
+    assert torch.equal(contrasted.similarity(images), scores)
+    expected = torch.stack([scores[b] - scores[[o for o in range(4) if o != b]].mean(0) for b in range(4)])
+    torch.testing.assert_close(contrasted(images), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(contrasted(images[:1]), scores[:1])
+    # a word every image scores alike is no candidate of any image after the contrast
+    common = torch.zeros(4, vocab.num_rows)
+    common[:, 5] = 1.0
+    common[torch.arange(4), torch.arange(4)] = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    contrasted.similarity = lambda images, labels=None: common  # the contrast only reads the scores
+    index, offsets = candidates_from_relevance(contrasted(images), (0.99,))
+    assert [index[offsets[b] : offsets[b + 1]].tolist() for b in range(4)] == [[0], [1], [2], [3]]
+    similarity = plain.class_word_similarity(["seven", "cat"])
+    expected = direct_text_features(model, tokenizer, ["seven", "cat"], TEMPLATES) @ plain.text_features.T
+    torch.testing.assert_close(similarity, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="contrast"):
+        R.CLIPRelevance(vocab, model, processor_or_tokenizer=tokenizer, contrast="classes")
+
+
 def test_clip_pixel_values_any_size(clip):
     model, tokenizer = clip
     provider = R.CLIPRelevance(
@@ -320,7 +348,8 @@ def test_label_text_relevance_ranks_the_class_word():
     labels = torch.tensor([3, 0, 3, 5])
     relevance = provider(torch.zeros(4, 3, 16, 16), labels)
     assert relevance.shape == (4, vocab.num_rows) and relevance.dtype == torch.float32
-    assert torch.equal(relevance, provider.class_relevance[labels])
+    assert torch.equal(relevance, provider.candidate_relevance[labels])
+    assert torch.equal(provider.similarity(torch.zeros(4, 3, 16, 16), labels), provider.class_relevance[labels])
     index, offsets = candidates_from_relevance(relevance, (1.0,))
     assert index[offsets[0] : offsets[1]].tolist() == vocab.encode([" seven"]).tolist()
 
