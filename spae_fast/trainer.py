@@ -60,8 +60,10 @@ from .semantic import (
     normalize_relevance,
     pyramid_set_of_position,
 )
+from .word_accuracy import class_word_similarity, evaluate_words
 
 TRAINER_STATE = "trainer_state.pt"
+SEMANTIC_WEIGHTINGS = ("layer", "position")
 DISCRIMINATOR_WEIGHTS = "discriminator.safetensors"
 
 
@@ -103,11 +105,20 @@ class TrainConfig:
     # (layer-1..2 relevance 0.32, as without guidance: 0.32); 1.0 nearly doubled it (0.61) for -2.4 dB PSNR.
     alpha0: float = 1.0
     alpha_mode: str = "dynamic"  # "dynamic" | "constant"
+    # How the top layers share the semantic term. "layer": each layer's loss is the mean over its positions and
+    # gets its own weight alpha0 / L_sem_layers * sg(L_app / L_sem_l), so every layer keeps an equal share (the
+    # single layer-1 word counts as much as layer 3's 16). "position": one mean over all sampled positions with
+    # one weight, so layer 1 gets 1/21 of the term and its word did not follow its candidate set (the demo's
+    # layer-1 words named the right digit for 7% of held-out images; docs/DECISIONS.md, "Semantic weighting").
+    semantic_weighting: str = "layer"
     semantic_classes: tuple[int, ...] | None = None  # only images of these labels get guidance (None: all)
     log_every: int = 10
     eval_every: int = 100
     save_every: int = 100
     eval_images: int = 8
+    # held-out images whose words are judged at each evaluation (word -> class accuracy of layers 1..n for
+    # n <= semantic_layers, `spae_fast.word_accuracy`); needs labels and class names
+    word_eval_images: int = 256
     seed: int = 0
     max_minutes: float | None = None  # stop (and save) once training has run this long
 
@@ -120,7 +131,10 @@ class TrainConfig:
             raise ValueError(f"pixel_loss must be 'l2' or 'l1', got {self.pixel_loss!r}")
         if self.alpha_mode not in ("dynamic", "constant"):
             raise ValueError(f"alpha_mode must be 'dynamic' or 'constant', got {self.alpha_mode!r}")
-        for name in ("steps", "batch_size", "log_every", "eval_every", "save_every", "eval_images", "semantic_layers"):
+        if self.semantic_weighting not in SEMANTIC_WEIGHTINGS:
+            raise ValueError(f"semantic_weighting must be one of {SEMANTIC_WEIGHTINGS}, got {self.semantic_weighting!r}")
+        for name in ("steps", "batch_size", "log_every", "eval_every", "save_every", "eval_images", "semantic_layers",
+                     "word_eval_images"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "steps" else 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -166,6 +180,9 @@ class Trainer:
         eval_dataset: held-out images for PSNR / relevance evaluations (default: ``dataset``).
         relevance: a relevance provider (``provider(images, labels) -> [B, V]``) or None (no semantic loss).
         device: where to train.
+        word_similarity: ``[C, V]`` class name to token similarity that evaluations judge the words with (word ->
+            class accuracy, `spae_fast.word_accuracy`); default: the relevance provider's own
+            ``class_word_similarity`` of the dataset's ``class_names``, when both exist.
     """
 
     def __init__(
@@ -178,6 +195,7 @@ class Trainer:
         eval_dataset: torch.utils.data.Dataset | None = None,
         relevance: RelevanceProvider | None = None,
         device: torch.device | str = "cpu",
+        word_similarity: torch.Tensor | None = None,
     ) -> None:
         self.config = config
         self.out_dir = Path(out_dir)
@@ -192,6 +210,10 @@ class Trainer:
                 f"the relevance provider scores {relevance.num_rows} tokens but the codebook has "
                 f"{model.vocab.num_rows} rows"
             )
+        self.class_names = getattr(dataset, "class_names", None)
+        if word_similarity is None and self.class_names and hasattr(relevance, "class_word_similarity"):
+            word_similarity = class_word_similarity(relevance, self.class_names)
+        self.word_similarity = word_similarity
         if config.semantic_layers > model.num_layers:
             raise ValueError(f"semantic_layers={config.semantic_layers} > the model's {model.num_layers} layers")
         torch.manual_seed(config.seed)
@@ -227,7 +249,9 @@ class Trainer:
 
     def semantic_term(self, latent: torch.Tensor, ids: list[torch.Tensor], images: torch.Tensor,
                       labels: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """L_sem of a batch: SAQ targets of the top layers' sampled positions against the candidate sets."""
+        """The semantic loss of each top layer ``[L_sem]``: the mean over its guided positions of the SAQ target's
+        cross-entropy against the image's candidate set (NaN for a layer with no guided position); and the mean
+        over all guided positions ``[]``."""
         layers = self.config.semantic_layers
         quantizer = self.model.quantizer
         with torch.no_grad():
@@ -238,10 +262,35 @@ class Trainer:
             guided = torch.isin(labels, torch.tensor(self.config.semantic_classes, device=labels.device))
             sets = torch.where(guided[:, None], sets, -1)
         targets = quantizer.layer_targets(latent, ids, layers)  # [B, n, D]
-        return semantic_loss(
+        per_position = semantic_loss(
             targets, quantizer.codebook, index, offsets, sets, tau=self.config.tau,
-            precision=self.config.semantic_precision,
-        )  # fmt: skip
+            precision=self.config.semantic_precision, reduction="none",
+        )  # fmt: skip  # [B, n], 0 where excluded
+        sizes = offsets[1:] - offsets[:-1]
+        counted = ((sets >= 0) & (sizes[sets.clamp_min(0)] > 0)).to(per_position.dtype)  # [B, n]
+        counts = [side * side for side in quantizer.layers[:layers]]
+        per_layer = torch.stack([
+            loss.sum() / weight.sum() if weight.sum() > 0 else loss.sum() * math.nan
+            for loss, weight in zip(per_position.split(counts, dim=1), counted.split(counts, dim=1))
+        ])  # fmt: skip
+        return per_layer, per_position.sum() / counted.sum().clamp_min(1)
+
+    def weighted_semantic(self, appearance: torch.Tensor, per_layer: torch.Tensor,
+                          per_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(alpha * L_sem, L_sem, alpha) (`TrainConfig.semantic_weighting`). "layer": L_sem is the mean of the
+        guided layers' losses, each weighted on its own (alpha_l = alpha0 / n * sg(L_app / L_sem_l) when dynamic),
+        alpha the effective weight; "position": L_sem is the mean over all guided positions, with one weight."""
+        config = self.config
+        if config.semantic_weighting == "position":
+            alpha = dynamic_semantic_weight(appearance, per_position, config.alpha0, config.alpha_mode)
+            return alpha * per_position, per_position, alpha
+        guided = per_layer[~per_layer.isnan()]
+        if guided.numel() == 0:  # no image of the batch is guided
+            return per_position, per_position, per_position.new_zeros(())
+        share = config.alpha0 / guided.numel()
+        weighted = sum(dynamic_semantic_weight(appearance, loss, share, config.alpha_mode) * loss for loss in guided)
+        semantic = guided.mean()
+        return weighted, semantic, (weighted / semantic.clamp_min(1e-12)).detach()
 
     def prefix_layers(self, batch: int) -> torch.Tensor | None:
         """The shorter prefix each image of this step is also decoded from (None: prefix training off): image j
@@ -283,9 +332,11 @@ class Trainer:
             appearance = appearance + config.gan_weight * terms["gan_lambda"] * terms["gan_generator"]
         total = appearance
         if self.relevance is not None:
-            terms["semantic"] = self.semantic_term(out.latent, out.quantizer.ids, images, labels)
-            terms["alpha"] = dynamic_semantic_weight(appearance, terms["semantic"], config.alpha0, config.alpha_mode)
-            total = appearance + terms["alpha"] * terms["semantic"]
+            per_layer, per_position = self.semantic_term(out.latent, out.quantizer.ids, images, labels)
+            weighted, terms["semantic"], terms["alpha"] = self.weighted_semantic(appearance, per_layer, per_position)
+            for layer, loss in enumerate(per_layer.detach(), 1):
+                terms[f"semantic_layer_{layer}"] = loss
+            total = appearance + weighted
         if out.prefix_reconstruction is not None:
             terms["prefix_pixel"] = pixel_loss(out.prefix_reconstruction, images, config.pixel_loss)
             total = total + config.prefix_weight * terms["prefix_pixel"]
@@ -380,6 +431,13 @@ class Trainer:
 
         images, labels = self.eval_batch()
         result = self.evaluate(images, labels)
+        if self.word_similarity is not None:
+            words = evaluate_words(self.model, self.eval_dataset, self.word_similarity, self.config.semantic_layers,
+                                   self.class_names, limit=self.config.word_eval_images)  # fmt: skip
+            result["word_accuracy"] = [round(w.accuracy, 4) for w in words]
+            result["contains_class_name"] = [round(w.contains_class_name, 4) for w in words]
+            result["word_accuracy_chance"] = round(words[0].chance, 4)
+            result["word_accuracy_images"] = words[0].images
         reconstructions = result.pop("reconstructions")
         rows = [images] + reconstructions
         labels_text = ["input"] + [f"{n} layer{'s' if n > 1 else ''}" for n in range(1, len(reconstructions) + 1)]
@@ -450,8 +508,10 @@ def evaluate_model(
     semantic_layers: int = 2,
 ) -> dict[str, object]:
     """PSNR (dB, mean over images) of the reconstruction from every prefix of layers, and with a relevance
-    provider the mean min-max-normalised relevance (in [0, 1]) of the words chosen in each of the top
-    ``semantic_layers`` layers and of all of them together. ``"reconstructions"``: one ``[B, C, H, W]`` per prefix."""
+    provider the mean min-max-normalised relevance (in [0, 1]; the provider's plain ``similarity`` where it has
+    one, i.e. without contrast) of the words chosen in each of the top ``semantic_layers`` layers and of all of
+    them together. ``"reconstructions"``: one ``[B, C, H, W]`` per prefix. Whether the words name the image's
+    class: `spae_fast.word_accuracy.evaluate_words`."""
     was_training = model.training
     model.eval()
     ids = model.encode(images)
@@ -461,7 +521,7 @@ def evaluate_model(
         "reconstructions": reconstructions,
     }
     if relevance is not None:
-        scores = normalize_relevance(relevance(images, labels))  # [B, V] in [0, 1]
+        scores = normalize_relevance(getattr(relevance, "similarity", relevance)(images, labels))  # [B, V] in [0, 1]
         pyramid = model.quantizer.pyramid
         per_layer = []
         for layer in range(min(semantic_layers, model.num_layers)):

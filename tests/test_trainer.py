@@ -22,6 +22,7 @@ from spae_fast.ops import semantic_loss
 from spae_fast.semantic import candidates_from_relevance, pyramid_set_of_position
 from spae_fast.trainer import TrainConfig, Trainer, evaluate_model
 from spae_fast.vocab import VocabCodebook
+from spae_fast.word_accuracy import evaluate_words
 
 TINY_MODEL = {"image_size": 16, "base_channels": 8, "channel_multipliers": (1, 2), "num_res_blocks": 1,
               "layers": (1, 2, 4, 8)}  # fmt: skip
@@ -61,6 +62,9 @@ class ClassRelevance:
     def __call__(self, images, labels=None):
         return self.table[labels.to(torch.int64)]
 
+    def class_word_similarity(self, class_names):
+        return self.table[: len(class_names)]
+
 
 def make_model(vocab, seed: int = 0, **overrides) -> SPAE:
     torch.manual_seed(seed)
@@ -94,6 +98,12 @@ def test_training_lowers_the_loss_and_writes_everything(vocab, digits, tmp_path)
     assert steps[-1]["alpha"] * steps[-1]["semantic"] == pytest.approx(config.alpha0 * app, rel=1e-4)
     evals = [m["eval"] for m in read_metrics(tmp_path) if "eval" in m]
     assert len(evals) == 2 and len(evals[-1]["psnr"]) == 4 and len(evals[-1]["relevance"]) == 2
+    # word -> class accuracy of layers 1 and 1..2 on the held-out images, judged by the provider's table
+    words = evaluate_words(model, held_out, relevance.table, 2, train.class_names, limit=config.word_eval_images)
+    assert evals[-1]["word_accuracy"] == [round(w.accuracy, 4) for w in words]
+    assert evals[-1]["contains_class_name"] == [round(w.contains_class_name, 4) for w in words]
+    assert evals[-1]["word_accuracy_images"] == min(256, len(held_out)) == words[0].images
+    assert 0.1 <= evals[-1]["word_accuracy_chance"] < 0.2  # the commonest digit's share
     assert summary["eval"]["psnr"] == evals[-1]["psnr"]
     assert (tmp_path / "samples" / "step_000040.png").is_file()
     loaded = SPAE.from_pretrained(tmp_path / "model", codebook=vocab)
@@ -105,9 +115,10 @@ def test_training_lowers_the_loss_and_writes_everything(vocab, digits, tmp_path)
 
 @pytest.mark.parametrize("precision", ["default", "bf16"])
 def test_semantic_term_is_the_materialised_cross_entropy(vocab, digits, tmp_path, precision):
-    """The trainer's L_sem = mean over the top layers' sampled positions p of
-    -mean_{c in C(p)} log softmax_k(-||z_l(p) - e_k||^2 / tau)[c], computed here with the full logit matrix
-    (at precision bf16: of the bf16-rounded targets and table, the trainer's default)."""
+    """The trainer's per-layer L_sem_l = mean over layer l's sampled positions p of
+    -mean_{c in C(p)} log softmax_k(-||z_l(p) - e_k||^2 / tau)[c] (and the mean over all positions), computed
+    here with the full logit matrix (at precision bf16: of the bf16-rounded targets and table, the trainer's
+    default)."""
     train, _ = digits
     model = make_model(vocab)
     relevance = ClassRelevance(vocab.num_rows)
@@ -116,7 +127,7 @@ def test_semantic_term_is_the_materialised_cross_entropy(vocab, digits, tmp_path
     images = torch.stack([train[i][0] for i in range(3)])
     labels = torch.stack([train[i][1] for i in range(3)])
     out = model(images)
-    loss = trainer.semantic_term(out.latent, out.quantizer.ids, images, labels)
+    per_layer, loss = trainer.semantic_term(out.latent, out.quantizer.ids, images, labels)
 
     targets = model.quantizer.layer_targets(out.latent, out.quantizer.ids, 3)  # [3, 21, D]
     operands = (targets.detach(), vocab.weight)
@@ -133,6 +144,9 @@ def test_semantic_term_is_the_materialised_cross_entropy(vocab, digits, tmp_path
             members = index[offsets[s] : offsets[s + 1]]
             expected.append(-log_softmax[b, p, members].mean())
     torch.testing.assert_close(loss.double(), torch.stack(expected).mean(), rtol=1e-5, atol=1e-5)
+    expected_layers = torch.stack(expected).view(3, 21).split([1, 4, 16], dim=1)
+    torch.testing.assert_close(per_layer.double(), torch.stack([e.mean() for e in expected_layers]),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
     loss.backward()
     assert model.encoder.conv_out.weight.grad.abs().sum() > 0  # guidance reaches the encoder
     assert model.decoder.conv_out.weight.grad is None  # and nothing else
@@ -155,10 +169,41 @@ def test_semantic_classes_limit_guidance_to_their_images(vocab, digits, tmp_path
     everyone = Trainer(model, fast_config(semantic_layers=2), tmp_path, train, relevance=relevance)
     per_image = [everyone.semantic_term(out.latent[b : b + 1], [ids[b : b + 1] for ids in out.quantizer.ids],
                                         images[b : b + 1], labels[b : b + 1]) for b in (0, 2)]  # fmt: skip
-    torch.testing.assert_close(limited, torch.stack(per_image).mean(), rtol=1e-5, atol=1e-6)
-    unguided = Trainer(model, fast_config(semantic_layers=2, semantic_classes=(9,)), tmp_path, train,
-                       relevance=relevance).semantic_term(out.latent, out.quantizer.ids, images, labels)  # fmt: skip
-    assert float(unguided.detach()) == 0.0
+    for part in range(2):  # per layer, and over all positions
+        torch.testing.assert_close(limited[part], torch.stack([p[part] for p in per_image]).mean(0),
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+    unguided_trainer = Trainer(model, fast_config(semantic_layers=2, semantic_classes=(9,)), tmp_path, train,
+                               relevance=relevance)  # fmt: skip
+    per_layer, unguided = unguided_trainer.semantic_term(out.latent, out.quantizer.ids, images, labels)
+    assert float(unguided.detach()) == 0.0 and bool(per_layer.isnan().all())
+    weighted, semantic, alpha = unguided_trainer.weighted_semantic(torch.tensor(0.3), per_layer, unguided)
+    assert float(weighted) == float(semantic) == float(alpha) == 0.0
+
+
+def test_layer_weighting_gives_every_semantic_layer_an_equal_share(vocab, digits, tmp_path):
+    """semantic_weighting="layer": alpha_l = alpha0 / n sg(L_app / L_sem_l), so each layer's weighted loss is
+    alpha0 L_app / n in value and its gradient that of L_sem_l scaled by it; "position" weights the mean over
+    all positions once (layer 1's single word gets 1/21 of it)."""
+    train, _ = digits
+    relevance = ClassRelevance(vocab.num_rows)
+    appearance = torch.tensor(0.3)
+    per_layer = torch.tensor([2.0, 4.0, 8.0], requires_grad=True)
+    per_position = (per_layer * torch.tensor([1.0, 4.0, 16.0])).sum() / 21
+    layered = Trainer(make_model(vocab), fast_config(semantic_layers=3), tmp_path, train, relevance=relevance)
+    weighted, semantic, alpha = layered.weighted_semantic(appearance, per_layer, per_position)
+    assert float(weighted) == pytest.approx(0.3) and float(semantic) == pytest.approx(14 / 3)
+    assert float(alpha * semantic) == pytest.approx(0.3)
+    weighted.backward()
+    torch.testing.assert_close(per_layer.grad, torch.tensor([0.1 / 2, 0.1 / 4, 0.1 / 8]))
+    per_layer.grad = None
+    positional = Trainer(make_model(vocab), fast_config(semantic_layers=3, semantic_weighting="position"), tmp_path,
+                         train, relevance=relevance)  # fmt: skip
+    weighted, semantic, alpha = positional.weighted_semantic(appearance, per_layer, per_position)
+    assert float(weighted) == pytest.approx(0.3) and float(semantic) == pytest.approx(float(per_position))
+    weighted.backward()
+    torch.testing.assert_close(per_layer.grad, 0.3 / float(per_position) * torch.tensor([1.0, 4.0, 16.0]) / 21)
+    with pytest.raises(ValueError, match="semantic_weighting"):
+        fast_config(semantic_weighting="image")
 
 
 def test_gan_and_lecam_train_the_discriminator(vocab, digits, tmp_path):
