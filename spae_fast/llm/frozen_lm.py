@@ -1,9 +1,6 @@
 """`FrozenLM`: a Hugging Face causal LM and its tokenizer, frozen, with the primitives of in-context
 prompting.
 
-Frozen means ``eval()``, ``requires_grad_(False)`` and every forward under ``torch.inference_mode``: nothing
-here can change the weights.
-
 Prompt pieces. Prompt text is tokenized piece by piece (``"Input:"``, ``"\\nOutput:"``, ``" dax\\n"``, each
 word of an image in text mode), every piece after an anchor (``"\\n"`` before a piece that starts with a
 visible character, ``":"`` before one that starts with white space) whose tokens are then dropped, so that
