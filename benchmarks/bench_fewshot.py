@@ -45,7 +45,7 @@ import torch
 
 from spae_fast import SPAEQuantizer, VocabCodebook
 from spae_fast.bench import git_sha, machine_info, replace_markdown_section, versions
-from spae_fast.prompting import FrozenLM, ImageVocabulary, build_episode_prompt, sample_episodes
+from spae_fast.llm import FrozenLM, ImageVocabulary, build_episode_prompt, sample_episodes
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Few-shot evaluation: shared-prefix KV cache vs naive (CPU)"

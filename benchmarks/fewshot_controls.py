@@ -22,8 +22,8 @@ import random
 import torch
 
 from spae_fast.cli_train import build_datasets
+from spae_fast.llm import FrozenLM, task_induction_text
 from spae_fast.model import SPAE
-from spae_fast.prompting import FrozenLM, task_induction_text
 
 PLAIN_WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "chair", "ocean", "music", "green",
                "table"]  # fmt: skip

@@ -17,14 +17,14 @@ N x V distance matrix. Public API:
     spae_fast.SPAE(SPAEConfig(...), codebook)    # the autoencoder: encode(images) -> ids, decode(ids, num_layers)
     spae_fast.FrozenLM.from_pretrained("smollm2" | path)   # a frozen causal LM for in-context prompting
     spae_fast.ImageVocabulary(spae.quantizer, lm)           # image words as LLM ids (own vocabulary) or text
-    spae_fast.prompting.evaluate_fewshot / denoise / image_to_image   # few-shot classification, generation
+    spae_fast.llm.evaluate_fewshot / denoise / image_to_image         # few-shot classification, generation
 """
 
 from ._gpu import SearchStats, last_search_stats
 from .codebook import Codebook
+from .llm import FrozenLM, ImageVocabulary
 from .model import SPAE, SPAEConfig
 from .ops import BackendStatus, available, nearest, saq, semantic_loss, semantic_loss_from_sets, topk
-from .prompting import FrozenLM, ImageVocabulary
 from .pyramid import TokenPyramid
 from .quantizer import SPAEQuantizer, SPAEQuantizerOutput
 from .vocab import VocabCodebook

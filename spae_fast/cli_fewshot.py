@@ -5,7 +5,7 @@
                       [--classes 5-9] [--repeats 1] [--task-induction] [--method shared|tree|kv_cache|naive|generate]
                       [--seed 0] [--out results.csv]
 
-The open-ended mini-ImageNet protocol of Frozen / LQAE / SPAE (SPAE-METHOD.md §5, `spae_fast.prompting`):
+The open-ended mini-ImageNet protocol of Frozen / LQAE / SPAE (SPAE-METHOD.md §5, `spae_fast.llm`):
 each episode draws N classes, K support images per class and Q query images (default one per class); the
 prompt lists "Input: <words>\\nOutput: <label>\\n" per support image, then the query; the LLM scores every
 label (closed set; ``--method generate``: open-ended answer, exact match). Every combination of the listed
@@ -99,8 +99,8 @@ def encode_dataset(spae, dataset, num_layers: int, batch_size: int) -> torch.Ten
 
 def load_setup(args):
     """(spae, FrozenLM, ImageVocabulary) for the command's --model, --llm and --image-tokens."""
+    from .llm import FrozenLM, ImageVocabulary
     from .model import SPAE
-    from .prompting import FrozenLM, ImageVocabulary
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -127,7 +127,7 @@ def format_table(results) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .prompting import evaluate_fewshot
+    from .llm import evaluate_fewshot
 
     for name in ("ways", "shots", "layers", "repeats"):
         if min(getattr(args, name)) < 1:

@@ -5,7 +5,7 @@ decoder renders every prefix of layers.
                        [--layers 3] [--count 4] [--examples 10] [--rates 0.5 0.23] [--chunk-size N]
                        [--temperature 0] [--top-k K] [--seed 0] --out DIR
 
-Tasks (`spae_fast.prompting`, SPAE-METHOD.md §5):
+Tasks (`spae_fast.llm`, SPAE-METHOD.md §5):
     denoise   progressive in-context denoising: the context is the target image's words corrupted with random
               codebook words at linearly decreasing rates (``--examples`` lines, ``--rates`` first last;
               default 10 lines, 0.50 -> 0.23); the LLM writes the next, cleaner line. The clean words never
@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .imaging import save_grid, save_image
-    from .prompting import denoise, denoising_rates, image_to_image, task_pairs
+    from .llm import denoise, denoising_rates, image_to_image, task_pairs
 
     if args.count < 1 or args.layers < 1 or (args.examples is not None and args.examples < 1):
         print("error: --count, --layers and --examples must be >= 1", file=sys.stderr)
