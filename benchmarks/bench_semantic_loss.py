@@ -269,9 +269,11 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"{v['isa']}), Python {m['python']}; git `{meta['git_sha']}`; {meta['date']}."
         ),
         (
-            f"- **Method:** median of {meta['repeats']} interleaved rounds after a warm-up; peak memory in a fresh "
-            "subprocess per provider (extra VmHWM over the resident set with the inputs allocated, one full call); "
-            "see `benchmarks/bench_semantic_loss.py`."
+            f"- **Method:** median of {meta['repeats']} interleaved rounds after a warm-up; peak memory "
+            + ("of one full call in the CUDA allocator beyond what was allocated before it"
+               if meta.get("gpu") else "in a fresh subprocess per provider (extra VmHWM over the resident set with "
+               "the inputs allocated, one full call)")
+            + "; see `benchmarks/bench_semantic_loss.py`."
         ),
         "",
     ]
@@ -285,9 +287,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines += [
         "",
         (
-            f"spae_fast's `Codebook` (built once per training run, not per call) holds the packed table: "
-            f"{meta['packed_mib']:.1f} MiB ({meta['packed_bf16_mib']:.1f} MiB with the bf16 packing as well). "
-            "`torch_matmul` is the forward GEMM alone (no loss): one of the two "
+            (f"spae_fast's `Codebook` (built once per training run, not per call) holds the packed table: "
+             f"{meta['packed_mib']:.1f} MiB ({meta['packed_bf16_mib']:.1f} MiB with the bf16 packing as well). "
+             if meta["packed_mib"] else "")  # no packed copy on a GPU
+            + "`torch_matmul` is the forward GEMM alone (no loss): one of the two "
             "GEMM-sized passes every provider needs (the fused kernel streams the vocabulary once and forms the "
             "logits and the softmax-weighted embedding sum in that pass)."
         ),
@@ -327,7 +330,8 @@ def write_benchmarks_md(table_md: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: native kernel, memory in subprocesses; cuda: Triton kernel, CUDA allocator peaks")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -108,6 +108,7 @@ def test_the_package_holds_no_benchmark_harness():
 def test_device_cuda_without_a_gpu_says_so(capsys):
     assert load("bench_nearest").main(["--device", "cuda", "--suite", "quick"]) == 1
     assert load("bench_quantizer").main(["--device", "cuda"]) == 1
+    assert load("bench_semantic_loss").main(["--device", "cuda"]) == 1
     assert "no CUDA device" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         load("bench_gpu").main(["--ops", "nearest,unknown"])
