@@ -44,8 +44,9 @@ from pathlib import Path
 import torch
 
 from spae_fast import SPAEQuantizer, VocabCodebook
-from spae_fast.bench import git_sha, machine_info, replace_markdown_section, versions
 from spae_fast.llm import FrozenLM, ImageVocabulary, build_episode_prompt, sample_episodes
+
+from harness import git_sha, machine_info, replace_markdown_section, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Few-shot evaluation: shared-prefix KV cache vs naive (CPU)"

@@ -17,63 +17,28 @@ TF32 off), ``torch_cdist`` (cdist + argmin, only where N x V fits), ``faiss_knn`
 FAISS GPU build is importable), ``spae_<backend>`` (nearest, default precision), ``spae_<backend>_exact``.
 Timing: CUDA events, warm-up then the median of ``--repeats`` runs. Output: a markdown table on stdout and
 in ``--out``/gpu_<gpu>_<time>.md, and long-format CSV rows (op, provider, shape, dtype, metric, value, device,
-versions, git sha) in the .csv next to it. ``--tune`` sweeps Triton tile configurations on one shape.
+versions, git sha) in the .csv next to it. ``--ops nearest,saq`` picks the cases (``bench_nearest.py`` and
+``bench_quantizer.py`` run theirs with ``--device cuda``); ``--tune`` sweeps Triton tile configurations on one
+shape.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
-import statistics
-import subprocess
 import sys
 
 import torch
 
 import spae_fast
 from spae_fast import _gpu
-from spae_fast.bench import replace_markdown_section
+
+from harness import cuda_median_ms as timed
+from harness import cuda_peak_extra as peak_extra
+from harness import git_sha, replace_markdown_section, write_csv
 
 DEVICE = torch.device("cuda")
-
-
-def git_sha() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=False).stdout.strip() or "unknown"  # fmt: skip
-    except OSError:
-        return "unknown"
-
-
-def timed(fn, repeats: int, warmup: int = 1) -> float:
-    """Median milliseconds of fn() (CUDA events)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
-
-
-def peak_extra(fn, baseline_bytes: int) -> int:
-    """Peak bytes allocated during fn() beyond what was allocated before (minus its outputs, baseline_bytes)."""
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - before - baseline_bytes
-    del out
-    return max(0, extra)
 
 
 def table(num_rows: int, dim: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -316,11 +281,63 @@ def update_benchmarks_md(markdown: str) -> str:
     return path
 
 
+def nearest_cases(report: Report, backends: list[str], scale: int, repeats: int) -> None:
+    """The nearest / top-k cases and their targets (also `bench_nearest.py --device cuda`)."""
+    big = case_nearest(report, backends, 65536 // scale, 128256, 4096, torch.bfloat16, repeats)
+    _, ms = best_of(big, backends)
+    report.target(
+        "bf16 65536x128256x4096: spae / cuBLAS GEMM throughput", big["gemm"] / ms if ms else None, 0.90
+    )
+    _, exact_ms = best_of(big, backends, "_exact")
+    report.target("bf16 exact / plain time (D=4096)", exact_ms / ms if ms and exact_ms else None, 1.10, False)
+
+    for num_rows, dim in ((32000, 1024), (49152, 576)):
+        res = case_nearest(report, backends, 65536 // scale, num_rows, dim, torch.bfloat16, repeats, cdist=False)
+        _, ms = best_of(res, backends)
+        report.target(
+            f"bf16 V={num_rows} D={dim}: vs torch chunked bf16", res["chunked"] / ms if ms else None, 2.0
+        )
+        _, exact_ms = best_of(res, backends, "_exact")
+        report.target(f"bf16 exact / plain time (V={num_rows} D={dim})", exact_ms / ms if ms and exact_ms else None,
+                      1.10, False)  # fmt: skip
+
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 baselines in true fp32
+    fp32 = case_nearest(report, backends, 65536 // scale, 32000, 1024, torch.float32, repeats, cdist=False,
+                        faiss=faiss_gpu_knn())  # fmt: skip
+    _, exact_ms = best_of(fp32, backends, "_exact")
+    report.target("fp32 exact vs torch fp32 chunked", fp32["chunked"] / exact_ms if exact_ms else None, 5.0)
+    case_nearest(report, backends, 8192 // scale, 32000, 1024, torch.float32, repeats, gemm=False, exact=False,
+                 cdist=True)  # fmt: skip
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+    for label, results in (("bf16 D=4096", big), ("fp32 D=1024 exact", fp32)):
+        times = {b: results.get(f"spae_{b}") for b in backends}
+        if len(backends) == 2 and all(times.values()):
+            faster = min(times, key=times.get)
+            print(f"faster backend ({label}): {faster}  ({times})")
+    major = torch.cuda.get_device_capability(DEVICE)[0]
+    if backends:
+        chosen, _ = best_of(big, backends)
+        print(f"measured auto table entry: AUTO_BACKEND_BY_CAPABILITY[{major}] = {chosen!r}")
+
+
+def saq_cases(report: Report, backends: list[str], scale: int, repeats: int) -> None:
+    """The fused SAQ case and its target (also `bench_quantizer.py --device cuda`)."""
+    saq = case_saq(report, backends, 256 // scale, 32000, 1024, max(1, repeats - 1))
+    ratios = [saq[f"separate_{b}"] / saq[f"fused_{b}"] for b in backends]
+    report.target("SAQ 6 layers fused vs 6 separate nearest", max(ratios) if ratios else None, 1.5)
+
+
+OPS = {"nearest": nearest_cases, "saq": saq_cases}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated ops to run (default: {','.join(OPS)})")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smaller shapes (a smoke run)")
     parser.add_argument("--tune", action="store_true", help="sweep Triton configurations and exit")
@@ -331,6 +348,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tune-rows", type=int, default=128256)
     parser.add_argument("--tune-dim", type=int, default=4096)
     args = parser.parse_args(argv)
+    ops = [op.strip() for op in args.ops.split(",") if op.strip()]
+    if set(ops) - set(OPS):
+        parser.error(f"--ops: unknown {sorted(set(ops) - set(OPS))}; choose from {', '.join(OPS)}")
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to benchmark")
         return 1
@@ -347,52 +367,10 @@ def main(argv=None) -> int:
     versions = f"torch {torch.__version__}, triton {triton_version}, CUDA {torch.version.cuda}, spae_fast {spae_fast.__version__}"
     report = Report(device_name, versions, git_sha())
     backends = [b for b in ("cuda", "triton") if spae_fast.available()[b].available]
-    print(f"GPU {device_name}; {versions}; backends {backends}", flush=True)
+    print(f"GPU {device_name}; {versions}; backends {backends}; ops {ops}", flush=True)
     scale = 8 if args.quick else 1
-
-    big = case_nearest(report, backends, 65536 // scale, 128256, 4096, torch.bfloat16, args.repeats)
-    _, ms = best_of(big, backends)
-    report.target(
-        "bf16 65536x128256x4096: spae / cuBLAS GEMM throughput", big["gemm"] / ms if ms else None, 0.90
-    )
-    _, exact_ms = best_of(big, backends, "_exact")
-    report.target("bf16 exact / plain time (D=4096)", exact_ms / ms if ms and exact_ms else None, 1.10, False)
-
-    for num_rows, dim in ((32000, 1024), (49152, 576)):
-        res = case_nearest(report, backends, 65536 // scale, num_rows, dim, torch.bfloat16, args.repeats,
-                           cdist=False)  # fmt: skip
-        _, ms = best_of(res, backends)
-        report.target(
-            f"bf16 V={num_rows} D={dim}: vs torch chunked bf16", res["chunked"] / ms if ms else None, 2.0
-        )
-        _, exact_ms = best_of(res, backends, "_exact")
-        report.target(f"bf16 exact / plain time (V={num_rows} D={dim})", exact_ms / ms if ms and exact_ms else None,
-                      1.10, False)  # fmt: skip
-
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 baselines in true fp32
-    fp32 = case_nearest(report, backends, 65536 // scale, 32000, 1024, torch.float32, args.repeats, cdist=False,
-                        faiss=faiss_gpu_knn())  # fmt: skip
-    _, exact_ms = best_of(fp32, backends, "_exact")
-    report.target("fp32 exact vs torch fp32 chunked", fp32["chunked"] / exact_ms if exact_ms else None, 5.0)
-    small = case_nearest(report, backends, 8192 // scale, 32000, 1024, torch.float32, args.repeats, gemm=False,
-                         exact=False, cdist=True)  # fmt: skip
-    del small
-    torch.backends.cuda.matmul.allow_tf32 = previous
-
-    saq = case_saq(report, backends, 256 // scale, 32000, 1024, max(1, args.repeats - 1))
-    ratios = [saq[f"separate_{b}"] / saq[f"fused_{b}"] for b in backends]
-    report.target("SAQ 6 layers fused vs 6 separate nearest", max(ratios) if ratios else None, 1.5)
-
-    for label, results in (("bf16 D=4096", big), ("fp32 D=1024 exact", fp32)):
-        times = {b: results.get(f"spae_{b}") for b in backends}
-        if len(backends) == 2 and all(times.values()):
-            faster = min(times, key=times.get)
-            print(f"faster backend ({label}): {faster}  ({times})")
-    major = torch.cuda.get_device_capability(DEVICE)[0]
-    if backends:
-        chosen, _ = best_of(big, backends)
-        print(f"measured auto table entry: AUTO_BACKEND_BY_CAPABILITY[{major}] = {chosen!r}")
+    for op in ops:
+        OPS[op](report, backends, scale, args.repeats)
 
     markdown = report.markdown()
     print("\n" + markdown)
@@ -401,10 +379,7 @@ def main(argv=None) -> int:
     base = os.path.join(args.out, f"gpu_{device_name.replace(' ', '_')}_{stamp}")
     with open(base + ".md", "w") as f:
         f.write(markdown + "\n")
-    with open(base + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(report.csv[0]))
-        writer.writeheader()
-        writer.writerows(report.csv)
+    write_csv(base + ".csv", report.csv, list(report.csv[0]))
     print(f"\nwrote {base}.md and {base}.csv")
     if args.update_benchmarks_md:
         print(f"updated {update_benchmarks_md(markdown)}")

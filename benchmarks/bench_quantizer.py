@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """Benchmark: one SPAE quantizer training step on the CPU, spae_fast vs plain PyTorch.
 
-    python benchmarks/bench_quantizer.py [--batch 16] [--grid 16] [--layers 1,2,4,8,16,16] [--rounds 3]
-                                         [--table smollm2|random] [--out benchmarks/results] [--no-memory]
-                                         [--no-update-benchmarks-md]
+    python benchmarks/bench_quantizer.py [--device cpu|cuda] [--batch 16] [--grid 16] [--layers 1,2,4,8,16,16]
+                                         [--rounds 3] [--table smollm2|random] [--out benchmarks/results]
+                                         [--no-memory] [--no-update-benchmarks-md]
+
+``--device cuda`` runs the GPU case of `bench_gpu.py` for this op instead (the fused ``spae_fast.saq`` vs six
+separate nearest calls, backends "cuda" and "triton"). On the CPU:
 
 The step (same inputs, same work, for every provider): quantize z [B, D, g, g] through the token pyramid
 with streaming average quantization (SPAE-METHOD.md §2-3), build the straight-through latents
@@ -17,13 +20,9 @@ Providers:
     torch_chunked   the same plain SAQ with torch.addmm(||e||^2, x_c, E^T, alpha=-2).argmin(1) over chunks
                     x_c of queries (||e||^2 computed once, outside the timed step; best chunk of a sweep)
 
-Timing: one warm-up step per provider, then ``rounds`` rounds, each running every provider once in an order
-rotated every round; ratios are taken per round (paired: a slow round hits all providers) and the median is
-reported. Peak memory: each provider runs one step in a fresh interpreter (glibc malloc with a 64 KiB mmap
-threshold and no trim padding, so freed memory is returned and a call cannot reuse resident pages unseen);
-after a small warm-up step it reads VmRSS, resets the peak (writes 5 to /proc/self/clear_refs), runs the
-step and reads VmHWM: "extra" = VmHWM - VmRSS(before), the memory the step needs beyond its inputs
-(the table, its packed copy, z, G).
+Timing and peak memory as `harness.py` describes: one warm-up step per provider, then ``rounds`` interleaved
+rounds, paired ratios; each provider runs one step in a fresh interpreter after a small warm-up step:
+"extra" = VmHWM - VmRSS(before), the memory the step needs beyond its inputs (the table, its packed copy, z, G).
 
 Writes bench_quantizer.csv (long format: op, provider, shape, dtype, metric, value, device, versions, git
 sha), bench_quantizer.md under --out, and replaces the "SPAE quantizer training step" section of
@@ -33,12 +32,10 @@ BENCHMARKS.md (only that section).
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,9 +44,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from spae_fast.bench import git_sha, machine_info, proc_status_kib, replace_markdown_section, versions
-
-ROOT = Path(__file__).resolve().parent.parent
+from harness import (CSV_COLUMNS, RESULTS, ROOT, git_sha, interleaved_rounds, machine_info, markdown_table,
+                     paired_median, proc_status_kib, replace_markdown_section, reset_peak, run_child, versions,
+                     write_csv)
 SECTION = "## SPAE quantizer training step (CPU)"
 PROVIDERS = ("spae_fast", "torch_cdist", "torch_chunked")
 CHUNKS = (256, 1024, 4096)
@@ -178,11 +175,7 @@ def memory_child(job: dict) -> dict:
     except OSError:
         pass
     before = proc_status_kib("VmRSS")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        method = "VmHWM after clear_refs"
-    except OSError:
-        method = "unavailable"
+    method = "VmHWM after clear_refs" if reset_peak() else "unavailable"
     start = time.perf_counter()
     result = training_step(model, z, upstream)
     seconds = time.perf_counter() - start
@@ -193,18 +186,13 @@ def memory_child(job: dict) -> dict:
 
 
 def measure_memory(providers, inputs_path: str, args, chunk: int) -> dict[str, dict]:
-    env = dict(os.environ)
-    env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_TOP_PAD_="0",
-               GLIBC_TUNABLES="glibc.malloc.mmap_threshold=65536:glibc.malloc.trim_threshold=0:glibc.malloc.top_pad=0")  # fmt: skip
     results = {}
     for provider in providers:
         job = {"provider": provider, "inputs": inputs_path, "layers": args.layers, "grid": args.grid,
                "threads": torch.get_num_threads(), "chunk": chunk}  # fmt: skip
-        done = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
-                              env=env, cwd=tempfile.gettempdir(), timeout=3600)  # fmt: skip
-        if done.returncode != 0:
-            raise RuntimeError(f"memory child for {provider} failed:\n{done.stderr[-3000:]}")
-        results[provider] = json.loads(done.stdout.strip().splitlines()[-1])
+        results[provider] = run_child(__file__, ["--child", json.dumps(job)], cwd=tempfile.gettempdir())
+        if "error" in results[provider]:
+            raise RuntimeError(f"memory child for {provider} failed: {results[provider]['error']}")
     return results
 
 
@@ -238,9 +226,8 @@ def render(meta: dict, times: dict, ratios: dict, memory: dict | None, chunk: in
         f"({meta['stats']['full_search_rows']} of {meta['stats']['queries']} queries needed the full fp32 search; "
         "the ids are bitwise those of the fp32 search, and the token agreement with both baselines is checked).",
         "",
-        "| provider | step time (median) | spae_fast speed-up (paired median) | extra peak memory | spae_fast memory ratio |",
-        "|---|---|---|---|---|",
     ]
+    cells = []
     for provider in PROVIDERS:
         name = provider + (f" (chunk {chunk})" if provider == "torch_chunked" else "")
         speed = "—" if provider == "spae_fast" else f"{ratios[provider]:.2f}x"
@@ -249,7 +236,9 @@ def render(meta: dict, times: dict, ratios: dict, memory: dict | None, chunk: in
         else:
             mem = f"{memory[provider]['extra_bytes'] / 2**20:.0f} MiB"
             mem_ratio = "—" if provider == "spae_fast" else f"{memory[provider]['extra_bytes'] / memory['spae_fast']['extra_bytes']:.1f}x"
-        lines.append(f"| {name} | {times[provider]:.2f} s | {speed} | {mem} | {mem_ratio} |")
+        cells.append((name, f"{times[provider]:.2f} s", speed, mem, mem_ratio))
+    lines += markdown_table(("provider", "step time (median)", "spae_fast speed-up (paired median)",
+                             "extra peak memory", "spae_fast memory ratio"), cells)  # fmt: skip
     lines += ["", "Targets (from the quantizer issue):", ""]
     for provider, (speed_goal, memory_goal) in TARGETS.items():
         ok = ratios[provider] >= speed_goal
@@ -275,13 +264,16 @@ def update_benchmarks_md(section: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: this step against plain PyTorch; cuda: the saq case of bench_gpu.py "
+                        "(--rounds: its repeats)")  # fmt: skip
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--grid", type=int, default=16)
     parser.add_argument("--layers", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8, 16, 16])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--table", choices=("smollm2", "random"), default="smollm2")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-update-benchmarks-md", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -289,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(memory_child(json.loads(args.child))))
         return 0
+    if args.device == "cuda":
+        import bench_gpu
+
+        return bench_gpu.main(["--ops", "saq", "--out", str(args.out), "--repeats", str(args.rounds)])
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -320,17 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     import spae_fast
 
     stats = spae_fast.ops.last_saq_stats()  # of spae_fast's warm-up step
-    samples = {p: [] for p in PROVIDERS}
-    for round_index in range(args.rounds):
-        order = PROVIDERS[round_index % 3 :] + PROVIDERS[: round_index % 3]
-        for provider in order:
-            gc.collect()
-            start = time.perf_counter()
-            training_step(models[provider], z, upstream)
-            samples[provider].append(time.perf_counter() - start)
-        print(f"round {round_index + 1}: " + ", ".join(f"{p} {samples[p][-1]:.2f} s" for p in PROVIDERS), flush=True)
+    samples, _ = interleaved_rounds({p: (lambda p=p: training_step(models[p], z, upstream)) for p in PROVIDERS},
+                                    args.rounds, lambda line: print(line, flush=True), before_each=gc.collect)
     times = {p: statistics.median(v) for p, v in samples.items()}
-    ratios = {p: statistics.median(b / a for a, b in zip(samples["spae_fast"], samples[p])) for p in PROVIDERS[1:]}
+    ratios = {p: paired_median(samples[p], samples["spae_fast"]) for p in PROVIDERS[1:]}
     del models
     gc.collect()
 
@@ -352,18 +341,17 @@ def main(argv: list[str] | None = None) -> int:
     shape = f"B={args.batch},grid={args.grid},layers={'-'.join(map(str, args.layers))},V={weight.shape[0]},D={weight.shape[1]}"
     device = meta["machine"]["cpu"]
     version_text = ";".join(f"{k}={v}" for k, v in meta["versions"].items())
+    base = {"op": "quantizer_step", "shape": shape, "dtype": "float32", "device": device, "versions": version_text,
+            "git_sha": meta["git"]}  # fmt: skip
     rows = []
     for provider in PROVIDERS:
-        rows.append(("quantizer_step", provider, shape, "float32", "seconds_median", times[provider]))
+        rows.append({**base, "provider": provider, "metric": "seconds_median", "value": times[provider]})
         if provider != "spae_fast":
-            rows.append(("quantizer_step", provider, shape, "float32", "spae_fast_speedup", ratios[provider]))
+            rows.append({**base, "provider": provider, "metric": "spae_fast_speedup", "value": ratios[provider]})
         if memory is not None:
-            rows.append(("quantizer_step", provider, shape, "float32", "extra_peak_bytes", memory[provider]["extra_bytes"]))
-    with open(args.out / "bench_quantizer.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["op", "provider", "shape", "dtype", "metric", "value", "device", "versions", "git_sha"])
-        for row in rows:
-            writer.writerow([*row, device, version_text, meta["git"]])
+            rows.append({**base, "provider": provider, "metric": "extra_peak_bytes",
+                         "value": memory[provider]["extra_bytes"]})  # fmt: skip
+    write_csv(args.out / "bench_quantizer.csv", rows, CSV_COLUMNS[:9])
     (args.out / "bench_quantizer.md").write_text(section, encoding="utf-8")
     if not args.no_update_benchmarks_md:
         update_benchmarks_md(section)

