@@ -20,10 +20,19 @@ N x V distance matrix. Public API:
     spae_fast.prompting.evaluate_fewshot / denoise / image_to_image   # few-shot classification, generation
 """
 
-from ._gpu import SearchStats, last_search_stats
 from .codebook import Codebook
 from .model import SPAE, SPAEConfig
-from .ops import BackendStatus, available, nearest, saq, semantic_loss, semantic_loss_from_sets, topk
+from .ops import (
+    BackendStatus,
+    SearchStats,
+    available,
+    last_search_stats,
+    nearest,
+    saq,
+    semantic_loss,
+    semantic_loss_from_sets,
+    topk,
+)
 from .prompting import FrozenLM, ImageVocabulary
 from .pyramid import TokenPyramid
 from .quantizer import SPAEQuantizer, SPAEQuantizerOutput

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import spae_fast
-from spae_fast import _gpu
+from spae_fast.ops import gpu_kernels
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_entry_points_return_status_without_device(cuda):
     )  # fmt: skip
     assert code != 0 and message
     with pytest.raises(RuntimeError, match="cudaError"):
-        _gpu._raise_cuda(code, message)
+        gpu_kernels.raise_cuda(code, message)
     code, message = cuda.pair_dot64(
         x.data_ptr(), 0, 8, 1, x.data_ptr(), 0, 8, 1, x.data_ptr(), 1, 1, 1, 1, 8, x.data_ptr(), 0, 0
     )
@@ -86,7 +86,7 @@ def test_bad_arguments_are_rejected_before_any_launch(cuda):
         )  # fmt: skip
         assert code == -1 and expected in message, (change, code, message)
         with pytest.raises(ValueError):
-            _gpu._raise_cuda(code, message)
+            gpu_kernels.raise_cuda(code, message)
 
 
 def test_cuda_backend_on_cpu_tensors_is_refused(cuda):
@@ -97,7 +97,7 @@ def test_cuda_backend_on_cpu_tensors_is_refused(cuda):
 
 def test_operand_layout_for_cp_async():
     """The CUDA wrapper pads rows to 16 bytes and keeps aligned contiguous tensors as they are."""
-    kernels = _gpu._CudaKernels()
+    kernels = gpu_kernels._CudaKernels()
     aligned = torch.randn(5, 8)
     assert kernels.operand(aligned) is aligned
     odd = torch.randn(5, 7, dtype=torch.bfloat16)

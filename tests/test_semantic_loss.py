@@ -475,7 +475,7 @@ def test_opcheck_bf16():
 def test_opcheck_precision_bf16(compute_grad):
     z, weight, _, _, _, index, offsets, sets, tau, _, _, check, _ = _op_args("cpu", compute_grad)
     packed = spae_fast.ops.pack_semantic_bf16(weight)
-    args = (z, *packed[:4], index, offsets, sets, tau, compute_grad, "cpu:bf16", check, packed[4])
+    args = (z, *packed[:4], index, offsets, sets, tau, compute_grad, "cpu", check, packed[4], "bf16")
     torch.library.opcheck(OPS.semantic_loss.default, args)
 
 
@@ -784,12 +784,12 @@ def bf16_loss_and_grad(z, weight, index, offsets, sets=None, *, impl, **kwargs):
     if impl != "cpu-emulated":
         return loss_and_grad(z, weight, index, offsets, sets, precision="bf16", backend=impl, **kwargs)
     # CPUs without AVX512-BF16: pack_semantic_bf16 then hands back the rounded table and its fp32 packing
-    original = spae_fast.ops.cpu_has_bf16_semantic_kernel
-    spae_fast.ops.cpu_has_bf16_semantic_kernel = lambda: False
+    original = spae_fast.ops.common.cpu_has_bf16_semantic_kernel
+    spae_fast.ops.common.cpu_has_bf16_semantic_kernel = lambda: False
     try:
         return loss_and_grad(z, weight, index, offsets, sets, precision="bf16", backend="cpu", **kwargs)
     finally:
-        spae_fast.ops.cpu_has_bf16_semantic_kernel = original
+        spae_fast.ops.common.cpu_has_bf16_semantic_kernel = original
 
 
 BF16_SHAPES = [(1, 1, 1), (1, 7, 3), (5, 37, 19), (29, 203, 37), (13, 300, 64), (7, 65, 17), (9, 130, 130)]
@@ -824,16 +824,16 @@ def test_bf16_no_grad_gives_the_same_loss(bf16_impl, table):
         weight = weight.to(torch.bfloat16)
     index, offsets = _ref.candidates_from_mask(mask)
     with_grad, _ = bf16_loss_and_grad(z, weight, index, offsets, impl=bf16_impl)
-    original = spae_fast.ops.cpu_has_bf16_semantic_kernel
+    original = spae_fast.ops.common.cpu_has_bf16_semantic_kernel
     if bf16_impl == "cpu-emulated":
-        spae_fast.ops.cpu_has_bf16_semantic_kernel = lambda: False
+        spae_fast.ops.common.cpu_has_bf16_semantic_kernel = lambda: False
     try:
         with torch.no_grad():
             backend = "cpu" if bf16_impl == "cpu-emulated" else bf16_impl
             without = spae_fast.semantic_loss(z, weight, index, offsets, reduction="none", precision="bf16",
                                               backend=backend)  # fmt: skip
     finally:
-        spae_fast.ops.cpu_has_bf16_semantic_kernel = original
+        spae_fast.ops.common.cpu_has_bf16_semantic_kernel = original
     assert_identical(without, with_grad, "no_grad vs grad")
 
 

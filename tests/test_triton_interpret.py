@@ -31,7 +31,8 @@ triton = pytest.importorskip("triton")
 from _spae_checks import assert_identical, check_search, gaussian, integers, queries_for
 
 import spae_fast
-from spae_fast import _gpu, _ref
+from spae_fast import _ref
+from spae_fast.ops import gpu_saq, gpu_search
 
 METRICS = ("l2", "ip", "cosine")
 
@@ -195,7 +196,7 @@ def test_exact_mode_rescoring_paths_agree(metric, monkeypatch):
     x = queries_for(weight, 7, seed=18)
     fast = _search(x, weight, 2, metric=metric, precision="exact")
     assert spae_fast.last_search_stats().rows_rescored == 0
-    monkeypatch.setattr(_gpu, "_error_bound", lambda norm_sq64, *args: torch.full_like(norm_sq64, 1e30))
+    monkeypatch.setattr(gpu_search, "error_bound", lambda norm_sq64, *args: torch.full_like(norm_sq64, 1e30))
     slow = _search(x, weight, 2, metric=metric, precision="exact")
     stats = spae_fast.last_search_stats()
     assert stats.rows_rescored == 7 and stats.rows_full_scan == 7
@@ -316,7 +317,7 @@ def check_saq_exact(z, weight, sides, mode, ids):
     for layer, side in enumerate(sides):
         coefficient = float(layer + 1) if mode == "saq" else 1.0
         rows = torch.arange(z.shape[0] * side * side, device=z.device)
-        targets = _gpu._saq_targets(z, weight, ids, list(sides), firsts, layer, coefficient, rows)
+        targets = gpu_saq._saq_targets(z, weight, ids, list(sides), firsts, layer, coefficient, rows)
         d64 = _ref.distances_fp64(targets, weight, "l2")
         expected = torch.sort(d64, dim=1, stable=True).indices[:, 0].view(z.shape[0], side * side)
         assert torch.equal(ids[:, firsts[layer] : firsts[layer + 1]], expected), f"layer {layer}"
@@ -350,7 +351,7 @@ def test_saq_uncertain_rows_take_the_materialised_path(monkeypatch):
     z = gaussian(2, 4, 4, 4, seed=44)
     weight = gaussian(20, 4, seed=45)
     fast = spae_fast.saq(z, weight, (1, 2, 4), backend="triton")
-    monkeypatch.setattr(_gpu, "_error_bound", lambda norm_sq64, *args: torch.full_like(norm_sq64, 1e30))
+    monkeypatch.setattr(gpu_search, "error_bound", lambda norm_sq64, *args: torch.full_like(norm_sq64, 1e30))
     slow = spae_fast.saq(z, weight, (1, 2, 4), backend="triton")
     assert spae_fast.last_search_stats().rows_rescored == 2 * 21
     assert torch.equal(fast, slow)

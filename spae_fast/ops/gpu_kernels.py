@@ -1,0 +1,194 @@
+"""The GPU kernels behind one interface: `kernels("cuda" | "triton")` returns an object with the same five
+entry points (``search``, ``pair_dot64``, ``saq_search``, ``saq_pair_dot64`` and ``operand``, the copy of
+a matrix the kernels read), so `gpu_search` and `gpu_saq` run either backend with one code path.
+
+"cuda" wraps spae_fast._cuda (torch-free CUDA C++): raw pointers, strides, dtype tags and the caller's
+stream; its status codes become exceptions in `raise_cuda`. "triton" wraps spae_fast.triton_kernels.search
+(on CPU tensors under TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import typing
+
+import torch
+
+from .. import _native
+from .backends import triton_interpreting
+
+
+@dataclasses.dataclass(frozen=True)
+class SaqLayerArgs:
+    """One layer for the kernels: z [B, D, g, g], ids [B, total] int64 (layers above filled), layer sides and
+    first columns as int32 tensors on the device, 0-based layer, coefficient c_l (l for SAQ, 1 for RQ)."""
+
+    z: torch.Tensor
+    ids: torch.Tensor
+    sides: torch.Tensor
+    firsts: torch.Tensor
+    layer: int
+    coefficient: float
+
+
+class _TritonKernels:
+    name = "triton"
+
+    def __init__(self) -> None:
+        module = importlib.import_module("spae_fast.triton_kernels.search")
+        if module.INTERPRET != triton_interpreting():  # TRITON_INTERPRET changed: re-decorate the kernels
+            module = importlib.reload(module)
+        self.module = module
+
+    def operand(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.contiguous()
+
+    def search(self, x, e, bias, col_scale, row_scale, k_pad, input_precision):
+        return self.module.search(x, e, bias, col_scale, row_scale, k_pad, input_precision)
+
+    def pair_dot64(self, a, b, index):
+        return self.module.pair_dot64(a, b, index)
+
+    def _saq_layer(self, args):
+        return self.module.SaqLayer(args.z, args.ids, args.sides, args.firsts, args.layer, args.coefficient)
+
+    def saq_search(self, e, bias, col_scale, k_pad, input_precision, args, num_queries):
+        layer = self._saq_layer(args)
+        return self.module.search(
+            None, e, bias, col_scale, None, k_pad, input_precision, saq=layer, num_queries=num_queries
+        )
+
+    def saq_pair_dot64(self, e, index, args):
+        return self.module.saq_pair_dot64(e, index, self._saq_layer(args))
+
+
+class _CudaKernels:
+    """Wraps spae_fast._cuda: raw pointers, strides, dtype tags and the caller's stream."""
+
+    name = "cuda"
+    ALIGN_ELEMENTS: typing.ClassVar = {
+        torch.float32: 4,
+        torch.bfloat16: 8,
+        torch.float16: 8,
+    }  # 16-byte rows for cp.async
+
+    def __init__(self) -> None:
+        self.module = _native._cuda
+
+    def operand(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Contiguous, 16-byte aligned rows (D padded with zeros to a multiple of 16 bytes)."""
+        align = self.ALIGN_ELEMENTS[tensor.dtype]
+        rows, dim = tensor.shape
+        padded = -(-dim // align) * align
+        if tensor.is_contiguous() and padded == dim and tensor.data_ptr() % 16 == 0:
+            return tensor
+        out = torch.zeros(rows, padded, dtype=tensor.dtype, device=tensor.device)
+        out[:, :dim] = tensor
+        return out
+
+    def _stream(self, device: torch.device) -> int:
+        return torch.cuda.current_stream(device).cuda_stream
+
+    def search_plan(self, num_queries: int, num_rows: int, k_pad: int, device: int) -> tuple[int, int, int]:
+        """(chunks of the codebook, tiles per chunk, the most CTAs resident at once) for one search launch."""
+        code, detail, num_chunks, tiles_per_chunk, max_ctas = self.module.search_plan(
+            num_queries, num_rows, k_pad, device
+        )
+        raise_cuda(code, detail)
+        return num_chunks, tiles_per_chunk, max_ctas
+
+    def search(self, x, e, bias, col_scale, row_scale, k_pad, input_precision):
+        num_queries, dim = x.shape
+        num_rows = e.shape[0]
+        device = x.device.index
+        num_chunks, tiles_per_chunk, _ = self.search_plan(num_queries, num_rows, k_pad, device)
+        keys = out_score = out_index = None
+        if k_pad == 1:
+            keys = torch.full((num_queries,), (1 << 63) - 1, dtype=torch.int64, device=x.device)
+        else:
+            out_score = torch.empty(num_queries, num_chunks * k_pad, dtype=torch.float32, device=x.device)
+            out_index = torch.empty(num_queries, num_chunks * k_pad, dtype=torch.int32, device=x.device)
+        code, detail = self.module.search(
+            x.data_ptr(), e.data_ptr(), num_queries, num_rows, dim, _DTYPE_TAGS[x.dtype], input_precision == "tf32",
+            bias.data_ptr(), col_scale.data_ptr(), 0 if row_scale is None else row_scale.data_ptr(), k_pad,
+            num_chunks, tiles_per_chunk, 0 if keys is None else keys.data_ptr(),
+            0 if out_score is None else out_score.data_ptr(), 0 if out_index is None else out_index.data_ptr(),
+            device, self._stream(x.device),
+        )  # fmt: skip
+        raise_cuda(code, detail)
+        return (keys,) if k_pad == 1 else (out_score, out_index)
+
+    def _saq(self, args: SaqLayerArgs) -> tuple:
+        z = args.z
+        return (
+            z.data_ptr(), _DTYPE_TAGS[z.dtype], tuple(z.stride()), args.ids.data_ptr(), args.ids.stride(0),
+            args.sides.data_ptr(), args.firsts.data_ptr(), z.shape[-1], args.layer,
+        )  # fmt: skip
+
+    def saq_search(self, e, bias, col_scale, k_pad, input_precision, args, num_queries):
+        num_rows, dim = e.shape
+        device = e.device.index
+        num_chunks, tiles_per_chunk, max_ctas = self.search_plan(num_queries, num_rows, k_pad, device)
+        scratch = torch.empty(
+            max_ctas * 128, dim, dtype=e.dtype, device=e.device
+        )  # O(CTAs x D), not O(N x D)
+        out_score = torch.empty(num_queries, num_chunks * k_pad, dtype=torch.float32, device=e.device)
+        out_index = torch.empty(num_queries, num_chunks * k_pad, dtype=torch.int32, device=e.device)
+        code, detail = self.module.saq_search(
+            e.data_ptr(), num_queries, num_rows, dim, _DTYPE_TAGS[e.dtype], input_precision == "tf32",
+            bias.data_ptr(), col_scale.data_ptr(), k_pad, num_chunks, tiles_per_chunk, out_score.data_ptr(),
+            out_index.data_ptr(), *self._saq(args)[:3], args.ids.data_ptr(), args.ids.stride(0),
+            args.sides.data_ptr(), args.firsts.data_ptr(), args.z.shape[-1], args.layer, args.z.shape[1],
+            args.coefficient, scratch.data_ptr(), max_ctas, device, self._stream(e.device),
+        )  # fmt: skip
+        raise_cuda(code, detail)
+        return out_score, out_index
+
+    def saq_pair_dot64(self, b, index, args):
+        out = torch.empty(index.shape, dtype=torch.float64, device=b.device)
+        if index.numel() == 0:
+            return out
+        code, detail = self.module.saq_pair_dot64(
+            b.data_ptr(), _DTYPE_TAGS[b.dtype], b.stride(0), b.stride(1), index.data_ptr(), index.stride(0),
+            index.stride(1), index.shape[0], index.shape[1], b.shape[1], out.data_ptr(), *self._saq(args),
+            args.coefficient, b.device.index, self._stream(b.device),
+        )  # fmt: skip
+        raise_cuda(code, detail)
+        return out
+
+    def pair_dot64(self, a, b, index):
+        out = torch.empty(index.shape, dtype=torch.float64, device=a.device)
+        if index.numel() == 0:
+            return out
+        code, detail = self.module.pair_dot64(
+            a.data_ptr(), _DTYPE_TAGS[a.dtype], a.stride(0), a.stride(1),
+            b.data_ptr(), _DTYPE_TAGS[b.dtype], b.stride(0), b.stride(1),
+            index.data_ptr(), index.stride(0), index.stride(1), index.shape[0], index.shape[1], a.shape[1],
+            out.data_ptr(), a.device.index, self._stream(a.device),
+        )  # fmt: skip
+        raise_cuda(code, detail)
+        return out
+
+
+_DTYPE_TAGS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def raise_cuda(code: int, detail: str) -> None:
+    """The one place where the CUDA module's status codes become exceptions."""
+    if code == -1:
+        raise ValueError(detail)
+    if code == 2:  # cudaErrorMemoryAllocation
+        raise MemoryError(detail)
+    if code != 0:
+        raise RuntimeError(f"{detail} (cudaError {code})")
+
+
+def kernels(name: str):
+    return _kernel_backend(name, triton_interpreting())
+
+
+@functools.cache
+def _kernel_backend(name: str, interpreting: bool):
+    return _TritonKernels() if name == "triton" else _CudaKernels()
