@@ -37,7 +37,6 @@ from .common import (
     last_search_stats,
     pack_semantic_bf16,
 )
-from .common import prefilter_operands as _prefilter_operands
 from .nearest import nearest, topk
 from .saq import SAQ_MAX_LAYERS, SAQ_MODES, saq
 from .semantic_loss import SEMANTIC_PRECISIONS, SEMANTIC_REDUCTIONS, semantic_loss, semantic_loss_from_sets
