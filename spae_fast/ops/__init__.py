@@ -19,6 +19,9 @@ that device ("cpu": native, "torch": reference, "triton": the interpreter on CPU
 CUDA tensors), and ``precision`` is an argument of its own. The plain-PyTorch references stay together in
 `spae_fast._ref` (each names the op it specifies): one readable spec that tests and kernels' docstrings cite.
 
+The package re-exports the public functions, so `spae_fast.ops.nearest`, `.saq` and `.semantic_loss` are
+the functions, not the same-named modules (reach those with ``importlib.import_module``).
+
 Semantics every backend shares: distances are fp32, indices int64; fp32 / bf16 / fp16 inputs are upcast
 exactly and accumulated in fp32; ties go to the lowest index, bitwise identical for any batch split, thread
 count and call order; non-finite inputs raise ``ValueError`` unless ``check_finite=False``; gradients flow to

@@ -2,10 +2,11 @@
 
 Codebook operands. The native CPU kernels read the table as packed fp32 panels of 16 rows
 (``spae_fast::pack_codebook``: panel p, dim d, column c holds s * e[16 p + c][d], s = -2 for l2, -1 for ip,
--1 / |e| for cosine, plus the per-row bias ||e||^2 for l2), the certified pre-filter of `nearest` / `saq`
-reads an int8 copy of those panels (`prefilter_operands`) and `semantic_loss(precision="bf16")` reads a bf16
-packing (`pack_semantic_bf16`). A `Codebook` builds each once and keeps it; a plain tensor is packed per
-call. Other backends take the table as it is (the GPU ones prepare their own copy: `gpu_search`).
+-1 / max(|e|, 1e-12) for cosine; per-row bias ||e||^2 for l2, 0 otherwise, +inf on pad rows), the
+certified pre-filter of `nearest` / `saq` reads an int8 copy of those panels (`prefilter_operands`) and
+`semantic_loss(precision="bf16")` reads a bf16 packing (`pack_semantic_bf16`). A `Codebook` builds each
+once and keeps it; a plain tensor is packed per call. Other backends take the table as it is (the GPU ones
+prepare their own copies, kept on the weight tensor: `gpu_search.prepared`).
 
 Argument checks live in `spae_fast._validate` and status codes become exceptions in
 `spae_fast._native.raise_for_status`, both shared with the rest of the package.
