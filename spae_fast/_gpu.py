@@ -181,10 +181,13 @@ class _TritonKernels:
     name = "triton"
 
     def __init__(self) -> None:
-        module = importlib.import_module("spae_fast.triton_kernels.search")
+        module = importlib.import_module("spae_fast.triton_kernels.nearest")
+        saq_module = importlib.import_module("spae_fast.triton_kernels.saq")
         if module.INTERPRET != triton_interpreting():  # TRITON_INTERPRET changed: re-decorate the kernels
+            saq_module = importlib.reload(saq_module)  # first: nearest imports its target prologue
             module = importlib.reload(module)
         self.module = module
+        self.saq_module = saq_module
 
     def operand(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.contiguous()
@@ -196,7 +199,7 @@ class _TritonKernels:
         return self.module.pair_dot64(a, b, index)
 
     def _saq_layer(self, args):
-        return self.module.SaqLayer(args.z, args.ids, args.sides, args.firsts, args.layer, args.coefficient)
+        return self.saq_module.SaqLayer(args.z, args.ids, args.sides, args.firsts, args.layer, args.coefficient)
 
     def saq_search(self, e, bias, col_scale, k_pad, input_precision, args, num_queries):
         layer = self._saq_layer(args)
@@ -205,7 +208,7 @@ class _TritonKernels:
         )
 
     def saq_pair_dot64(self, e, index, args):
-        return self.module.saq_pair_dot64(e, index, self._saq_layer(args))
+        return self.saq_module.saq_pair_dot64(e, index, self._saq_layer(args))
 
 
 class _CudaKernels:

@@ -61,7 +61,8 @@ py::tuple saq_search(uintptr_t e, int64_t n, int64_t v, int64_t d, int dtype, bo
                      uintptr_t out_index, uintptr_t z, int z_dtype, py::tuple z_strides, uintptr_t ids,
                      int64_t ids_stride, uintptr_t sides, uintptr_t firsts, int grid, int layer, int64_t dim,
                      double coefficient, uintptr_t scratch, int64_t scratch_ctas, int device, uintptr_t stream) {
-  spae_cuda::SearchArgs args;
+  spae_cuda::SaqSearchArgs saq;
+  spae_cuda::SearchArgs& args = saq.search;
   args.e = reinterpret_cast<const void*>(e);
   args.n = n;
   args.v = v;
@@ -77,23 +78,23 @@ py::tuple saq_search(uintptr_t e, int64_t n, int64_t v, int64_t d, int dtype, bo
   args.out_index = reinterpret_cast<int*>(out_index);
   args.device = device;
   args.stream = stream;
-  args.saq_z = reinterpret_cast<const void*>(z);
-  args.saq_z_dtype = z_dtype;
-  for (int i = 0; i < 4; ++i) args.saq_z_strides[i] = z_strides[i].cast<int64_t>();
-  args.saq_ids = reinterpret_cast<const int64_t*>(ids);
-  args.saq_ids_stride = ids_stride;
-  args.saq_sides = reinterpret_cast<const int*>(sides);
-  args.saq_firsts = reinterpret_cast<const int*>(firsts);
-  args.saq_grid = grid;
-  args.saq_layer = layer;
-  args.saq_dim = dim;
-  args.saq_coefficient = coefficient;
-  args.saq_scratch = reinterpret_cast<void*>(scratch);
-  args.saq_scratch_ctas = scratch_ctas;
+  saq.z = reinterpret_cast<const void*>(z);
+  saq.z_dtype = z_dtype;
+  for (int i = 0; i < 4; ++i) saq.z_strides[i] = z_strides[i].cast<int64_t>();
+  saq.ids = reinterpret_cast<const int64_t*>(ids);
+  saq.ids_stride = ids_stride;
+  saq.sides = reinterpret_cast<const int*>(sides);
+  saq.firsts = reinterpret_cast<const int*>(firsts);
+  saq.grid = grid;
+  saq.layer = layer;
+  saq.dim = dim;
+  saq.coefficient = coefficient;
+  saq.scratch = reinterpret_cast<void*>(scratch);
+  saq.scratch_ctas = scratch_ctas;
   spae_cuda::Status status;
   {
     py::gil_scoped_release release;
-    status = spae_cuda::search(args);
+    status = spae_cuda::saq_search(saq);
   }
   return status_tuple(status);
 }

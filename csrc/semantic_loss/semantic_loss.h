@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#include "spae_native.h"
+#include "common/spae_native.h"
 
 namespace spae {
 

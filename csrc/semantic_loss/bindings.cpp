@@ -1,8 +1,8 @@
 // pybind11 entry point of the fused semantic loss (spae_fast._C.semantic_loss), registered into the module
-// by bindings.cpp. Pointers arrive as integers, strides in elements; returns (status code, detail).
+// by common/module.cpp. Pointers arrive as integers, strides in elements; returns (status code, detail).
 #include <pybind11/pybind11.h>
 
-#include "semantic_loss.h"
+#include "semantic_loss/semantic_loss.h"
 
 namespace py = pybind11;
 
@@ -62,7 +62,7 @@ py::tuple semantic_loss_binding(uintptr_t z, int64_t rows, int64_t dim, int64_t 
 
 void register_semantic_loss_bindings(py::module_& m) {
   m.def("semantic_loss", &semantic_loss_binding,
-        "Fused semantic loss: per-row loss and gradient direction (see csrc/semantic_loss.h).");
+        "Fused semantic loss: per-row loss and gradient direction (see csrc/semantic_loss/semantic_loss.h).");
   m.def("cpu_supports_avx512_bf16", &spae::cpu_supports_avx512_bf16,
         "Whether semantic_loss has its AVX512-BF16 kernel (precision 'bf16') on this CPU.");
 }

@@ -6,12 +6,14 @@
 
 #include <string>
 
-#include "spae_native.h"
+#include "common/spae_native.h"
+#include "nearest/nearest.h"
+#include "saq/saq.h"
 
 namespace py = pybind11;
 
 namespace spae {
-void register_semantic_loss_bindings(py::module_& m);  // semantic_loss_bindings.cpp
+void register_semantic_loss_bindings(py::module_& m);  // semantic_loss/bindings.cpp
 }  // namespace spae
 
 namespace {
