@@ -40,9 +40,11 @@ def _pack_codebook(weight: torch.Tensor, metric: str) -> tuple[torch.Tensor, tor
     panels = torch.empty(num_panels, dim, native.PANEL_WIDTH, dtype=torch.float32)
     bias = torch.empty(num_panels * native.PANEL_WIDTH, dtype=torch.float32)
     code, detail, max_norm = native.pack_codebook(
-        weight.data_ptr(), num_rows, dim, weight.stride(0), weight.stride(1),
-        _native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")], _native.METRIC_TAGS[metric],
-        panels.data_ptr(), bias.data_ptr(), torch.get_num_threads(),
+        weight=weight.data_ptr(), num_rows=num_rows, dim=dim,
+        weight_row_stride=weight.stride(0), weight_col_stride=weight.stride(1),
+        weight_dtype=_native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
+        metric=_native.METRIC_TAGS[metric], out_panels=panels.data_ptr(), out_bias=bias.data_ptr(),
+        num_threads=torch.get_num_threads(),
     )  # fmt: skip
     _native.raise_for_status(code, detail, stage="codebook")
     return panels, bias, torch.tensor(max_norm, dtype=torch.float64)
@@ -102,16 +104,19 @@ def _topk_impl(x, weight, panels, bias, norm_bound, k, metric, backend, check_fi
         full_search_rows = 0
         if num_queries:
             code, detail, full_search_rows = native.search(
-                x.data_ptr(), num_queries, dim, x.stride(0), x.stride(1),
-                _native.DTYPE_TAGS[str(x.dtype).removeprefix("torch.")],
-                panels.data_ptr(), bias.data_ptr(), weight.shape[0], float(norm_bound),
-                _native.METRIC_TAGS[metric], k, check_finite, torch.get_num_threads(),
-                dist.data_ptr(), index.data_ptr(),
-                weight.data_ptr(), weight.stride(0), weight.stride(1),
-                _native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
-                words.data_ptr() if use_prefilter else 0, columns.data_ptr() if use_prefilter else 0,
-                offsets.data_ptr() if use_prefilter else 0, bounds.tolist() if use_prefilter else [],
-                prefilter == "auto",
+                x=x.data_ptr(), num_queries=num_queries, dim=dim,
+                x_row_stride=x.stride(0), x_col_stride=x.stride(1),
+                x_dtype=_native.DTYPE_TAGS[str(x.dtype).removeprefix("torch.")],
+                panels=panels.data_ptr(), bias=bias.data_ptr(), codebook_rows=weight.shape[0],
+                max_norm=float(norm_bound), metric=_native.METRIC_TAGS[metric], k=k, check_finite=check_finite,
+                num_threads=torch.get_num_threads(), out_dist=dist.data_ptr(), out_index=index.data_ptr(),
+                weight=weight.data_ptr(), weight_row_stride=weight.stride(0), weight_col_stride=weight.stride(1),
+                weight_dtype=_native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
+                prefilter_panels=words.data_ptr() if use_prefilter else 0,
+                prefilter_columns=columns.data_ptr() if use_prefilter else 0,
+                prefilter_offsets=offsets.data_ptr() if use_prefilter else 0,
+                prefilter_bounds=bounds.tolist() if use_prefilter else [],
+                prefilter_adaptive=prefilter == "auto",
             )  # fmt: skip
             _native.raise_for_status(code, detail, stage="search")
         _CPU_SEARCH_STATS.update(
@@ -411,8 +416,8 @@ def _pack_int8(panels: torch.Tensor, bias: torch.Tensor, num_rows: int, dim: int
     columns = torch.empty(num_panels, 4, width, dtype=torch.float32)
     offsets = torch.empty(num_panels * width, dtype=torch.int32)
     bounds = native.pack_codebook_int8(
-        panels.data_ptr(), bias.data_ptr(), num_rows, dim, words.data_ptr(), columns.data_ptr(), offsets.data_ptr(),
-        torch.get_num_threads(),
+        panels=panels.data_ptr(), bias=bias.data_ptr(), num_rows=num_rows, dim=dim, out_panels=words.data_ptr(),
+        out_columns=columns.data_ptr(), out_offsets=offsets.data_ptr(), num_threads=torch.get_num_threads(),
     )
     return words, columns, offsets, torch.tensor(bounds, dtype=torch.float64)
 
@@ -462,15 +467,17 @@ def _saq_impl(z, weight, panels, bias, norm_bound, prefilter_panels, prefilter_c
         ids = torch.empty(z.shape[0], sum(side * side for side in sides), dtype=torch.int64)
         use_prefilter = prefilter_panels.numel() > 0
         code, detail, full_search_rows = native.saq(
-            z.data_ptr(), _native.DTYPE_TAGS[str(z.dtype).removeprefix("torch.")], z.shape[0], z.shape[1], grid,
-            z.stride(0), z.stride(1), z.stride(2), z.stride(3),
-            weight.data_ptr(), weight.shape[0], weight.stride(0), weight.stride(1),
-            _native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
-            panels.data_ptr(), bias.data_ptr(), float(norm_bound), list(sides), mode == "rq", check_finite,
-            torch.get_num_threads(), ids.data_ptr(),
-            prefilter_panels.data_ptr() if use_prefilter else 0,
-            prefilter_columns.data_ptr() if use_prefilter else 0, prefilter_offsets.data_ptr() if use_prefilter else 0,
-            prefilter_bounds.tolist() if use_prefilter else [],
+            z=z.data_ptr(), z_dtype=_native.DTYPE_TAGS[str(z.dtype).removeprefix("torch.")], batch=z.shape[0],
+            dim=z.shape[1], grid=grid, z_strides=z.stride(),
+            weight=weight.data_ptr(), num_rows=weight.shape[0], weight_row_stride=weight.stride(0),
+            weight_col_stride=weight.stride(1), weight_dtype=_native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
+            panels=panels.data_ptr(), bias=bias.data_ptr(), max_norm=float(norm_bound), sides=list(sides),
+            residual=mode == "rq", check_finite=check_finite, num_threads=torch.get_num_threads(),
+            out_ids=ids.data_ptr(),
+            prefilter_panels=prefilter_panels.data_ptr() if use_prefilter else 0,
+            prefilter_columns=prefilter_columns.data_ptr() if use_prefilter else 0,
+            prefilter_offsets=prefilter_offsets.data_ptr() if use_prefilter else 0,
+            prefilter_bounds=prefilter_bounds.tolist() if use_prefilter else [],
         )  # fmt: skip
         _native.raise_for_status(code, detail, stage="saq", grid=grid)
         _SAQ_STATS.update(queries=ids.numel(), full_search_rows=full_search_rows, prefilter=use_prefilter)
@@ -732,15 +739,18 @@ def _semantic_loss_impl(
         loss = torch.empty(num, dtype=torch.float32)
         grad = torch.empty(num if compute_grad else 0, dim, dtype=torch.float32)
         code, detail = native.semantic_loss(
-            z.data_ptr(), num, dim, z.stride(0), z.stride(1), _native.DTYPE_TAGS[str(z.dtype).removeprefix("torch.")],
-            weight.data_ptr(), weight.shape[0], weight.stride(0), weight.stride(1),
-            _native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
-            0 if bf16_kernel else panels.data_ptr(), 0 if bf16_kernel else bias.data_ptr(), float(norm_bound),
-            candidate_index.data_ptr(), candidate_index.numel(), candidate_offsets.data_ptr(),
-            candidate_offsets.numel() - 1, set_of_position.data_ptr(), float(tau), compute_grad, check_finite,
-            torch.get_num_threads(), loss.data_ptr(), grad.data_ptr() if compute_grad else 0,
-            panels.data_ptr() if bf16_kernel else 0, bf16_rows.data_ptr() if bf16_kernel else 0,
-            bias.data_ptr() if bf16_kernel else 0,
+            z=z.data_ptr(), num_rows=num, dim=dim, z_row_stride=z.stride(0), z_col_stride=z.stride(1),
+            z_dtype=_native.DTYPE_TAGS[str(z.dtype).removeprefix("torch.")],
+            weight=weight.data_ptr(), vocab=weight.shape[0], weight_row_stride=weight.stride(0),
+            weight_col_stride=weight.stride(1), weight_dtype=_native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
+            panels=0 if bf16_kernel else panels.data_ptr(), bias=0 if bf16_kernel else bias.data_ptr(),
+            max_norm=float(norm_bound), candidate_index=candidate_index.data_ptr(),
+            num_candidates=candidate_index.numel(), candidate_offsets=candidate_offsets.data_ptr(),
+            num_sets=candidate_offsets.numel() - 1, set_of_position=set_of_position.data_ptr(), tau=float(tau),
+            compute_grad=compute_grad, check_finite=check_finite, num_threads=torch.get_num_threads(),
+            out_loss=loss.data_ptr(), out_grad=grad.data_ptr() if compute_grad else 0,
+            bf16_panels=panels.data_ptr() if bf16_kernel else 0, bf16_rows=bf16_rows.data_ptr() if bf16_kernel else 0,
+            bf16_bias=bias.data_ptr() if bf16_kernel else 0,
         )  # fmt: skip
         _raise_semantic_status(code, detail)
         return loss, grad

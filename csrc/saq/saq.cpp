@@ -111,7 +111,7 @@ class SaqLayerSource final : public QuerySource {
     }
   }
 
-  static constexpr int64_t kMaxLayers = 64;
+  static constexpr int64_t kMaxLayers = kMaxSaqLayers;
 
  private:
   const SaqRequest& req_;

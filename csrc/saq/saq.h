@@ -15,6 +15,8 @@ namespace spae {
 // (SAQ) or 1 (RQ), the sum accumulated in fp64 in ascending m and rounded once to fp32; the token is the
 // exact l2 nearest row of the target (ties to the lowest row). Targets are formed while packing the search's
 // query blocks, so no N x D target and no N x V matrix is ever stored.
+constexpr int64_t kMaxSaqLayers = 64;  // layers per call
+
 struct SaqRequest {
   const void* z = nullptr;  // [B, D, g, g], element strides below
   DType z_dtype = DType::Float32;

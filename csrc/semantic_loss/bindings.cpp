@@ -1,55 +1,54 @@
-// pybind11 entry point of the fused semantic loss (spae_fast._C.semantic_loss), registered into the module
-// by common/module.cpp. Pointers arrive as integers, strides in elements; returns (status code, detail).
+// Entry point of the fused semantic loss in spae_fast._C (keyword arguments only, see common/bindings.h):
+// returns (status code, detail).
 #include <pybind11/pybind11.h>
 
-#include "semantic_loss/semantic_loss.h"
+#include <cmath>
 
-namespace py = pybind11;
+#include "common/bindings.h"
+#include "semantic_loss/semantic_loss.h"
 
 namespace spae {
 namespace {
 
-MatrixView view_of(uintptr_t data, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride, int dtype) {
-  MatrixView view;
-  view.data = reinterpret_cast<const void*>(data);
-  view.rows = rows;
-  view.cols = cols;
-  view.row_stride = row_stride;
-  view.col_stride = col_stride;
-  view.dtype = static_cast<DType>(dtype);
-  return view;
-}
-
-py::tuple semantic_loss_binding(uintptr_t z, int64_t rows, int64_t dim, int64_t z_row_stride, int64_t z_col_stride,
-                                int z_dtype, uintptr_t weight, int64_t vocab, int64_t weight_row_stride,
-                                int64_t weight_col_stride, int weight_dtype, uintptr_t panels, uintptr_t bias,
-                                double max_norm, uintptr_t candidate_index, int64_t num_candidates,
-                                uintptr_t candidate_offsets, int64_t num_sets, uintptr_t set_of_position, double tau,
-                                bool compute_grad, bool check_finite, int num_threads, uintptr_t out_loss,
-                                uintptr_t out_grad, uintptr_t bf16_panels, uintptr_t bf16_rows, uintptr_t bf16_bias) {
+py::tuple semantic_loss_entry(KeywordArgs& args) {
   SemanticLossRequest request;
-  request.z = view_of(z, rows, dim, z_row_stride, z_col_stride, z_dtype);
-  request.weight = view_of(weight, vocab, dim, weight_row_stride, weight_col_stride, weight_dtype);
-  request.codebook.panels = reinterpret_cast<const float*>(panels);
-  request.codebook.bias = reinterpret_cast<const float*>(bias);
+  const int64_t num_rows = args.size("num_rows"), dim = args.integer("dim", 1);
+  request.z = matrix_arg(args, "z", num_rows, dim);
+  const int64_t vocab = args.integer("vocab", 1);
+  request.weight = matrix_arg(args, "weight", vocab, dim);
+  // Operands: fp32 (panels, bias) or precision "bf16" (bf16_panels, bf16_rows, bf16_bias), never both.
+  request.bf16_panels = reinterpret_cast<const uint32_t*>(args.pointer("bf16_panels", false));
+  const bool bf16 = request.bf16_panels != nullptr;
+  request.codebook.panels = reinterpret_cast<const float*>(args.pointer("panels", !bf16));
+  request.codebook.bias = reinterpret_cast<const float*>(args.pointer("bias", !bf16));
+  if (bf16) {
+    args.absent("panels", "with bf16_panels (precision 'bf16' reads the bf16 operands only)");
+    args.absent("bias", "with bf16_panels (precision 'bf16' reads the bf16 operands only)");
+  }
   request.codebook.rows = vocab;
   request.codebook.dim = dim;
-  request.codebook.max_norm = max_norm;
+  request.codebook.max_norm = args.real("max_norm", 0.0, HUGE_VAL);
   request.codebook.metric = Metric::L2;
-  request.candidate_index = reinterpret_cast<const int64_t*>(candidate_index);
-  request.num_candidates = num_candidates;
-  request.candidate_offsets = reinterpret_cast<const int64_t*>(candidate_offsets);
-  request.num_sets = num_sets;
-  request.set_of_position = reinterpret_cast<const int64_t*>(set_of_position);
-  request.tau = tau;
-  request.compute_grad = compute_grad;
-  request.check_finite = check_finite;
-  request.num_threads = num_threads;
-  request.out_loss = reinterpret_cast<float*>(out_loss);
-  request.out_grad = reinterpret_cast<float*>(out_grad);
-  request.bf16_panels = reinterpret_cast<const uint32_t*>(bf16_panels);  // 0: precision fp32
-  request.bf16_rows = reinterpret_cast<const uint32_t*>(bf16_rows);
-  request.bf16_bias = reinterpret_cast<const float*>(bf16_bias);
+  request.num_candidates = args.size("num_candidates");
+  request.candidate_index = reinterpret_cast<const int64_t*>(args.pointer("candidate_index", request.num_candidates > 0));
+  request.num_sets = args.size("num_sets");
+  request.candidate_offsets = reinterpret_cast<const int64_t*>(args.pointer("candidate_offsets", true));
+  request.set_of_position = reinterpret_cast<const int64_t*>(args.pointer("set_of_position", num_rows > 0));
+  request.tau = args.real("tau");
+  if (!(request.tau > 0.0) || !std::isfinite(request.tau)) args.fail_value("tau", "must be a finite float > 0");
+  request.compute_grad = args.flag("compute_grad");
+  request.check_finite = args.flag("check_finite");
+  request.num_threads = args.threads("num_threads");
+  request.out_loss = reinterpret_cast<float*>(args.pointer("out_loss", num_rows > 0));
+  request.out_grad = reinterpret_cast<float*>(args.pointer("out_grad", request.compute_grad && num_rows > 0));
+  if (!request.compute_grad) args.absent("out_grad", "without compute_grad");
+  request.bf16_rows = reinterpret_cast<const uint32_t*>(args.pointer("bf16_rows", bf16 && request.compute_grad));
+  request.bf16_bias = reinterpret_cast<const float*>(args.pointer("bf16_bias", bf16));
+  if (!bf16) {
+    args.absent("bf16_rows", "without bf16_panels (precision fp32)");
+    args.absent("bf16_bias", "without bf16_panels (precision fp32)");
+  }
+  args.done();
   StatusInfo info;
   {
     py::gil_scoped_release release;
@@ -61,9 +60,13 @@ py::tuple semantic_loss_binding(uintptr_t z, int64_t rows, int64_t dim, int64_t 
 }  // namespace
 
 void register_semantic_loss_bindings(py::module_& m) {
-  m.def("semantic_loss", &semantic_loss_binding,
-        "Fused semantic loss: per-row loss and gradient direction (see csrc/semantic_loss/semantic_loss.h).");
-  m.def("cpu_supports_avx512_bf16", &spae::cpu_supports_avx512_bf16,
+  def_keywords(m, kModule, "semantic_loss", semantic_loss_entry,
+               "Fused semantic loss: per-row loss and gradient direction (see csrc/semantic_loss/semantic_loss.h). "
+               "semantic_loss(*, z, num_rows, dim, z_row_stride, z_col_stride, z_dtype, weight, vocab, "
+               "weight_row_stride, weight_col_stride, weight_dtype, panels, bias, max_norm, candidate_index, "
+               "num_candidates, candidate_offsets, num_sets, set_of_position, tau, compute_grad, check_finite, "
+               "num_threads, out_loss, out_grad, bf16_panels, bf16_rows, bf16_bias) -> (code, detail)");
+  m.def("cpu_supports_avx512_bf16", &cpu_supports_avx512_bf16,
         "Whether semantic_loss has its AVX512-BF16 kernel (precision 'bf16') on this CPU.");
 }
 
