@@ -63,13 +63,12 @@ constexpr int kMaxTopk = 32;
 Status search_plan(int64_t n, int64_t v, int k_pad, int device, SearchPlan* plan);  // nearest.cu
 Status search(const SearchArgs& args);                                                // nearest.cu
 
-// One SAQ / RQ layer (saq.cu): the fused search whose queries (search.x unused) are the targets of layer
-// `layer` (0-based), formed once per work item
+// One SAQ / RQ layer as the SAQ kernels read it (saq.cu): latents z [B, D, g, g] (element strides), the id
+// matrix [B, total] int64 with the layers above `layer` (0-based) filled in, the layers' sides and first
+// columns as int32 device arrays, and the coefficient c of the layer's target
 //   target[p, d] = float(c * z[b, d, y, x] - sum_{m < layer} e[ids[b, first_m + (y / t_m) s_m + x / t_m], d])
-// (fp64, ascending m) into scratch (scratch_ctas x 128 rows x search.d operand elements). k_pad >= 2; bf16
-// operands, or fp32 with tf32.
-struct SaqSearchArgs {
-  SearchArgs search;
+// (the sum in fp64, ascending m).
+struct SaqLayer {
   const void* z = nullptr;
   int z_dtype = kFloat32;
   int64_t z_strides[4] = {0, 0, 0, 0};
@@ -78,8 +77,15 @@ struct SaqSearchArgs {
   const int* sides = nullptr;   // [layers] int32, device
   const int* firsts = nullptr;  // [layers] int32, device
   int grid = 1, layer = 0;
-  int64_t dim = 0;  // real D of z (search.d may be padded)
   double coefficient = 1.0;
+};
+
+// The fused search whose queries (search.x unused) are the layer's targets, formed once per work item into
+// scratch (scratch_ctas x 128 rows x search.d operand elements). k_pad >= 2; bf16 operands, or fp32 with tf32.
+struct SaqSearchArgs {
+  SearchArgs search;
+  SaqLayer saq;
+  int64_t dim = 0;  // real D of z (search.d may be padded)
   void* scratch = nullptr;
   int64_t scratch_ctas = 0;
 };
@@ -107,18 +113,10 @@ struct PairDotArgs {
 Status pair_dot64(const PairDotArgs& args);  // nearest.cu
 
 // out[m, c] = target_m . b[index[m, c]] in fp64 (canonical order as pair_dot64), target_m the fp32 SAQ target
-// of row m of layer `layer` formed from (z, ids) and b itself (the codebook, any strides / dtype).
+// of row m of layer saq.layer formed from (z, ids) and b itself (the codebook, any strides / dtype).
 struct SaqPairArgs {
   PairDotArgs pair;  // a / a_* unused
-  const void* z = nullptr;
-  int z_dtype = kFloat32;
-  int64_t z_strides[4] = {0, 0, 0, 0};
-  const int64_t* ids = nullptr;
-  int64_t ids_stride = 0;
-  const int* sides = nullptr;
-  const int* firsts = nullptr;
-  int grid = 1, layer = 0;
-  double coefficient = 1.0;
+  SaqLayer saq;
 };
 
 Status saq_pair_dot64(const SaqPairArgs& args);  // saq.cu

@@ -250,8 +250,8 @@ __global__ void __launch_bounds__(kThreads, 1) search_kernel(Params p) {
       // Form this block's targets once: 128 rows x D operand elements in this CTA's scratch rows.
       char* scratch = p.scratch + static_cast<int64_t>(blockIdx.x) * kBlockM * p.row_bytes;
       if (tid < kBlockM && row0 + tid < p.n)
-        saq_z_offset[tid] = saq_row(p.sides, p.firsts, p.ids, p.ids_stride, p.z_stride, p.grid, p.layer, row0 + tid,
-                                    saq_tokens + tid * kMaxSaqLayers);
+        saq_z_offset[tid] = saq_row(p.saq.sides, p.saq.firsts, p.saq.ids, p.saq.ids_stride, p.saq.z_strides,
+                                    p.saq.grid, p.saq.layer, row0 + tid, saq_tokens + tid * kMaxSaqLayers);
       __syncthreads();
       const int64_t columns = p.row_bytes / kElement;  // padded D
       for (int64_t element = tid; element < kBlockM * columns; element += kThreads) {
@@ -259,8 +259,8 @@ __global__ void __launch_bounds__(kThreads, 1) search_kernel(Params p) {
         const int64_t d = element % columns;
         float target = 0.0f;
         if (row0 + row < p.n && d < p.dim)
-          target = saq_target(p.z, p.z_dtype, saq_z_offset[row] + d * p.z_stride[1], p.coefficient, p.e, e_dtype,
-                              columns, d, saq_tokens + row * kMaxSaqLayers, p.layer);
+          target = saq_target(p.saq.z, p.saq.z_dtype, saq_z_offset[row] + d * p.saq.z_strides[1], p.saq.coefficient,
+                              p.e, e_dtype, columns, d, saq_tokens + row * kMaxSaqLayers, p.saq.layer);
         if constexpr (kElement == 2) {
           reinterpret_cast<__nv_bfloat16*>(scratch)[element] = __float2bfloat16_rn(target);
         } else {

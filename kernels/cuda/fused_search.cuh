@@ -80,16 +80,8 @@ struct Params {
   int k_pad;
   int stages;
   // SAQ: targets of one layer, formed per work item into this CTA's scratch rows (see cuda_api.h)
-  const char* z;
-  int z_dtype;
-  int64_t z_stride[4];
-  const int64_t* ids;
-  int64_t ids_stride;
-  const int* sides;
-  const int* firsts;
-  int grid, layer;
+  SaqLayer saq;
   int64_t dim;  // real D of z
-  double coefficient;
   char* scratch;
 };
 

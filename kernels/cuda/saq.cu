@@ -14,15 +14,7 @@ using namespace detail;
 
 struct SaqPairParams {
   PairParams pair;
-  const char* z;
-  int z_dtype;
-  int64_t z_stride[4];
-  const int64_t* ids;
-  int64_t ids_stride;
-  const int* sides;
-  const int* firsts;
-  int grid, layer;
-  double coefficient;
+  SaqLayer saq;
 };
 
 // pair_dot64 with A = the SAQ targets (formed by every lane for its d, as the search kernel forms them).
@@ -35,12 +27,14 @@ __global__ void __launch_bounds__(256) saq_pair_dot64_kernel(SaqPairParams s) {
   for (int64_t pair = first_warp; pair < p.m * p.c; pair += num_warps) {
     const int64_t row = pair / p.c, candidate = pair % p.c;
     const int64_t index = p.index[row * p.i0 + candidate * p.i1];
-    const int64_t z_offset = saq_row(s.sides, s.firsts, s.ids, s.ids_stride, s.z_stride, s.grid, s.layer, row, tokens);
+    const int64_t z_offset =
+        saq_row(s.saq.sides, s.saq.firsts, s.saq.ids, s.saq.ids_stride, s.saq.z_strides, s.saq.grid, s.saq.layer, row,
+                tokens);
     double acc = 0.0;
     if (index >= 0) {
       for (int64_t d = lane; d < p.d; d += 32) {
-        const float target = saq_target(s.z, s.z_dtype, z_offset + d * s.z_stride[1], s.coefficient, p.b, p.b_dtype,
-                                        p.b0, d * p.b1, tokens, s.layer);
+        const float target = saq_target(s.saq.z, s.saq.z_dtype, z_offset + d * s.saq.z_strides[1], s.saq.coefficient,
+                                        p.b, p.b_dtype, p.b0, d * p.b1, tokens, s.saq.layer);
         acc = fma(static_cast<double>(target), load_double(p.b, p.b_dtype, index * p.b0 + d * p.b1), acc);
       }
     }
@@ -54,15 +48,19 @@ __global__ void __launch_bounds__(256) saq_pair_dot64_kernel(SaqPairParams s) {
 
 using namespace detail;
 
+// The layer arguments both SAQ entry points check.
+static bool valid_layer(const SaqLayer& saq) {
+  return saq.z != nullptr && saq.ids != nullptr && saq.sides != nullptr && saq.firsts != nullptr && saq.layer >= 0 &&
+         saq.layer < kMaxSaqLayers;
+}
+
 Status saq_search(const SaqSearchArgs& args) {
   const SearchArgs& search = args.search;
   Params p{};
   Status status = check_search(search, /*saq=*/true);
-  if (!status.code &&
-      (args.ids == nullptr || args.sides == nullptr || args.firsts == nullptr || args.scratch == nullptr ||
-       args.scratch_ctas < 1 || args.layer < 0 || args.layer >= kMaxSaqLayers || args.dim < 1 || args.dim > search.d ||
-       search.k_pad < 2 || args.z == nullptr ||
-       (search.dtype != kBFloat16 && !(search.dtype == kFloat32 && search.tf32))))
+  if (!status.code && (!valid_layer(args.saq) || args.scratch == nullptr || args.scratch_ctas < 1 || args.dim < 1 ||
+                       args.dim > search.d || search.k_pad < 2 ||
+                       (search.dtype != kBFloat16 && !(search.dtype == kFloat32 && search.tf32))))
     status = {kBadArgument, "spae_fast CUDA search: invalid SAQ arguments (at most 16 layers; bf16 or tf32 operands)"};
   if (!status.code) status = search_params(search, args.scratch, &p);
   if (status.code || search.n == 0) return status;
@@ -73,17 +71,8 @@ Status saq_search(const SaqSearchArgs& args) {
   status = device_limits(search.device, &sms, &max_shared);
   if (status.code) return status;
 
-  p.z = static_cast<const char*>(args.z);
-  p.z_dtype = args.z_dtype;
-  for (int i = 0; i < 4; ++i) p.z_stride[i] = args.z_strides[i];
-  p.ids = args.ids;
-  p.ids_stride = args.ids_stride;
-  p.sides = args.sides;
-  p.firsts = args.firsts;
-  p.grid = args.grid;
-  p.layer = args.layer;
+  p.saq = args.saq;
   p.dim = args.dim;
-  p.coefficient = args.coefficient;
   p.scratch = static_cast<char*>(args.scratch);
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(search.stream);
   if (search.dtype == kBFloat16) return launch<Math::BF16, true, true>(p, sms, max_shared, stream, args.scratch_ctas);
@@ -93,8 +82,7 @@ Status saq_search(const SaqSearchArgs& args) {
 Status saq_pair_dot64(const SaqPairArgs& args) {
   const PairDotArgs& pair = args.pair;
   if (pair.m < 0 || pair.c < 0 || pair.d < 1 || pair.b == nullptr || pair.index == nullptr || pair.out == nullptr ||
-      pair.b_dtype < 0 || pair.b_dtype > 2 || args.z == nullptr || args.ids == nullptr || args.sides == nullptr ||
-      args.firsts == nullptr || args.layer < 0 || args.layer >= kMaxSaqLayers)
+      pair.b_dtype < 0 || pair.b_dtype > 2 || !valid_layer(args.saq))
     return {kBadArgument, "spae_fast CUDA saq_pair_dot64: invalid arguments"};
   if (pair.m == 0 || pair.c == 0) return {};
   DeviceGuard guard(pair.device);
@@ -106,16 +94,7 @@ Status saq_pair_dot64(const SaqPairArgs& args) {
   SaqPairParams s{};
   s.pair = PairParams{nullptr, pair.b, pair.index, pair.out, 0, 0, pair.b_stride0, pair.b_stride1,
                       pair.index_stride0, pair.index_stride1, pair.m, pair.c, pair.d, 0, pair.b_dtype};
-  s.z = static_cast<const char*>(args.z);
-  s.z_dtype = args.z_dtype;
-  for (int i = 0; i < 4; ++i) s.z_stride[i] = args.z_strides[i];
-  s.ids = args.ids;
-  s.ids_stride = args.ids_stride;
-  s.sides = args.sides;
-  s.firsts = args.firsts;
-  s.grid = args.grid;
-  s.layer = args.layer;
-  s.coefficient = args.coefficient;
+  s.saq = args.saq;
   const int64_t blocks = pair_blocks(pair.m * pair.c, sms);
   saq_pair_dot64_kernel<<<static_cast<unsigned>(blocks), 256, 0, reinterpret_cast<cudaStream_t>(pair.stream)>>>(s);
   return cuda_status(cudaGetLastError(), "saq_pair_dot64 kernel launch");
