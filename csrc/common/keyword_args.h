@@ -78,7 +78,7 @@ class KeywordArgs {
       fail_value(name, "does not fit a float, got " + repr(value));
     }
     if (!(result >= low && result <= high))
-      fail_value(name, "must be in [" + std::to_string(low) + ", " + std::to_string(high) + "], got " + repr(value));
+      fail_value(name, "must be in [" + number(low) + ", " + number(high) + "], got " + repr(value));
     return result;
   }
 
@@ -127,6 +127,7 @@ class KeywordArgs {
   }
 
   static std::string repr(py::handle value) { return py::repr(value); }
+  static std::string number(double value) { return py::repr(py::float_(value)); }
 
   [[noreturn]] void fail_type(const char* name, const char* expected, py::handle value) const {
     throw py::type_error(function_ + "(): argument '" + name + "' must be " + expected + ", got " +

@@ -3,6 +3,7 @@
 #include <omp.h>
 #include <pybind11/pybind11.h>
 
+#include <cfloat>
 #include <cmath>
 #include <string>
 
@@ -17,7 +18,7 @@ PackedCodebookView packed_codebook_arg(KeywordArgs& args, int64_t rows, int64_t 
   view.bias = reinterpret_cast<const float*>(args.pointer("bias", rows > 0));
   view.rows = rows;
   view.dim = dim;
-  view.max_norm = args.real("max_norm", 0.0, HUGE_VAL);
+  view.max_norm = args.real("max_norm", 0.0, DBL_MAX);
   view.metric = Metric::L2;
   return view;
 }

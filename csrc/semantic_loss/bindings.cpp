@@ -2,6 +2,7 @@
 // returns (status code, detail).
 #include <pybind11/pybind11.h>
 
+#include <cfloat>
 #include <cmath>
 
 #include "common/bindings.h"
@@ -27,7 +28,7 @@ py::tuple semantic_loss_entry(KeywordArgs& args) {
   }
   request.codebook.rows = vocab;
   request.codebook.dim = dim;
-  request.codebook.max_norm = args.real("max_norm", 0.0, HUGE_VAL);
+  request.codebook.max_norm = args.real("max_norm", 0.0, DBL_MAX);
   request.codebook.metric = Metric::L2;
   request.num_candidates = args.size("num_candidates");
   request.candidate_index = reinterpret_cast<const int64_t*>(args.pointer("candidate_index", request.num_candidates > 0));

@@ -5,6 +5,7 @@
 // kernels' own checks: a swapped or missing argument raises a TypeError / ValueError that names it.
 #include <pybind11/pybind11.h>
 
+#include <cfloat>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -102,7 +103,7 @@ spae_cuda::SaqLayer saq_layer_args(KeywordArgs& args, bool needed) {
   saq.firsts = reinterpret_cast<const int*>(args.pointer("firsts", needed));
   saq.grid = static_cast<int>(args.integer("grid", 1, INT32_MAX));
   saq.layer = static_cast<int>(args.integer("layer", 0, spae_cuda::kMaxSaqLayers - 1));
-  saq.coefficient = args.real("coefficient", -1e300, 1e300);
+  saq.coefficient = args.real("coefficient", -DBL_MAX, DBL_MAX);
   return saq;
 }
 

@@ -502,7 +502,9 @@ size_t shared_bytes(int stages, bool topk, bool saq) {
 }  // namespace
 
 template <Math M, bool TOPK, bool SAQ>
-Status launch(const Params& base, int sms, size_t max_shared, cudaStream_t stream, int64_t max_ctas) {
+Status launch(const Params& base, const DeviceGuard& gpu, cudaStream_t stream, int64_t max_ctas) {
+  const int sms = gpu.sms();
+  const size_t max_shared = gpu.max_shared();
   Params p = base;
   p.stages = 4;
   while (p.stages > 2 && shared_bytes(p.stages, TOPK, SAQ) > max_shared) --p.stages;
@@ -526,16 +528,16 @@ Status launch(const Params& base, int sms, size_t max_shared, cudaStream_t strea
 }
 
 // The variants the ops launch: nearest.cu (every Math, k = 1 and k > 1), saq.cu (bf16 / tf32, k > 1).
-template Status launch<Math::BF16, false, false>(const Params&, int, size_t, cudaStream_t, int64_t);
-template Status launch<Math::BF16, true, false>(const Params&, int, size_t, cudaStream_t, int64_t);
-template Status launch<Math::FP16, false, false>(const Params&, int, size_t, cudaStream_t, int64_t);
-template Status launch<Math::FP16, true, false>(const Params&, int, size_t, cudaStream_t, int64_t);
-template Status launch<Math::TF32, false, false>(const Params&, int, size_t, cudaStream_t, int64_t);
-template Status launch<Math::TF32, true, false>(const Params&, int, size_t, cudaStream_t, int64_t);
-template Status launch<Math::FP32, false, false>(const Params&, int, size_t, cudaStream_t, int64_t);
-template Status launch<Math::FP32, true, false>(const Params&, int, size_t, cudaStream_t, int64_t);
-template Status launch<Math::BF16, true, true>(const Params&, int, size_t, cudaStream_t, int64_t);
-template Status launch<Math::TF32, true, true>(const Params&, int, size_t, cudaStream_t, int64_t);
+template Status launch<Math::BF16, false, false>(const Params&, const DeviceGuard&, cudaStream_t, int64_t);
+template Status launch<Math::BF16, true, false>(const Params&, const DeviceGuard&, cudaStream_t, int64_t);
+template Status launch<Math::FP16, false, false>(const Params&, const DeviceGuard&, cudaStream_t, int64_t);
+template Status launch<Math::FP16, true, false>(const Params&, const DeviceGuard&, cudaStream_t, int64_t);
+template Status launch<Math::TF32, false, false>(const Params&, const DeviceGuard&, cudaStream_t, int64_t);
+template Status launch<Math::TF32, true, false>(const Params&, const DeviceGuard&, cudaStream_t, int64_t);
+template Status launch<Math::FP32, false, false>(const Params&, const DeviceGuard&, cudaStream_t, int64_t);
+template Status launch<Math::FP32, true, false>(const Params&, const DeviceGuard&, cudaStream_t, int64_t);
+template Status launch<Math::BF16, true, true>(const Params&, const DeviceGuard&, cudaStream_t, int64_t);
+template Status launch<Math::TF32, true, true>(const Params&, const DeviceGuard&, cudaStream_t, int64_t);
 
 Status check_search(const SearchArgs& args, bool saq) {
   if (args.n < 0 || args.v < 1 || args.d < 1 || args.k_pad < 1 || args.k_pad > kMaxTopk ||

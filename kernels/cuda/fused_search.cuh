@@ -29,11 +29,9 @@
 //    row (insertion, total order: the list is the k smallest of the set whatever the arrival order);
 //    buffer overflow just takes another round. Lists are written per chunk; the host merges chunks.
 // Per-element arithmetic never depends on N, k or the grid: the same inputs give the same bits.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 //
-// Interface: a per-op entry point checks its arguments (check_search, search_params), sets the device
-// (DeviceGuard), reads its limits (device_limits) and calls launch<Math, TOPK, SAQ>, which picks the pipeline
+// Interface: a per-op entry point checks its arguments (check_search, search_params), sets the device and
+// reads its limits (DeviceGuard) and calls launch<Math, TOPK, SAQ>, which picks the pipeline
 // depth, the persistent grid and runs search_kernel; fused_search.cu instantiates every variant.
 #pragma once
 
@@ -90,28 +88,38 @@ Status check_search(const SearchArgs& args, bool saq);
 // Alignment of the query rows (x, or the SAQ scratch) and the codebook, the plan (num_chunks / tiles_per_chunk
 // from search_plan), then the kernel parameters (SAQ fields zero).
 Status search_params(const SearchArgs& args, const void* queries, Params* p);
-// Launches search_kernel<M, TOPK, SAQ> (max_ctas > 0 caps the grid: one SAQ scratch block per CTA).
-template <Math M, bool TOPK, bool SAQ>
-Status launch(const Params& base, int sms, size_t max_shared, cudaStream_t stream, int64_t max_ctas);
 Status device_limits(int device, int* sms, size_t* max_shared);
 Status cuda_status(cudaError_t error, const char* what);
 
-// Sets the device for its lifetime, restoring the previous one.
+// Sets the device for its lifetime (restoring the previous one) and reads its SM count and shared-memory
+// limit; status() is the first failure of the two.
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
     if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
-    status_ = cudaSetDevice(device);
+    status_ = cuda_status(cudaSetDevice(device), "cudaSetDevice");
+    if (!status_.code) status_ = device_limits(device, &sms_, &max_shared_);
   }
   ~DeviceGuard() {
     if (previous_ >= 0) cudaSetDevice(previous_);
   }
-  cudaError_t status() const { return status_; }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+  const Status& status() const { return status_; }
+  int sms() const { return sms_; }
+  size_t max_shared() const { return max_shared_; }
 
  private:
   int previous_ = -1;
-  cudaError_t status_ = cudaSuccess;
+  Status status_;
+  int sms_ = 0;
+  size_t max_shared_ = 0;
 };
+
+// Launches search_kernel<M, TOPK, SAQ> on the guard's device (max_ctas > 0 caps the grid: one SAQ scratch block
+// per CTA).
+template <Math M, bool TOPK, bool SAQ>
+Status launch(const Params& base, const DeviceGuard& gpu, cudaStream_t stream, int64_t max_ctas);
 
 // Blocks of 256 threads (8 warps, one (row, candidate) pair per warp) of the fp64 pair kernels.
 inline int64_t pair_blocks(int64_t pairs, int sms) {

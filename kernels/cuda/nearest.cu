@@ -35,22 +35,18 @@ __global__ void __launch_bounds__(256) pair_dot64_kernel(PairParams p) {
 using namespace detail;
 
 Status search_plan(int64_t n, int64_t v, int k_pad, int device, SearchPlan* plan) {
-  DeviceGuard guard(device);
-  if (guard.status() != cudaSuccess) return cuda_status(guard.status(), "cudaSetDevice");
-  int sms = 0;
-  size_t max_shared = 0;
-  Status status = device_limits(device, &sms, &max_shared);
-  if (status.code) return status;
+  const DeviceGuard gpu(device);
+  if (gpu.status().code) return gpu.status();
   // Split the codebook so small batches still fill the GPU (split-V) and large ones keep a few chunks
   // for L2 reuse; k > 1 caps chunks x k_pad to bound the partial lists (O(N) memory).
   const int64_t row_blocks = std::max<int64_t>(1, (n + kBlockM - 1) / kBlockM);
   const int64_t column_tiles = (v + kBlockN - 1) / kBlockN;
-  int64_t chunks = std::max<int64_t>((4 * static_cast<int64_t>(sms) + row_blocks - 1) / row_blocks, 8);
+  int64_t chunks = std::max<int64_t>((4 * static_cast<int64_t>(gpu.sms()) + row_blocks - 1) / row_blocks, 8);
   if (k_pad > 1) chunks = std::min<int64_t>(chunks, std::max(1, 256 / k_pad));
   chunks = std::max<int64_t>(1, std::min(chunks, column_tiles));
   plan->tiles_per_chunk = (column_tiles + chunks - 1) / chunks;
   plan->num_chunks = (column_tiles + plan->tiles_per_chunk - 1) / plan->tiles_per_chunk;
-  plan->max_ctas = std::min<int64_t>(row_blocks * plan->num_chunks, 2 * static_cast<int64_t>(sms));
+  plan->max_ctas = std::min<int64_t>(row_blocks * plan->num_chunks, 2 * static_cast<int64_t>(gpu.sms()));
   return {};
 }
 
@@ -59,28 +55,20 @@ Status search(const SearchArgs& args) {
   Status status = check_search(args, /*saq=*/false);
   if (!status.code) status = search_params(args, args.x, &p);
   if (status.code || args.n == 0) return status;
-  DeviceGuard guard(args.device);
-  if (guard.status() != cudaSuccess) return cuda_status(guard.status(), "cudaSetDevice");
-  int sms = 0;
-  size_t max_shared = 0;
-  status = device_limits(args.device, &sms, &max_shared);
-  if (status.code) return status;
+  const DeviceGuard gpu(args.device);
+  if (gpu.status().code) return gpu.status();
 
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(args.stream);
   const bool topk = args.k_pad > 1;
   switch (args.dtype) {
     case kBFloat16:
-      return topk ? launch<Math::BF16, true, false>(p, sms, max_shared, stream, 0)
-                  : launch<Math::BF16, false, false>(p, sms, max_shared, stream, 0);
+      return topk ? launch<Math::BF16, true, false>(p, gpu, stream, 0) : launch<Math::BF16, false, false>(p, gpu, stream, 0);
     case kFloat16:
-      return topk ? launch<Math::FP16, true, false>(p, sms, max_shared, stream, 0)
-                  : launch<Math::FP16, false, false>(p, sms, max_shared, stream, 0);
+      return topk ? launch<Math::FP16, true, false>(p, gpu, stream, 0) : launch<Math::FP16, false, false>(p, gpu, stream, 0);
     case kFloat32:
       if (args.tf32)
-        return topk ? launch<Math::TF32, true, false>(p, sms, max_shared, stream, 0)
-                    : launch<Math::TF32, false, false>(p, sms, max_shared, stream, 0);
-      return topk ? launch<Math::FP32, true, false>(p, sms, max_shared, stream, 0)
-                  : launch<Math::FP32, false, false>(p, sms, max_shared, stream, 0);
+        return topk ? launch<Math::TF32, true, false>(p, gpu, stream, 0) : launch<Math::TF32, false, false>(p, gpu, stream, 0);
+      return topk ? launch<Math::FP32, true, false>(p, gpu, stream, 0) : launch<Math::FP32, false, false>(p, gpu, stream, 0);
     default:
       return {kBadArgument, "spae_fast CUDA search: unknown dtype tag"};
   }
@@ -91,15 +79,11 @@ Status pair_dot64(const PairDotArgs& args) {
       args.out == nullptr || args.a_dtype < 0 || args.a_dtype > 2 || args.b_dtype < 0 || args.b_dtype > 2)
     return {kBadArgument, "spae_fast CUDA pair_dot64: invalid arguments"};
   if (args.m == 0 || args.c == 0) return {};
-  DeviceGuard guard(args.device);
-  if (guard.status() != cudaSuccess) return cuda_status(guard.status(), "cudaSetDevice");
-  int sms = 0;
-  size_t max_shared = 0;
-  Status status = device_limits(args.device, &sms, &max_shared);
-  if (status.code) return status;
+  const DeviceGuard gpu(args.device);
+  if (gpu.status().code) return gpu.status();
   PairParams p{args.a, args.b, args.index, args.out, args.a_stride0, args.a_stride1, args.b_stride0, args.b_stride1,
                args.index_stride0, args.index_stride1, args.m, args.c, args.d, args.a_dtype, args.b_dtype};
-  const int64_t blocks = pair_blocks(args.m * args.c, sms);
+  const int64_t blocks = pair_blocks(args.m * args.c, gpu.sms());
   pair_dot64_kernel<<<static_cast<unsigned>(blocks), 256, 0, reinterpret_cast<cudaStream_t>(args.stream)>>>(p);
   return cuda_status(cudaGetLastError(), "pair_dot64 kernel launch");
 }

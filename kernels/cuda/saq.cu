@@ -64,19 +64,15 @@ Status saq_search(const SaqSearchArgs& args) {
     status = {kBadArgument, "spae_fast CUDA search: invalid SAQ arguments (at most 16 layers; bf16 or tf32 operands)"};
   if (!status.code) status = search_params(search, args.scratch, &p);
   if (status.code || search.n == 0) return status;
-  DeviceGuard guard(search.device);
-  if (guard.status() != cudaSuccess) return cuda_status(guard.status(), "cudaSetDevice");
-  int sms = 0;
-  size_t max_shared = 0;
-  status = device_limits(search.device, &sms, &max_shared);
-  if (status.code) return status;
+  const DeviceGuard gpu(search.device);
+  if (gpu.status().code) return gpu.status();
 
   p.saq = args.saq;
   p.dim = args.dim;
   p.scratch = static_cast<char*>(args.scratch);
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(search.stream);
-  if (search.dtype == kBFloat16) return launch<Math::BF16, true, true>(p, sms, max_shared, stream, args.scratch_ctas);
-  return launch<Math::TF32, true, true>(p, sms, max_shared, stream, args.scratch_ctas);
+  if (search.dtype == kBFloat16) return launch<Math::BF16, true, true>(p, gpu, stream, args.scratch_ctas);
+  return launch<Math::TF32, true, true>(p, gpu, stream, args.scratch_ctas);
 }
 
 Status saq_pair_dot64(const SaqPairArgs& args) {
@@ -85,17 +81,13 @@ Status saq_pair_dot64(const SaqPairArgs& args) {
       pair.b_dtype < 0 || pair.b_dtype > 2 || !valid_layer(args.saq))
     return {kBadArgument, "spae_fast CUDA saq_pair_dot64: invalid arguments"};
   if (pair.m == 0 || pair.c == 0) return {};
-  DeviceGuard guard(pair.device);
-  if (guard.status() != cudaSuccess) return cuda_status(guard.status(), "cudaSetDevice");
-  int sms = 0;
-  size_t max_shared = 0;
-  Status status = device_limits(pair.device, &sms, &max_shared);
-  if (status.code) return status;
+  const DeviceGuard gpu(pair.device);
+  if (gpu.status().code) return gpu.status();
   SaqPairParams s{};
   s.pair = PairParams{nullptr, pair.b, pair.index, pair.out, 0, 0, pair.b_stride0, pair.b_stride1,
                       pair.index_stride0, pair.index_stride1, pair.m, pair.c, pair.d, 0, pair.b_dtype};
   s.saq = args.saq;
-  const int64_t blocks = pair_blocks(pair.m * pair.c, sms);
+  const int64_t blocks = pair_blocks(pair.m * pair.c, gpu.sms());
   saq_pair_dot64_kernel<<<static_cast<unsigned>(blocks), 256, 0, reinterpret_cast<cudaStream_t>(pair.stream)>>>(s);
   return cuda_status(cudaGetLastError(), "saq_pair_dot64 kernel launch");
 }
