@@ -51,12 +51,14 @@ def _search(x, weight, k=None, **kwargs):
 
 def test_kernels_import_from_installed_package():
     import spae_fast.triton_kernels
-    from spae_fast.triton_kernels import search
+    from spae_fast.triton_kernels import nearest, saq
 
     package_dir = os.path.dirname(spae_fast.__file__)
-    assert os.path.dirname(search.__file__) == os.path.join(package_dir, "triton_kernels")
-    assert "site-packages" in search.__file__ or "dist-packages" in search.__file__, search.__file__
-    assert callable(search.search) and callable(search.pair_dot64)
+    for module in (nearest, saq):  # kernels/triton/<name>.py is spae_fast.triton_kernels.<name>
+        assert os.path.dirname(module.__file__) == os.path.join(package_dir, "triton_kernels")
+        assert "site-packages" in module.__file__ or "dist-packages" in module.__file__, module.__file__
+    assert callable(nearest.search) and callable(nearest.pair_dot64)
+    assert callable(saq.saq_pair_dot64) and saq.SaqLayer is not None
 
 
 def test_available_reports_interpreter():
@@ -127,11 +129,11 @@ def test_duplicate_rows_lowest_index(metric):
 
 def test_split_v_chunks_and_partial_sets():
     """Many codebook chunks (split-V): k = 1 merges by int64 atomic min, k > 1 by sorting partial sets."""
-    search = pytest.importorskip("spae_fast.triton_kernels.search")
-    config = search.default_config(torch.float32, "ieee", torch.device("cpu"))
-    chunks, tiles_per_chunk = search.plan_chunks(3, 300, 1, config, 4)
+    nearest = pytest.importorskip("spae_fast.triton_kernels.nearest")
+    config = nearest.default_config(torch.float32, "ieee", torch.device("cpu"))
+    chunks, tiles_per_chunk = nearest.plan_chunks(3, 300, 1, config, 4)
     assert chunks > 1 and tiles_per_chunk >= 1
-    chunks, tiles_per_chunk = search.plan_chunks(40, 300, 1, config, 4)
+    chunks, tiles_per_chunk = nearest.plan_chunks(40, 300, 1, config, 4)
     assert chunks > 1 and tiles_per_chunk > 1
     weight = gaussian(300, 5, seed=8)
     for num, ks in ((3, (None, 2)), (40, (None, 5))):
@@ -282,11 +284,11 @@ def test_gradient_matches_reference():
 
 
 def test_pair_dot64_canonical_order():
-    search = pytest.importorskip("spae_fast.triton_kernels.search")
+    nearest = pytest.importorskip("spae_fast.triton_kernels.nearest")
     a = gaussian(3, 70, seed=32)
     b = gaussian(9, 70, seed=33)
     index = torch.tensor([[0, 8, -1], [4, 4, 2], [1, 0, 7]])
-    out = search.pair_dot64(a, b, index)
+    out = nearest.pair_dot64(a, b, index)
     expected = (a.double()[:, None, :] * b.double()[index.clamp_min(0)]).sum(-1)
     expected[0, 2] = 0.0
     torch.testing.assert_close(out, expected, rtol=1e-14, atol=1e-14)

@@ -93,9 +93,11 @@ def _pack_codebook(weight: torch.Tensor, metric: str) -> tuple[torch.Tensor, tor
     panels = torch.empty(num_panels, dim, native.PANEL_WIDTH, dtype=torch.float32)
     bias = torch.empty(num_panels * native.PANEL_WIDTH, dtype=torch.float32)
     code, detail, max_norm = native.pack_codebook(
-        weight.data_ptr(), num_rows, dim, weight.stride(0), weight.stride(1),
-        _native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")], _native.METRIC_TAGS[metric],
-        panels.data_ptr(), bias.data_ptr(), torch.get_num_threads(),
+        weight=weight.data_ptr(), num_rows=num_rows, dim=dim,
+        weight_row_stride=weight.stride(0), weight_col_stride=weight.stride(1),
+        weight_dtype=_native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
+        metric=_native.METRIC_TAGS[metric], out_panels=panels.data_ptr(), out_bias=bias.data_ptr(),
+        num_threads=torch.get_num_threads(),
     )  # fmt: skip
     _native.raise_for_status(code, detail, stage="codebook")
     return panels, bias, torch.tensor(max_norm, dtype=torch.float64)
@@ -155,7 +157,7 @@ def int8_prefilter_available() -> bool:
 
 def _pack_int8(panels: torch.Tensor, bias: torch.Tensor, num_rows: int, dim: int):
     """int8 copy of packed fp32 panels: (words [ceil(V/16), ceil(D/4), 16] int32, column data
-    [ceil(V/16), 4, 16] fp32, offsets [ceil(V/16) * 16] int32, bounds [4] fp64); see csrc/spae_native.h."""
+    [ceil(V/16), 4, 16] fp32, offsets [ceil(V/16) * 16] int32, bounds [4] fp64); see csrc/nearest/nearest.h."""
     native = _native.cpu_module()
     width = native.INT8_PANEL_WIDTH
     num_panels = -(-num_rows // width)
@@ -163,8 +165,8 @@ def _pack_int8(panels: torch.Tensor, bias: torch.Tensor, num_rows: int, dim: int
     columns = torch.empty(num_panels, 4, width, dtype=torch.float32)
     offsets = torch.empty(num_panels * width, dtype=torch.int32)
     bounds = native.pack_codebook_int8(
-        panels.data_ptr(), bias.data_ptr(), num_rows, dim, words.data_ptr(), columns.data_ptr(), offsets.data_ptr(),
-        torch.get_num_threads(),
+        panels=panels.data_ptr(), bias=bias.data_ptr(), num_rows=num_rows, dim=dim, out_panels=words.data_ptr(),
+        out_columns=columns.data_ptr(), out_offsets=offsets.data_ptr(), num_threads=torch.get_num_threads(),
     )
     return words, columns, offsets, torch.tensor(bounds, dtype=torch.float64)
 
@@ -213,7 +215,7 @@ def pack_semantic_bf16(
     """The table prepared for the CPU semantic loss at precision "bf16": ``(weight, panels, bias, norm_bound,
     rows)``, the operands of the ``spae_fast::semantic_loss`` op.
 
-    With the AVX512-BF16 kernel (csrc/semantic_loss_avx512bf16.cpp), G = ceil(V / 64) groups of 64 rows:
+    With the AVX512-BF16 kernel (csrc/semantic_loss/semantic_loss_avx512bf16.cpp), G = ceil(V / 64) groups of 64 rows:
     ``panels`` int32 [G, ceil(D / 2), 64], each word the bf16 pair (-2 e_c[2j], -2 e_c[2j + 1]) (-2e is exact
     in bf16); ``rows`` int32 [G, 32, round_up(D, 64)], each word the pair (e_2i[d], e_2i+1[d]); ``bias`` fp32
     [G * 64] = ||bf16(e)||^2, +inf on pad rows; ``weight`` is the table itself (the kernel rounds the rows of

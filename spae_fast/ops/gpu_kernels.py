@@ -3,8 +3,8 @@ entry points (``search``, ``pair_dot64``, ``saq_search``, ``saq_pair_dot64`` and
 a matrix the kernels read), so `gpu_search` and `gpu_saq` run either backend with one code path.
 
 "cuda" wraps spae_fast._cuda (torch-free CUDA C++): raw pointers, strides, dtype tags and the caller's
-stream; its status codes become exceptions in `raise_cuda`. "triton" wraps spae_fast.triton_kernels.search
-(on CPU tensors under TRITON_INTERPRET=1).
+stream; its status codes become exceptions in `raise_cuda`. "triton" wraps spae_fast.triton_kernels.nearest
+and spae_fast.triton_kernels.saq (on CPU tensors under TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -37,10 +37,13 @@ class _TritonKernels:
     name = "triton"
 
     def __init__(self) -> None:
-        module = importlib.import_module("spae_fast.triton_kernels.search")
+        module = importlib.import_module("spae_fast.triton_kernels.nearest")
+        saq_module = importlib.import_module("spae_fast.triton_kernels.saq")
         if module.INTERPRET != triton_interpreting():  # TRITON_INTERPRET changed: re-decorate the kernels
+            saq_module = importlib.reload(saq_module)  # first: nearest imports its target prologue
             module = importlib.reload(module)
         self.module = module
+        self.saq_module = saq_module
 
     def operand(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.contiguous()
@@ -52,7 +55,7 @@ class _TritonKernels:
         return self.module.pair_dot64(a, b, index)
 
     def _saq_layer(self, args):
-        return self.module.SaqLayer(args.z, args.ids, args.sides, args.firsts, args.layer, args.coefficient)
+        return self.saq_module.SaqLayer(args.z, args.ids, args.sides, args.firsts, args.layer, args.coefficient)
 
     def saq_search(self, e, bias, col_scale, k_pad, input_precision, args, num_queries):
         layer = self._saq_layer(args)
@@ -61,7 +64,7 @@ class _TritonKernels:
         )
 
     def saq_pair_dot64(self, e, index, args):
-        return self.module.saq_pair_dot64(e, index, self._saq_layer(args))
+        return self.saq_module.saq_pair_dot64(e, index, self._saq_layer(args))
 
 
 class _CudaKernels:
@@ -94,7 +97,7 @@ class _CudaKernels:
     def search_plan(self, num_queries: int, num_rows: int, k_pad: int, device: int) -> tuple[int, int, int]:
         """(chunks of the codebook, tiles per chunk, the most CTAs resident at once) for one search launch."""
         code, detail, num_chunks, tiles_per_chunk, max_ctas = self.module.search_plan(
-            num_queries, num_rows, k_pad, device
+            n=num_queries, v=num_rows, k_pad=k_pad, device=device
         )
         raise_cuda(code, detail)
         return num_chunks, tiles_per_chunk, max_ctas
@@ -111,20 +114,22 @@ class _CudaKernels:
             out_score = torch.empty(num_queries, num_chunks * k_pad, dtype=torch.float32, device=x.device)
             out_index = torch.empty(num_queries, num_chunks * k_pad, dtype=torch.int32, device=x.device)
         code, detail = self.module.search(
-            x.data_ptr(), e.data_ptr(), num_queries, num_rows, dim, _DTYPE_TAGS[x.dtype], input_precision == "tf32",
-            bias.data_ptr(), col_scale.data_ptr(), 0 if row_scale is None else row_scale.data_ptr(), k_pad,
-            num_chunks, tiles_per_chunk, 0 if keys is None else keys.data_ptr(),
-            0 if out_score is None else out_score.data_ptr(), 0 if out_index is None else out_index.data_ptr(),
-            device, self._stream(x.device),
+            x=x.data_ptr(), e=e.data_ptr(), n=num_queries, v=num_rows, d=dim, dtype=_DTYPE_TAGS[x.dtype],
+            tf32=input_precision == "tf32", bias=bias.data_ptr(), col_scale=col_scale.data_ptr(),
+            row_scale=0 if row_scale is None else row_scale.data_ptr(), k_pad=k_pad, num_chunks=num_chunks,
+            tiles_per_chunk=tiles_per_chunk, keys=0 if keys is None else keys.data_ptr(),
+            out_score=0 if out_score is None else out_score.data_ptr(),
+            out_index=0 if out_index is None else out_index.data_ptr(), device=device, stream=self._stream(x.device),
         )  # fmt: skip
         raise_cuda(code, detail)
         return (keys,) if k_pad == 1 else (out_score, out_index)
 
-    def _saq(self, args: SaqLayerArgs) -> tuple:
+    def _saq(self, args: SaqLayerArgs) -> dict:
         z = args.z
-        return (
-            z.data_ptr(), _DTYPE_TAGS[z.dtype], tuple(z.stride()), args.ids.data_ptr(), args.ids.stride(0),
-            args.sides.data_ptr(), args.firsts.data_ptr(), z.shape[-1], args.layer,
+        return dict(
+            z=z.data_ptr(), z_dtype=_DTYPE_TAGS[z.dtype], z_strides=tuple(z.stride()), ids=args.ids.data_ptr(),
+            ids_stride=args.ids.stride(0), sides=args.sides.data_ptr(), firsts=args.firsts.data_ptr(),
+            grid=z.shape[-1], layer=args.layer, coefficient=args.coefficient,
         )  # fmt: skip
 
     def saq_search(self, e, bias, col_scale, k_pad, input_precision, args, num_queries):
@@ -137,11 +142,11 @@ class _CudaKernels:
         out_score = torch.empty(num_queries, num_chunks * k_pad, dtype=torch.float32, device=e.device)
         out_index = torch.empty(num_queries, num_chunks * k_pad, dtype=torch.int32, device=e.device)
         code, detail = self.module.saq_search(
-            e.data_ptr(), num_queries, num_rows, dim, _DTYPE_TAGS[e.dtype], input_precision == "tf32",
-            bias.data_ptr(), col_scale.data_ptr(), k_pad, num_chunks, tiles_per_chunk, out_score.data_ptr(),
-            out_index.data_ptr(), *self._saq(args)[:3], args.ids.data_ptr(), args.ids.stride(0),
-            args.sides.data_ptr(), args.firsts.data_ptr(), args.z.shape[-1], args.layer, args.z.shape[1],
-            args.coefficient, scratch.data_ptr(), max_ctas, device, self._stream(e.device),
+            e=e.data_ptr(), n=num_queries, v=num_rows, d=dim, dtype=_DTYPE_TAGS[e.dtype],
+            tf32=input_precision == "tf32", bias=bias.data_ptr(), col_scale=col_scale.data_ptr(), k_pad=k_pad,
+            num_chunks=num_chunks, tiles_per_chunk=tiles_per_chunk, out_score=out_score.data_ptr(),
+            out_index=out_index.data_ptr(), **self._saq(args), dim=args.z.shape[1], scratch=scratch.data_ptr(),
+            scratch_ctas=max_ctas, device=device, stream=self._stream(e.device),
         )  # fmt: skip
         raise_cuda(code, detail)
         return out_score, out_index
@@ -151,9 +156,10 @@ class _CudaKernels:
         if index.numel() == 0:
             return out
         code, detail = self.module.saq_pair_dot64(
-            b.data_ptr(), _DTYPE_TAGS[b.dtype], b.stride(0), b.stride(1), index.data_ptr(), index.stride(0),
-            index.stride(1), index.shape[0], index.shape[1], b.shape[1], out.data_ptr(), *self._saq(args),
-            args.coefficient, b.device.index, self._stream(b.device),
+            b=b.data_ptr(), b_dtype=_DTYPE_TAGS[b.dtype], b_stride0=b.stride(0), b_stride1=b.stride(1),
+            index=index.data_ptr(), index_stride0=index.stride(0), index_stride1=index.stride(1),
+            m=index.shape[0], c=index.shape[1], d=b.shape[1], out=out.data_ptr(), **self._saq(args),
+            device=b.device.index, stream=self._stream(b.device),
         )  # fmt: skip
         raise_cuda(code, detail)
         return out
@@ -163,10 +169,11 @@ class _CudaKernels:
         if index.numel() == 0:
             return out
         code, detail = self.module.pair_dot64(
-            a.data_ptr(), _DTYPE_TAGS[a.dtype], a.stride(0), a.stride(1),
-            b.data_ptr(), _DTYPE_TAGS[b.dtype], b.stride(0), b.stride(1),
-            index.data_ptr(), index.stride(0), index.stride(1), index.shape[0], index.shape[1], a.shape[1],
-            out.data_ptr(), a.device.index, self._stream(a.device),
+            a=a.data_ptr(), a_dtype=_DTYPE_TAGS[a.dtype], a_stride0=a.stride(0), a_stride1=a.stride(1),
+            b=b.data_ptr(), b_dtype=_DTYPE_TAGS[b.dtype], b_stride0=b.stride(0), b_stride1=b.stride(1),
+            index=index.data_ptr(), index_stride0=index.stride(0), index_stride1=index.stride(1),
+            m=index.shape[0], c=index.shape[1], d=a.shape[1], out=out.data_ptr(), device=a.device.index,
+            stream=self._stream(a.device),
         )  # fmt: skip
         raise_cuda(code, detail)
         return out

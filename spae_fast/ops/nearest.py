@@ -97,7 +97,7 @@ def _reference(x, weight, k, metric, backend, check_finite):
 
 
 def _check_like_native(x, weight, metric, check_finite):
-    """The input checks of the native kernel (csrc/search.cpp) for the torch backend: same exceptions, same rows.
+    """The input checks of the native kernel (csrc/nearest/search.cpp) for the torch backend: same exceptions, same rows.
 
     Codebook: NaN / Inf, or ||e||^2 above the fp32 range for l2, always raise. Queries (only with
     check_finite): the first row that holds NaN / Inf, or whose |x| * max|e| * 2 exceeds 1e37 (not cosine).
@@ -179,16 +179,19 @@ def _native_search(x, weight, panels, bias, norm_bound, k, metric, check_finite,
     full_search_rows = 0
     if num_queries:
         code, detail, full_search_rows = native.search(
-            x.data_ptr(), num_queries, dim, x.stride(0), x.stride(1),
-            _native.DTYPE_TAGS[str(x.dtype).removeprefix("torch.")],
-            panels.data_ptr(), bias.data_ptr(), weight.shape[0], float(norm_bound),
-            _native.METRIC_TAGS[metric], k, check_finite, torch.get_num_threads(),
-            dist.data_ptr(), index.data_ptr(),
-            weight.data_ptr(), weight.stride(0), weight.stride(1),
-            _native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
-            words.data_ptr() if use_prefilter else 0, columns.data_ptr() if use_prefilter else 0,
-            offsets.data_ptr() if use_prefilter else 0, bounds.tolist() if use_prefilter else [],
-            prefilter == "auto",
+            x=x.data_ptr(), num_queries=num_queries, dim=dim,
+            x_row_stride=x.stride(0), x_col_stride=x.stride(1),
+            x_dtype=_native.DTYPE_TAGS[str(x.dtype).removeprefix("torch.")],
+            panels=panels.data_ptr(), bias=bias.data_ptr(), codebook_rows=weight.shape[0],
+            max_norm=float(norm_bound), metric=_native.METRIC_TAGS[metric], k=k, check_finite=check_finite,
+            num_threads=torch.get_num_threads(), out_dist=dist.data_ptr(), out_index=index.data_ptr(),
+            weight=weight.data_ptr(), weight_row_stride=weight.stride(0), weight_col_stride=weight.stride(1),
+            weight_dtype=_native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
+            prefilter_panels=words.data_ptr() if use_prefilter else 0,
+            prefilter_columns=columns.data_ptr() if use_prefilter else 0,
+            prefilter_offsets=offsets.data_ptr() if use_prefilter else 0,
+            prefilter_bounds=bounds.tolist() if use_prefilter else [],
+            prefilter_adaptive=prefilter == "auto",
         )  # fmt: skip
         _native.raise_for_status(code, detail, stage="search")
     common.CPU_SEARCH_STATS.update(

@@ -23,7 +23,7 @@ from . import common, gpu_saq
 from .backends import GPU_BACKENDS, resolve_backend
 
 SAQ_MODES = ("saq", "rq")
-SAQ_MAX_LAYERS = 64  # csrc/saq.cpp: SaqLayerSource::kMaxLayers
+SAQ_MAX_LAYERS = 64  # csrc/saq/saq.h: kMaxSaqLayers
 
 
 @torch.library.custom_op("spae_fast::saq", mutates_args=())
@@ -94,15 +94,17 @@ def _native_saq(z, weight, panels, bias, norm_bound, prefilter_operands, sides, 
     ids = torch.empty(z.shape[0], sum(side * side for side in sides), dtype=torch.int64)
     use_prefilter = prefilter_panels.numel() > 0
     code, detail, full_search_rows = native.saq(
-        z.data_ptr(), _native.DTYPE_TAGS[str(z.dtype).removeprefix("torch.")], z.shape[0], z.shape[1], grid,
-        z.stride(0), z.stride(1), z.stride(2), z.stride(3),
-        weight.data_ptr(), weight.shape[0], weight.stride(0), weight.stride(1),
-        _native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
-        panels.data_ptr(), bias.data_ptr(), float(norm_bound), list(sides), mode == "rq", check_finite,
-        torch.get_num_threads(), ids.data_ptr(),
-        prefilter_panels.data_ptr() if use_prefilter else 0,
-        prefilter_columns.data_ptr() if use_prefilter else 0, prefilter_offsets.data_ptr() if use_prefilter else 0,
-        prefilter_bounds.tolist() if use_prefilter else [],
+        z=z.data_ptr(), z_dtype=_native.DTYPE_TAGS[str(z.dtype).removeprefix("torch.")], batch=z.shape[0],
+        dim=z.shape[1], grid=grid, z_strides=z.stride(),
+        weight=weight.data_ptr(), num_rows=weight.shape[0], weight_row_stride=weight.stride(0),
+        weight_col_stride=weight.stride(1), weight_dtype=_native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
+        panels=panels.data_ptr(), bias=bias.data_ptr(), max_norm=float(norm_bound), sides=list(sides),
+        residual=mode == "rq", check_finite=check_finite, num_threads=torch.get_num_threads(),
+        out_ids=ids.data_ptr(),
+        prefilter_panels=prefilter_panels.data_ptr() if use_prefilter else 0,
+        prefilter_columns=prefilter_columns.data_ptr() if use_prefilter else 0,
+        prefilter_offsets=prefilter_offsets.data_ptr() if use_prefilter else 0,
+        prefilter_bounds=prefilter_bounds.tolist() if use_prefilter else [],
     )  # fmt: skip
     _native.raise_for_status(code, detail, stage="saq", grid=grid)
     common.SAQ_STATS.update(queries=ids.numel(), full_search_rows=full_search_rows, prefilter=use_prefilter)

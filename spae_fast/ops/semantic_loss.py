@@ -105,15 +105,18 @@ def _native_semantic_loss(z, weight, panels, bias, norm_bound, candidate_index, 
     loss = torch.empty(num, dtype=torch.float32)
     grad = torch.empty(num if compute_grad else 0, dim, dtype=torch.float32)
     code, detail = native.semantic_loss(
-        z.data_ptr(), num, dim, z.stride(0), z.stride(1), _native.DTYPE_TAGS[str(z.dtype).removeprefix("torch.")],
-        weight.data_ptr(), weight.shape[0], weight.stride(0), weight.stride(1),
-        _native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
-        0 if bf16_kernel else panels.data_ptr(), 0 if bf16_kernel else bias.data_ptr(), float(norm_bound),
-        candidate_index.data_ptr(), candidate_index.numel(), candidate_offsets.data_ptr(),
-        candidate_offsets.numel() - 1, set_of_position.data_ptr(), float(tau), compute_grad, check_finite,
-        torch.get_num_threads(), loss.data_ptr(), grad.data_ptr() if compute_grad else 0,
-        panels.data_ptr() if bf16_kernel else 0, bf16_rows.data_ptr() if bf16_kernel else 0,
-        bias.data_ptr() if bf16_kernel else 0,
+        z=z.data_ptr(), num_rows=num, dim=dim, z_row_stride=z.stride(0), z_col_stride=z.stride(1),
+        z_dtype=_native.DTYPE_TAGS[str(z.dtype).removeprefix("torch.")],
+        weight=weight.data_ptr(), vocab=weight.shape[0], weight_row_stride=weight.stride(0),
+        weight_col_stride=weight.stride(1), weight_dtype=_native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
+        panels=0 if bf16_kernel else panels.data_ptr(), bias=0 if bf16_kernel else bias.data_ptr(),
+        max_norm=float(norm_bound), candidate_index=candidate_index.data_ptr(),
+        num_candidates=candidate_index.numel(), candidate_offsets=candidate_offsets.data_ptr(),
+        num_sets=candidate_offsets.numel() - 1, set_of_position=set_of_position.data_ptr(), tau=float(tau),
+        compute_grad=compute_grad, check_finite=check_finite, num_threads=torch.get_num_threads(),
+        out_loss=loss.data_ptr(), out_grad=grad.data_ptr() if compute_grad else 0,
+        bf16_panels=panels.data_ptr() if bf16_kernel else 0, bf16_rows=bf16_rows.data_ptr() if bf16_kernel else 0,
+        bf16_bias=bias.data_ptr() if bf16_kernel else 0,
     )  # fmt: skip
     common.raise_semantic_status(code, detail)
     return loss, grad

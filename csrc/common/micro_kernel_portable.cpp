@@ -1,7 +1,7 @@
 // Portable micro-kernel (any CPU): plain C++ the compiler vectorises for the baseline ISA.
 // Built with -ffp-contract=off so each element is one rounded multiply then one rounded add per step,
 // in ascending d, whatever the tile: the result of a row never depends on batch size or tiling.
-#include "spae_native.h"
+#include "common/spae_native.h"
 
 namespace spae {
 

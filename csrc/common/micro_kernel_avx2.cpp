@@ -7,7 +7,7 @@
 // row's current selection threshold, so the caller only touches the rare columns that can enter its top-k.
 #include <immintrin.h>
 
-#include "spae_native.h"
+#include "common/spae_native.h"
 
 namespace spae {
 

@@ -1,88 +1,14 @@
-// Fused nearest / top-k search on NVIDIA tensor cores (sm_80+: mma.sync, ldmatrix, cp.async), torch-free.
-//
-// Math (spae_fast/_ref.py is the spec; the caller folds the metric into bias / scales):
-//     score[n, v] = bias[v] + col_scale[v] * (row_scale[n] *) sum_d x[n, d] * e[v, d]
-//   l2: bias = ||e||^2, col_scale = -2;  ip: bias = 0, col_scale = -1;  cosine: col_scale = -1/|e|,
-//   row_scale = 1/|x|. Multiplying by -2 / -1 is exact, so 16-bit operands go to the tensor cores as they
-//   are (their products are exact in fp32) and no scaled copy of the codebook exists.
-// Result per query: the k smallest scores in the total order (score, index), ties to the lowest index.
-// NaN scores (non-finite inputs with check_finite=False) count as +inf; indices always stay in range.
-//
-// Kernel structure (one CTA = 256 threads = 8 warps as 2 (rows) x 4 (columns), tile 128 x 128):
-//  * work item = (128 queries, one chunk of the codebook); a persistent grid walks the items in grouped
-//    order (8 query blocks x all chunks, query block fastest) so concurrently running CTAs share query
-//    blocks and codebook tiles in L2;
-//  * per codebook tile, the K loop over D runs in 64-byte slabs (32 x 16-bit or 16 x fp32) through a
-//    2..4-stage cp.async pipeline that flows from one tile into the next; shared-memory rows are padded
-//    to 80 bytes so ldmatrix and the fp32 fragment loads are bank-conflict free;
-//  * math: bf16/fp16 mma.sync.m16n8k16 (fp32 accumulate), fp32 operands as TF32 mma.sync.m16n8k8
-//    (cvt.rna) or, for exact fp32, FMA in the same fragment layout with one fma chain per element in
-//    ascending d (identical to the CPU kernel's products for l2 / ip);
-//  * epilogue, k = 1: each thread keeps a running (min, argmin) for its 8 rows in registers, over its
-//    columns in ascending order; at the end of the item the 16 threads sharing a row merge by shuffles and
-//    shared memory, and one atomicMin on the packed int64 key (score, index) merges the chunks:
-//    order-independent, so results are bitwise identical for any grid, chunking or batch size;
-//  * epilogue, k > 1: per-row sorted lists in shared memory; each tile, values that beat the row's current
-//    k-th entry are appended to a per-row candidate buffer (atomicAdd slot) and merged by one thread per
-//    row (insertion, total order: the list is the k smallest of the set whatever the arrival order);
-//    buffer overflow just takes another round. Lists are written per chunk; the host merges chunks.
-// Per-element arithmetic never depends on N, k or the grid: the same inputs give the same bits.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
+// The fused nearest / top-k search kernel and its launch; math, structure and interface: fused_search.cuh.
 #include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <string>
 
-#include "cuda_api.h"
+#include "fused_search.cuh"
 
 namespace spae_cuda {
+namespace detail {
 namespace {
-
-constexpr int kBlockM = 128;
-constexpr int kBlockN = 128;
-constexpr int kThreads = 256;
-constexpr int kGroupM = 8;
-constexpr int kSlabBytes = 64;  // one K step of one row
-constexpr int kRowPitch = 80;   // padded shared-memory row: conflict-free ldmatrix / fragment loads
-constexpr int kTileBytes = kBlockM * kRowPitch;
-constexpr int kStageBytes = 2 * kTileBytes;  // A tile (queries) then B tile (codebook rows)
-constexpr int kCandidateCap = 16;
-constexpr int kListPitch = kMaxTopk + 1;  // +1: one thread per row walks its list without bank conflicts
-constexpr int kCandidatePitch = kCandidateCap + 1;
-constexpr int kEmptyIndex = 1 << 30;
-
-enum class Math { BF16, FP16, TF32, FP32 };
-
-struct Params {
-  const char* x;
-  const char* e;
-  const float* bias;
-  const float* col_scale;
-  const float* row_scale;
-  long long* keys;
-  float* out_score;
-  int* out_index;
-  int64_t n, v;
-  int64_t row_bytes;  // d * element size (multiple of 16)
-  int64_t num_chunks, tiles_per_chunk, num_items;
-  int k_pad;
-  int stages;
-  // SAQ: targets of one layer, formed per work item into this CTA's scratch rows (see cuda_api.h)
-  const char* z;
-  int z_dtype;
-  int64_t z_stride[4];
-  const int64_t* ids;
-  int64_t ids_stride;
-  const int* sides;
-  const int* firsts;
-  int grid, layer;
-  int64_t dim;  // real D of z
-  double coefficient;
-  char* scratch;
-};
 
 // ---- PTX wrappers ----------------------------------------------------------------------------------------
 
@@ -274,35 +200,6 @@ __device__ __forceinline__ float finish_score(float acc, float row_scale, bool h
   return score != score ? __int_as_float(0x7f800000) : score;
 }
 
-__device__ __forceinline__ double load_double(const void* base, int dtype, int64_t offset) {
-  if (dtype == kBFloat16) return static_cast<double>(__bfloat162float(static_cast<const __nv_bfloat16*>(base)[offset]));
-  if (dtype == kFloat16) return static_cast<double>(__half2float(static_cast<const __half*>(base)[offset]));
-  return static_cast<double>(static_cast<const float*>(base)[offset]);
-}
-
-// Position (z offset without d) and covering tokens of raster row `row` of SAQ layer `layer`.
-__device__ __forceinline__ int64_t saq_row(const int* sides, const int* firsts, const int64_t* ids,
-                                           int64_t ids_stride, const int64_t (&z_stride)[4], int grid, int layer,
-                                           int64_t row, int* tokens) {
-  const int64_t side = sides[layer], stride = grid / side, offset = stride - (stride + 1) / 2;
-  const int64_t image = row / (side * side);
-  const int64_t y = stride * ((row / side) % side) + offset, x = stride * (row % side) + offset;
-  for (int m = 0; m < layer; ++m) {
-    const int64_t side_m = sides[m], stride_m = grid / side_m;
-    tokens[m] = static_cast<int>(ids[image * ids_stride + firsts[m] + (y / stride_m) * side_m + x / stride_m]);
-  }
-  return image * z_stride[0] + y * z_stride[2] + x * z_stride[3];
-}
-
-// fp32 target: float(c * z - sum_m e[token_m, d]) with the sum in fp64, ascending m (c * z is exact).
-__device__ __forceinline__ float saq_target(const void* z, int z_dtype, int64_t z_offset, double coefficient,
-                                            const void* e, int e_dtype, int64_t e_row_stride, int64_t e_offset,
-                                            const int* tokens, int layer) {
-  double covering = 0.0;
-  for (int m = 0; m < layer; ++m) covering += load_double(e, e_dtype, tokens[m] * e_row_stride + e_offset);
-  return static_cast<float>(coefficient * load_double(z, z_dtype, z_offset) - covering);
-}
-
 template <Math M, bool TOPK, bool SAQ>
 __global__ void __launch_bounds__(kThreads, 1) search_kernel(Params p) {
   extern __shared__ __align__(128) char smem[];
@@ -353,8 +250,8 @@ __global__ void __launch_bounds__(kThreads, 1) search_kernel(Params p) {
       // Form this block's targets once: 128 rows x D operand elements in this CTA's scratch rows.
       char* scratch = p.scratch + static_cast<int64_t>(blockIdx.x) * kBlockM * p.row_bytes;
       if (tid < kBlockM && row0 + tid < p.n)
-        saq_z_offset[tid] = saq_row(p.sides, p.firsts, p.ids, p.ids_stride, p.z_stride, p.grid, p.layer, row0 + tid,
-                                    saq_tokens + tid * kMaxSaqLayers);
+        saq_z_offset[tid] = saq_row(p.saq.sides, p.saq.firsts, p.saq.ids, p.saq.ids_stride, p.saq.z_strides,
+                                    p.saq.grid, p.saq.layer, row0 + tid, saq_tokens + tid * kMaxSaqLayers);
       __syncthreads();
       const int64_t columns = p.row_bytes / kElement;  // padded D
       for (int64_t element = tid; element < kBlockM * columns; element += kThreads) {
@@ -362,8 +259,8 @@ __global__ void __launch_bounds__(kThreads, 1) search_kernel(Params p) {
         const int64_t d = element % columns;
         float target = 0.0f;
         if (row0 + row < p.n && d < p.dim)
-          target = saq_target(p.z, p.z_dtype, saq_z_offset[row] + d * p.z_stride[1], p.coefficient, p.e, e_dtype,
-                              columns, d, saq_tokens + row * kMaxSaqLayers, p.layer);
+          target = saq_target(p.saq.z, p.saq.z_dtype, saq_z_offset[row] + d * p.saq.z_strides[1], p.saq.coefficient,
+                              p.e, e_dtype, columns, d, saq_tokens + row * kMaxSaqLayers, p.saq.layer);
         if constexpr (kElement == 2) {
           reinterpret_cast<__nv_bfloat16*>(scratch)[element] = __float2bfloat16_rn(target);
         } else {
@@ -595,98 +492,6 @@ __global__ void __launch_bounds__(kThreads, 1) search_kernel(Params p) {
   }
 }
 
-// ---- fp64 pair dot products (exact-mode rescoring) ------------------------------------------------------
-
-struct PairParams {
-  const void* a;
-  const void* b;
-  const int64_t* index;
-  double* out;
-  int64_t a0, a1, b0, b1, i0, i1;
-  int64_t m, c, d;
-  int a_dtype, b_dtype;
-};
-
-__global__ void __launch_bounds__(256) pair_dot64_kernel(PairParams p) {
-  const int lane = threadIdx.x & 31;
-  const int64_t first_warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int64_t num_warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-  for (int64_t pair = first_warp; pair < p.m * p.c; pair += num_warps) {
-    const int64_t row = pair / p.c, candidate = pair % p.c;
-    const int64_t index = p.index[row * p.i0 + candidate * p.i1];
-    double acc = 0.0;
-    if (index >= 0) {
-      for (int64_t d = lane; d < p.d; d += 32)
-        acc = fma(load_double(p.a, p.a_dtype, row * p.a0 + d * p.a1), load_double(p.b, p.b_dtype, index * p.b0 + d * p.b1),
-                  acc);
-    }
-#pragma unroll
-    for (int offset = 1; offset < 32; offset <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-    if (lane == 0) p.out[pair] = acc;
-  }
-}
-
-struct SaqPairParams {
-  PairParams pair;
-  const char* z;
-  int z_dtype;
-  int64_t z_stride[4];
-  const int64_t* ids;
-  int64_t ids_stride;
-  const int* sides;
-  const int* firsts;
-  int grid, layer;
-  double coefficient;
-};
-
-// pair_dot64 with A = the SAQ targets (formed by every lane for its d, as the search kernel forms them).
-__global__ void __launch_bounds__(256) saq_pair_dot64_kernel(SaqPairParams s) {
-  const PairParams& p = s.pair;
-  const int lane = threadIdx.x & 31;
-  const int64_t first_warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int64_t num_warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-  int tokens[kMaxSaqLayers];
-  for (int64_t pair = first_warp; pair < p.m * p.c; pair += num_warps) {
-    const int64_t row = pair / p.c, candidate = pair % p.c;
-    const int64_t index = p.index[row * p.i0 + candidate * p.i1];
-    const int64_t z_offset = saq_row(s.sides, s.firsts, s.ids, s.ids_stride, s.z_stride, s.grid, s.layer, row, tokens);
-    double acc = 0.0;
-    if (index >= 0) {
-      for (int64_t d = lane; d < p.d; d += 32) {
-        const float target = saq_target(s.z, s.z_dtype, z_offset + d * s.z_stride[1], s.coefficient, p.b, p.b_dtype,
-                                        p.b0, d * p.b1, tokens, s.layer);
-        acc = fma(static_cast<double>(target), load_double(p.b, p.b_dtype, index * p.b0 + d * p.b1), acc);
-      }
-    }
-#pragma unroll
-    for (int offset = 1; offset < 32; offset <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-    if (lane == 0) p.out[pair] = acc;
-  }
-}
-
-// ---- host side --------------------------------------------------------------------------------------------
-
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
-    status_ = cudaSetDevice(device);
-  }
-  ~DeviceGuard() {
-    if (previous_ >= 0) cudaSetDevice(previous_);
-  }
-  cudaError_t status() const { return status_; }
-
- private:
-  int previous_ = -1;
-  cudaError_t status_ = cudaSuccess;
-};
-
-Status cuda_status(cudaError_t error, const char* what) {
-  if (error == cudaSuccess) return {};
-  return {static_cast<int>(error), std::string(what) + ": " + cudaGetErrorString(error)};
-}
-
 size_t shared_bytes(int stages, bool topk, bool saq) {
   const size_t extra = topk ? static_cast<size_t>(kBlockM) * (2 * kListPitch + 2 * kCandidatePitch + 4) * 4
                             : static_cast<size_t>(4) * kBlockM * 8;
@@ -694,8 +499,12 @@ size_t shared_bytes(int stages, bool topk, bool saq) {
   return static_cast<size_t>(stages) * kStageBytes + extra + saq_extra;
 }
 
-template <Math M, bool TOPK, bool SAQ = false>
-Status launch(const Params& base, int sms, size_t max_shared, cudaStream_t stream, int64_t max_ctas = 0) {
+}  // namespace
+
+template <Math M, bool TOPK, bool SAQ>
+Status launch(const Params& base, const DeviceGuard& gpu, cudaStream_t stream, int64_t max_ctas) {
+  const int sms = gpu.sms();
+  const size_t max_shared = gpu.max_shared();
   Params p = base;
   p.stages = 4;
   while (p.stages > 2 && shared_bytes(p.stages, TOPK, SAQ) > max_shared) --p.stages;
@@ -718,6 +527,56 @@ Status launch(const Params& base, int sms, size_t max_shared, cudaStream_t strea
   return cuda_status(cudaGetLastError(), "search kernel launch");
 }
 
+// The variants the ops launch: nearest.cu (every Math, k = 1 and k > 1), saq.cu (bf16 / tf32, k > 1).
+template Status launch<Math::BF16, false, false>(const Params&, const DeviceGuard&, cudaStream_t, int64_t);
+template Status launch<Math::BF16, true, false>(const Params&, const DeviceGuard&, cudaStream_t, int64_t);
+template Status launch<Math::FP16, false, false>(const Params&, const DeviceGuard&, cudaStream_t, int64_t);
+template Status launch<Math::FP16, true, false>(const Params&, const DeviceGuard&, cudaStream_t, int64_t);
+template Status launch<Math::TF32, false, false>(const Params&, const DeviceGuard&, cudaStream_t, int64_t);
+template Status launch<Math::TF32, true, false>(const Params&, const DeviceGuard&, cudaStream_t, int64_t);
+template Status launch<Math::FP32, false, false>(const Params&, const DeviceGuard&, cudaStream_t, int64_t);
+template Status launch<Math::FP32, true, false>(const Params&, const DeviceGuard&, cudaStream_t, int64_t);
+template Status launch<Math::BF16, true, true>(const Params&, const DeviceGuard&, cudaStream_t, int64_t);
+template Status launch<Math::TF32, true, true>(const Params&, const DeviceGuard&, cudaStream_t, int64_t);
+
+Status check_search(const SearchArgs& args, bool saq) {
+  if (args.n < 0 || args.v < 1 || args.d < 1 || args.k_pad < 1 || args.k_pad > kMaxTopk ||
+      (args.k_pad & (args.k_pad - 1)) != 0 || (args.x == nullptr && !saq) || args.e == nullptr || args.bias == nullptr ||
+      args.col_scale == nullptr || args.v >= kEmptyIndex || args.num_chunks < 1 || args.tiles_per_chunk < 1)
+    return {kBadArgument, "spae_fast CUDA search: invalid arguments"};
+  if ((args.k_pad == 1 && args.keys == nullptr) || (args.k_pad > 1 && (args.out_score == nullptr || args.out_index == nullptr)))
+    return {kBadArgument, "spae_fast CUDA search: missing output buffers"};
+  return {};
+}
+
+Status search_params(const SearchArgs& args, const void* queries, Params* p) {
+  const int element = args.dtype == kFloat32 ? 4 : 2;
+  const int64_t row_bytes = args.d * element;
+  if (row_bytes % 16 != 0 || reinterpret_cast<uintptr_t>(queries) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(args.e) % 16 != 0)
+    return {kBadArgument, "spae_fast CUDA search: rows must be contiguous and 16-byte aligned (pad D)"};
+  const int64_t column_tiles = (args.v + kBlockN - 1) / kBlockN;
+  if (args.num_chunks * args.tiles_per_chunk < column_tiles || (args.num_chunks - 1) * args.tiles_per_chunk >= column_tiles)
+    return {kBadArgument, "spae_fast CUDA search: num_chunks / tiles_per_chunk do not come from search_plan"};
+  *p = Params{};
+  p->x = static_cast<const char*>(args.x);
+  p->e = static_cast<const char*>(args.e);
+  p->bias = args.bias;
+  p->col_scale = args.col_scale;
+  p->row_scale = args.row_scale;
+  p->keys = args.keys;
+  p->out_score = args.out_score;
+  p->out_index = args.out_index;
+  p->n = args.n;
+  p->v = args.v;
+  p->row_bytes = row_bytes;
+  p->num_chunks = args.num_chunks;
+  p->tiles_per_chunk = args.tiles_per_chunk;
+  p->num_items = (args.n + kBlockM - 1) / kBlockM * args.num_chunks;
+  p->k_pad = args.k_pad;
+  return {};
+}
+
 Status device_limits(int device, int* sms, size_t* max_shared) {
   int value = 0;
   Status status = cuda_status(cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, device), "SM count");
@@ -729,159 +588,10 @@ Status device_limits(int device, int* sms, size_t* max_shared) {
   return status;
 }
 
-}  // namespace
-
-Status search_plan(int64_t n, int64_t v, int k_pad, int device, SearchPlan* plan) {
-  DeviceGuard guard(device);
-  if (guard.status() != cudaSuccess) return cuda_status(guard.status(), "cudaSetDevice");
-  int sms = 0;
-  size_t max_shared = 0;
-  Status status = device_limits(device, &sms, &max_shared);
-  if (status.code) return status;
-  // Split the codebook so small batches still fill the GPU (split-V) and large ones keep a few chunks
-  // for L2 reuse; k > 1 caps chunks x k_pad to bound the partial lists (O(N) memory).
-  const int64_t row_blocks = std::max<int64_t>(1, (n + kBlockM - 1) / kBlockM);
-  const int64_t column_tiles = (v + kBlockN - 1) / kBlockN;
-  int64_t chunks = std::max<int64_t>((4 * static_cast<int64_t>(sms) + row_blocks - 1) / row_blocks, 8);
-  if (k_pad > 1) chunks = std::min<int64_t>(chunks, std::max(1, 256 / k_pad));
-  chunks = std::max<int64_t>(1, std::min(chunks, column_tiles));
-  plan->tiles_per_chunk = (column_tiles + chunks - 1) / chunks;
-  plan->num_chunks = (column_tiles + plan->tiles_per_chunk - 1) / plan->tiles_per_chunk;
-  plan->max_ctas = std::min<int64_t>(row_blocks * plan->num_chunks, 2 * static_cast<int64_t>(sms));
-  return {};
+Status cuda_status(cudaError_t error, const char* what) {
+  if (error == cudaSuccess) return {};
+  return {static_cast<int>(error), std::string(what) + ": " + cudaGetErrorString(error)};
 }
 
-Status search(const SearchArgs& args) {
-  const bool saq = args.saq_z != nullptr;
-  if (args.n < 0 || args.v < 1 || args.d < 1 || args.k_pad < 1 || args.k_pad > kMaxTopk ||
-      (args.k_pad & (args.k_pad - 1)) != 0 || (args.x == nullptr && !saq) || args.e == nullptr || args.bias == nullptr ||
-      args.col_scale == nullptr || args.v >= kEmptyIndex || args.num_chunks < 1 || args.tiles_per_chunk < 1)
-    return {kBadArgument, "spae_fast CUDA search: invalid arguments"};
-  if ((args.k_pad == 1 && args.keys == nullptr) || (args.k_pad > 1 && (args.out_score == nullptr || args.out_index == nullptr)))
-    return {kBadArgument, "spae_fast CUDA search: missing output buffers"};
-  const int element = args.dtype == kFloat32 ? 4 : 2;
-  const int64_t row_bytes = args.d * element;
-  if (saq && (args.saq_ids == nullptr || args.saq_sides == nullptr || args.saq_firsts == nullptr ||
-              args.saq_scratch == nullptr || args.saq_scratch_ctas < 1 || args.saq_layer < 0 ||
-              args.saq_layer >= kMaxSaqLayers || args.saq_dim < 1 || args.saq_dim > args.d || args.k_pad < 2 ||
-              (args.dtype != kBFloat16 && !(args.dtype == kFloat32 && args.tf32))))
-    return {kBadArgument, "spae_fast CUDA search: invalid SAQ arguments (at most 16 layers; bf16 or tf32 operands)"};
-  if (row_bytes % 16 != 0 || reinterpret_cast<uintptr_t>(saq ? args.saq_scratch : args.x) % 16 != 0 ||
-      reinterpret_cast<uintptr_t>(args.e) % 16 != 0)
-    return {kBadArgument, "spae_fast CUDA search: rows must be contiguous and 16-byte aligned (pad D)"};
-  if (args.n == 0) return {};
-  DeviceGuard guard(args.device);
-  if (guard.status() != cudaSuccess) return cuda_status(guard.status(), "cudaSetDevice");
-  int sms = 0;
-  size_t max_shared = 0;
-  Status status = device_limits(args.device, &sms, &max_shared);
-  if (status.code) return status;
-
-  Params p{};
-  p.x = static_cast<const char*>(args.x);
-  p.e = static_cast<const char*>(args.e);
-  p.bias = args.bias;
-  p.col_scale = args.col_scale;
-  p.row_scale = args.row_scale;
-  p.keys = args.keys;
-  p.out_score = args.out_score;
-  p.out_index = args.out_index;
-  p.n = args.n;
-  p.v = args.v;
-  p.row_bytes = row_bytes;
-  p.num_chunks = args.num_chunks;
-  p.tiles_per_chunk = args.tiles_per_chunk;
-  p.num_items = (args.n + kBlockM - 1) / kBlockM * args.num_chunks;
-  p.k_pad = args.k_pad;
-  p.z = static_cast<const char*>(args.saq_z);
-  p.z_dtype = args.saq_z_dtype;
-  for (int i = 0; i < 4; ++i) p.z_stride[i] = args.saq_z_strides[i];
-  p.ids = args.saq_ids;
-  p.ids_stride = args.saq_ids_stride;
-  p.sides = args.saq_sides;
-  p.firsts = args.saq_firsts;
-  p.grid = args.saq_grid;
-  p.layer = args.saq_layer;
-  p.dim = args.saq_dim;
-  p.coefficient = args.saq_coefficient;
-  p.scratch = static_cast<char*>(args.saq_scratch);
-  const int64_t column_tiles = (args.v + kBlockN - 1) / kBlockN;
-  if (args.num_chunks * args.tiles_per_chunk < column_tiles || (args.num_chunks - 1) * args.tiles_per_chunk >= column_tiles)
-    return {kBadArgument, "spae_fast CUDA search: num_chunks / tiles_per_chunk do not come from search_plan"};
-
-  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(args.stream);
-  const bool topk = args.k_pad > 1;
-  if (saq) {
-    if (args.dtype == kBFloat16) return launch<Math::BF16, true, true>(p, sms, max_shared, stream, args.saq_scratch_ctas);
-    return launch<Math::TF32, true, true>(p, sms, max_shared, stream, args.saq_scratch_ctas);
-  }
-  switch (args.dtype) {
-    case kBFloat16:
-      return topk ? launch<Math::BF16, true>(p, sms, max_shared, stream) : launch<Math::BF16, false>(p, sms, max_shared, stream);
-    case kFloat16:
-      return topk ? launch<Math::FP16, true>(p, sms, max_shared, stream) : launch<Math::FP16, false>(p, sms, max_shared, stream);
-    case kFloat32:
-      if (args.tf32)
-        return topk ? launch<Math::TF32, true>(p, sms, max_shared, stream) : launch<Math::TF32, false>(p, sms, max_shared, stream);
-      return topk ? launch<Math::FP32, true>(p, sms, max_shared, stream) : launch<Math::FP32, false>(p, sms, max_shared, stream);
-    default:
-      return {kBadArgument, "spae_fast CUDA search: unknown dtype tag"};
-  }
-}
-
-Status pair_dot64(const PairDotArgs& args) {
-  if (args.m < 0 || args.c < 0 || args.d < 1 || args.a == nullptr || args.b == nullptr || args.index == nullptr ||
-      args.out == nullptr || args.a_dtype < 0 || args.a_dtype > 2 || args.b_dtype < 0 || args.b_dtype > 2)
-    return {kBadArgument, "spae_fast CUDA pair_dot64: invalid arguments"};
-  if (args.m == 0 || args.c == 0) return {};
-  DeviceGuard guard(args.device);
-  if (guard.status() != cudaSuccess) return cuda_status(guard.status(), "cudaSetDevice");
-  int sms = 0;
-  size_t max_shared = 0;
-  Status status = device_limits(args.device, &sms, &max_shared);
-  if (status.code) return status;
-  PairParams p{args.a, args.b, args.index, args.out, args.a_stride0, args.a_stride1, args.b_stride0, args.b_stride1,
-               args.index_stride0, args.index_stride1, args.m, args.c, args.d, args.a_dtype, args.b_dtype};
-  const int64_t warps = args.m * args.c;
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((warps + 7) / 8, static_cast<int64_t>(sms) * 16));
-  pair_dot64_kernel<<<static_cast<unsigned>(blocks), 256, 0, reinterpret_cast<cudaStream_t>(args.stream)>>>(p);
-  return cuda_status(cudaGetLastError(), "pair_dot64 kernel launch");
-}
-
-}  // namespace spae_cuda
-
-namespace spae_cuda {
-
-Status saq_pair_dot64(const SaqPairArgs& args) {
-  const PairDotArgs& pair = args.pair;
-  if (pair.m < 0 || pair.c < 0 || pair.d < 1 || pair.b == nullptr || pair.index == nullptr || pair.out == nullptr ||
-      pair.b_dtype < 0 || pair.b_dtype > 2 || args.z == nullptr || args.ids == nullptr || args.sides == nullptr ||
-      args.firsts == nullptr || args.layer < 0 || args.layer >= kMaxSaqLayers)
-    return {kBadArgument, "spae_fast CUDA saq_pair_dot64: invalid arguments"};
-  if (pair.m == 0 || pair.c == 0) return {};
-  DeviceGuard guard(pair.device);
-  if (guard.status() != cudaSuccess) return cuda_status(guard.status(), "cudaSetDevice");
-  int sms = 0;
-  size_t max_shared = 0;
-  Status status = device_limits(pair.device, &sms, &max_shared);
-  if (status.code) return status;
-  SaqPairParams s{};
-  s.pair = PairParams{nullptr, pair.b, pair.index, pair.out, 0, 0, pair.b_stride0, pair.b_stride1,
-                      pair.index_stride0, pair.index_stride1, pair.m, pair.c, pair.d, 0, pair.b_dtype};
-  s.z = static_cast<const char*>(args.z);
-  s.z_dtype = args.z_dtype;
-  for (int i = 0; i < 4; ++i) s.z_stride[i] = args.z_strides[i];
-  s.ids = args.ids;
-  s.ids_stride = args.ids_stride;
-  s.sides = args.sides;
-  s.firsts = args.firsts;
-  s.grid = args.grid;
-  s.layer = args.layer;
-  s.coefficient = args.coefficient;
-  const int64_t warps = pair.m * pair.c;
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((warps + 7) / 8, static_cast<int64_t>(sms) * 16));
-  saq_pair_dot64_kernel<<<static_cast<unsigned>(blocks), 256, 0, reinterpret_cast<cudaStream_t>(pair.stream)>>>(s);
-  return cuda_status(cudaGetLastError(), "saq_pair_dot64 kernel launch");
-}
-
+}  // namespace detail
 }  // namespace spae_cuda

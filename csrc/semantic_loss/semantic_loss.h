@@ -1,12 +1,12 @@
 // spae_fast native CPU core: the fused semantic loss (SPAE-METHOD.md §4, "Semantic guidance").
 //
 // Torch-free like the rest of csrc/: raw pointers, sizes, element strides, dtype tags; Python
-// (spae_fast/ops.py, section "Semantic loss") validates the arguments and raises from the Status.
+// (spae_fast/ops/semantic_loss.py) validates the arguments and raises from the Status.
 #pragma once
 
 #include <cstdint>
 
-#include "spae_native.h"
+#include "common/spae_native.h"
 
 namespace spae {
 

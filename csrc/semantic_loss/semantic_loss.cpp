@@ -34,7 +34,7 @@
 // Extra memory: per thread one packed block of z and its accumulator (<= 2 x 512 KiB), the group's rows
 // (64 x D fp32) and the fp32 partials of the sets one group touches; plus S x D fp64 set means, the
 // transposed candidate list (V + 1 offsets, M set ids) and N fp64 logsumexps. No N x V buffer.
-#include "semantic_loss.h"
+#include "semantic_loss/semantic_loss.h"
 
 #include <omp.h>
 

@@ -17,8 +17,8 @@
 #include <new>
 #include <vector>
 
-#include "fused_search.h"
-#include "spae_native.h"
+#include "common/fused_search.h"
+#include "nearest/nearest.h"
 
 namespace spae {
 namespace {

@@ -13,7 +13,7 @@
 
 #include <cmath>
 
-#include "semantic_loss.h"
+#include "semantic_loss/semantic_loss.h"
 
 namespace spae {
 namespace {

@@ -4,7 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "spae_native.h"
+#include "common/spae_native.h"
 
 namespace spae {
 

@@ -8,10 +8,10 @@
 // codebook-range splits, and the lowest-row error report. Every value a row sees depends only on that row,
 // so results are bitwise identical for any batch size, split and thread count.
 //
-// Engine interface (see Fp32Engine in search.cpp, Bf16Engine in saq.cpp):
+// Engine interface (see Fp32Engine in nearest/search.cpp, Int8Engine in nearest/nearest_exact.cpp):
 //   static constexpr int kTile;     rows of a register tile (MR)
 //   static constexpr int kWidth;    codebook rows per packed panel (NR <= 32: one bit each in a mask)
-//   using Word = ...;               4-byte element of a packed query block (float, or a pair of bf16)
+//   using Word = ...;               4-byte element of a packed query block (float, or 4 int8 of one row)
 //   using RowInfo = ...;            what a query keeps for its Finish
 //   int64_t dim(), rows() (V), num_panels(), words_per_row()   (Words per packed query row)
 //   StatusInfo pack(source, check, first, count, padded_count, float* row_buffer, Word* packed,
@@ -34,7 +34,7 @@
 #include <utility>
 #include <vector>
 
-#include "spae_native.h"
+#include "common/spae_native.h"
 
 namespace spae {
 namespace fused {

@@ -12,7 +12,7 @@
 // embeddings covering p the closest to z(p). For RQ the target is the residual z - sum_{m<l} e.
 //
 // Layers are sequential; the positions of one layer are independent and go through the shared fused search
-// (search.cpp) as one batch of queries whose rows are formed while the search packs its query block
+// (nearest/search.cpp) as one batch of queries whose rows are formed while the search packs its query block
 // (SaqLayerSource below): the sum over the covering tokens is accumulated in fp64 in ascending m, combined
 // with c_l * z(p) in fp64 and rounded once to fp32, exactly as spae_fast._ref.saq_reference does. So no
 // N x D target and no N x V distance matrix is stored; per layer the extra memory is N fp32 distances and N
@@ -27,8 +27,8 @@
 #include <new>
 #include <vector>
 
-#include "fused_search.h"
-#include "spae_native.h"
+#include "common/fused_search.h"
+#include "saq/saq.h"
 
 namespace spae {
 namespace {
@@ -111,7 +111,7 @@ class SaqLayerSource final : public QuerySource {
     }
   }
 
-  static constexpr int64_t kMaxLayers = 64;
+  static constexpr int64_t kMaxLayers = kMaxSaqLayers;
 
  private:
   const SaqRequest& req_;

@@ -1,4 +1,4 @@
-// AVX512-VNNI micro-kernel of the certified low-precision SAQ search, compiled with -mavx512f -mavx512vnni
+// AVX512-VNNI micro-kernel of the certified int8 pre-filter of the nearest and SAQ searches, compiled with -mavx512f -mavx512vnni
 // and used only where the CPU reports avx512_vnni (cpu_features.cpp).
 //
 // 24 queries x 16 codebook rows per register tile. Queries are int8 per row (x ~ s_x q_x) stored shifted to
@@ -7,13 +7,13 @@
 //     acc[r][c] = sum_d (q_x[r][d] + 128) q_k[c][d]        (exact: |acc| < 2^31)
 // Epilogue per row: dot = acc - 128 sum_d q_k[c][d] (exact, |dot| < 2^24 so exact in fp32), then
 //     s~ = bias_c + (dot * s_k) * s_x        (the approximate score, ~ x~ . p~ + ||e||^2)
-//     lb = s~ - (a_r P_c + n_r b_c)          (a lower bound of the exact score, saq.cpp derives the bound)
+//     lb = s~ - (a_r P_c + n_r b_c)          (a lower bound of the exact score, nearest/nearest_exact.cpp derives the bound)
 // with the row's a_r = ||x - x~||, n_r = ||x~|| and the column's P_c = ||p||, b_c = ||p - p~|| (all rounded
 // up). The tile's lb values are the ranking key of the candidate lists; only the rescoring with the exact
 // fp32 kernel decides the answer.
 #include <immintrin.h>
 
-#include "spae_native.h"
+#include "common/spae_native.h"
 
 namespace spae {
 

@@ -20,7 +20,7 @@
 //   semantic_round_weights_bf16: w[6][64] fp32 -> [6][32] bf16 pairs (round to nearest even).
 #include <immintrin.h>
 
-#include "semantic_loss.h"
+#include "semantic_loss/semantic_loss.h"
 
 namespace spae {
 
