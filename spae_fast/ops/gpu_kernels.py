@@ -151,32 +151,33 @@ class _CudaKernels:
         raise_cuda(code, detail)
         return out_score, out_index
 
-    def saq_pair_dot64(self, b, index, args):
-        out = torch.empty(index.shape, dtype=torch.float64, device=b.device)
+    def _pair_dot64(self, entry, index, rows, **operands):
+        """fp64 dots of the pairs (i, index[i, j]) through `entry` (``pair_dot64`` / ``saq_pair_dot64``), which
+        takes the row operands in `operands`; `rows` [*, D] gives the device and D."""
+        out = torch.empty(index.shape, dtype=torch.float64, device=rows.device)
         if index.numel() == 0:
             return out
-        code, detail = self.module.saq_pair_dot64(
-            b=b.data_ptr(), b_dtype=_DTYPE_TAGS[b.dtype], b_stride0=b.stride(0), b_stride1=b.stride(1),
-            index=index.data_ptr(), index_stride0=index.stride(0), index_stride1=index.stride(1),
-            m=index.shape[0], c=index.shape[1], d=b.shape[1], out=out.data_ptr(), **self._saq(args),
-            device=b.device.index, stream=self._stream(b.device),
+        code, detail = entry(
+            **operands, index=index.data_ptr(), index_stride0=index.stride(0), index_stride1=index.stride(1),
+            m=index.shape[0], c=index.shape[1], d=rows.shape[1], out=out.data_ptr(), device=rows.device.index,
+            stream=self._stream(rows.device),
         )  # fmt: skip
         raise_cuda(code, detail)
         return out
 
+    def saq_pair_dot64(self, b, index, args):
+        return self._pair_dot64(self.module.saq_pair_dot64, index, b, **self._matrix("b", b), **self._saq(args))
+
     def pair_dot64(self, a, b, index):
-        out = torch.empty(index.shape, dtype=torch.float64, device=a.device)
-        if index.numel() == 0:
-            return out
-        code, detail = self.module.pair_dot64(
-            a=a.data_ptr(), a_dtype=_DTYPE_TAGS[a.dtype], a_stride0=a.stride(0), a_stride1=a.stride(1),
-            b=b.data_ptr(), b_dtype=_DTYPE_TAGS[b.dtype], b_stride0=b.stride(0), b_stride1=b.stride(1),
-            index=index.data_ptr(), index_stride0=index.stride(0), index_stride1=index.stride(1),
-            m=index.shape[0], c=index.shape[1], d=a.shape[1], out=out.data_ptr(), device=a.device.index,
-            stream=self._stream(a.device),
-        )  # fmt: skip
-        raise_cuda(code, detail)
-        return out
+        return self._pair_dot64(self.module.pair_dot64, index, a, **self._matrix("a", a), **self._matrix("b", b))
+
+    @staticmethod
+    def _matrix(name: str, tensor: torch.Tensor) -> dict:
+        """The keyword arguments of one [rows, D] operand: pointer, dtype tag and the two strides."""
+        return {
+            name: tensor.data_ptr(), f"{name}_dtype": _DTYPE_TAGS[tensor.dtype],
+            f"{name}_stride0": tensor.stride(0), f"{name}_stride1": tensor.stride(1),
+        }  # fmt: skip
 
 
 _DTYPE_TAGS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
