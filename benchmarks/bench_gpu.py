@@ -32,7 +32,7 @@ import sys
 import torch
 
 import spae_fast
-from spae_fast import _gpu
+from spae_fast.ops import gpu_saq
 
 from harness import cuda_median_ms as timed
 from harness import cuda_peak_extra as peak_extra
@@ -234,7 +234,7 @@ def case_saq(report, backends, batch, num_rows, dim, repeats):
             ids = torch.zeros(batch, tokens, dtype=torch.int64, device=DEVICE)
             for layer, side in enumerate(sides):
                 rows = torch.arange(batch * side * side, device=DEVICE)
-                targets = _gpu._saq_targets(z, weight, ids, sides, firsts, layer, float(layer + 1), rows)
+                targets = gpu_saq._saq_targets(z, weight, ids, sides, firsts, layer, float(layer + 1), rows)
                 _, index = spae_fast.nearest(
                     targets, codebook, backend=b, check_finite=False, precision="exact"
                 )

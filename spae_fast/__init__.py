@@ -20,11 +20,20 @@ N x V distance matrix. Public API:
     spae_fast.llm.evaluate_fewshot / denoise / image_to_image         # few-shot classification, generation
 """
 
-from ._gpu import SearchStats, last_search_stats
 from .codebook import Codebook
 from .llm import FrozenLM, ImageVocabulary
 from .model import SPAE, SPAEConfig
-from .ops import BackendStatus, available, nearest, saq, semantic_loss, semantic_loss_from_sets, topk
+from .ops import (
+    BackendStatus,
+    SearchStats,
+    available,
+    last_search_stats,
+    nearest,
+    saq,
+    semantic_loss,
+    semantic_loss_from_sets,
+    topk,
+)
 from .pyramid import TokenPyramid
 from .quantizer import SPAEQuantizer, SPAEQuantizerOutput
 from .vocab import VocabCodebook

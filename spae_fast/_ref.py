@@ -1,5 +1,14 @@
-"""Plain-PyTorch reference of every op: the executable spec that every backend is tested against.
+"""Plain-PyTorch reference of every op: the executable spec that every backend is tested against, and the
+kernel of backend "torch". Each function names the op it specifies:
 
+    topk_reference                 op spae_fast::topk           (spae_fast/ops/nearest.py: `topk`)
+    nearest_reference              op spae_fast::nearest        (spae_fast/ops/nearest.py: `nearest`)
+    saq_reference                  op spae_fast::saq            (spae_fast/ops/saq.py: `saq`)
+    semantic_loss_reference        `semantic_loss`, as the method states it (spae_fast/ops/semantic_loss.py)
+    semantic_loss_parts_reference  op spae_fast::semantic_loss  (what the op returns: losses and gradients)
+
+The references stay together in this one module, apart from the op modules that register them, so that the
+spec reads in one place; `distances_fp64` and `candidates_from_mask` are helpers of the tests.
 Written for clarity, chunked over the codebook only so that it runs at test and benchmark sizes.
 
 Nearest / top-k (SPAE-METHOD.md §1, §3; the argmin inside every SAQ layer). With x the query, e_j the
@@ -66,7 +75,8 @@ def _dot_products(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def topk_reference(
     x: torch.Tensor, weight: torch.Tensor, k: int, metric: str = "l2", chunk_rows: int = 8192
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """k nearest codebook rows of every query. x [N, D], weight [V, D] -> (dist [N, k] fp32, index [N, k] int64)."""
+    """Specifies ``spae_fast::topk``: the k nearest codebook rows of every query. x [N, D], weight [V, D] ->
+    (dist [N, k] fp32, index [N, k] int64)."""
     q, rows, bias = _prepare(x, weight, metric)
     num_queries, num_rows = q.shape[0], rows.shape[0]
     best_scores = torch.empty(num_queries, 0, device=q.device, dtype=torch.float32)
@@ -87,7 +97,8 @@ def topk_reference(
 def nearest_reference(
     x: torch.Tensor, weight: torch.Tensor, metric: str = "l2", chunk_rows: int = 8192
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest codebook row of every query. x [N, D], weight [V, D] -> (dist [N] fp32, index [N] int64)."""
+    """Specifies ``spae_fast::nearest``: the nearest codebook row of every query. x [N, D], weight [V, D] ->
+    (dist [N] fp32, index [N] int64)."""
     dist, index = topk_reference(x, weight, 1, metric, chunk_rows)
     return dist[:, 0], index[:, 0]
 
@@ -105,7 +116,8 @@ def distances_fp64(x: torch.Tensor, weight: torch.Tensor, metric: str = "l2") ->
 
 
 def saq_reference(z: torch.Tensor, weight: torch.Tensor, sides: list[int], mode: str = "saq") -> torch.Tensor:
-    """Streaming average (or residual) quantization over a token pyramid (SPAE-METHOD.md §2-3), layer by layer.
+    """Specifies ``spae_fast::saq``: streaming average (or residual) quantization over a token pyramid
+    (SPAE-METHOD.md §2-3), layer by layer.
 
     z ``[B, D, g, g]``, weight ``[V, D]``, sides ``[s_1 .. s_L]`` (each divides g) -> ids ``[B, sum_l s_l^2]``
     int64, layer after layer, raster order within a layer. Layer l (1-based) samples rows / cols
@@ -181,7 +193,8 @@ def semantic_loss_reference(
     reduction: str = "mean",
     chunk_rows: int = 8192,
 ) -> torch.Tensor:
-    """The semantic loss, written as the method states it (the spec; differentiable in ``z`` by autograd).
+    """Specifies `spae_fast.semantic_loss`: the semantic loss, written as the method states it (differentiable
+    in ``z`` by autograd).
 
     For position p (a row of z ``[N, D]``) with candidate set C(p) (codebook rows; a list, so duplicates count
     as often as they appear) and the logits
@@ -241,7 +254,7 @@ def semantic_loss_parts_reference(
     compute_grad: bool,
     chunk_rows: int = 8192,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the ``spae_fast::semantic_loss`` op returns, with the explicit formulas every kernel uses:
+    """Specifies the op ``spae_fast::semantic_loss``: what it returns, with the formulas every kernel uses:
     ``(loss [N] fp32, grad [N, D] fp32)`` where ``grad[p] = d loss(p) / d z_p`` (``[0, D]`` without
     compute_grad); both 0 at excluded positions.
 

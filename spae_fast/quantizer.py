@@ -32,7 +32,8 @@ from torch import nn
 
 from . import _validate
 from .codebook import Codebook
-from .ops import SAQ_MAX_LAYERS, SAQ_MODES, _prefilter_operands, resolve_backend
+from .ops import SAQ_MAX_LAYERS, SAQ_MODES, resolve_backend
+from .ops.common import prefilter_operands as _prefilter_operands
 from .pyramid import DEFAULT_GRID, DEFAULT_LAYERS, TokenPyramid
 from .vocab import VocabCodebook
 

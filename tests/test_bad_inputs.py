@@ -1,5 +1,5 @@
 """Bad inputs: each is rejected with a clear exception that names the argument (every backend), except
-non-contiguous inputs, which are handled (see test_correctness), and non-finite queries with
+non-contiguous inputs, which are handled (see tests/ops/test_nearest.py), and non-finite queries with
 check_finite=False, which must not crash and must return in-range indices."""
 
 from __future__ import annotations

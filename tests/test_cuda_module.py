@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import spae_fast
-from spae_fast import _gpu
+from spae_fast.ops import gpu_kernels
 
 
 @pytest.fixture(scope="module")
@@ -55,38 +55,73 @@ def test_no_device_reported_cleanly(cuda):
     assert "no CUDA device" in status.reason and "sm_80" in status.reason
 
 
+def _search_args(x, **change):
+    """Valid-looking keyword arguments of _cuda.search (aligned, k = 1), with `change` applied."""
+    ptr = x.data_ptr()
+    args = dict(
+        x=ptr, e=ptr, n=4, v=4, d=8, dtype=0, tf32=False, bias=ptr, col_scale=ptr, row_scale=0, k_pad=1,
+        num_chunks=1, tiles_per_chunk=1, keys=ptr, out_score=0, out_index=0, device=0, stream=0,
+    )  # fmt: skip
+    args.update(change)
+    return args
+
+
 def test_entry_points_return_status_without_device(cuda):
     if not _no_device(cuda):
         pytest.skip("a CUDA device is present")
-    code, message, *_ = cuda.search_plan(10, 100, 1, 0)
+    code, message, *_ = cuda.search_plan(n=10, v=100, k_pad=1, device=0)
     assert code != 0 and message
     x = torch.zeros(4, 8)
     # aligned, valid-looking arguments: the kernel cannot launch, the status says why
-    code, message = cuda.search(
-        x.data_ptr(), x.data_ptr(), 4, 4, 8, 0, False, x.data_ptr(), x.data_ptr(), 0, 1, 1, 1,
-        x.data_ptr(), 0, 0, 0, 0,
-    )  # fmt: skip
+    code, message = cuda.search(**_search_args(x))
     assert code != 0 and message
     with pytest.raises(RuntimeError, match="cudaError"):
-        _gpu._raise_cuda(code, message)
+        gpu_kernels.raise_cuda(code, message)
+    ptr = x.data_ptr()
     code, message = cuda.pair_dot64(
-        x.data_ptr(), 0, 8, 1, x.data_ptr(), 0, 8, 1, x.data_ptr(), 1, 1, 1, 1, 8, x.data_ptr(), 0, 0
-    )
+        a=ptr, a_dtype=0, a_stride0=8, a_stride1=1, b=ptr, b_dtype=0, b_stride0=8, b_stride1=1, index=ptr,
+        index_stride0=1, index_stride1=1, m=1, c=1, d=8, out=ptr, device=0, stream=0,
+    )  # fmt: skip
     assert code != 0 and message
 
 
 def test_bad_arguments_are_rejected_before_any_launch(cuda):
+    """Argument checks at the binding raise, naming the argument; the kernels' own checks return -1."""
     x = torch.zeros(4, 8)
-    base = {"n": 4, "v": 4, "d": 8, "k_pad": 1}
-    for change, expected in (({"k_pad": 3}, "invalid"), ({"k_pad": 64}, "invalid"), ({"d": 7}, "aligned")):
-        args = {**base, **change}
-        code, message = cuda.search(
-            x.data_ptr(), x.data_ptr(), args["n"], args["v"], args["d"], 0, False, x.data_ptr(), x.data_ptr(), 0,
-            args["k_pad"], 1, 1, x.data_ptr(), x.data_ptr(), x.data_ptr(), 0, 0,
+    for change, name in (({"k_pad": 3}, "k_pad"), ({"k_pad": 64}, "k_pad"), ({"dtype": 3}, "dtype"),
+                         ({"n": -1}, "n"), ({"e": 0}, "e"), ({"keys": 0}, "keys")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"'{name}'"):
+            cuda.search(**_search_args(x, **change))
+    code, message = cuda.search(**_search_args(x, d=7))  # rows of 28 bytes: not 16-byte aligned
+    assert code == -1 and "aligned" in message, (code, message)
+    with pytest.raises(ValueError):
+        gpu_kernels.raise_cuda(code, message)
+
+
+def test_entry_points_take_checked_keyword_arguments_only(cuda):
+    """No positional integer lists: a positional call, a missing, unknown or mistyped argument is refused
+    before any pointer is read, and the message names the argument."""
+    x = torch.zeros(4, 8)
+    args = _search_args(x)
+    with pytest.raises(TypeError, match="keyword arguments only"):
+        cuda.search(*args.values())
+    with pytest.raises(TypeError, match="missing keyword argument 'keys'"):
+        cuda.search(**{name: value for name, value in args.items() if name != "keys"})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'queries'"):
+        cuda.search(**args, queries=4)
+    with pytest.raises(TypeError, match="'tf32' must be a bool"):
+        cuda.search(**_search_args(x, tf32=1))
+    with pytest.raises(TypeError, match="'v' must be an int"):
+        cuda.search(**_search_args(x, v=4.0))
+    with pytest.raises(ValueError, match="'out_score' must be 0 for k_pad = 1"):
+        cuda.search(**_search_args(x, out_score=x.data_ptr()))
+    with pytest.raises(ValueError, match="'layer'"):
+        cuda.saq_pair_dot64(
+            b=x.data_ptr(), b_dtype=0, b_stride0=8, b_stride1=1, index=x.data_ptr(), index_stride0=1,
+            index_stride1=1, m=1, c=1, d=8, out=x.data_ptr(), z=x.data_ptr(), z_dtype=0, z_strides=(8, 1, 1, 1),
+            ids=x.data_ptr(), ids_stride=1, sides=x.data_ptr(), firsts=x.data_ptr(), grid=1, layer=99,
+            coefficient=1.0, device=0, stream=0,
         )  # fmt: skip
-        assert code == -1 and expected in message, (change, code, message)
-        with pytest.raises(ValueError):
-            _gpu._raise_cuda(code, message)
 
 
 def test_cuda_backend_on_cpu_tensors_is_refused(cuda):
@@ -97,7 +132,7 @@ def test_cuda_backend_on_cpu_tensors_is_refused(cuda):
 
 def test_operand_layout_for_cp_async():
     """The CUDA wrapper pads rows to 16 bytes and keeps aligned contiguous tensors as they are."""
-    kernels = _gpu._CudaKernels()
+    kernels = gpu_kernels._CudaKernels()
     aligned = torch.randn(5, 8)
     assert kernels.operand(aligned) is aligned
     odd = torch.randn(5, 7, dtype=torch.bfloat16)

@@ -31,7 +31,7 @@ def test_opcheck_nearest_and_topk(backend, metric, dtype):
     for requires_grad in (False, True):
         x = queries_for(weight, 5, seed=2).requires_grad_(requires_grad)
         for prefilter in ("none", "int8" if backend == "cpu" and spae_fast.ops.int8_prefilter_available() else "auto"):
-            int8 = spae_fast.ops._prefilter_operands(weight, weight, panels, bias, prefilter, backend)
+            int8 = spae_fast.ops.common.prefilter_operands(weight, weight, panels, bias, prefilter, backend)
             torch.library.opcheck(
                 OPS.nearest.default, (x, weight, panels, bias, norm_bound, *int8, metric, backend, True, prefilter)
             )

@@ -31,7 +31,8 @@ triton = pytest.importorskip("triton")
 from _spae_checks import assert_identical, check_search, gaussian, integers, queries_for
 
 import spae_fast
-from spae_fast import _gpu, _ref
+from spae_fast import _ref
+from spae_fast.ops import gpu_saq, gpu_search
 
 METRICS = ("l2", "ip", "cosine")
 
@@ -50,12 +51,14 @@ def _search(x, weight, k=None, **kwargs):
 
 def test_kernels_import_from_installed_package():
     import spae_fast.triton_kernels
-    from spae_fast.triton_kernels import search
+    from spae_fast.triton_kernels import nearest, saq
 
     package_dir = os.path.dirname(spae_fast.__file__)
-    assert os.path.dirname(search.__file__) == os.path.join(package_dir, "triton_kernels")
-    assert "site-packages" in search.__file__ or "dist-packages" in search.__file__, search.__file__
-    assert callable(search.search) and callable(search.pair_dot64)
+    for module in (nearest, saq):  # kernels/triton/<name>.py is spae_fast.triton_kernels.<name>
+        assert os.path.dirname(module.__file__) == os.path.join(package_dir, "triton_kernels")
+        assert "site-packages" in module.__file__ or "dist-packages" in module.__file__, module.__file__
+    assert callable(nearest.search) and callable(nearest.pair_dot64)
+    assert callable(saq.saq_pair_dot64) and saq.SaqLayer is not None
 
 
 def test_available_reports_interpreter():
@@ -126,11 +129,11 @@ def test_duplicate_rows_lowest_index(metric):
 
 def test_split_v_chunks_and_partial_sets():
     """Many codebook chunks (split-V): k = 1 merges by int64 atomic min, k > 1 by sorting partial sets."""
-    search = pytest.importorskip("spae_fast.triton_kernels.search")
-    config = search.default_config(torch.float32, "ieee", torch.device("cpu"))
-    chunks, tiles_per_chunk = search.plan_chunks(3, 300, 1, config, 4)
+    nearest = pytest.importorskip("spae_fast.triton_kernels.nearest")
+    config = nearest.default_config(torch.float32, "ieee", torch.device("cpu"))
+    chunks, tiles_per_chunk = nearest.plan_chunks(3, 300, 1, config, 4)
     assert chunks > 1 and tiles_per_chunk >= 1
-    chunks, tiles_per_chunk = search.plan_chunks(40, 300, 1, config, 4)
+    chunks, tiles_per_chunk = nearest.plan_chunks(40, 300, 1, config, 4)
     assert chunks > 1 and tiles_per_chunk > 1
     weight = gaussian(300, 5, seed=8)
     for num, ks in ((3, (None, 2)), (40, (None, 5))):
@@ -195,7 +198,7 @@ def test_exact_mode_rescoring_paths_agree(metric, monkeypatch):
     x = queries_for(weight, 7, seed=18)
     fast = _search(x, weight, 2, metric=metric, precision="exact")
     assert spae_fast.last_search_stats().rows_rescored == 0
-    monkeypatch.setattr(_gpu, "_error_bound", lambda norm_sq64, *args: torch.full_like(norm_sq64, 1e30))
+    monkeypatch.setattr(gpu_search, "error_bound", lambda norm_sq64, *args: torch.full_like(norm_sq64, 1e30))
     slow = _search(x, weight, 2, metric=metric, precision="exact")
     stats = spae_fast.last_search_stats()
     assert stats.rows_rescored == 7 and stats.rows_full_scan == 7
@@ -281,11 +284,11 @@ def test_gradient_matches_reference():
 
 
 def test_pair_dot64_canonical_order():
-    search = pytest.importorskip("spae_fast.triton_kernels.search")
+    nearest = pytest.importorskip("spae_fast.triton_kernels.nearest")
     a = gaussian(3, 70, seed=32)
     b = gaussian(9, 70, seed=33)
     index = torch.tensor([[0, 8, -1], [4, 4, 2], [1, 0, 7]])
-    out = search.pair_dot64(a, b, index)
+    out = nearest.pair_dot64(a, b, index)
     expected = (a.double()[:, None, :] * b.double()[index.clamp_min(0)]).sum(-1)
     expected[0, 2] = 0.0
     torch.testing.assert_close(out, expected, rtol=1e-14, atol=1e-14)
@@ -316,7 +319,7 @@ def check_saq_exact(z, weight, sides, mode, ids):
     for layer, side in enumerate(sides):
         coefficient = float(layer + 1) if mode == "saq" else 1.0
         rows = torch.arange(z.shape[0] * side * side, device=z.device)
-        targets = _gpu._saq_targets(z, weight, ids, list(sides), firsts, layer, coefficient, rows)
+        targets = gpu_saq._saq_targets(z, weight, ids, list(sides), firsts, layer, coefficient, rows)
         d64 = _ref.distances_fp64(targets, weight, "l2")
         expected = torch.sort(d64, dim=1, stable=True).indices[:, 0].view(z.shape[0], side * side)
         assert torch.equal(ids[:, firsts[layer] : firsts[layer + 1]], expected), f"layer {layer}"
@@ -350,7 +353,7 @@ def test_saq_uncertain_rows_take_the_materialised_path(monkeypatch):
     z = gaussian(2, 4, 4, 4, seed=44)
     weight = gaussian(20, 4, seed=45)
     fast = spae_fast.saq(z, weight, (1, 2, 4), backend="triton")
-    monkeypatch.setattr(_gpu, "_error_bound", lambda norm_sq64, *args: torch.full_like(norm_sq64, 1e30))
+    monkeypatch.setattr(gpu_search, "error_bound", lambda norm_sq64, *args: torch.full_like(norm_sq64, 1e30))
     slow = spae_fast.saq(z, weight, (1, 2, 4), backend="triton")
     assert spae_fast.last_search_stats().rows_rescored == 2 * 21
     assert torch.equal(fast, slow)

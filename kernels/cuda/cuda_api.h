@@ -3,7 +3,7 @@
 // Every entry point takes raw device pointers, sizes, a dtype tag, the CUDA device index and the caller's
 // stream (torch.cuda.current_stream().cuda_stream), sets the device for its duration, launches
 // asynchronously and returns a Status: code 0, a cudaError_t, or kBadArgument, plus a message. Python
-// (spae_fast/_gpu.py) turns non-zero codes into exceptions.
+// (spae_fast/ops/gpu_kernels.py: raise_cuda) turns non-zero codes into exceptions.
 #pragma once
 
 #include <cstdint>
@@ -25,7 +25,7 @@ struct Status {
 
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// Fused nearest / top-k, see search.cu for the math and the kernel structure.
+// Fused nearest / top-k, see fused_search.cuh for the math and the kernel structure.
 //   score[n, v] = bias[v] + col_scale[v] * (row_scale[n] *) sum_d x[n, d] e[v, d]
 // x [n, d] and e [v, d] are contiguous with the same dtype and 16-byte aligned rows (d * element size a
 // multiple of 16: the caller pads with zeros). fp32 operands use TF32 tensor cores when tf32 is set, an
@@ -49,21 +49,6 @@ struct SearchArgs {
   int* out_index = nullptr;
   int device = 0;
   uintptr_t stream = 0;
-  // SAQ (saq_z != null): the queries are the targets of layer saq_layer (0-based), formed once per work item
-  //   target[p, d] = float(c * z[b, d, y, x] - sum_{m < layer} e[ids[b, first_m + (y / t_m) s_m + x / t_m], d])
-  // (fp64, ascending m) into saq_scratch (saq_scratch_ctas x 128 rows x d operand elements); x is unused.
-  const void* saq_z = nullptr;
-  int saq_z_dtype = kFloat32;
-  int64_t saq_z_strides[4] = {0, 0, 0, 0};
-  const int64_t* saq_ids = nullptr;
-  int64_t saq_ids_stride = 0;
-  const int* saq_sides = nullptr;   // [layers] int32, device
-  const int* saq_firsts = nullptr;  // [layers] int32, device
-  int saq_grid = 1, saq_layer = 0;
-  int64_t saq_dim = 0;  // real D of z (d may be padded)
-  double saq_coefficient = 1.0;
-  void* saq_scratch = nullptr;
-  int64_t saq_scratch_ctas = 0;
 };
 
 struct SearchPlan {
@@ -75,8 +60,37 @@ constexpr int kMaxSaqLayers = 16;
 
 constexpr int kMaxTopk = 32;
 
-Status search_plan(int64_t n, int64_t v, int k_pad, int device, SearchPlan* plan);
-Status search(const SearchArgs& args);
+Status search_plan(int64_t n, int64_t v, int k_pad, int device, SearchPlan* plan);  // nearest.cu
+Status search(const SearchArgs& args);                                                // nearest.cu
+
+// One SAQ / RQ layer as the SAQ kernels read it (saq.cu): latents z [B, D, g, g] (element strides), the id
+// matrix [B, total] int64 with the layers above `layer` (0-based) filled in, the layers' sides and first
+// columns as int32 device arrays, and the coefficient c of the layer's target
+//   target[p, d] = float(c * z[b, d, y, x] - sum_{m < layer} e[ids[b, first_m + (y / t_m) s_m + x / t_m], d])
+// (the sum in fp64, ascending m).
+struct SaqLayer {
+  const void* z = nullptr;
+  int z_dtype = kFloat32;
+  int64_t z_strides[4] = {0, 0, 0, 0};
+  const int64_t* ids = nullptr;
+  int64_t ids_stride = 0;
+  const int* sides = nullptr;   // [layers] int32, device
+  const int* firsts = nullptr;  // [layers] int32, device
+  int grid = 1, layer = 0;
+  double coefficient = 1.0;
+};
+
+// The fused search whose queries (search.x unused) are the layer's targets, formed once per work item into
+// scratch (scratch_ctas x 128 rows x search.d operand elements). k_pad >= 2; bf16 operands, or fp32 with tf32.
+struct SaqSearchArgs {
+  SearchArgs search;
+  SaqLayer saq;
+  int64_t dim = 0;  // real D of z (search.d may be padded)
+  void* scratch = nullptr;
+  int64_t scratch_ctas = 0;
+};
+
+Status saq_search(const SaqSearchArgs& args);
 
 // out[m, c] = sum_d a[m, d] * b[index[m, c], d] in fp64 (index < 0: 0), in the canonical order shared with
 // the Triton kernel: lane l = d mod 32 accumulates with fma in ascending d, then lanes combine pairwise
@@ -96,23 +110,15 @@ struct PairDotArgs {
   uintptr_t stream = 0;
 };
 
-Status pair_dot64(const PairDotArgs& args);
+Status pair_dot64(const PairDotArgs& args);  // nearest.cu
 
 // out[m, c] = target_m . b[index[m, c]] in fp64 (canonical order as pair_dot64), target_m the fp32 SAQ target
-// of row m of layer saq_layer formed from (z, ids) and b itself (the codebook, any strides / dtype).
+// of row m of layer saq.layer formed from (z, ids) and b itself (the codebook, any strides / dtype).
 struct SaqPairArgs {
   PairDotArgs pair;  // a / a_* unused
-  const void* z = nullptr;
-  int z_dtype = kFloat32;
-  int64_t z_strides[4] = {0, 0, 0, 0};
-  const int64_t* ids = nullptr;
-  int64_t ids_stride = 0;
-  const int* sides = nullptr;
-  const int* firsts = nullptr;
-  int grid = 1, layer = 0;
-  double coefficient = 1.0;
+  SaqLayer saq;
 };
 
-Status saq_pair_dot64(const SaqPairArgs& args);
+Status saq_pair_dot64(const SaqPairArgs& args);  // saq.cu
 
 }  // namespace spae_cuda

@@ -20,7 +20,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import search
+from . import nearest
+from .saq import _saq_pair_dot64_kernel
 
 _SEARCH_TYPES = {
     "BIAS": "*fp32", "COL_SCALE": "*fp32", "ROW_SCALE": "*fp32", "OUT_KEY": "*i64", "OUT_SCORE": "*fp32",
@@ -73,7 +74,7 @@ def compile_search(arch: int, dtype: str, precision: str, k_pad: int, saq: bool,
     torch_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
     import torch
 
-    config = search.default_config(
+    config = nearest.default_config(
         getattr(torch, torch_dtype), precision, torch.device("cuda"), capability=arch // 10
     )
     types = dict(_SEARCH_TYPES, X=f"*{dtype}", E=f"*{dtype}")
@@ -83,13 +84,13 @@ def compile_search(arch: int, dtype: str, precision: str, k_pad: int, saq: bool,
         "SAQ": saq, "stride_xd": 1, "stride_ed": 1,
     }  # fmt: skip
     return _compile(
-        search._search_kernel, types, constexprs, _ALIGNED, arch, config.num_warps, config.num_stages
+        nearest._search_kernel, types, constexprs, _ALIGNED, arch, config.num_warps, config.num_stages
     )
 
 
 def compile_pairs(arch: int):
     pair = _compile(
-        search._pair_dot64_kernel,
+        nearest._pair_dot64_kernel,
         {"A": "*fp32", "B": "*bf16", "INDEX": "*i64", "OUT": "*fp64", "C": "i32", "D": "i32", "stride_am": "i32",
          "stride_ad": "i32", "stride_br": "i32", "stride_bd": "i32", "stride_im": "i32", "stride_ic": "i32"},
         {"BLOCK_C": 8}, (), arch, 4,
@@ -97,7 +98,7 @@ def compile_pairs(arch: int):
     saq_types = {name: _SEARCH_TYPES[name] for name in ("Z", "IDS", "LAYER_SIDES", "LAYER_FIRSTS", "stride_zb",
                  "stride_zd", "stride_zy", "stride_zx", "stride_ib", "grid", "layer", "coefficient")}  # fmt: skip
     saq_pair = _compile(
-        search._saq_pair_dot64_kernel,
+        _saq_pair_dot64_kernel,
         dict(saq_types, E="*bf16", INDEX="*i64", OUT="*fp64", C="i32", D="i32", stride_ev="i32", stride_ed="i32",
              stride_im="i32", stride_ic="i32"),
         {"BLOCK_C": 8}, (), arch, 4,

@@ -8,7 +8,7 @@ codebook e [V, D] and a temperature tau:
     mu(p)   = sum_k softmax_k(s(p)) e_k
 
 `softmax_stats` returns lse [N] and (with ``compute_grad``) mu [N, D]; `set_means` returns, per candidate
-set, mean_C(e) and mean_C(||e||^2) in fp64. The op (spae_fast.ops, "Semantic loss") combines them:
+set, mean_C(e) and mean_C(||e||^2) in fp64. The op (spae_fast/ops/gpu_semantic_loss.py) combines them:
 loss(p) = lse(p) - (2 z_p . mean_C(e) - mean_C(||e||^2)) / tau and d loss(p) / d z_p = (2 / tau)
 (mu(p) - mean_C(e)).
 

@@ -21,7 +21,8 @@ from _spae_checks import (
 )
 
 import spae_fast
-from spae_fast import _gpu, _ref
+from spae_fast import _ref
+from spae_fast.ops import gpu_saq, gpu_search
 
 METRICS = ("l2", "ip", "cosine")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -158,7 +159,7 @@ def test_exact_mode_equals_fp64_order(backend, dtype, metric, k):
 def test_exact_mode_forced_rescoring_is_identical(backend, monkeypatch):
     x, weight = _data(3000, 64, 100, seed=9, dtype=torch.bfloat16)
     fast = _search(x, weight, 2, backend=backend, precision="exact")
-    monkeypatch.setattr(_gpu, "_error_bound", lambda norm_sq64, *args: torch.full_like(norm_sq64, 1e30))
+    monkeypatch.setattr(gpu_search, "error_bound", lambda norm_sq64, *args: torch.full_like(norm_sq64, 1e30))
     slow = _search(x, weight, 2, backend=backend, precision="exact")
     assert spae_fast.last_search_stats().rows_full_scan == 100
     assert_identical(fast, slow, "certified vs full fp64 scan")
@@ -285,7 +286,7 @@ def _check_saq_exact(z, weight, sides, mode, ids):
     for layer, side in enumerate(sides):
         coefficient = float(layer + 1) if mode == "saq" else 1.0
         rows = torch.arange(z.shape[0] * side * side, device=z.device)
-        targets = _gpu._saq_targets(z, weight, ids, list(sides), firsts, layer, coefficient, rows)
+        targets = gpu_saq._saq_targets(z, weight, ids, list(sides), firsts, layer, coefficient, rows)
         d64 = fp64_distances(targets, weight, "l2")
         expected = torch.sort(d64, dim=1, stable=True).indices[:, 0].view(z.shape[0], side * side)
         assert torch.equal(ids[:, firsts[layer] : firsts[layer + 1]], expected), f"layer {layer}"
@@ -329,6 +330,6 @@ def test_saq_forced_rescoring_identical(backend, monkeypatch):
     weight = gaussian(3000, 64, seed=26).to(DEVICE)
     z = gaussian(2, 64, 8, 8, seed=27).to(DEVICE)
     fast = spae_fast.saq(z, weight, (1, 2, 4, 8), backend=backend)
-    monkeypatch.setattr(_gpu, "_error_bound", lambda norm_sq64, *args: torch.full_like(norm_sq64, 1e30))
+    monkeypatch.setattr(gpu_search, "error_bound", lambda norm_sq64, *args: torch.full_like(norm_sq64, 1e30))
     slow = spae_fast.saq(z, weight, (1, 2, 4, 8), backend=backend)
     assert torch.equal(fast, slow)

@@ -1,0 +1,53 @@
+// Shared pieces of the pybind11 module spae_fast._C (common/module.cpp) and of each op's entry points
+// (nearest/bindings.cpp, saq/bindings.cpp, semantic_loss/bindings.cpp): keyword arguments only, checked once
+// by KeywordArgs (common/keyword_args.h); pointers arrive as ints (tensor.data_ptr()), strides in elements;
+// status codes go back as (code, detail, ...) and spae_fast/_native.py raises from them.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "common/keyword_args.h"
+#include "common/spae_native.h"
+
+namespace spae {
+
+namespace py = pybind11;
+using spae_boundary::def_keywords;
+using spae_boundary::KeywordArgs;
+
+constexpr const char* kModule = "spae_fast._C";  // names in messages: spae_fast._C.<entry point>
+
+struct PackedInt8CodebookView;
+
+// A strided [rows, cols] matrix from the arguments <name>, <name>_row_stride, <name>_col_stride,
+// <name>_dtype; the address must be non-zero when `required` and the matrix is not empty.
+inline MatrixView matrix_arg(KeywordArgs& args, const std::string& name, int64_t rows, int64_t cols,
+                             bool required = true) {
+  MatrixView view;
+  view.data = reinterpret_cast<const void*>(args.pointer(name.c_str(), required && rows > 0 && cols > 0));
+  view.rows = rows;
+  view.cols = cols;
+  view.row_stride = args.stride((name + "_row_stride").c_str());
+  view.col_stride = args.stride((name + "_col_stride").c_str());
+  view.dtype = static_cast<DType>(args.dtype((name + "_dtype").c_str()));
+  return view;
+}
+
+// The fp32 packed codebook (pack_codebook's panels / bias, metric l2 unless set): `panels` and `bias`
+// addresses, max_norm a finite float >= 0.
+PackedCodebookView packed_codebook_arg(KeywordArgs& args, int64_t rows, int64_t dim);
+
+// The int8 copy of the certified pre-filter (nearest and saq; nearest/bindings.cpp): prefilter_panels (0: off),
+// prefilter_columns, prefilter_offsets (given exactly when the panels are) and prefilter_bounds (4 floats when
+// on, empty when off).
+PackedInt8CodebookView prefilter_arg(KeywordArgs& args, int64_t rows, int64_t dim);
+
+
+void register_nearest_bindings(py::module_& m);        // nearest/bindings.cpp
+void register_saq_bindings(py::module_& m);            // saq/bindings.cpp
+void register_semantic_loss_bindings(py::module_& m);  // semantic_loss/bindings.cpp
+
+}  // namespace spae

@@ -1,0 +1,63 @@
+// AVX2 + FMA micro-kernel, compiled with -mavx2 -mfma and chosen at run time (cpu_features.cpp).
+//
+// Outer-product form of the distance GEMM: per step d, two 8-wide loads of the packed codebook panel
+// p[d][0:16] and six broadcasts of the packed queries a[d][0:6] feed 12 fused multiply-adds into 12
+// accumulators (6 x 16 scores). Each score is one FMA chain in ascending d, so it is bitwise independent
+// of which tile or thread computes it. The epilogue adds the bias (||e||^2 for l2) and compares with the
+// row's current selection threshold, so the caller only touches the rare columns that can enter its top-k.
+#include <immintrin.h>
+
+#include "common/spae_native.h"
+
+namespace spae {
+
+void micro_kernel_avx2(const float* packed_queries, const float* panel, const float* bias, int64_t dim,
+                       const float* thresholds, float* scores, uint32_t* masks) {
+  static_assert(kTileRows == 6 && kPanelWidth == 16, "the AVX2 kernel is written for a 6 x 16 tile");
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
+  __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+  __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
+  __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+  __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
+  __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  const float* a = packed_queries;
+  const float* p = panel;
+  for (int64_t d = 0; d < dim; ++d, a += kTileRows, p += kPanelWidth) {
+    const __m256 p0 = _mm256_loadu_ps(p);
+    const __m256 p1 = _mm256_loadu_ps(p + 8);
+    __m256 ar = _mm256_broadcast_ss(a + 0);
+    c00 = _mm256_fmadd_ps(ar, p0, c00);
+    c01 = _mm256_fmadd_ps(ar, p1, c01);
+    ar = _mm256_broadcast_ss(a + 1);
+    c10 = _mm256_fmadd_ps(ar, p0, c10);
+    c11 = _mm256_fmadd_ps(ar, p1, c11);
+    ar = _mm256_broadcast_ss(a + 2);
+    c20 = _mm256_fmadd_ps(ar, p0, c20);
+    c21 = _mm256_fmadd_ps(ar, p1, c21);
+    ar = _mm256_broadcast_ss(a + 3);
+    c30 = _mm256_fmadd_ps(ar, p0, c30);
+    c31 = _mm256_fmadd_ps(ar, p1, c31);
+    ar = _mm256_broadcast_ss(a + 4);
+    c40 = _mm256_fmadd_ps(ar, p0, c40);
+    c41 = _mm256_fmadd_ps(ar, p1, c41);
+    ar = _mm256_broadcast_ss(a + 5);
+    c50 = _mm256_fmadd_ps(ar, p0, c50);
+    c51 = _mm256_fmadd_ps(ar, p1, c51);
+  }
+  const __m256 b0 = _mm256_loadu_ps(bias);
+  const __m256 b1 = _mm256_loadu_ps(bias + 8);
+  const __m256 acc[kTileRows][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int r = 0; r < kTileRows; ++r) {
+    const __m256 s0 = _mm256_add_ps(b0, acc[r][0]);
+    const __m256 s1 = _mm256_add_ps(b1, acc[r][1]);
+    _mm256_storeu_ps(scores + r * kPanelWidth, s0);
+    _mm256_storeu_ps(scores + r * kPanelWidth + 8, s1);
+    const __m256 t = _mm256_broadcast_ss(thresholds + r);
+    // NGT_UQ: true where !(s > t), NaN included.
+    const uint32_t m0 = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(s0, t, _CMP_NGT_UQ)));
+    const uint32_t m1 = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(s1, t, _CMP_NGT_UQ)));
+    masks[r] = m0 | (m1 << 8);
+  }
+}
+
+}  // namespace spae

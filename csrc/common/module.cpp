@@ -1,0 +1,68 @@
+// pybind11 module spae_fast._C: the torch-free CPU core. Entry points take keyword arguments only, checked
+// once at the boundary (common/bindings.h); each op registers its own (nearest/, saq/, semantic_loss/).
+#include <omp.h>
+#include <pybind11/pybind11.h>
+
+#include <cfloat>
+#include <cmath>
+#include <string>
+
+#include "common/bindings.h"
+#include "common/spae_native.h"
+
+namespace spae {
+
+PackedCodebookView packed_codebook_arg(KeywordArgs& args, int64_t rows, int64_t dim) {
+  PackedCodebookView view;
+  view.panels = reinterpret_cast<const float*>(args.pointer("panels", rows > 0 && dim > 0));
+  view.bias = reinterpret_cast<const float*>(args.pointer("bias", rows > 0));
+  view.rows = rows;
+  view.dim = dim;
+  view.max_norm = args.real("max_norm", 0.0, DBL_MAX);
+  view.metric = Metric::L2;
+  return view;
+}
+
+namespace {
+
+py::tuple pack_codebook_entry(KeywordArgs& args) {
+  const int64_t num_rows = args.size("num_rows"), dim = args.size("dim");
+  const MatrixView weight = matrix_arg(args, "weight", num_rows, dim);
+  const Metric metric = static_cast<Metric>(args.tag("metric", 3));
+  float* panels = reinterpret_cast<float*>(args.pointer("out_panels", num_rows > 0 && dim > 0));
+  float* bias = reinterpret_cast<float*>(args.pointer("out_bias", num_rows > 0));
+  const int num_threads = args.threads("num_threads");
+  args.done();
+  double max_norm = 0.0;
+  StatusInfo info;
+  {
+    py::gil_scoped_release release;
+    info = spae::pack_codebook(weight, metric, panels, bias, &max_norm, num_threads);
+  }
+  return py::make_tuple(static_cast<int>(info.status), info.detail, max_norm);
+}
+
+bool set_isa(const std::string& name) {
+  if (name == "portable") return set_active_isa(Isa::Portable);
+  if (name == "avx2") return set_active_isa(Isa::Avx2Fma);
+  throw py::value_error("isa must be 'portable' or 'avx2', got '" + name + "'");
+}
+
+}  // namespace
+}  // namespace spae
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "spae_fast native CPU core (torch-free); entry points take keyword arguments only";
+  m.attr("PANEL_WIDTH") = spae::kPanelWidth;
+  m.attr("TILE_ROWS") = spae::kTileRows;
+  spae::def_keywords(m, spae::kModule, "pack_codebook", spae::pack_codebook_entry,
+                     "pack_codebook(*, weight, num_rows, dim, weight_row_stride, weight_col_stride, weight_dtype, "
+                     "metric, out_panels, out_bias, num_threads) -> (code, detail, max_norm)");
+  spae::register_nearest_bindings(m);
+  spae::register_saq_bindings(m);
+  spae::register_semantic_loss_bindings(m);
+  m.def("set_isa", &spae::set_isa, "Select the micro-kernel ('portable' or 'avx2'); False if this CPU lacks it.");
+  m.def("get_isa", [] { return std::string(spae::isa_name(spae::active_isa())); });
+  m.def("cpu_supports_avx2", &spae::cpu_supports_avx2_fma);
+  m.def("openmp_max_threads", [] { return omp_get_max_threads(); });
+}

@@ -1,0 +1,199 @@
+// spae_fast native CPU core: shared declarations.
+//
+// Torch-free by design: every entry point takes raw pointers, sizes, element strides and a dtype tag.
+// Python (spae_fast/_native.py) validates arguments, allocates outputs with torch and turns Status codes
+// into exceptions, so one build of this library works with any torch version.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace spae {
+
+// Register tile of the fused GEMM + selection micro-kernel: MR queries x NR codebook rows.
+// 6 x 16 fp32 = 12 AVX2 accumulators, leaving registers for 2 codebook vectors and 1 broadcast.
+constexpr int kTileRows = 6;   // MR
+constexpr int kPanelWidth = 16;  // NR: codebook rows per packed panel
+
+enum class DType : int { Float32 = 0, BFloat16 = 1, Float16 = 2 };
+
+// The three metrics share one kernel:  score_j = bias_j + x . p_j  with the packed panel p and bias:
+//   l2:      p = -2 e,  bias = ||e||^2        -> dist = max(score + ||x||^2, 0)    (squared Euclidean)
+//   ip:      p = -e,    bias = 0              -> dist = score = -x . e             (largest inner product)
+//   cosine:  p = -e/|e|, bias = 0, x -> x/|x| -> dist = max(1 + score, 0) = 1 - cos
+// Scaling by -2 and -1 is exact in binary floating point, so no precision is lost by folding it in.
+enum class Metric : int { L2 = 0, InnerProduct = 1, Cosine = 2 };
+
+enum class Status : int {
+  Ok = 0,
+  NonFiniteQuery = 1,     // x holds NaN or +-Inf (detail = flat row index)
+  NonFiniteCodebook = 2,  // codebook holds NaN or +-Inf (detail = row index)
+  Overflow = 3,           // |x| * |e| could overflow fp32 accumulation (detail = row index)
+  BadArgument = 4,
+  OutOfMemory = 5,
+};
+
+struct StatusInfo {
+  Status status = Status::Ok;
+  int64_t detail = -1;
+};
+
+// Norm below which a vector counts as zero for the cosine metric (as torch.nn.functional.normalize).
+constexpr double kCosineEps = 1e-12;
+
+// Largest |x|*|e| we accept: keeps every partial dot product, and ||e||^2 + 2 x.e, finite in fp32
+// (Cauchy-Schwarz bounds all partial sums by the product of the norms).
+constexpr double kMaxNormProduct = 1.0e37;
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// fp32 -> bf16 bits, rounded to nearest even (as torch's .to(torch.bfloat16)); NaN stays a quiet NaN.
+inline uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// f rounded to the nearest bf16 and widened back (the value a bf16 operand stands for).
+inline float round_to_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exponent = (h >> 10) & 0x1fu;
+  uint32_t mantissa = h & 0x3ffu;
+  uint32_t bits;
+  if (exponent == 0x1f) {  // inf / nan
+    bits = sign | 0x7f800000u | (mantissa << 13);
+  } else if (exponent != 0) {  // normal
+    bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {  // signed zero
+    bits = sign;
+  } else {  // subnormal: renormalise
+    exponent = 113;
+    while ((mantissa & 0x400u) == 0) {
+      mantissa <<= 1;
+      --exponent;
+    }
+    mantissa &= 0x3ffu;
+    bits = sign | (exponent << 23) | (mantissa << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Reads element i of a strided vector of the given dtype as fp32 (exact for bf16 / fp16).
+inline float load_as_float(const void* base, DType dtype, int64_t offset) {
+  switch (dtype) {
+    case DType::Float32:
+      return static_cast<const float*>(base)[offset];
+    case DType::BFloat16:
+      return bf16_to_float(static_cast<const uint16_t*>(base)[offset]);
+    case DType::Float16:
+      return half_to_float(static_cast<const uint16_t*>(base)[offset]);
+  }
+  return 0.0f;
+}
+
+// A strided [rows, cols] matrix of fp32 / bf16 / fp16 elements (strides in elements, may be 0 or negative
+// as torch allows for views).
+struct MatrixView {
+  const void* data = nullptr;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t row_stride = 0;
+  int64_t col_stride = 0;
+  DType dtype = DType::Float32;
+
+  float at(int64_t r, int64_t c) const { return load_as_float(data, dtype, r * row_stride + c * col_stride); }
+};
+
+// The codebook packed once for the CPU kernel: ceil(V / 16) panels of [D][16] fp32 plus one bias per row.
+// Pad rows (V .. padded V) are zero with bias +inf, so every column runs the same arithmetic.
+struct PackedCodebookView {
+  const float* panels = nullptr;  // [num_panels][dim][kPanelWidth]
+  const float* bias = nullptr;    // [num_panels * kPanelWidth]
+  int64_t rows = 0;               // V
+  int64_t dim = 0;                // D
+  double max_norm = 0.0;          // max_j |e_j| (after normalisation for cosine)
+  Metric metric = Metric::L2;
+  int64_t num_panels() const { return (rows + kPanelWidth - 1) / kPanelWidth; }
+};
+
+// Micro-kernel: scores of kTileRows packed queries against one packed panel, fused with the selection
+// pre-filter. Writes scores[r][c] = bias[c] + sum_d a[d][r] * p[d][c] (fp32, d ascending, one
+// multiply-add chain per element so the value never depends on tiling) and returns per row r a 16-bit
+// mask of the columns with !(score > threshold[r]) (NaN passes, so the exact check sees it).
+using MicroKernel = void (*)(const float* packed_queries, const float* panel, const float* bias, int64_t dim,
+                             const float* thresholds, float* scores, uint32_t* masks);
+
+void micro_kernel_portable(const float* packed_queries, const float* panel, const float* bias, int64_t dim,
+                           const float* thresholds, float* scores, uint32_t* masks);
+#if defined(SPAE_HAVE_AVX2_KERNEL)
+void micro_kernel_avx2(const float* packed_queries, const float* panel, const float* bias, int64_t dim,
+                       const float* thresholds, float* scores, uint32_t* masks);
+#endif
+
+// Low-precision pre-filter of the SAQ search (AVX512-VNNI): a 24 x 16 tile over int8 panels of 16 rows
+// whose 32-bit words each hold 4 consecutive dimensions (int8) of one row; see micro_kernel_avx512vnni.cpp.
+// columns: [4][16] fp32 per panel (scale s_k, ||p_k|| and ||p_k - p~_k|| rounded up, bias), offsets: [16]
+// int32 per panel (128 sum_d q_k[d]). The packed query tile holds [quads][24] u8 words, then 3 x 24 fp32
+// row parameters (s_x, ||x - x~||, ||x~||, the last two rounded up).
+constexpr int kInt8TileRows = 24;
+constexpr int kInt8PanelWidth = 16;
+#if defined(SPAE_HAVE_AVX512VNNI_KERNEL)
+void micro_kernel_avx512vnni(const uint32_t* packed_queries, const uint32_t* panel, const float* columns,
+                             const int32_t* offsets, int64_t quads, const float* thresholds, float* scores,
+                             uint32_t* masks);
+#endif
+bool cpu_supports_avx512_vnni();
+
+enum class Isa : int { Portable = 0, Avx2Fma = 1 };
+
+// The fp32 micro-kernel of the active ISA (every fp32 score is computed by it, rescoring included).
+MicroKernel active_micro_kernel();
+
+bool cpu_supports_avx2_fma();
+Isa active_isa();
+// Returns false (and changes nothing) when the CPU cannot run the requested ISA.
+bool set_active_isa(Isa isa);
+const char* isa_name(Isa isa);
+
+// Packs the codebook; computes max_norm. Returns NonFiniteCodebook on NaN/Inf.
+StatusInfo pack_codebook(const MatrixView& codebook, Metric metric, float* panels, float* bias, double* max_norm,
+                         int num_threads);
+
+// Where the fused search reads its queries from: row r as D fp32 values. The search asks for each row once
+// per work item, from any thread, while it packs its query block, so a source may compute queries on the fly
+// (the SAQ op forms each layer's target l*z - sum e here, never storing an N x D target matrix).
+class QuerySource {
+ public:
+  virtual ~QuerySource() = default;
+  virtual int64_t rows() const = 0;
+  virtual int64_t dim() const = 0;
+  // Writes query `row` (dim() fp32 values, contiguous) to out. Must be thread-safe and deterministic.
+  virtual void load_row(int64_t row, float* out) const = 0;
+};
+
+// A strided matrix as a query source (the nearest / top-k ops).
+class MatrixQuerySource final : public QuerySource {
+ public:
+  explicit MatrixQuerySource(const MatrixView& view) : view_(view) {}
+  int64_t rows() const override { return view_.rows; }
+  int64_t dim() const override { return view_.cols; }
+  void load_row(int64_t row, float* out) const override {
+    for (int64_t d = 0; d < view_.cols; ++d) out[d] = view_.at(row, d);
+  }
+
+ private:
+  MatrixView view_;
+};
+
+}  // namespace spae

@@ -1,0 +1,104 @@
+// Entry points of the nearest / top-k op in spae_fast._C (keyword arguments only, see common/bindings.h):
+// search (the exact fused top-k, with the certified int8 pre-filter for k = 1) and pack_codebook_int8.
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <vector>
+
+#include "common/bindings.h"
+#include "nearest/nearest.h"
+
+namespace spae {
+
+PackedInt8CodebookView prefilter_arg(KeywordArgs& args, int64_t rows, int64_t dim) {
+  PackedInt8CodebookView view;
+  const uintptr_t panels = args.pointer("prefilter_panels", false);
+  if (panels == 0) {  // pre-filter off: nothing else may be given
+    args.absent("prefilter_columns", "when prefilter_panels is 0 (pre-filter off)");
+    args.absent("prefilter_offsets", "when prefilter_panels is 0 (pre-filter off)");
+    args.reals("prefilter_bounds", 0, 0);
+    return view;
+  }
+  view.panels = reinterpret_cast<const uint32_t*>(panels);
+  view.columns = reinterpret_cast<const float*>(args.pointer("prefilter_columns", true));
+  view.offsets = reinterpret_cast<const int32_t*>(args.pointer("prefilter_offsets", true));
+  const std::vector<double> bounds = args.reals("prefilter_bounds", 4, 4);
+  for (const double bound : bounds)
+    if (!(bound >= 0.0 && std::isfinite(bound))) args.fail_value("prefilter_bounds", "must be finite and >= 0");
+  view.rows = rows;
+  view.dim = dim;
+  view.max_norm = bounds[0];
+  view.max_rounding = bounds[1];
+  view.max_rounded_norm = bounds[2];
+  view.max_abs_bias = bounds[3];
+  return view;
+}
+
+namespace {
+
+py::tuple search_entry(KeywordArgs& args) {
+  SearchRequest request;
+  const int64_t num_queries = args.size("num_queries"), dim = args.size("dim");
+  request.queries = matrix_arg(args, "x", num_queries, dim);
+  const int64_t codebook_rows = args.integer("codebook_rows", 1);
+  request.codebook = packed_codebook_arg(args, codebook_rows, dim);
+  request.codebook.metric = static_cast<Metric>(args.tag("metric", 3));
+  request.k = args.integer("k", 1, codebook_rows);
+  request.check_finite = args.flag("check_finite");
+  request.num_threads = args.threads("num_threads");
+  request.out_dist = reinterpret_cast<float*>(args.pointer("out_dist", num_queries > 0));
+  request.out_index = reinterpret_cast<int64_t*>(args.pointer("out_index", num_queries > 0));
+  const MatrixView weight = matrix_arg(args, "weight", codebook_rows, dim, /*required=*/false);  // 0: none
+  if (weight.data != nullptr) request.weight = weight;
+  request.prefilter = prefilter_arg(args, codebook_rows, dim);
+  if (request.prefilter.panels != nullptr && request.k != 1)
+    args.fail_value("prefilter_panels", "must be 0 for k > 1 (the certified pre-filter serves k = 1 only)");
+  request.prefilter_adaptive = args.flag("prefilter_adaptive");
+  args.done();
+  int64_t full_search_rows = 0;
+  request.out_full_search_rows = &full_search_rows;
+  StatusInfo info;
+  {
+    py::gil_scoped_release release;
+    info = search_topk(request);
+  }
+  return py::make_tuple(static_cast<int>(info.status), info.detail, full_search_rows);
+}
+
+py::tuple pack_codebook_int8_entry(KeywordArgs& args) {
+  PackedCodebookView fp32;
+  fp32.rows = args.size("num_rows");
+  fp32.dim = args.size("dim");
+  const bool nonempty = fp32.rows > 0 && fp32.dim > 0;
+  fp32.panels = reinterpret_cast<const float*>(args.pointer("panels", nonempty));
+  fp32.bias = reinterpret_cast<const float*>(args.pointer("bias", fp32.rows > 0));
+  uint32_t* out_panels = reinterpret_cast<uint32_t*>(args.pointer("out_panels", nonempty));
+  float* out_columns = reinterpret_cast<float*>(args.pointer("out_columns", fp32.rows > 0));
+  int32_t* out_offsets = reinterpret_cast<int32_t*>(args.pointer("out_offsets", fp32.rows > 0));
+  const int num_threads = args.threads("num_threads");
+  args.done();
+  double bounds[4] = {0.0, 0.0, 0.0, 0.0};
+  {
+    py::gil_scoped_release release;
+    spae::pack_codebook_int8(fp32, out_panels, out_columns, out_offsets, bounds, num_threads);
+  }
+  return py::make_tuple(bounds[0], bounds[1], bounds[2], bounds[3]);
+}
+
+}  // namespace
+
+void register_nearest_bindings(py::module_& m) {
+  def_keywords(m, kModule, "search", search_entry,
+               "Exact fused top-k (k = 1: nearest). search(*, x, num_queries, dim, x_row_stride, x_col_stride, "
+               "x_dtype, panels, bias, codebook_rows, max_norm, metric, k, check_finite, num_threads, out_dist, "
+               "out_index, weight, weight_row_stride, weight_col_stride, weight_dtype, prefilter_panels, "
+               "prefilter_columns, prefilter_offsets, prefilter_bounds, prefilter_adaptive) "
+               "-> (code, detail, full_search_rows)");
+  def_keywords(m, kModule, "pack_codebook_int8", pack_codebook_int8_entry,
+               "int8 copy of packed fp32 panels for the certified nearest / SAQ search. pack_codebook_int8(*, "
+               "panels, bias, num_rows, dim, out_panels, out_columns, out_offsets, num_threads) -> 4 bounds");
+  m.def("cpu_supports_avx512_vnni", &cpu_supports_avx512_vnni);
+  m.attr("INT8_PANEL_WIDTH") = kInt8PanelWidth;
+}
+
+}  // namespace spae

@@ -1,0 +1,58 @@
+// Entry point of the SAQ op in spae_fast._C (keyword arguments only, see common/bindings.h).
+#include <pybind11/pybind11.h>
+
+#include <climits>
+#include <vector>
+
+#include "common/bindings.h"
+#include "saq/saq.h"
+
+namespace spae {
+namespace {
+
+py::tuple saq_entry(KeywordArgs& args) {
+  SaqRequest request;
+  request.batch = args.size("batch");
+  request.dim = args.integer("dim", 1);
+  request.grid = args.integer("grid", 1);
+  request.z = reinterpret_cast<const void*>(args.pointer("z", request.batch > 0));
+  request.z_dtype = static_cast<DType>(args.dtype("z_dtype"));
+  const std::vector<int64_t> z_strides = args.integers("z_strides", 4, 4, LLONG_MIN);
+  request.stride_b = z_strides[0];
+  request.stride_d = z_strides[1];
+  request.stride_y = z_strides[2];
+  request.stride_x = z_strides[3];
+  const int64_t num_rows = args.integer("num_rows", 1);
+  request.weight = matrix_arg(args, "weight", num_rows, request.dim);
+  request.codebook = packed_codebook_arg(args, num_rows, request.dim);
+  const std::vector<int64_t> sides = args.integers("sides", 1, kMaxSaqLayers, 1, request.grid);
+  request.sides = sides.data();
+  request.num_layers = static_cast<int64_t>(sides.size());
+  request.residual = args.flag("residual");
+  request.check_finite = args.flag("check_finite");
+  request.num_threads = args.threads("num_threads");
+  request.out_ids = reinterpret_cast<int64_t*>(args.pointer("out_ids", request.batch > 0));
+  request.prefilter = prefilter_arg(args, num_rows, request.dim);
+  args.done();
+  int64_t full_search_rows = 0;
+  request.out_full_search_rows = &full_search_rows;
+  StatusInfo info;
+  {
+    py::gil_scoped_release release;
+    info = spae::saq(request);
+  }
+  return py::make_tuple(static_cast<int>(info.status), info.detail, full_search_rows);
+}
+
+}  // namespace
+
+void register_saq_bindings(py::module_& m) {
+  def_keywords(m, kModule, "saq", saq_entry,
+               "Streaming average / residual quantization over a token pyramid (ids only). saq(*, z, z_dtype, "
+               "batch, dim, grid, z_strides, weight, num_rows, weight_row_stride, weight_col_stride, "
+               "weight_dtype, panels, bias, max_norm, sides, residual, check_finite, num_threads, out_ids, "
+               "prefilter_panels, prefilter_columns, prefilter_offsets, prefilter_bounds) "
+               "-> (code, detail, full_search_rows)");
+}
+
+}  // namespace spae

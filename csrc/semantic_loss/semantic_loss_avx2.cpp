@@ -1,0 +1,189 @@
+// AVX2 + FMA pieces of the fused semantic loss (semantic_loss.cpp), compiled with -mavx2 -mfma and chosen at
+// run time together with the search's micro-kernel (cpu_features.cpp).
+//
+//   semantic_softmax_tile_avx2: logits s = score / -tau of a 6 x 64 tile, the rows' new running max, the
+//       weights exp(s - max) (a Cephes-style vector expf, ~1 ulp, exactly 0 for s = -inf) and their sums.
+//   semantic_add_f32_avx2 / semantic_add_f32_to_f64_avx2: the sums of the candidate sets' rows (fp32 per
+//       vocabulary group, then fp64).
+//   semantic_accumulate_avx2:   acc[6, D] += weights[6, 64] x rows[64, D], the same 6 x 16 register tile as
+//       the distance micro-kernel (12 accumulators, 2 row loads and 6 broadcasts per step) with D as the
+//       output dimension and the 64 vocabulary rows as the reduction: each output is one FMA chain in
+//       ascending vocabulary row, so it does not depend on which tile or thread computes it.
+#include <immintrin.h>
+
+#include <cmath>
+
+#include "semantic_loss/semantic_loss.h"
+
+namespace spae {
+namespace {
+
+// exp(x) for x <= 0 (the weights exp(s - max)); x < -87.3 (including -inf) gives 0.
+inline __m256 exp_ps(__m256 x) {
+  const __m256 lowest = _mm256_set1_ps(-87.33654f);
+  const __m256 underflow = _mm256_cmp_ps(x, lowest, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lowest);
+  x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r);
+  y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
+  const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(exponent));
+  return _mm256_andnot_ps(underflow, y);
+}
+
+// Lanes summed in a fixed order: ((0+4)+(2+6)) + ((1+5)+(3+7)).
+inline float horizontal_sum(__m256 v) {
+  const __m128 quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+}
+
+inline float horizontal_max(__m256 v) {
+  const __m128 quad = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_max_ps(quad, _mm_movehl_ps(quad, quad));
+  return _mm_cvtss_f32(_mm_max_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+}
+
+}  // namespace
+
+void semantic_softmax_tile_avx2(const float* scores, float tau, const float* max_in, float* max_out,
+                                float* weights, float* sums) {
+  static_assert(kSemanticGroupCols == 64 && kPanelWidth == 16, "written for 4 panels of 16 columns");
+  const __m256 neg_tau = _mm256_set1_ps(-tau);
+  // score / -tau; when tau is a power of two its reciprocal is exact and so is the product: the same logits
+  // (tau = 1 by default) for a multiply instead of a divide.
+  int exponent = 0;
+  const bool exact_reciprocal = std::frexp(tau, &exponent) == 0.5f && std::isfinite(1.0f / tau);
+  const __m256 neg_inv_tau = _mm256_set1_ps(-1.0f / tau);
+  const auto logit = [&](const float* src) {
+    const __m256 score = _mm256_loadu_ps(src);
+    return exact_reciprocal ? _mm256_mul_ps(score, neg_inv_tau) : _mm256_div_ps(score, neg_tau);
+  };
+  for (int r = 0; r < kTileRows; ++r) {
+    __m256 logits[8];
+    __m256 row_max = _mm256_set1_ps(max_in[r]);
+    for (int j = 0; j < kSemanticGroupPanels; ++j) {
+      const float* src = scores + (j * kTileRows + r) * kPanelWidth;
+      logits[2 * j] = logit(src);
+      logits[2 * j + 1] = logit(src + 8);
+      row_max = _mm256_max_ps(logits[2 * j], row_max);
+      row_max = _mm256_max_ps(logits[2 * j + 1], row_max);
+    }
+    const float new_max = horizontal_max(row_max);
+    max_out[r] = new_max;
+    const __m256 shift = _mm256_set1_ps(new_max);
+    __m256 sum = _mm256_setzero_ps();
+    float* w = weights + r * kSemanticGroupCols;
+    for (int v = 0; v < 8; ++v) {
+      const __m256 e = exp_ps(_mm256_sub_ps(logits[v], shift));
+      _mm256_storeu_ps(w + 8 * v, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    sums[r] = horizontal_sum(sum);
+  }
+}
+
+void semantic_accumulate_avx2(const float* weights, const float* rows, int64_t ld_rows, int64_t dim, float* acc) {
+  static_assert(kTileRows == 6, "written for a 6-row tile");
+  constexpr int kCols = kSemanticGroupCols;
+  const float* w0 = weights;
+  const float* w1 = weights + kCols;
+  const float* w2 = weights + 2 * kCols;
+  const float* w3 = weights + 3 * kCols;
+  const float* w4 = weights + 4 * kCols;
+  const float* w5 = weights + 5 * kCols;
+  float* a0 = acc;
+  float* a1 = acc + dim;
+  float* a2 = acc + 2 * dim;
+  float* a3 = acc + 3 * dim;
+  float* a4 = acc + 4 * dim;
+  float* a5 = acc + 5 * dim;
+  int64_t d = 0;
+  for (; d + 16 <= dim; d += 16) {
+    __m256 c00 = _mm256_loadu_ps(a0 + d), c01 = _mm256_loadu_ps(a0 + d + 8);
+    __m256 c10 = _mm256_loadu_ps(a1 + d), c11 = _mm256_loadu_ps(a1 + d + 8);
+    __m256 c20 = _mm256_loadu_ps(a2 + d), c21 = _mm256_loadu_ps(a2 + d + 8);
+    __m256 c30 = _mm256_loadu_ps(a3 + d), c31 = _mm256_loadu_ps(a3 + d + 8);
+    __m256 c40 = _mm256_loadu_ps(a4 + d), c41 = _mm256_loadu_ps(a4 + d + 8);
+    __m256 c50 = _mm256_loadu_ps(a5 + d), c51 = _mm256_loadu_ps(a5 + d + 8);
+    const float* e = rows + d;
+    for (int c = 0; c < kCols; ++c, e += ld_rows) {
+      const __m256 e0 = _mm256_loadu_ps(e);
+      const __m256 e1 = _mm256_loadu_ps(e + 8);
+      __m256 wr = _mm256_broadcast_ss(w0 + c);
+      c00 = _mm256_fmadd_ps(wr, e0, c00);
+      c01 = _mm256_fmadd_ps(wr, e1, c01);
+      wr = _mm256_broadcast_ss(w1 + c);
+      c10 = _mm256_fmadd_ps(wr, e0, c10);
+      c11 = _mm256_fmadd_ps(wr, e1, c11);
+      wr = _mm256_broadcast_ss(w2 + c);
+      c20 = _mm256_fmadd_ps(wr, e0, c20);
+      c21 = _mm256_fmadd_ps(wr, e1, c21);
+      wr = _mm256_broadcast_ss(w3 + c);
+      c30 = _mm256_fmadd_ps(wr, e0, c30);
+      c31 = _mm256_fmadd_ps(wr, e1, c31);
+      wr = _mm256_broadcast_ss(w4 + c);
+      c40 = _mm256_fmadd_ps(wr, e0, c40);
+      c41 = _mm256_fmadd_ps(wr, e1, c41);
+      wr = _mm256_broadcast_ss(w5 + c);
+      c50 = _mm256_fmadd_ps(wr, e0, c50);
+      c51 = _mm256_fmadd_ps(wr, e1, c51);
+    }
+    _mm256_storeu_ps(a0 + d, c00), _mm256_storeu_ps(a0 + d + 8, c01);
+    _mm256_storeu_ps(a1 + d, c10), _mm256_storeu_ps(a1 + d + 8, c11);
+    _mm256_storeu_ps(a2 + d, c20), _mm256_storeu_ps(a2 + d + 8, c21);
+    _mm256_storeu_ps(a3 + d, c30), _mm256_storeu_ps(a3 + d + 8, c31);
+    _mm256_storeu_ps(a4 + d, c40), _mm256_storeu_ps(a4 + d + 8, c41);
+    _mm256_storeu_ps(a5 + d, c50), _mm256_storeu_ps(a5 + d + 8, c51);
+  }
+  for (; d + 8 <= dim; d += 8) {
+    __m256 c0 = _mm256_loadu_ps(a0 + d), c1 = _mm256_loadu_ps(a1 + d), c2 = _mm256_loadu_ps(a2 + d);
+    __m256 c3 = _mm256_loadu_ps(a3 + d), c4 = _mm256_loadu_ps(a4 + d), c5 = _mm256_loadu_ps(a5 + d);
+    const float* e = rows + d;
+    for (int c = 0; c < kCols; ++c, e += ld_rows) {
+      const __m256 e0 = _mm256_loadu_ps(e);
+      c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w0 + c), e0, c0);
+      c1 = _mm256_fmadd_ps(_mm256_broadcast_ss(w1 + c), e0, c1);
+      c2 = _mm256_fmadd_ps(_mm256_broadcast_ss(w2 + c), e0, c2);
+      c3 = _mm256_fmadd_ps(_mm256_broadcast_ss(w3 + c), e0, c3);
+      c4 = _mm256_fmadd_ps(_mm256_broadcast_ss(w4 + c), e0, c4);
+      c5 = _mm256_fmadd_ps(_mm256_broadcast_ss(w5 + c), e0, c5);
+    }
+    _mm256_storeu_ps(a0 + d, c0), _mm256_storeu_ps(a1 + d, c1), _mm256_storeu_ps(a2 + d, c2);
+    _mm256_storeu_ps(a3 + d, c3), _mm256_storeu_ps(a4 + d, c4), _mm256_storeu_ps(a5 + d, c5);
+  }
+  for (; d < dim; ++d) {  // D % 8 tail: the same FMA chains, one element at a time
+    for (int r = 0; r < kTileRows; ++r) {
+      float value = acc[r * dim + d];
+      const float* w = weights + r * kCols;
+      for (int c = 0; c < kCols; ++c) value = std::fma(w[c], rows[c * ld_rows + d], value);
+      acc[r * dim + d] = value;
+    }
+  }
+}
+
+void semantic_add_f32_avx2(const float* src, int64_t dim, float* dst) {
+  int64_t d = 0;
+  for (; d + 8 <= dim; d += 8)
+    _mm256_storeu_ps(dst + d, _mm256_add_ps(_mm256_loadu_ps(dst + d), _mm256_loadu_ps(src + d)));
+  for (; d < dim; ++d) dst[d] += src[d];
+}
+
+void semantic_add_f32_to_f64_avx2(const float* src, int64_t dim, double* dst) {
+  int64_t d = 0;
+  for (; d + 4 <= dim; d += 4)
+    _mm256_storeu_pd(dst + d, _mm256_add_pd(_mm256_loadu_pd(dst + d), _mm256_cvtps_pd(_mm_loadu_ps(src + d))));
+  for (; d < dim; ++d) dst[d] += static_cast<double>(src[d]);
+}
+
+}  // namespace spae
