@@ -56,11 +56,12 @@ from pathlib import Path
 import torch
 
 from spae_fast.cli_train import build_datasets
-from spae_fast.demo import DEMO_MODEL, DEMO_TRAINING, evaluate_held_out
+from spae_fast.demo import DEMO_MODEL, DEMO_TRAINING, JUDGED_LAYERS, evaluate_held_out
 from spae_fast.model import SPAE, SPAEConfig
 from spae_fast.relevance import LabelTextRelevance
 from spae_fast.trainer import Trainer
 from spae_fast.vocab import VocabCodebook
+from spae_fast.word_accuracy import class_word_similarity, evaluate_words
 
 from harness import git_sha, machine_info, replace_markdown_section, versions
 
@@ -116,7 +117,12 @@ def evaluate_variant(model: SPAE, relevance, held_out) -> dict:
     result = evaluate_held_out(model, relevance, held_out, layers=model.quantizer.num_layers)
     per_layer = result["relevance"]
     words = [side * side for side in model.quantizer.layers]  # words per layer
+    similarity = class_word_similarity(relevance, held_out.class_names)
+    accuracy = evaluate_words(model, held_out, similarity, JUDGED_LAYERS, held_out.class_names)
     return {
+        "word_accuracy": [round(a.accuracy, 4) for a in accuracy],  # layers 1, 1..2, 1..3
+        "contains_class_name": [round(a.contains_class_name, 4) for a in accuracy],
+        "chance": round(accuracy[0].chance, 4),
         "psnr": [round(p, 3) for p in result["psnr"]],
         "relevance_layer": [round(r, 4) for r in per_layer],
         "relevance_1to2": round(sum(r * w for r, w in zip(per_layer[:2], words[:2])) / sum(words[:2]), 4),
@@ -177,7 +183,8 @@ def time_step_split(model: SPAE, relevance, train, repeats: int) -> dict:
         latent = model.encoder(images).detach().requires_grad_(True)
         ids = model.quantizer(latent).ids
         start = time.perf_counter()
-        trainer.semantic_term(latent, ids, images, labels).backward()
+        per_layer, _ = trainer.semantic_term(latent, ids, images, labels)
+        per_layer.sum().backward()
         return time.perf_counter() - start
 
     def whole():
@@ -209,6 +216,54 @@ def prefix_note(meta: dict) -> str:
     return f"; the decoder also trained on each image's shorter prefixes, prefix_weight {weight:g}"
 
 
+def mean_and_spread(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{100 * values[0]:.1f}%"
+    return f"{100 * statistics.mean(values):.1f}% ({100 * min(values):.1f}-{100 * max(values):.1f}%)"
+
+
+def word_accuracy_section(results: dict) -> list[str]:
+    """The headline: do the words name the digit? Word -> class accuracy per variant, then the issue's checks:
+    targets, guided vs unguided, SAQ vs RQ over seeds at equal or better reconstruction."""
+    judged = {name: r for name, r in results.items() if "word_accuracy" in r}
+    if not judged:
+        return []
+    lines = [
+        "Headline: word -> class accuracy on the held-out digits, the class whose name is most similar on average "
+        "(MiniLM) to the words of layer 1, layers 1..2 and 1..3 (`spae_fast.word_accuracy`); chance = the "
+        "commonest class's share; 'contains' = the words include the class name.",
+        "",
+        "| variant | layer 1 | layers 1..2 | layers 1..3 | contains (1 / 1..2 / 1..3) | chance | full PSNR (dB) |",
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for name, r in judged.items():
+        accuracy = " | ".join(f"{100 * a:.1f}%" for a in r["word_accuracy"])
+        contains = " / ".join(f"{100 * c:.0f}%" for c in r["contains_class_name"])
+        lines.append(f"| {name} | {accuracy} | {contains} | {100 * r['chance']:.1f}% | {r['psnr'][-1]:.2f} |")
+    lines.append("")
+    saq = [judged[n] for n in DEMO_SEEDS if n in judged]
+    rq = [judged[n] for n in RQ_SEEDS if n in judged]
+    if saq:
+        first = [r["word_accuracy"][0] for r in saq]
+        both = [r["word_accuracy"][1] for r in saq]
+        lines.append(f"- targets over {len(saq)} SAQ seeds: layer 1 {mean_and_spread(first)} (>= 80%: "
+                     f"**{'met' if min(first) >= 0.8 else 'NOT met'}**), layers 1..2 {mean_and_spread(both)} (>= 90%: "
+                     f"**{'met' if min(both) >= 0.9 else 'NOT met'}**)")  # fmt: skip
+    if "saq_plain" in judged and saq:
+        plain = judged["saq_plain"]
+        lines.append(f"- unguided control (saq_plain): layer 1 {100 * plain['word_accuracy'][0]:.1f}%, layers 1..2 "
+                     f"{100 * plain['word_accuracy'][1]:.1f}% against chance {100 * plain['chance']:.1f}%")  # fmt: skip
+    if saq and rq:
+        psnr_saq = statistics.mean(r["psnr"][-1] for r in saq)
+        psnr_rq = statistics.mean(r["psnr"][-1] for r in rq)
+        for i, label in enumerate(("layer 1", "layers 1..2", "layers 1..3")):
+            a = statistics.mean(r["word_accuracy"][i] for r in saq)
+            b = statistics.mean(r["word_accuracy"][i] for r in rq)
+            lines.append(f"- SAQ vs RQ ({len(saq)} vs {len(rq)} seeds), {label}: {100 * a:.1f}% vs {100 * b:.1f}% "
+                         f"(SAQ {'>=' if a >= b else '<'} RQ) at full PSNR {psnr_saq:.2f} vs {psnr_rq:.2f} dB")  # fmt: skip
+    return lines + [""]
+
+
 def render(meta: dict, results: dict, timing: dict | None) -> str:
     lines = [
         f"{HEADING} (embedded default: demo SPAE on digits, SmolLM2 vocabulary)",
@@ -222,6 +277,9 @@ def render(meta: dict, results: dict, timing: dict | None) -> str:
             "layers 1-2, and over all 149 words. Guidance acts on layers 1-3; alpha0 is the semantic term's share "
             "of the appearance loss."
         ),
+        "",
+        *word_accuracy_section(results),
+        "Secondary: relevance of the words to the class name (any number word scores high against any digit).",
         "",
         (
             "| variant | PSNR 1 | PSNR 2 | PSNR 3 | PSNR 4 | PSNR 5 | relevance layer 1 | layer 2 | layer 3 "
