@@ -189,15 +189,16 @@ def test_layer_weighting_gives_every_semantic_layer_an_equal_share(vocab, digits
     appearance = torch.tensor(0.3)
     per_layer = torch.tensor([2.0, 4.0, 8.0], requires_grad=True)
     per_position = (per_layer * torch.tensor([1.0, 4.0, 16.0])).sum() / 21
-    layered = Trainer(make_model(vocab), fast_config(semantic_layers=3), tmp_path, train, relevance=relevance)
+    layered = Trainer(make_model(vocab), fast_config(semantic_layers=3, alpha0=1.0), tmp_path, train,
+                      relevance=relevance)  # fmt: skip
     weighted, semantic, alpha = layered.weighted_semantic(appearance, per_layer, per_position)
     assert float(weighted) == pytest.approx(0.3) and float(semantic) == pytest.approx(14 / 3)
     assert float(alpha * semantic) == pytest.approx(0.3)
     weighted.backward()
     torch.testing.assert_close(per_layer.grad, torch.tensor([0.1 / 2, 0.1 / 4, 0.1 / 8]))
     per_layer.grad = None
-    positional = Trainer(make_model(vocab), fast_config(semantic_layers=3, semantic_weighting="position"), tmp_path,
-                         train, relevance=relevance)  # fmt: skip
+    positional = Trainer(make_model(vocab), fast_config(semantic_layers=3, semantic_weighting="position", alpha0=1.0),
+                         tmp_path, train, relevance=relevance)  # fmt: skip
     weighted, semantic, alpha = positional.weighted_semantic(appearance, per_layer, per_position)
     assert float(weighted) == pytest.approx(0.3) and float(semantic) == pytest.approx(float(per_position))
     weighted.backward()
