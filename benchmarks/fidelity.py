@@ -277,8 +277,9 @@ def render(meta: dict, results: dict, timing: dict | None) -> str:
             f"words{prefix_note(meta)}); evaluated on the 359 held-out digits. Relevance: label-text (MiniLM) "
             "relevance of each word to "
             "the image's class name, min-max normalised over the vocabulary (0..1): mean per layer, over the 5 words of "
-            "layers 1-2, and over all 149 words. Guidance acts on layers 1-3; alpha0 is the semantic term's share "
-            "of the appearance loss."
+            "layers 1-2, and over all 149 words. Guidance acts on layers "
+            f"1-{meta.get('semantic_layers', 3)} with alpha0 = {meta.get('alpha0', 1):g} (the semantic term's share "
+            "of the appearance loss)."
         ),
         "",
         *word_accuracy_section(results),
@@ -445,6 +446,8 @@ def main() -> int:
         "torch": versions().get("torch", torch.__version__),
         "steps": args.steps,
         "prefix_weight": DEMO_TRAINING.prefix_weight,
+        "semantic_layers": DEMO_TRAINING.semantic_layers,
+        "alpha0": DEMO_TRAINING.alpha0,
     }
     (out / "fidelity.json").write_text(json.dumps({"meta": meta, "results": results, "step_split": timing},
                                                   indent=2) + "\n")  # fmt: skip
