@@ -250,7 +250,7 @@ class Trainer:
     # ---- one step ------------------------------------------------------------------------------------------
 
     def semantic_term(self, latent: torch.Tensor, ids: list[torch.Tensor], images: torch.Tensor,
-                      labels: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                      labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """The semantic loss of each top layer ``[L_sem]``: the mean over its guided positions of the SAQ target's
         cross-entropy against the image's candidate set (NaN for a layer with no guided position); and the mean
         over all guided positions ``[]``."""
