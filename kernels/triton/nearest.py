@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .saq import SaqLayer, _saq_target_tile
+from .saq import SaqLayer, _combine_lanes, _saq_target_tile
 
 KEY_EMPTY = (1 << 63) - 1  # int64 max: "no candidate yet" in the atomic-min output
 _EMPTY_INDEX = tl.constexpr(1 << 30)  # index of the unfilled slots of a running set (after every real row)
@@ -220,11 +220,7 @@ def _pair_dot64_kernel(
             tl.float64
         )
         acc = tl.fma(a[None, :], b, acc)
-    acc = tl.sum(tl.reshape(acc, [BLOCK_C, 16, 2]), axis=2)
-    acc = tl.sum(tl.reshape(acc, [BLOCK_C, 8, 2]), axis=2)
-    acc = tl.sum(tl.reshape(acc, [BLOCK_C, 4, 2]), axis=2)
-    acc = tl.sum(tl.reshape(acc, [BLOCK_C, 2, 2]), axis=2)
-    total = tl.sum(acc, axis=1)
+    total = _combine_lanes(acc, BLOCK_C)
     tl.store(OUT + m.to(tl.int64) * C + cs, total, mask=c_ok)
 
 

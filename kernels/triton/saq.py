@@ -85,12 +85,19 @@ def _saq_pair_dot64_kernel(
             tl.float64
         )
         acc = tl.fma(a.to(tl.float64), b, acc)
+    total = _combine_lanes(acc, BLOCK_C)
+    tl.store(OUT + m.to(tl.int64) * C + cs, total, mask=c_ok)
+
+
+@triton.jit
+def _combine_lanes(acc, BLOCK_C: tl.constexpr):
+    """[BLOCK_C, 32] fp64 lane partials -> [BLOCK_C] sums in the canonical order of the fp64 rescoring: lanes
+    combine pairwise (l, l^1), (l, l^2), ... (l, l^16), as the CUDA module does."""
     acc = tl.sum(tl.reshape(acc, [BLOCK_C, 16, 2]), axis=2)
     acc = tl.sum(tl.reshape(acc, [BLOCK_C, 8, 2]), axis=2)
     acc = tl.sum(tl.reshape(acc, [BLOCK_C, 4, 2]), axis=2)
     acc = tl.sum(tl.reshape(acc, [BLOCK_C, 2, 2]), axis=2)
-    total = tl.sum(acc, axis=1)
-    tl.store(OUT + m.to(tl.int64) * C + cs, total, mask=c_ok)
+    return tl.sum(acc, axis=1)
 
 
 @dataclasses.dataclass(frozen=True)
