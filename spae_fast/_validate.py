@@ -6,6 +6,10 @@ import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 METRICS = ("l2", "ip", "cosine")
+# The limits every backend shares; why each: `spae_fast.ops.boundary`.
+MAX_DIM = 65536
+MAX_ROWS = 2**31 - 2**16
+MAX_QUERIES = 2**31 - 2**16
 
 
 def floating_tensor(value: object, name: str) -> torch.Tensor:
@@ -27,6 +31,10 @@ def codebook_weight(weight: object, name: str = "codebook") -> torch.Tensor:
         raise ValueError(f"{name} is empty: it needs at least one row, got shape {tuple(weight.shape)}")
     if weight.shape[1] < 1:
         raise ValueError(f"{name} rows must have at least one dimension, got shape {tuple(weight.shape)}")
+    if weight.shape[1] > MAX_DIM:
+        raise ValueError(f"{name} rows have D = {weight.shape[1]}; spae_fast supports D <= {MAX_DIM}")
+    if weight.shape[0] > MAX_ROWS:
+        raise ValueError(f"{name} has {weight.shape[0]} rows; spae_fast supports at most {MAX_ROWS}")
     return weight
 
 
@@ -44,7 +52,15 @@ def queries(x: object, dim: int, device: torch.device, name: str = "x") -> torch
         raise ValueError(f"{name} has last dimension {x.shape[-1]}, but the codebook rows have D = {dim}")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but the codebook is on {device}; move both to one device")
+    if x.numel() // dim > MAX_QUERIES:
+        raise ValueError(f"{name} holds {x.numel() // dim} vectors; at most {MAX_QUERIES} per call")
     return x
+
+
+def flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
 
 
 def k_value(k: object, num_rows: int) -> int:

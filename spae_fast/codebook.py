@@ -17,20 +17,31 @@ class Codebook:
     ``topk`` call reuses them, so repeated calls pay nothing for the codebook. The packed copy takes
     ``V * D * 4`` bytes next to ``weight``; passing a plain tensor to the ops instead packs it on every call.
 
-    The table is frozen: ``weight`` is detached, and an in-place change to it after construction is
-    detected (``torch``'s version counter) and raises instead of silently searching stale data.
+    The table is frozen. By default the Codebook holds its own copy of it (``weight``, detached), so later
+    edits of the caller's tensor, in place, through ``.data`` or through ``.numpy()``, cannot make the packed
+    forms stale: the Codebook keeps searching the table as it was when built (as a FAISS index does). Build a
+    new Codebook to search a changed table. An in-place change of ``Codebook.weight`` itself is detected
+    (torch's version counter) and raises instead of searching stale data; it works under
+    ``torch.inference_mode()`` too (inference tensors have no version counter: the copy is then private and
+    only reachable as ``weight``, which must not be modified).
 
     Args:
-        weight: ``[V, D]`` fp32, bf16 or fp16 tensor, V >= 1, D >= 1, finite.
+        weight: ``[V, D]`` fp32, bf16 or fp16 tensor, V >= 1, D >= 1 (at most `spae_fast.ops.boundary`'s
+            MAX_ROWS / MAX_DIM), finite.
         metric: ``"l2"`` (squared Euclidean, the paper's), ``"ip"`` (largest inner product) or ``"cosine"``.
+        copy: ``False`` shares the caller's tensor instead of copying it (saves ``V * D`` elements). The
+            caller then promises not to modify it: in-place torch ops are still detected, but writes through
+            ``.data`` or ``.numpy()`` are not.
     """
 
-    def __init__(self, weight: torch.Tensor, metric: str = "l2") -> None:
+    def __init__(self, weight: torch.Tensor, metric: str = "l2", *, copy: bool = True) -> None:
         _validate.codebook_weight(weight, "weight")
         _validate.metric(metric)
-        self.weight = weight.detach()
+        if not isinstance(copy, bool):
+            raise TypeError(f"copy must be a bool, got {type(copy).__name__} {copy!r}")
+        self.weight = weight.detach().clone() if copy else weight.detach()
         self.metric = metric
-        self._version = self.weight._version
+        self._version = _version_of(self.weight)
         if self.weight.device.type == "cpu":
             # [num_panels, D, 16] fp32, [num_panels * 16] fp32, [] fp64
             self.cpu_panels, self.cpu_bias, self.cpu_norm_bound = torch.ops.spae_fast.pack_codebook(
@@ -57,7 +68,7 @@ class Codebook:
         return self.weight.dtype
 
     def check_unchanged(self) -> None:
-        if self.weight._version != self._version:
+        if _version_of(self.weight) != self._version:
             raise RuntimeError(
                 "Codebook.weight was modified in place after the Codebook was built; the packed copy is "
                 "stale. Build a new spae_fast.Codebook from the updated table."
@@ -87,3 +98,8 @@ class Codebook:
             f"Codebook(rows={self.num_rows}, dim={self.dim}, dtype={self.dtype}, metric={self.metric!r}, "
             f"device={self.device})"
         )
+
+
+def _version_of(tensor: torch.Tensor) -> int | None:
+    """torch's in-place version counter; None for inference tensors, which have none."""
+    return None if tensor.is_inference() else tensor._version

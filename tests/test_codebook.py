@@ -66,32 +66,83 @@ def test_metric_mismatch_raises(metric):
             spae_fast.topk(x, codebook, 2, metric=other, backend="torch")
 
 
+def _search(op, x, codebook, backend):
+    if op == "nearest":
+        return spae_fast.nearest(x, codebook, backend=backend)
+    return spae_fast.topk(x, codebook, 3, backend=backend)
+
+
+CALLER_EDITS = {
+    "add_": lambda w: w.add_(1.0),
+    "row zero_": lambda w: w[3].zero_(),
+    "copy_": lambda w: w.copy_(torch.randn_like(w)),
+    ".data": lambda w: w.data.__setitem__(7, 100.0),  # bypasses the version counter
+    ".numpy()": lambda w: w.numpy().__setitem__(7, 100.0),  # so does this
+}
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("op", ["nearest", "topk"])
-def test_in_place_change_of_weight_raises(backend, op):
-    """The packed copy would be stale: any in-place change of the table after construction is an error."""
-
-    def call(codebook):
-        if op == "nearest":
-            return spae_fast.nearest(x, codebook, backend=backend)
-        return spae_fast.topk(x, codebook, 3, backend=backend)
-
+@pytest.mark.parametrize("edit", list(CALLER_EDITS))
+def test_codebook_searches_the_table_as_built_after_the_caller_edits_it(backend, op, edit):
+    """The Codebook holds its own copy: no edit of the caller's tensor can make its packed forms stale."""
     x = gaussian(6, 5, seed=2)
-    for mutate in (
-        lambda w, cb: w.add_(1.0),
-        lambda w, cb: w[3].zero_(),
-        lambda w, cb: cb.weight.mul_(2.0),
-        lambda w, cb: w.copy_(torch.randn_like(w)),
+    weight = gaussian(40, 5, seed=1)
+    original = weight.clone()
+    codebook = spae_fast.Codebook(weight)
+    before = _search(op, x, codebook, backend)
+    CALLER_EDITS[edit](weight)
+    assert not torch.equal(weight, original)
+    after = _search(op, x, codebook, backend)
+    assert_identical(
+        after if op == "topk" else (after[0][:, None], after[1][:, None]),
+        before if op == "topk" else (before[0][:, None], before[1][:, None]),
+        edit,
+    )
+    check_search(x, original, "l2", *spae_fast.topk(x, codebook, 3, backend=backend), k=3)
+    # a fresh Codebook of the changed table sees the change
+    check_search(x, weight, "l2", *spae_fast.topk(x, spae_fast.Codebook(weight), 3, backend=backend), k=3)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("op", ["nearest", "topk"])
+def test_in_place_change_of_the_codebooks_own_table_raises(backend, op):
+    x = gaussian(6, 5, seed=2)
+    for copy, mutate in (
+        (True, lambda w, cb: cb.weight.mul_(2.0)),
+        (True, lambda w, cb: cb.weight[3].zero_()),
+        (False, lambda w, cb: w.add_(1.0)),  # copy=False shares the caller's tensor
+        (False, lambda w, cb: w[3].zero_()),
     ):
         weight = gaussian(40, 5, seed=1)
-        codebook = spae_fast.Codebook(weight)
-        call(codebook)  # fine before the change
+        codebook = spae_fast.Codebook(weight, copy=copy)
+        assert (codebook.weight.data_ptr() == weight.data_ptr()) is not copy
+        _search(op, x, codebook, backend)  # fine before the change
         mutate(weight, codebook)
         with pytest.raises(RuntimeError, match="modified in place after the Codebook was built"):
-            call(codebook)
-        # a fresh Codebook of the changed table works and sees the change
-        fresh = spae_fast.Codebook(weight)
-        check_search(x, weight, "l2", *spae_fast.topk(x, fresh, 3, backend=backend), k=3)
+            _search(op, x, codebook, backend)
+
+
+def test_copy_must_be_a_bool():
+    with pytest.raises(TypeError, match="copy must be a bool, got NoneType"):
+        spae_fast.Codebook(gaussian(4, 3, seed=1), copy=None)
+
+
+def test_codebook_works_under_inference_mode():
+    """Built inside or outside torch.inference_mode(), used inside or outside: every op runs and agrees."""
+    weight, x = gaussian(40, 8, seed=1), gaussian(6, 8, seed=2)
+    z = gaussian(2 * 8 * 4 * 4, 1, seed=3).reshape(2, 8, 4, 4)
+    outside = spae_fast.Codebook(weight)
+    expected = (spae_fast.topk(x, outside, 3), spae_fast.saq(z, outside, [1, 2, 4]))
+    with torch.inference_mode():
+        inside = spae_fast.Codebook(weight)
+        for codebook in (inside, outside):
+            assert_identical(spae_fast.topk(x, codebook, 3), expected[0], "topk")
+            assert torch.equal(spae_fast.saq(z, codebook, [1, 2, 4]), expected[1])
+            loss = spae_fast.semantic_loss(x, codebook, torch.tensor([1, 2]), torch.tensor([0, 2]),
+                                           torch.zeros(6, dtype=torch.int64))  # fmt: skip
+            assert torch.isfinite(loss)
+    assert_identical(spae_fast.topk(x, inside, 3), expected[0], "topk after inference_mode")
 
 
 def test_out_of_place_use_of_weight_is_fine():

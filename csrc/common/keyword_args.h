@@ -23,6 +23,11 @@ namespace spae_boundary {
 namespace py = pybind11;
 
 constexpr int64_t kNoLimit = std::numeric_limits<int64_t>::max();
+// The limits of every backend (spae_fast/ops/boundary.py states why): D bounds the int8 pre-filter's int32
+// sums and offsets, V and N the GPU kernels' int32 row indices.
+constexpr int64_t kMaxDim = 65536;
+constexpr int64_t kMaxRows = (int64_t{1} << 31) - (int64_t{1} << 16);
+constexpr int64_t kMaxQueries = kMaxRows;
 
 class KeywordArgs {
  public:
@@ -39,6 +44,9 @@ class KeywordArgs {
     return integer_value(name, get(name), low, high);
   }
   int64_t size(const char* name) { return integer(name, 0); }  // >= 0
+  int64_t dim(const char* name, int64_t low = 1) { return integer(name, low, kMaxDim); }
+  int64_t rows(const char* name, int64_t low = 1) { return integer(name, low, kMaxRows); }  // codebook rows
+  int64_t queries(const char* name) { return integer(name, 0, kMaxQueries); }              // query rows
   int64_t stride(const char* name) { return integer(name); }   // strides of torch views may be 0 or negative
   int threads(const char* name) { return static_cast<int>(integer(name, 1, INT_MAX)); }
   int tag(const char* name, int count) { return static_cast<int>(integer(name, 0, count - 1)); }

@@ -26,7 +26,7 @@ PackedCodebookView packed_codebook_arg(KeywordArgs& args, int64_t rows, int64_t 
 namespace {
 
 py::tuple pack_codebook_entry(KeywordArgs& args) {
-  const int64_t num_rows = args.size("num_rows"), dim = args.size("dim");
+  const int64_t num_rows = args.rows("num_rows", 0), dim = args.dim("dim", 0);
   const MatrixView weight = matrix_arg(args, "weight", num_rows, dim);
   const Metric metric = static_cast<Metric>(args.tag("metric", 3));
   float* panels = reinterpret_cast<float*>(args.pointer("out_panels", num_rows > 0 && dim > 0));

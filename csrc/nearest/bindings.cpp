@@ -38,9 +38,9 @@ namespace {
 
 py::tuple search_entry(KeywordArgs& args) {
   SearchRequest request;
-  const int64_t num_queries = args.size("num_queries"), dim = args.size("dim");
+  const int64_t num_queries = args.queries("num_queries"), dim = args.dim("dim", 0);
   request.queries = matrix_arg(args, "x", num_queries, dim);
-  const int64_t codebook_rows = args.integer("codebook_rows", 1);
+  const int64_t codebook_rows = args.rows("codebook_rows");
   request.codebook = packed_codebook_arg(args, codebook_rows, dim);
   request.codebook.metric = static_cast<Metric>(args.tag("metric", 3));
   request.k = args.integer("k", 1, codebook_rows);
@@ -67,8 +67,8 @@ py::tuple search_entry(KeywordArgs& args) {
 
 py::tuple pack_codebook_int8_entry(KeywordArgs& args) {
   PackedCodebookView fp32;
-  fp32.rows = args.size("num_rows");
-  fp32.dim = args.size("dim");
+  fp32.rows = args.rows("num_rows", 0);
+  fp32.dim = args.dim("dim", 0);
   const bool nonempty = fp32.rows > 0 && fp32.dim > 0;
   fp32.panels = reinterpret_cast<const float*>(args.pointer("panels", nonempty));
   fp32.bias = reinterpret_cast<const float*>(args.pointer("bias", fp32.rows > 0));

@@ -12,8 +12,8 @@ namespace {
 
 py::tuple saq_entry(KeywordArgs& args) {
   SaqRequest request;
-  request.batch = args.size("batch");
-  request.dim = args.integer("dim", 1);
+  request.batch = args.queries("batch");
+  request.dim = args.dim("dim");
   request.grid = args.integer("grid", 1);
   request.z = reinterpret_cast<const void*>(args.pointer("z", request.batch > 0));
   request.z_dtype = static_cast<DType>(args.dtype("z_dtype"));
@@ -22,7 +22,7 @@ py::tuple saq_entry(KeywordArgs& args) {
   request.stride_d = z_strides[1];
   request.stride_y = z_strides[2];
   request.stride_x = z_strides[3];
-  const int64_t num_rows = args.integer("num_rows", 1);
+  const int64_t num_rows = args.rows("num_rows");
   request.weight = matrix_arg(args, "weight", num_rows, request.dim);
   request.codebook = packed_codebook_arg(args, num_rows, request.dim);
   const std::vector<int64_t> sides = args.integers("sides", 1, kMaxSaqLayers, 1, request.grid);

@@ -13,9 +13,9 @@ namespace {
 
 py::tuple semantic_loss_entry(KeywordArgs& args) {
   SemanticLossRequest request;
-  const int64_t num_rows = args.size("num_rows"), dim = args.integer("dim", 1);
+  const int64_t num_rows = args.queries("num_rows"), dim = args.dim("dim");
   request.z = matrix_arg(args, "z", num_rows, dim);
-  const int64_t vocab = args.integer("vocab", 1);
+  const int64_t vocab = args.rows("vocab");
   request.weight = matrix_arg(args, "weight", vocab, dim);
   // Operands: fp32 (panels, bias) or precision "bf16" (bf16_panels, bf16_rows, bf16_bias), never both.
   request.bf16_panels = reinterpret_cast<const uint32_t*>(args.pointer("bf16_panels", false));

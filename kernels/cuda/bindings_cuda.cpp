@@ -36,9 +36,9 @@ int k_pad_arg(KeywordArgs& args, int low) {
 
 // The arguments of the fused search shared by nearest and SAQ (x, keys, row_scale: nearest only).
 void search_args(KeywordArgs& args, spae_cuda::SearchArgs* search, int min_k_pad) {
-  search->n = args.size("n");
-  search->v = args.integer("v", 1);
-  search->d = args.integer("d", 1);
+  search->n = args.queries("n");
+  search->v = args.rows("v");
+  search->d = args.dim("d");
   search->dtype = args.dtype("dtype");
   search->tf32 = args.flag("tf32");
   search->e = reinterpret_cast<const void*>(args.pointer("e", true));
@@ -55,7 +55,7 @@ void search_args(KeywordArgs& args, spae_cuda::SearchArgs* search, int min_k_pad
 }
 
 py::tuple search_plan(KeywordArgs& args) {
-  const int64_t n = args.size("n"), v = args.integer("v", 1);
+  const int64_t n = args.queries("n"), v = args.rows("v");
   const int k_pad = k_pad_arg(args, 1);
   const int device = device_arg(args);
   args.done();
@@ -127,7 +127,7 @@ py::tuple saq_search(KeywordArgs& args) {
 void pair_args(KeywordArgs& args, spae_cuda::PairDotArgs* pair) {
   pair->m = args.size("m");
   pair->c = args.size("c");
-  pair->d = args.integer("d", 1);
+  pair->d = args.dim("d");
   const bool pairs = pair->m > 0 && pair->c > 0;
   pair->b = reinterpret_cast<const void*>(args.pointer("b", pairs));
   pair->b_dtype = args.dtype("b_dtype");

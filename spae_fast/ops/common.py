@@ -17,12 +17,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-import weakref
 
 import torch
 
 from .. import _native, _validate
 from ..codebook import Codebook
+from . import boundary
 
 EMPTY = torch.empty(0)
 PREFILTERS = ("auto", "int8", "none")  # the certified int8 pre-filter of `nearest` and `saq`
@@ -87,6 +87,7 @@ def last_search_stats() -> SearchStats | None:
 @torch.library.custom_op("spae_fast::pack_codebook", mutates_args=())
 def _pack_codebook(weight: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """weight [V, D] -> (panels [ceil(V/16), D, 16] fp32, bias [ceil(V/16)*16] fp32, norm bound [] fp64)."""
+    _check_pack(weight, metric)
     native = _native.cpu_module()
     num_rows, dim = weight.shape
     num_panels = -(-num_rows // native.PANEL_WIDTH)
@@ -103,8 +104,17 @@ def _pack_codebook(weight: torch.Tensor, metric: str) -> tuple[torch.Tensor, tor
     return panels, bias, torch.tensor(max_norm, dtype=torch.float64)
 
 
+def _check_pack(weight, metric):
+    boundary.table("pack_codebook", weight)
+    boundary.choice("pack_codebook", metric, "metric", _validate.METRICS)
+    if weight.device.type != "cpu":
+        raise ValueError(f"spae_fast::pack_codebook: weight must be on the CPU (it packs for the native kernel), "
+                         f"got {weight.device}")  # fmt: skip
+
+
 @_pack_codebook.register_fake
 def _(weight, metric):
+    _check_pack(weight, metric)
     num_panels = -(-weight.shape[0] // 16)
     return (
         weight.new_empty(num_panels, weight.shape[1], 16, dtype=torch.float32),
@@ -145,8 +155,6 @@ def codebook_shape(codebook) -> tuple[int, torch.device, int]:
 # ----------------------------------------------------------------------------------------------------------
 # int8 copy for the certified pre-filter (nearest, saq)
 # ----------------------------------------------------------------------------------------------------------
-
-_INT8_PACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Codebook -> (version, *operands)
 
 
 def int8_prefilter_available() -> bool:
@@ -189,12 +197,8 @@ def prefilter_operands(codebook, weight, panels, bias, prefilter: str, backend: 
         if prefilter == "int8":
             raise RuntimeError("prefilter='int8' needs a CPU with AVX512-VNNI and a build with its kernel")
         return off
-    if isinstance(codebook, Codebook):
-        cached = _INT8_PACKS.get(codebook)
-        if cached is None or cached[0] != codebook.weight._version:
-            cached = (codebook.weight._version, *_pack_int8(panels, bias, weight.shape[0], weight.shape[1]))
-            _INT8_PACKS[codebook] = cached
-        return cached[1:]
+    if isinstance(codebook, Codebook):  # built once (`codebook_operands` has checked the table is unchanged)
+        return codebook.derived("int8_prefilter", lambda: _pack_int8(panels, bias, *weight.shape))
     return _pack_int8(panels, bias, weight.shape[0], weight.shape[1])
 
 

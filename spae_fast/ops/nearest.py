@@ -22,10 +22,9 @@ import torch
 
 from .. import _native, _ref, _validate
 from ..codebook import Codebook
-from . import common, gpu_search
-from .backends import GPU_BACKENDS, check_precision, resolve_backend
-from .common import EMPTY
-
+from . import boundary, common, gpu_search
+from .backends import BACKENDS, GPU_BACKENDS, PRECISIONS, check_precision, resolve_backend
+from .common import EMPTY, PREFILTERS
 
 # ----------------------------------------------------------------------------------------------------------
 # Schemas; the default kernel (devices without their own) is the reference
@@ -47,6 +46,7 @@ def _topk_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, D], weight [V, D] -> (dist [N, k] fp32, index [N, k] int64). panels, bias, norm_bound: the
     table packed by ``spae_fast::pack_codebook`` (backend "cpu"; empty otherwise)."""
+    _check_topk(x, weight, panels, bias, norm_bound, k, metric, backend, check_finite, precision)
     return _reference(x, weight, k, metric, backend, check_finite)
 
 
@@ -70,17 +70,22 @@ def _nearest_op(
     """`topk` with k = 1 -> (dist [N] fp32, index [N] int64). The four prefilter operands come from
     `common.prefilter_operands` (empty tensors: no pre-filter); with ``prefilter="auto"`` the native
     kernel drops it after a probe when it rarely certifies."""
+    _check_nearest(x, weight, panels, bias, norm_bound, prefilter_panels, prefilter_columns, prefilter_offsets,
+                   prefilter_bounds, metric, backend, check_finite, prefilter, precision)  # fmt: skip
     return _first(*_reference(x, weight, 1, metric, backend, check_finite))
 
 
 @_topk_op.register_fake
 def _(x, weight, panels, bias, norm_bound, k, metric, backend, check_finite, precision="default"):
+    _check_topk(x, weight, panels, bias, norm_bound, k, metric, backend, check_finite, precision)
     return x.new_empty(x.shape[0], k, dtype=torch.float32), x.new_empty(x.shape[0], k, dtype=torch.int64)
 
 
 @_nearest_op.register_fake
 def _(x, weight, panels, bias, norm_bound, prefilter_panels, prefilter_columns, prefilter_offsets, prefilter_bounds,
       metric, backend, check_finite, prefilter, precision="default"):  # fmt: skip
+    _check_nearest(x, weight, panels, bias, norm_bound, prefilter_panels, prefilter_columns, prefilter_offsets,
+                   prefilter_bounds, metric, backend, check_finite, prefilter, precision)  # fmt: skip
     return x.new_empty(x.shape[0], dtype=torch.float32), x.new_empty(x.shape[0], dtype=torch.int64)
 
 
@@ -124,12 +129,43 @@ def _check_like_native(x, weight, metric, check_finite):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The boundary: every kernel below checks its operands first (`boundary`)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_search(op, x, weight, panels, bias, norm_bound, metric, backend, check_finite, precision):
+    num_rows, dim = boundary.table(op, weight)
+    boundary.rows_like(op, x, "x", dim, weight.device)
+    boundary.choice(op, metric, "metric", _validate.METRICS)
+    boundary.choice(op, backend, "backend", BACKENDS[1:])  # "auto" is resolved before the op
+    boundary.flag(op, check_finite, "check_finite")
+    boundary.choice(op, precision, "precision", PRECISIONS)
+    if backend == "cpu":
+        boundary.cpu_panels(op, panels, bias, norm_bound, num_rows, dim)
+
+
+def _check_topk(x, weight, panels, bias, norm_bound, k, metric, backend, check_finite, precision):
+    _check_search("topk", x, weight, panels, bias, norm_bound, metric, backend, check_finite, precision)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= weight.shape[0]:
+        raise ValueError(f"spae_fast::topk: k must be an int in [1, V] = [1, {weight.shape[0]}], got {k!r}")
+
+
+def _check_nearest(x, weight, panels, bias, norm_bound, words, columns, offsets, bounds, metric, backend,
+                   check_finite, prefilter, precision):  # fmt: skip
+    _check_search("nearest", x, weight, panels, bias, norm_bound, metric, backend, check_finite, precision)
+    boundary.choice("nearest", prefilter, "prefilter", PREFILTERS)
+    if boundary.prefilter("nearest", words, columns, offsets, bounds, *weight.shape) and backend != "cpu":
+        raise ValueError("spae_fast::nearest: the int8 pre-filter operands serve backend 'cpu' only")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Device kernels
 # ----------------------------------------------------------------------------------------------------------
 
 
 @_topk_op.register_kernel("cpu")
 def _topk_cpu(x, weight, panels, bias, norm_bound, k, metric, backend, check_finite, precision="default"):
+    _check_topk(x, weight, panels, bias, norm_bound, k, metric, backend, check_finite, precision)
     if backend == "cpu":
         return _native_search(x, weight, panels, bias, norm_bound, k, metric, check_finite, "topk")
     if backend == "triton":  # CPU tensors under TRITON_INTERPRET=1
@@ -139,6 +175,7 @@ def _topk_cpu(x, weight, panels, bias, norm_bound, k, metric, backend, check_fin
 
 @_topk_op.register_kernel("cuda")
 def _topk_cuda(x, weight, panels, bias, norm_bound, k, metric, backend, check_finite, precision="default"):
+    _check_topk(x, weight, panels, bias, norm_bound, k, metric, backend, check_finite, precision)
     if backend in GPU_BACKENDS:
         return gpu_search.topk(x, weight, k, metric, backend, precision, check_finite)
     return _reference(x, weight, k, metric, backend, check_finite)
@@ -147,6 +184,8 @@ def _topk_cuda(x, weight, panels, bias, norm_bound, k, metric, backend, check_fi
 @_nearest_op.register_kernel("cpu")
 def _nearest_cpu(x, weight, panels, bias, norm_bound, words, columns, offsets, bounds, metric, backend,
                  check_finite, prefilter, precision="default"):  # fmt: skip
+    _check_nearest(x, weight, panels, bias, norm_bound, words, columns, offsets, bounds, metric, backend,
+                   check_finite, prefilter, precision)  # fmt: skip
     if backend == "cpu":
         operands = (words, columns, offsets, bounds)
         dist, index = _native_search(
@@ -161,6 +200,8 @@ def _nearest_cpu(x, weight, panels, bias, norm_bound, words, columns, offsets, b
 @_nearest_op.register_kernel("cuda")
 def _nearest_cuda(x, weight, panels, bias, norm_bound, words, columns, offsets, bounds, metric, backend,
                   check_finite, prefilter, precision="default"):  # fmt: skip
+    _check_nearest(x, weight, panels, bias, norm_bound, words, columns, offsets, bounds, metric, backend,
+                   check_finite, prefilter, precision)  # fmt: skip
     if backend in GPU_BACKENDS:
         return _first(*gpu_search.topk(x, weight, 1, metric, backend, precision, check_finite))
     return _first(*_reference(x, weight, 1, metric, backend, check_finite))
@@ -256,7 +297,8 @@ _nearest_op.register_autograd(_nearest_backward, setup_context=_setup_nearest_co
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _prepare(x, codebook, metric, backend):
+def _prepare(x, codebook, metric, backend, check_finite):
+    _validate.flag(check_finite, "check_finite")
     dim, device, _ = common.codebook_shape(codebook)
     x = _validate.queries(x, dim, device)
     backend = resolve_backend(backend, x.device)
@@ -302,7 +344,7 @@ def nearest(
     Returns:
         ``(dist [...] fp32, index [...] int64)``; ties resolve to the lowest index.
     """
-    x, flat, weight, panels, bias, norm_bound, metric, backend = _prepare(x, codebook, metric, backend)
+    x, flat, weight, panels, bias, norm_bound, metric, backend = _prepare(x, codebook, metric, backend, check_finite)
     prefilter_operands = common.prefilter_operands(codebook, weight, panels, bias, prefilter, backend)
     precision = check_precision(precision)
     dist, index = torch.ops.spae_fast.nearest(
@@ -327,7 +369,7 @@ def topk(
     Same arguments as `nearest`, plus ``1 <= k <= V``. Returns ``(dist [..., k] fp32, index [..., k] int64)``.
     """
     k = _validate.k_value(k, common.codebook_shape(codebook)[2])
-    x, flat, weight, panels, bias, norm_bound, metric, backend = _prepare(x, codebook, metric, backend)
+    x, flat, weight, panels, bias, norm_bound, metric, backend = _prepare(x, codebook, metric, backend, check_finite)
     precision = check_precision(precision)
     dist, index = torch.ops.spae_fast.topk(
         flat, weight, panels, bias, norm_bound, k, metric, backend, check_finite, precision

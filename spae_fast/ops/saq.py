@@ -19,11 +19,11 @@ import torch
 from .. import _native, _ref, _validate
 from ..codebook import Codebook
 from ..pyramid import TokenPyramid
-from . import common, gpu_saq
-from .backends import GPU_BACKENDS, resolve_backend
+from . import boundary, common, gpu_saq
+from .backends import BACKENDS, GPU_BACKENDS, resolve_backend
 
 SAQ_MODES = ("saq", "rq")
-SAQ_MAX_LAYERS = 64  # csrc/saq/saq.h: kMaxSaqLayers
+SAQ_MAX_LAYERS = boundary.MAX_SAQ_LAYERS  # every backend (the CUDA kernel's limit; the CPU kernel takes 64)
 
 
 @torch.library.custom_op("spae_fast::saq", mutates_args=())
@@ -44,13 +44,49 @@ def _saq_op(
 ) -> torch.Tensor:
     """z [B, D, g, g] -> ids [B, sum_l s_l^2] int64 (layer after layer, raster order). Operands as
     ``spae_fast::nearest``'s."""
+    _check_operands(z, weight, panels, bias, norm_bound, prefilter_panels, prefilter_columns, prefilter_offsets,
+                    prefilter_bounds, sides, mode, backend, check_finite)  # fmt: skip
     return _reference(z, weight, sides, mode, backend, check_finite)
 
 
 @_saq_op.register_fake
 def _(z, weight, panels, bias, norm_bound, prefilter_panels, prefilter_columns, prefilter_offsets, prefilter_bounds,
       sides, mode, backend, check_finite):  # fmt: skip
+    _check_operands(z, weight, panels, bias, norm_bound, prefilter_panels, prefilter_columns, prefilter_offsets,
+                    prefilter_bounds, sides, mode, backend, check_finite)  # fmt: skip
     return z.new_empty(z.shape[0], sum(side * side for side in sides), dtype=torch.int64)
+
+
+def _check_operands(z, weight, panels, bias, norm_bound, prefilter_panels, prefilter_columns, prefilter_offsets,
+                    prefilter_bounds, sides, mode, backend, check_finite):  # fmt: skip
+    """The boundary of ``spae_fast::saq`` (see `boundary`): every kernel runs it first."""
+    num_rows, dim = boundary.table("saq", weight)
+    z = boundary.tensor("saq", z, "z", ndim=4, dtypes=_validate.SUPPORTED_DTYPES)
+    batch, channels, height, width = z.shape
+    if channels != dim:
+        raise ValueError(f"spae_fast::saq: z has {channels} channels (shape {tuple(z.shape)}), but the table has "
+                         f"D = {dim}")  # fmt: skip
+    if height != width or height < 1:
+        raise ValueError(f"spae_fast::saq: z must be a square grid [B, D, g, g] with g >= 1, got {tuple(z.shape)}")
+    if batch * height * width > boundary.MAX_QUERIES:
+        raise ValueError(f"spae_fast::saq: z has {batch * height * width} positions; at most {boundary.MAX_QUERIES}")
+    boundary.same_device("saq", z, "z", weight.device)
+    if len(sides) > SAQ_MAX_LAYERS:
+        raise ValueError(f"spae_fast::saq: {len(sides)} layers; every backend supports at most {SAQ_MAX_LAYERS}")
+    if isinstance(height, int):  # a symbolic grid (dynamic shapes in a fake pass) is checked when the kernel runs
+        try:
+            TokenPyramid(tuple(sides), height)
+        except ValueError as error:
+            raise ValueError(f"spae_fast::saq: sides {list(sides)} do not fit the {height} x {height} grid: {error}") from None
+    boundary.choice("saq", mode, "mode", SAQ_MODES)
+    boundary.choice("saq", backend, "backend", BACKENDS[1:])
+    boundary.flag("saq", check_finite, "check_finite")
+    if backend == "cpu":
+        boundary.cpu_panels("saq", panels, bias, norm_bound, num_rows, dim)
+    on = boundary.prefilter("saq", prefilter_panels, prefilter_columns, prefilter_offsets, prefilter_bounds,
+                            num_rows, dim)  # fmt: skip
+    if on and backend != "cpu":
+        raise ValueError("spae_fast::saq: the int8 pre-filter operands serve backend 'cpu' only")
 
 
 def _first_non_finite_position(z: torch.Tensor) -> int:
@@ -70,6 +106,8 @@ def _reference(z, weight, sides, mode, backend, check_finite):
 @_saq_op.register_kernel("cpu")
 def _saq_cpu(z, weight, panels, bias, norm_bound, prefilter_panels, prefilter_columns, prefilter_offsets,
              prefilter_bounds, sides, mode, backend, check_finite):  # fmt: skip
+    _check_operands(z, weight, panels, bias, norm_bound, prefilter_panels, prefilter_columns, prefilter_offsets,
+                    prefilter_bounds, sides, mode, backend, check_finite)  # fmt: skip
     if backend == "cpu":
         operands = (prefilter_panels, prefilter_columns, prefilter_offsets, prefilter_bounds)
         return _native_saq(z, weight, panels, bias, norm_bound, operands, sides, mode, check_finite)
@@ -81,6 +119,8 @@ def _saq_cpu(z, weight, panels, bias, norm_bound, prefilter_panels, prefilter_co
 @_saq_op.register_kernel("cuda")
 def _saq_cuda(z, weight, panels, bias, norm_bound, prefilter_panels, prefilter_columns, prefilter_offsets,
               prefilter_bounds, sides, mode, backend, check_finite):  # fmt: skip
+    _check_operands(z, weight, panels, bias, norm_bound, prefilter_panels, prefilter_columns, prefilter_offsets,
+                    prefilter_bounds, sides, mode, backend, check_finite)  # fmt: skip
     if backend in GPU_BACKENDS:  # exact-mode search, targets fused into the kernels
         return gpu_saq.saq(z, weight, list(sides), mode, backend, check_finite)
     return _reference(z, weight, sides, mode, backend, check_finite)
@@ -152,11 +192,12 @@ def saq(
     Returns:
         ids ``[B, sum_l s_l^2]`` int64: layer after layer, raster order inside a layer.
     """
+    _validate.flag(check_finite, "check_finite")
     dim, device, _ = common.codebook_shape(codebook)
     z = _validate.latent(z, dim, device)
-    pyramid = TokenPyramid(tuple(layers), z.shape[-1])
+    pyramid = TokenPyramid(layers, z.shape[-1])
     if pyramid.num_layers > SAQ_MAX_LAYERS:
-        raise ValueError(f"layers has {pyramid.num_layers} layers; the native kernel supports at most {SAQ_MAX_LAYERS}")
+        raise ValueError(f"layers has {pyramid.num_layers} layers; every backend supports at most {SAQ_MAX_LAYERS}")
     if mode not in SAQ_MODES:
         raise ValueError(f"mode must be one of {SAQ_MODES}, got {mode!r}")
     backend = resolve_backend(backend, z.device)

@@ -19,8 +19,8 @@ import torch
 
 from .. import _native, _ref, _validate
 from ..codebook import Codebook
-from . import common, gpu_semantic_loss
-from .backends import resolve_backend, semantic_triton_usable
+from . import boundary, common, gpu_semantic_loss
+from .backends import BACKENDS, resolve_backend, semantic_triton_usable
 from .common import EMPTY
 
 SEMANTIC_REDUCTIONS = ("mean", "sum", "none")
@@ -49,6 +49,8 @@ def _semantic_loss_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """z [N, D] -> (loss [N] fp32, grad [N, D] fp32 or [0, D]); see `semantic_loss`. At precision "bf16" the
     CPU operands come from `common.pack_semantic_bf16` (`bf16_rows` empty: no AVX512-BF16 kernel)."""
+    _check_operands(z, weight, panels, bias, norm_bound, candidate_index, candidate_offsets, set_of_position, tau,
+                    compute_grad, backend, check_finite, bf16_rows, precision)  # fmt: skip
     problem = (z, weight, candidate_index, candidate_offsets, set_of_position, tau, compute_grad, check_finite)
     return _reference(backend, *problem, precision)
 
@@ -56,8 +58,43 @@ def _semantic_loss_op(
 @_semantic_loss_op.register_fake
 def _(z, weight, panels, bias, norm_bound, candidate_index, candidate_offsets, set_of_position, tau, compute_grad,
       backend, check_finite, bf16_rows, precision="default"):  # fmt: skip
+    _check_operands(z, weight, panels, bias, norm_bound, candidate_index, candidate_offsets, set_of_position, tau,
+                    compute_grad, backend, check_finite, bf16_rows, precision)  # fmt: skip
     num, dim = z.shape
     return z.new_empty(num, dtype=torch.float32), z.new_empty(num if compute_grad else 0, dim, dtype=torch.float32)
+
+
+def _check_operands(z, weight, panels, bias, norm_bound, candidate_index, candidate_offsets, set_of_position, tau,
+                    compute_grad, backend, check_finite, bf16_rows, precision):  # fmt: skip
+    """The boundary of ``spae_fast::semantic_loss`` (see `boundary`): every kernel runs it first. The values of
+    the index arrays (rows in [0, V), a CSR, sets in [-1, S)) are checked by the kernels."""
+    op = "semantic_loss"
+    num_rows, dim = boundary.table(op, weight)
+    num = boundary.rows_like(op, z, "z", dim, weight.device)
+    boundary.index_array(op, candidate_index, "candidate_index", None, weight.device, "")
+    boundary.index_array(op, candidate_offsets, "candidate_offsets", None, weight.device, "")
+    if candidate_offsets.numel() < 1:
+        raise ValueError("spae_fast::semantic_loss: candidate_offsets must hold S + 1 >= 1 entries (a CSR), got 0")
+    boundary.index_array(op, set_of_position, "set_of_position", num, weight.device, "one set per row of z")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 < float(tau) < float("inf"):
+        raise ValueError(f"spae_fast::semantic_loss: tau must be a finite float > 0, got {tau!r}")
+    boundary.flag(op, compute_grad, "compute_grad")
+    boundary.choice(op, backend, "backend", BACKENDS[1:])
+    boundary.flag(op, check_finite, "check_finite")
+    boundary.choice(op, precision, "precision", SEMANTIC_PRECISIONS)
+    if backend != "cpu":
+        return
+    if precision == "bf16" and bf16_rows.numel():  # the AVX512-BF16 packing (common.pack_semantic_bf16)
+        groups, why = -(-num_rows // boundary.BF16_GROUP_ROWS), f"the bf16 packing of a [{num_rows}, {dim}] table"
+        boundary.shaped(op, panels, "panels", (groups, -(-dim // 2), boundary.BF16_GROUP_ROWS), torch.int32, why)
+        boundary.shaped(op, bf16_rows, "bf16_rows", (groups, 32, -(-dim // 64) * 64), torch.int32, why)
+        boundary.shaped(op, bias, "bias", (groups * boundary.BF16_GROUP_ROWS,), torch.float32, why)
+    else:
+        if bf16_rows.numel():
+            raise ValueError("spae_fast::semantic_loss: bf16_rows must be empty unless precision is 'bf16'")
+        boundary.cpu_panels(op, panels, bias, norm_bound, num_rows, dim)
+    if norm_bound.numel() != 1:
+        raise ValueError("spae_fast::semantic_loss: norm_bound must be a one-element tensor")
 
 
 def _reference(backend, z, weight, index, offsets, sets, tau, compute_grad, check_finite, precision):
@@ -73,6 +110,8 @@ def _reference(backend, z, weight, index, offsets, sets, tau, compute_grad, chec
 @_semantic_loss_op.register_kernel("cpu")
 def _semantic_loss_cpu(z, weight, panels, bias, norm_bound, index, offsets, sets, tau, compute_grad, backend,
                        check_finite, bf16_rows, precision="default"):  # fmt: skip
+    _check_operands(z, weight, panels, bias, norm_bound, index, offsets, sets, tau, compute_grad, backend,
+                    check_finite, bf16_rows, precision)  # fmt: skip
     problem = (z, weight, index, offsets, sets, tau, compute_grad, check_finite, precision)
     if backend == "cpu":
         return _native_semantic_loss(
@@ -87,6 +126,8 @@ def _semantic_loss_cpu(z, weight, panels, bias, norm_bound, index, offsets, sets
 @_semantic_loss_op.register_kernel("cuda")
 def _semantic_loss_cuda(z, weight, panels, bias, norm_bound, index, offsets, sets, tau, compute_grad, backend,
                         check_finite, bf16_rows, precision="default"):  # fmt: skip
+    _check_operands(z, weight, panels, bias, norm_bound, index, offsets, sets, tau, compute_grad, backend,
+                    check_finite, bf16_rows, precision)  # fmt: skip
     problem = (z, weight, index, offsets, sets, tau, compute_grad, check_finite, precision)
     if backend == "triton":
         return gpu_semantic_loss.semantic_loss(*problem)
@@ -297,6 +338,7 @@ def semantic_loss(
         weight = _validate.codebook_weight(codebook, "codebook")
         dim, device, num_rows = weight.shape[1], weight.device, weight.shape[0]
     z = _validate.queries(z, dim, device, "z")
+    _validate.flag(check_finite, "check_finite")
     if isinstance(tau, bool) or not isinstance(tau, (int, float)):
         raise TypeError(f"tau must be a number, got {type(tau).__name__}")
     if not 0.0 < float(tau) < float("inf"):  # also rejects NaN

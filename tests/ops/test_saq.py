@@ -378,9 +378,13 @@ def test_prefilter_threads_and_batch_splits():
     assert torch.equal(whole, spae_fast.saq(z, weight, (1, 2, 4, 8), prefilter="none"))
 
 
-def test_too_many_layers():
-    with pytest.raises(ValueError, match="at most 64"):
-        spae_fast.saq(torch.randn(1, 6, 2, 2), torch.randn(30, 6), (2,) * 65)
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_too_many_layers(backend):
+    """Every backend takes the CUDA kernel's limit, 16 layers (so a model runs wherever it was trained)."""
+    z, weight = torch.randn(1, 6, 2, 2), torch.randn(30, 6)
+    assert spae_fast.saq(z, weight, (2,) * 16, backend=backend).shape == (1, 64)
+    with pytest.raises(ValueError, match="17 layers; every backend supports at most 16"):
+        spae_fast.saq(z, weight, (2,) * 17, backend=backend)
 
 
 def test_prefilter_argument():
