@@ -13,18 +13,19 @@
   trained with.
 - Images are fp32 in [-1, 1] (``imaging.load_image`` and the datasets produce that range).
 
-Checkpoints (`save_pretrained` / `from_pretrained`): a folder with ``config.json`` (the `SPAEConfig`, the
-codebook fingerprint, and the sha256 of the weights file) and ``model.safetensors``. Loading runs no pickle,
-checks the weights file against its recorded hash (a tampered or truncated file is refused) and every tensor
-name and shape against the config (a mismatched checkpoint is refused with the names that differ).
+Checkpoints (`save_pretrained` / `from_pretrained`, format in `spae_fast.checkpoint`): a folder with
+``model.safetensors``, whose metadata carries the `SPAEConfig` and one sha256 over config and weights, and
+``config.json``, a readable copy. Loading runs no pickle and verifies before it builds: config fields within
+bounds, the parameter count the config implies equal to what the file holds, the digest, then every tensor name
+and shape. Saving replaces the weights file atomically, so a killed save leaves the old or the new checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
+import operator
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,13 +35,46 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME  # noqa: F401  (re-exported)
 from .pyramid import DEFAULT_LAYERS
 from .quantizer import IdsLike, SPAEQuantizer, SPAEQuantizerOutput
 from .vocab import VocabCodebook
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
+# Upper bounds of the architecture fields: far above any useful SPAE, low enough that a corrupted or hostile
+# config cannot make construction loop for hours or ask the allocator for terabytes.
+CONFIG_BOUNDS = {
+    "image_size": (1, 8192),
+    "in_channels": (1, 64),
+    "base_channels": (1, 4096),
+    "num_res_blocks": (0, 64),
+    "channel_multiplier": (1, 64),
+    "levels": (1, 8),  # len(channel_multipliers)
+    "width": (1, 16384),  # base_channels * multiplier
+    "grid": (1, 1024),  # image_size / downsampling factor
+    "num_layers": (1, 64),  # len(layers)
+    "codebook_rows": (1, 2**31 - 1),
+    "codebook_dim": (1, 65536),
+}
+
+
+def _bounded_int(field: str, value: object, bound: str | None = None) -> int:
+    low, high = CONFIG_BOUNDS[bound or field]
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"SPAEConfig.{field} must be an int in [{low}, {high}], got {value!r}") from None
+    if not low <= number <= high:
+        raise ValueError(f"SPAEConfig.{field} must be an int in [{low}, {high}], got {number}")
+    return number
+
+
+def _int_tuple(field: str, values: object, bound: str, count_bound: str) -> tuple[int, ...]:
+    low, high = CONFIG_BOUNDS[count_bound]
+    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, torch.Tensor)) or not low <= len(values) <= high:
+        raise ValueError(f"SPAEConfig.{field} must be a sequence of {low} to {high} ints, got {values!r}"[:300])
+    return tuple(_bounded_int(f"{field}[{i}]", v, bound) for i, v in enumerate(values))
 
 
 @dataclasses.dataclass
@@ -75,19 +109,34 @@ class SPAEConfig:
     codebook_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
-        self.channel_multipliers = tuple(int(m) for m in self.channel_multipliers)
-        self.layers = tuple(int(s) for s in self.layers)
         for name in ("image_size", "in_channels", "base_channels", "num_res_blocks"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "num_res_blocks" else 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not self.channel_multipliers or min(self.channel_multipliers) < 1:
-            raise ValueError(f"channel_multipliers must be positive ints, got {self.channel_multipliers}")
+            setattr(self, name, _bounded_int(name, getattr(self, name)))
+        self.channel_multipliers = _int_tuple("channel_multipliers", self.channel_multipliers, "channel_multiplier", "levels")
+        for multiplier in self.channel_multipliers:
+            _bounded_int("base_channels * channel_multipliers[i]", self.base_channels * multiplier, "width")
         if self.image_size % self.downsample_factor:
             raise ValueError(
                 f"image_size {self.image_size} is not divisible by the encoder's downsampling factor "
                 f"{self.downsample_factor} (2 ** (len(channel_multipliers) - 1))"
             )
+        _bounded_int("image_size / downsampling factor (the latent grid)", self.grid, "grid")
+        self.layers = _int_tuple("layers", self.layers, "grid", "num_layers")
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0 <= self.beta < math.inf:
+            raise ValueError(f"SPAEConfig.beta must be a finite number >= 0, got {self.beta!r}")
+        for name in ("mode", "metric", "codebook"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not 0 < len(value) <= 4096:
+                raise ValueError(f"SPAEConfig.{name} must be a non-empty str, got {value!r}"[:300])
+        if self.token_filter is not None and not isinstance(self.token_filter, str):
+            raise ValueError(f"SPAEConfig.token_filter must be a str or None, got {self.token_filter!r}"[:300])
+        for name in ("codebook_rows", "codebook_dim"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _bounded_int(name, getattr(self, name)))
+        fingerprint = self.codebook_fingerprint
+        if fingerprint is not None and (
+            not isinstance(fingerprint, str) or len(fingerprint) != 64 or set(fingerprint) - set("0123456789abcdef")
+        ):
+            raise ValueError(f"SPAEConfig.codebook_fingerprint must be 64 lowercase hex digits, got {fingerprint!r}"[:300])
 
     @property
     def downsample_factor(self) -> int:
@@ -317,24 +366,11 @@ class SPAE(nn.Module):
     # ---- checkpoints ---------------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Writes ``config.json`` + ``model.safetensors`` into ``directory`` (created if needed)."""
-        from safetensors.torch import save_file
+        """Writes ``model.safetensors`` (config and weights, one digest) and its readable copy ``config.json``
+        into ``directory`` (created if needed), each atomically; format: `spae_fast.checkpoint`."""
+        from .checkpoint import save_model
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
-        weights = directory / WEIGHTS_NAME
-        temporary = weights.with_suffix(".tmp")
-        save_file(state, str(temporary), metadata={"format": "pt", "spae_fast_format": str(FORMAT_VERSION)})
-        os.replace(temporary, weights)
-        record = {
-            "spae_fast_format": FORMAT_VERSION,
-            "config": self.config.to_dict(),
-            "weights_sha256": _sha256(weights),
-            "tensors": {name: list(tensor.shape) for name, tensor in state.items()},
-        }
-        (directory / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
-        return directory
+        return save_model(self, directory)
 
     @classmethod
     def from_pretrained(
@@ -345,49 +381,10 @@ class SPAE(nn.Module):
         backend: str = "auto",
         map_location: str | torch.device = "cpu",
     ) -> SPAE:
-        """Loads a `save_pretrained` folder: no pickle; the weights file must match its recorded sha256 and the
-        tensors the config's architecture, and the codebook (loaded from the config when None) its fingerprint."""
-        from safetensors.torch import load_file
+        """Loads a `save_pretrained` folder: no pickle; config and weights are verified (bounds, implied size,
+        digest; `spae_fast.checkpoint`) before the codebook (loaded from the config when None, and checked
+        against its fingerprint) or the model is built. Works inside ``torch.inference_mode()`` (the model is
+        built outside it, so it can still be trained). Format-1 folders still load."""
+        from .checkpoint import load_model
 
-        directory = Path(directory)
-        config_file, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for file in (config_file, weights):
-            if not file.is_file():
-                raise FileNotFoundError(f"{directory} is not an SPAE checkpoint: {file.name} is missing")
-        try:
-            record = json.loads(config_file.read_text())
-            config = SPAEConfig.from_dict(record["config"])
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{config_file} is not a valid SPAE config: {error}") from error
-        if record.get("spae_fast_format") != FORMAT_VERSION:
-            raise ValueError(f"{config_file}: unsupported checkpoint format {record.get('spae_fast_format')!r}")
-        digest = _sha256(weights)
-        if digest != record.get("weights_sha256"):
-            raise ValueError(
-                f"{weights} does not match the sha256 recorded in {config_file.name} (tampered with, truncated or "
-                f"from another checkpoint): {digest} != {record.get('weights_sha256')}"
-            )
-        model = cls(config, codebook, backend=backend)
-        state = load_file(str(weights), device=str(map_location))
-        expected = model.state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        wrong = sorted(
-            f"{name}: {tuple(state[name].shape)} != {tuple(expected[name].shape)}"
-            for name in set(state) & set(expected)
-            if state[name].shape != expected[name].shape
-        )
-        if missing or unexpected or wrong:
-            raise ValueError(
-                f"{weights} does not fit the architecture in {config_file.name}: missing {missing[:5]}, unexpected "
-                f"{unexpected[:5]}, wrong shapes {wrong[:5]}"
-            )
-        model.load_state_dict(state)
-        return model.to(map_location)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return load_model(cls, directory, codebook, backend, map_location)

@@ -17,9 +17,16 @@ Outputs in ``out_dir`` (written by rank 0):
     metrics.jsonl        one JSON object per logged step (loss terms, alpha, step time) and per evaluation
                          (PSNR of every layer prefix on held-out images, relevance of the top layers' words)
     samples/step_N.png   originals, then reconstructions from 1, 2, ..., L layers
-    checkpoint/          the latest state: model (`SPAE.save_pretrained`), discriminator (safetensors) and
+    checkpoint/          the latest state: model (`SPAE.save_pretrained`), discriminator (safetensors),
                          trainer_state.pt (optimizer states, step; tensors only, loaded with weights_only=True)
+                         and checkpoint.json (size and sha256 of each file). The folder is written whole beside
+                         itself and swapped in (`spae_fast.checkpoint`): a kill leaves the previous or the new
+                         checkpoint, and a resume verifies every file before it reads one.
     model/               the final model, for `SPAE.from_pretrained`
+
+Every file is written atomically (`spae_fast._atomic`). A resume rewrites metrics.jsonl so that it ends at the
+checkpoint's step: records written after the checkpoint (lost progress) are dropped, so each step appears once;
+a run that does not resume starts it anew.
 
 Multi-process: run under ``torchrun --nproc-per-node N``; `setup_distributed` joins the process group (gloo on
 the CPU, nccl on GPUs), every rank reads its own shard of each epoch (`spae_fast.data.infinite_loader`) and
@@ -29,6 +36,7 @@ gradients are averaged by DDP. Each rank computes its own relevance and semantic
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -40,6 +48,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._atomic import atomic_write_json
+from ._integrity import CorruptFileError, load_safetensors
+from .checkpoint import save_training_checkpoint, truncate_metrics, verify_training_checkpoint
 from .losses import (
     LeCAMRegularizer,
     PatchDiscriminator,
@@ -165,10 +176,6 @@ def setup_distributed() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _write_json(path: Path, value: object) -> None:
-    path.write_text(json.dumps(value, indent=2) + "\n")
 
 
 class Trainer:
@@ -380,43 +387,48 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------------------------
 
     def save_checkpoint(self, folder: Path | None = None) -> Path:
-        """Model, discriminator and optimizer state into ``out_dir/checkpoint`` (rank 0 only)."""
+        """Model, discriminator and optimizer state into ``out_dir/checkpoint`` (rank 0 only), as one unit: a kill
+        at any point leaves the previous checkpoint or this one (`spae_fast.checkpoint`)."""
         folder = folder or self.out_dir / "checkpoint"
         if self.rank != 0:
             return folder
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        self.model.save_pretrained(folder)
+        files: dict[str, bytes] = {}
         state = {"step": self.step, "elapsed": self.elapsed, "optimizer": self.optimizer.state_dict()}
         if self.discriminator is not None:
-            save_file({k: v.contiguous() for k, v in self.discriminator.state_dict().items()}
-                      | {f"lecam.{k}": v for k, v in self.lecam.state_dict().items()},
-                      str(folder / DISCRIMINATOR_WEIGHTS))  # fmt: skip
+            files[DISCRIMINATOR_WEIGHTS] = save(
+                {k: v.detach().contiguous().cpu() for k, v in self.discriminator.state_dict().items()}
+                | {f"lecam.{k}": v.detach().contiguous().cpu() for k, v in self.lecam.state_dict().items()}
+            )
             state["discriminator_optimizer"] = self.discriminator_optimizer.state_dict()
-        temporary = folder / (TRAINER_STATE + ".tmp")
-        torch.save(state, temporary)
-        os.replace(temporary, folder / TRAINER_STATE)
-        return folder
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        files[TRAINER_STATE] = buffer.getvalue()
+        return save_training_checkpoint(folder, self.model, files, self.step)
 
     def load_checkpoint(self, folder: Path | None = None) -> None:
-        """Restores what `save_checkpoint` wrote (the model through `SPAE.from_pretrained`'s checks)."""
-        from safetensors.torch import load_file
-
-        folder = folder or self.out_dir / "checkpoint"
-        if not (folder / TRAINER_STATE).is_file():
-            raise FileNotFoundError(f"cannot resume: {folder / TRAINER_STATE} does not exist")
+        """Restores what `save_checkpoint` wrote, after checking every file against the checkpoint's manifest
+        (the model also through `SPAE.from_pretrained`'s checks)."""
+        folder, manifest = verify_training_checkpoint(folder or self.out_dir / "checkpoint", TRAINER_STATE)
         saved = SPAE.from_pretrained(folder, codebook=self.model.vocab)
         if saved.config != self.model.config:
             raise ValueError(f"cannot resume: the checkpoint's model config differs from this run's ({folder})")
-        self.model.load_state_dict(saved.state_dict())
-        state = torch.load(folder / TRAINER_STATE, map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
+        try:
+            state = torch.load(folder / TRAINER_STATE, map_location=self.device, weights_only=True)
+            step, elapsed = int(state["step"]), float(state.get("elapsed", 0.0))
+        except Exception as error:  # noqa: BLE001  (a legacy checkpoint has no manifest to catch a damaged file)
+            raise CorruptFileError(f"cannot resume: {folder / TRAINER_STATE} is not a readable trainer state: {error}") from None
+        if manifest is not None and step != manifest["step"]:
+            raise CorruptFileError(f"cannot resume: {folder / TRAINER_STATE} holds step {step}, its manifest {manifest['step']}")
         if self.discriminator is not None:
-            weights = load_file(str(folder / DISCRIMINATOR_WEIGHTS), device=str(self.device))
+            weights = load_safetensors(folder / DISCRIMINATOR_WEIGHTS, device=self.device)
             self.discriminator.load_state_dict({k: v for k, v in weights.items() if not k.startswith("lecam.")})
             self.lecam.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("lecam.")})
             self.discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
+        self.model.load_state_dict(saved.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.elapsed = step, elapsed
 
     # ---- the loop ------------------------------------------------------------------------------------------
 
@@ -455,11 +467,17 @@ class Trainer:
         config = self.config
         if self.rank == 0:
             (self.out_dir / "samples").mkdir(parents=True, exist_ok=True)
-            _write_json(self.out_dir / "train_config.json",
-                        {"train": dataclasses.asdict(config), "model": self.model.config.to_dict(),
-                         "world_size": self.world_size})  # fmt: skip
+            atomic_write_json(self.out_dir / "train_config.json",
+                              {"train": dataclasses.asdict(config), "model": self.model.config.to_dict(),
+                               "world_size": self.world_size})  # fmt: skip
         if resume:
             self.load_checkpoint()
+        last_eval: dict[str, object] = {}
+        last_eval_step = -1
+        if self.rank == 0:  # metrics.jsonl restarts at this step: each step is logged once
+            logged = truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
+            if logged is not None and isinstance(logged.get("eval"), dict):
+                last_eval, last_eval_step = logged["eval"], self.step
         loader: Iterator = infinite_loader(
             self.dataset, config.batch_size, config.seed, self.rank, self.world_size, start_step=self.step
         )
@@ -470,7 +488,6 @@ class Trainer:
             bar = tqdm(total=config.steps, initial=self.step, desc="train", dynamic_ncols=True)
         started, step_times = time.perf_counter(), []
         elapsed_before = self.elapsed
-        last_eval: dict[str, object] = {}
         while self.step < config.steps:
             if config.max_minutes is not None and self.elapsed >= 60 * config.max_minutes:
                 break
@@ -487,12 +504,12 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['total']:.4f}", psnr=f"{metrics['psnr']:.2f}")
             if self.step % config.eval_every == 0:
-                last_eval = self._evaluate_and_save_samples()
+                last_eval, last_eval_step = self._evaluate_and_save_samples(), self.step
             if self.step % config.save_every == 0:
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
-        if not last_eval or self.step % config.eval_every:
+        if last_eval_step != self.step:
             last_eval = self._evaluate_and_save_samples()
         self.save_checkpoint()
         if self.rank == 0:

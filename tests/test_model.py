@@ -184,7 +184,7 @@ def test_mismatched_architecture_is_refused(model, vocab, tmp_path):
     record = json.loads((folder / "config.json").read_text())
     record["config"]["base_channels"] = 16
     (folder / "config.json").write_text(json.dumps(record))
-    with pytest.raises(ValueError, match="does not fit the architecture"):
+    with pytest.raises(ValueError, match="config.json was edited"):  # the verified config is in the weights
         SPAE.from_pretrained(folder, codebook=vocab)
 
 
@@ -199,7 +199,12 @@ def test_missing_or_broken_checkpoint(tmp_path, vocab):
         SPAE.from_pretrained(tmp_path, codebook=vocab)
     (tmp_path / "config.json").write_text("{not json")
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="not a valid SPAE config"):
+    with pytest.raises(ValueError, match="model.safetensors: a safetensors file starts with an 8-byte header"):
+        SPAE.from_pretrained(tmp_path, codebook=vocab)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))  # no embedded config: format 1
+    with pytest.raises(ValueError, match=r"config.json: the SPAE config is not valid JSON \(.* line 1, column 2\)"):
         SPAE.from_pretrained(tmp_path, codebook=vocab)
     (tmp_path / "config.json").write_text(json.dumps({"spae_fast_format": 1, "config": {"bogus": 1}}))
     with pytest.raises(ValueError, match="unknown SPAEConfig fields"):
