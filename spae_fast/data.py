@@ -16,6 +16,7 @@ which the loader uses instead of per-item indexing.
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -45,6 +46,12 @@ SKIMAGE_NAMES = (
     "astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "immunohistochemistry",
     "hubble_deep_field", "retina", "colorwheel", "brick", "grass", "gravel", "clock", "page", "text",
 )  # fmt: skip
+
+
+def _check_int(name: str, value: object, low: int | None) -> None:
+    """An int (>= low unless None); bools (an int subclass) and floats (never truncated) are refused."""
+    if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
+        raise ValueError(f"{name} must be an int{'' if low is None else f' >= {low}'}, got {value!r}")
 
 
 def _check_image_size(image_size: int) -> None:
@@ -107,14 +114,21 @@ class DigitsDataset(_InMemoryDataset):
         _check_image_size(image_size)
         if split not in ("train", "test", "all"):
             raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
-        if not 0.0 < test_fraction < 1.0:
+        if isinstance(test_fraction, bool) or not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+        _check_int("seed", seed, None)
         if classes is None:
             classes = tuple(range(10))
         else:
-            classes = tuple(sorted({int(c) for c in classes}))
+            given = classes.tolist() if hasattr(classes, "tolist") else classes  # numpy / torch
+            try:  # operator.index: ints and numpy ints, never 1.5 -> class 1 or True -> class 1
+                if isinstance(given, (str, bytes)) or any(isinstance(c, bool) for c in given):
+                    raise TypeError
+                classes = tuple(sorted({operator.index(c) for c in given}))
+            except TypeError:
+                raise ValueError(f"classes must be a non-empty subset of 0..9 (ints), got {given!r}") from None
             if not classes or classes[0] < 0 or classes[-1] > 9:
-                raise ValueError(f"classes must be a non-empty subset of 0..9, got {classes!r}")
+                raise ValueError(f"classes must be a non-empty subset of 0..9, got {given!r}")
         from sklearn.datasets import load_digits
 
         digits = load_digits()
@@ -231,9 +245,10 @@ class SkimageDataset(_InMemoryDataset):
         min_crop_fraction: float = 0.5,
     ) -> None:
         _check_image_size(image_size)
-        if not isinstance(crops_per_image, int) or crops_per_image < 1:
+        if isinstance(crops_per_image, bool) or not isinstance(crops_per_image, int) or crops_per_image < 1:
             raise ValueError(f"crops_per_image must be a positive int, got {crops_per_image!r}")
-        if not 0.0 < min_crop_fraction <= 1.0:
+        _check_int("seed", seed, None)
+        if isinstance(min_crop_fraction, bool) or not 0.0 < min_crop_fraction <= 1.0:
             raise ValueError(f"min_crop_fraction must be in (0, 1], got {min_crop_fraction!r}")
         import warnings
 
@@ -317,9 +332,8 @@ def infinite_loader(
     item and ``torch.stack``-ed.
     """
     for name, value, low in (("batch_size", batch_size, 1), ("world_size", world_size, 1),
-                             ("rank", rank, 0), ("start_step", start_step, 0)):  # fmt: skip
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+                             ("rank", rank, 0), ("start_step", start_step, 0), ("seed", seed, None)):  # fmt: skip
+        _check_int(name, value, low)
     if rank >= world_size:
         raise ValueError(f"rank must be < world_size = {world_size}, got {rank}")
     size = len(dataset)

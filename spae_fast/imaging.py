@@ -67,14 +67,20 @@ def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     Converted to RGB (grey, palette and RGBA too), resized with bicubic filtering so the shorter side is
     ``size``, then center-cropped to a square.
     """
-    if not isinstance(size, int) or size < 1:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be a positive int, got {size!r}")
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{str(path)!r} is a folder, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {str(path)!r}")
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        return pil_to_tensor(resize_center_crop(image, size))
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")  # decodes the whole file: truncated data fails here
+            return pil_to_tensor(resize_center_crop(image, size))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        # PIL's messages may not name the file ("image file is truncated"); SyntaxError: broken PNG chunks
+        raise ValueError(f"{str(path)!r} is not a readable image ({' '.join(str(error).split())})") from error
 
 
 def _as_batch(images: torch.Tensor, name: str = "images") -> torch.Tensor:
@@ -92,6 +98,11 @@ def _as_batch(images: torch.Tensor, name: str = "images") -> torch.Tensor:
     return images
 
 
+def _check_pad_value(pad_value: float) -> None:
+    if isinstance(pad_value, bool) or not isinstance(pad_value, (int, float)) or not math.isfinite(pad_value):
+        raise ValueError(f"pad_value must be a finite number (1.0 white, -1.0 black), got {pad_value!r}")
+
+
 def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 1.0) -> torch.Tensor:
     """Tile ``images [B, 3, H, W]`` into one image ``[3, H', W']`` (same layout as torchvision's ``make_grid``).
 
@@ -101,10 +112,11 @@ def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: 
     is returned as a 1-image grid. Output on the CPU, float32.
     """
     images = _as_batch(images)
-    if not isinstance(nrow, int) or nrow < 1:
+    if isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1:
         raise ValueError(f"nrow must be a positive int, got {nrow!r}")
-    if not isinstance(padding, int) or padding < 0:
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
         raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+    _check_pad_value(pad_value)
     count, channels, height, width = images.shape
     if count == 0:
         raise ValueError("images is empty (B = 0)")

@@ -21,6 +21,7 @@ Everything here is plain PyTorch; images are ``[B, 3, H, W]`` floats in [-1, 1].
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Sequence
 
@@ -54,6 +55,20 @@ VGG16_TAPS: tuple[int, ...] = (3, 8, 15, 22, 29)
 # ImageNet statistics for inputs in [0, 1].
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _number(name: str, value: object, *, minimum: float | None = None, above: float | None = None) -> float:
+    """A finite real number (bools refused: True is not a weight), ``>= minimum`` / ``> above``; as a float."""
+    bound = f" >= {minimum:g}" if minimum is not None else f" > {above:g}" if above is not None else ""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or (minimum is not None and value < minimum)
+        or (above is not None and value <= above)
+    ):
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    return float(value)
 
 
 def _check_same_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
@@ -98,8 +113,7 @@ def psnr(reconstruction: torch.Tensor, images: torch.Tensor, data_range: float =
     _check_same_shape(reconstruction, images, "reconstruction", "images")
     if reconstruction.dim() < 2:
         raise ValueError(f"reconstruction must be batched [B, ...], got shape {tuple(reconstruction.shape)}")
-    if not data_range > 0:
-        raise ValueError(f"data_range must be > 0, got {data_range}")
+    data_range = _number("data_range", data_range, above=0)
     with torch.no_grad():
         half = data_range / 2.0
         recon = reconstruction.detach().double().clamp(-half, half)
@@ -150,10 +164,10 @@ class PatchDiscriminator(nn.Module):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("base_channels", base_channels),
                             ("num_layers", num_layers), ("num_groups", num_groups)):  # fmt: skip
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if image_size is not None:
-            if not isinstance(image_size, int) or image_size < 6:
+            if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 6:
                 raise ValueError(
                     f"image_size must be an int >= 6 (the smallest a PatchGAN can see), got {image_size!r}"
                 )
@@ -243,7 +257,7 @@ class LeCAMRegularizer(nn.Module):
 
     def __init__(self, decay: float = 0.99) -> None:
         super().__init__()
-        if not 0.0 <= decay < 1.0:
+        if not _number("decay", decay, minimum=0.0) < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.register_buffer("ema_real", torch.zeros(()))
@@ -356,14 +370,18 @@ class PerceptualLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.enabled = features is not None
-        self.eps = eps
+        self.eps = _number("eps", eps, above=0)
         self.layers: tuple[int, ...] | None = None
         if layers is not None:
             if not isinstance(features, nn.Sequential):
                 raise ValueError(
                     "layers= needs features to be an nn.Sequential (indices of the modules to tap)"
                 )
-            layers = tuple(int(i) for i in layers)
+            if isinstance(layers, (str, bytes)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in layers
+            ):  # never truncate 2.5 to 2
+                raise ValueError(f"layers must be int indices into features, got {layers!r}")
+            layers = tuple(layers)
             if (
                 not layers
                 or sorted(set(layers)) != list(layers)
@@ -375,7 +393,7 @@ class PerceptualLoss(nn.Module):
                 )
             self.layers = layers
         if weights is not None:
-            weights = tuple(float(w) for w in weights)
+            weights = tuple(_number(f"weights[{i}]", w, minimum=0.0) for i, w in enumerate(weights))
             if self.layers is not None and len(weights) != len(self.layers):
                 raise ValueError(
                     f"weights has {len(weights)} entries but layers taps {len(self.layers)} maps"
@@ -524,10 +542,8 @@ def dynamic_semantic_weight(
     """
     if mode not in SEMANTIC_WEIGHT_MODES:
         raise ValueError(f"mode must be one of {SEMANTIC_WEIGHT_MODES}, got {mode!r}")
-    if not (isinstance(alpha0, (int, float)) and math.isfinite(alpha0) and alpha0 >= 0):
-        raise ValueError(f"alpha0 must be a finite number >= 0, got {alpha0!r}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    alpha0 = _number("alpha0", alpha0, minimum=0.0)
+    eps = _number("eps", eps, above=0)
     app = torch.as_tensor(app_loss).detach()
     if mode == "constant":
         return torch.tensor(
@@ -558,8 +574,8 @@ def adaptive_gan_weight(
     """
     if not last_layer_weight.requires_grad:
         raise ValueError("last_layer_weight must require grad (the decoder's last layer weight)")
-    if not max_weight > 0:
-        raise ValueError(f"max_weight must be > 0, got {max_weight}")
+    max_weight = _number("max_weight", max_weight, above=0)
+    eps = _number("eps", eps, above=0)
     nll_grad = torch.autograd.grad(nll_loss, last_layer_weight, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True)[0]
     weight = nll_grad.norm() / (g_grad.norm() + eps)

@@ -15,15 +15,53 @@ layer, raster order inside a layer; layer l's tokens occupy columns ``[first_l, 
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Sequence
 
 DEFAULT_LAYERS = (1, 2, 4, 8, 16, 16)
 DEFAULT_GRID = 16
 
 
+def _kind(value: object) -> str:
+    name = "bool" if isinstance(value, bool) else type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def check_sides(layers: object, name: str = "layers") -> tuple[int, ...]:
+    """``layers`` as a tuple of ints: a non-empty sequence (list, tuple, range, 1-D array) of positive ints.
+
+    TypeError for anything else (a bare int, a string, floats such as 1.9 that would have to be truncated,
+    bools), ValueError for an empty sequence or a side < 1. `TokenPyramid` checks its sides with this, so
+    `spae_fast.saq` and `SPAEQuantizer` (which build one) reject bad layers with the same message.
+    """
+    expected = f"{name} must be a non-empty sequence of positive ints (the layer sides, e.g. (1, 2, 4, 8))"
+    if hasattr(layers, "tolist") and not isinstance(layers, Sequence):  # a numpy array or torch tensor
+        layers = layers.tolist()
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+        raise TypeError(f"{expected}, got {layers!r} ({_kind(layers)})")
+    sides = []
+    for index, side in enumerate(layers):
+        # operator.index accepts int and numpy ints but not floats (never truncate 1.9 to 1); bool is an int
+        # subclass that is never meant as a side
+        try:
+            if isinstance(side, bool) or type(side).__name__ == "bool_":
+                raise TypeError
+            sides.append(operator.index(side))
+        except TypeError:
+            raise TypeError(f"{expected}, got {list(layers)!r}: {name}[{index}] = {side!r} is {_kind(side)}") from None
+    if not sides:
+        raise ValueError(f"{expected}, got an empty {type(layers).__name__}")
+    for index, side in enumerate(sides):
+        if side < 1:
+            raise ValueError(f"{expected}, got {sides}: {name}[{index}] (layer {index + 1}) = {side} is not positive")
+    return tuple(sides)
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenPyramid:
-    """Geometry of a token pyramid: layer sides (non-decreasing, each dividing ``grid``) on a square grid."""
+    """Geometry of a token pyramid: layer sides (non-decreasing, each dividing ``grid``) on a square grid.
+
+    ``sides`` may be any sequence of positive ints (`check_sides`); it is stored as a tuple."""
 
     sides: tuple[int, ...] = DEFAULT_LAYERS
     grid: int = DEFAULT_GRID
@@ -31,12 +69,8 @@ class TokenPyramid:
     def __post_init__(self) -> None:
         if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 1:
             raise ValueError(f"grid must be a positive int, got {self.grid!r}")
-        sides = tuple(self.sides) if isinstance(self.sides, Sequence) else None
-        if not sides:
-            raise ValueError(f"layers must be a non-empty sequence of layer sides, got {self.sides!r}")
+        sides = check_sides(self.sides)
         for layer, side in enumerate(sides, 1):
-            if isinstance(side, bool) or not isinstance(side, int) or side < 1:
-                raise ValueError(f"layers[{layer - 1}] (layer {layer}) must be a positive int side, got {side!r}")
             if self.grid % side:
                 raise ValueError(
                     f"grid {self.grid} is not divisible by layers[{layer - 1}] = {side} (layer {layer}); every "

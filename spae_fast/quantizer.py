@@ -23,6 +23,7 @@ autograd keeps one [B, D, g, g] tensor instead of L of them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -101,10 +102,14 @@ class SPAEQuantizer(nn.Module):
             raise ValueError(f"mode must be one of {SAQ_MODES}, got {mode!r}")
         if metric not in QUANTIZER_METRICS:
             raise ValueError(f"metric must be one of {QUANTIZER_METRICS}, got {metric!r}")
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
-            raise ValueError(f"beta must be a number >= 0, got {beta!r}")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+            raise TypeError(f"beta must be a finite number >= 0, got {type(beta).__name__} {beta!r}")
+        if not (math.isfinite(beta) and beta >= 0):  # inf would make every loss inf, NaN every gradient NaN
+            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+        if not isinstance(check_finite, bool):  # None or 0 would silently switch the check off
+            raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__} {check_finite!r}")
         resolve_backend(backend, codebook.device)  # reject unknown / unavailable backends now
-        self.pyramid = TokenPyramid(tuple(layers), grid)
+        self.pyramid = TokenPyramid(layers, grid)  # checks layers: a non-empty sequence of positive ints
         if self.pyramid.num_layers > SAQ_MAX_LAYERS:
             raise ValueError(f"layers has {self.pyramid.num_layers} layers; at most {SAQ_MAX_LAYERS} are supported")
         self.mode = mode
@@ -203,7 +208,8 @@ class SPAEQuantizer(nn.Module):
             difference = self._reconstruct(covering, layer).view(batch, grid, grid, dim)  # z_hat_l
             mean_reconstruction.add_(difference)
             difference.sub_(target)  # z_hat_l - z, in place
-            errors.append(torch.dot(difference.view(-1), difference.view(-1)) / difference.numel())
+            # max(.., 1): an empty batch (B = 0) has zero error, not 0 / 0
+            errors.append(torch.dot(difference.view(-1), difference.view(-1)) / max(difference.numel(), 1))
         layer_errors = torch.stack(errors)  # [L] mean ||z - z_hat_l||^2
 
         step = difference.permute(0, 3, 1, 2)  # z_hat_L - z  [B, D, g, g]
@@ -213,7 +219,7 @@ class SPAEQuantizer(nn.Module):
         # with m = sum_l z_hat_l, so the linear surrogate beta <z, c>, c = 2 (z - m / L) / numel (built in
         # m's buffer), carries it with one saved buffer; the detached correction makes the value exactly
         # beta * layer_errors.mean().
-        coefficient = mean_reconstruction.mul_(-1.0 / self.num_layers).add_(target).mul_(2.0 / target.numel())
+        coefficient = mean_reconstruction.mul_(-1.0 / self.num_layers).add_(target).mul_(2.0 / max(target.numel(), 1))
         surrogate = (latent * coefficient.permute(0, 3, 1, 2)).sum()
         loss = self.beta * (surrogate + (layer_errors.mean() - surrogate).detach())
         return SPAEQuantizerOutput(quantized, ids, loss, layer_errors.detach())
@@ -272,6 +278,8 @@ class SPAEQuantizer(nn.Module):
     def flatten_ids(self, ids: IdsLike, num_layers: int | None = None) -> torch.Tensor:
         """Per-layer ids (or an already flat ``[B, n]`` tensor) -> ``[B, total of the first num_layers]``
         (``num_layers=None``: every layer ``ids`` holds)."""
+        if not isinstance(ids, torch.Tensor) and (isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence)):
+            raise TypeError(f"ids must be a [B, n] tensor or a list of [B, s_l, s_l] tensors, got {type(ids).__name__}")
         if isinstance(ids, torch.Tensor):
             if ids.dim() != 2:
                 raise ValueError(f"ids must be [B, n] or a list of [B, s_l, s_l] tensors, got shape {tuple(ids.shape)}")
@@ -289,13 +297,17 @@ class SPAEQuantizer(nn.Module):
         for layer in range(num_layers):
             side = self.layers[layer]
             layer_ids = layers[layer]
+            if not isinstance(layer_ids, torch.Tensor):
+                raise TypeError(f"ids of layer {layer + 1} must be a tensor [B, {side}, {side}], got {type(layer_ids).__name__}")
             if layer_ids.dim() < 2 or layer_ids.shape[-1] * (layer_ids.shape[-2] if layer_ids.dim() == 3 else 1) != side * side:
                 raise ValueError(f"ids of layer {layer + 1} must be [B, {side}, {side}] (or [B, {side * side}]), got {tuple(layer_ids.shape)}")
+            if layer_ids.dtype.is_floating_point or layer_ids.dtype.is_complex or layer_ids.dtype == torch.bool:
+                # checked per layer: torch.cat would promote a bool layer next to int ones to 0 / 1 rows
+                raise TypeError(f"ids must be integer codebook rows, got {layer_ids.dtype} (layer {layer + 1})")
+            if layer_ids.shape[0] != layers[0].shape[0]:
+                raise ValueError(f"ids of layer {layer + 1} hold {layer_ids.shape[0]} images, layer 1 holds {layers[0].shape[0]}")
             flat.append(layer_ids.reshape(layer_ids.shape[0], side * side))
-        out = torch.cat(flat, dim=1)
-        if out.dtype.is_floating_point:
-            raise TypeError(f"ids must be integer codebook rows, got {out.dtype}")
-        return out.to(torch.int64)
+        return torch.cat(flat, dim=1).to(torch.int64)
 
     def _codebook_rows(self, ids: IdsLike, num_layers: int | None = None) -> torch.Tensor:
         """`flatten_ids`, checked to be rows of this codebook, on the codebook's device."""
@@ -310,7 +322,7 @@ class SPAEQuantizer(nn.Module):
         flat = self._codebook_rows(ids, num_layers)
         covering = self._covering(flat)
         cells = self._reconstruct(covering, covering.shape[1])  # [B g g, D]
-        return cells.view(flat.shape[0], self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        return cells.view(flat.shape[0], self.grid, self.grid, self.weight.shape[1]).permute(0, 3, 1, 2)
 
     def prefix_latents(self, ids: IdsLike, num_layers: torch.Tensor) -> torch.Tensor:
         """z_hat of a different prefix per image: ``num_layers`` ``[B]`` ints in 1 .. L -> ``[B, D, g, g]`` fp32,
@@ -329,7 +341,7 @@ class SPAEQuantizer(nn.Module):
         used = (torch.arange(available, device=covering.device)[None, :] < counts).float()
         weights = used / counts if self.mode == "saq" else used  # running mean (SAQ) or sum (RQ) of the prefix
         cells = F.embedding_bag(covering, self.weight, mode="sum", per_sample_weights=weights.to(self.weight.dtype))
-        return cells.float().view(flat.shape[0], self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        return cells.float().view(flat.shape[0], self.grid, self.grid, self.weight.shape[1]).permute(0, 3, 1, 2)
 
     # ---- ids <-> words ------------------------------------------------------------------------------------
 

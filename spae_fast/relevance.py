@@ -80,6 +80,20 @@ OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.2757771
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _check_options(batch_size: object, cache: object) -> int:
+    """The providers' shared options: ``batch_size`` an int >= 1 (never a truncated float), ``cache`` a bool."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not isinstance(cache, bool):  # None would silently mean "no cache"
+        raise TypeError(f"cache must be a bool, got {type(cache).__name__} {cache!r}")
+    return batch_size
+
+
+def _looks_like_path(text: str) -> bool:
+    """A local path rather than a Hub id (the rule `spae_fast.vocab.load_embedding` uses)."""
+    return os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1
+
+
 class CLIPRelevance:
     """CLIP image-text relevance of every codebook token (SPAE-METHOD.md §4).
 
@@ -137,9 +151,7 @@ class CLIPRelevance:
         self.contrast = contrast
         words = check_vocab(vocab)
         self.templates = check_templates(templates)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.batch_size = int(batch_size)
+        self.batch_size = _check_options(batch_size, cache)
         self.vocab = vocab
         self.image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
         self.image_std: tuple[float, ...] = OPENAI_CLIP_STD
@@ -150,6 +162,8 @@ class CLIPRelevance:
             self._take_mean_std(processor_or_tokenizer.image_processor)
         if isinstance(model, (str, os.PathLike)):
             folder = Path(model)
+            if not folder.exists() and _looks_like_path(str(model)):  # else transformers tries it as a Hub id
+                raise FileNotFoundError(f"CLIP model folder not found: {model}")
             self.model = transformers.CLIPModel.from_pretrained(str(model))
             # a folder is known by its files; anything else from_pretrained resolved (a Hub cache) by its weights
             identity: dict[str, Any] = (
@@ -340,6 +354,7 @@ def _max_seq_length(folder: Path | None, tokenizer: Any) -> int:
 
 
 LABEL_CONTRASTS = ("classes", "none")
+
 CLIP_CONTRASTS = ("none", "batch")
 
 
@@ -413,7 +428,7 @@ class LabelTextRelevance:
         require_transformers("LabelTextRelevance")
         if contrast not in LABEL_CONTRASTS:
             raise ValueError(f"contrast must be one of {LABEL_CONTRASTS}, got {contrast!r}")
-        if not (isinstance(margin, (int, float)) and 0.0 <= float(margin) < float("inf")):
+        if isinstance(margin, bool) or not (isinstance(margin, (int, float)) and 0.0 <= float(margin) < float("inf")):
             raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
         self.contrast, self.margin = contrast, float(margin)
         words = check_vocab(vocab)
@@ -423,9 +438,7 @@ class LabelTextRelevance:
         if not self.class_names:
             raise ValueError("class_names must name at least one class")
         self.templates = check_templates(templates)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.batch_size = int(batch_size)
+        self.batch_size = _check_options(batch_size, cache)
         self.vocab = vocab
         self._device = torch.device(device) if device is not None else None
 
@@ -578,11 +591,11 @@ class LabelTextRelevance:
 
 
 __all__ = [
+    "CLIP_CONTRASTS",
     "DEFAULT_TEMPLATES",
+    "LABEL_CONTRASTS",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
-    "CLIP_CONTRASTS",
-    "LABEL_CONTRASTS",
     "CLIPRelevance",
     "LabelTextRelevance",
     "contrast_classes",

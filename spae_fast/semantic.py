@@ -19,10 +19,14 @@ Example (the SAQ targets of the top 3 layers, 1 + 4 + 16 = 21 positions per imag
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from typing import Protocol
 
 import torch
+
+from .pyramid import check_sides
 
 DEFAULT_THRESHOLDS = (0.98, 0.95, 0.90)
 
@@ -105,9 +109,22 @@ def candidates_from_relevance(
     ):
         shown = tuple(relevance.shape) if isinstance(relevance, torch.Tensor) else type(relevance).__name__
         raise ValueError(f"relevance must be a floating [B, V] tensor, got {shown}")
-    thresholds = [float(rho) for rho in thresholds]
+    if not isinstance(normalize, bool):  # None would silently mean "do not normalise"
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__} {normalize!r}")
+    if hasattr(thresholds, "tolist") and not isinstance(thresholds, Sequence):  # a numpy array or tensor
+        thresholds = thresholds.tolist()
+    if isinstance(thresholds, (str, bytes)) or not isinstance(thresholds, Sequence):
+        raise TypeError(f"thresholds must be a sequence of numbers (one rho per semantic layer), got {thresholds!r}")
     if not thresholds:
         raise ValueError("thresholds must hold at least one rho (one per semantic layer)")
+    for layer, rho in enumerate(thresholds):
+        # NaN would make every candidate set empty; normalised scores live in [0, 1]
+        if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not math.isfinite(rho) or (
+            normalize and not 0.0 <= rho <= 1.0
+        ):
+            expected = "a number in [0, 1] (normalised scores)" if normalize else "a finite number"
+            raise ValueError(f"thresholds[{layer}] must be {expected}, got {rho!r}")
+    thresholds = [float(rho) for rho in thresholds]
     score = normalize_relevance(relevance) if normalize else relevance.float()
     mask = torch.stack([score >= rho for rho in thresholds], dim=1).reshape(-1, score.shape[1])  # [B * L, V]
     index = mask.nonzero()[:, 1].contiguous()
@@ -121,9 +138,9 @@ def pyramid_set_of_position(
 ) -> torch.Tensor:
     """``[B, sum_l s_l^2]`` int64: the set (``b * L + l``) of every position of the top L = len(sides) pyramid
     layers, laid out as the SAQ ids (layer after layer, raster order within a layer)."""
-    sides = [int(side) for side in sides]
-    if batch < 0 or not sides or any(side < 1 for side in sides):
-        raise ValueError(f"need batch >= 0 and positive layer sides, got batch={batch}, sides={sides}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+        raise ValueError(f"batch must be an int >= 0, got {batch!r}")
+    sides = list(check_sides(sides, "sides"))  # positive ints; never truncates 2.5 to 2
     layer = torch.cat([torch.full((side * side,), i, dtype=torch.int64) for i, side in enumerate(sides)])
     sets = torch.arange(batch, dtype=torch.int64)[:, None] * len(sides) + layer[None, :]
     return sets.to(device)
