@@ -15,6 +15,12 @@ functions in its `Command`), and add one `Command` line to `COMMANDS`. The modul
 subcommand runs (or its ``--help`` is built), so a heavy dependency of one command never slows the others.
 A command whose options belong to a script it runs sets ``raw_argv``: its run function then takes the
 arguments unparsed.
+
+Errors: a command raises (`CommandError` for what it checks itself, or ValueError / TypeError / OSError /
+RuntimeError / ImportError from the library); `main` prints one line, ``spae-fast: error: ...``, to stderr and
+returns 2 (argparse's usage errors also exit 2). Anything else is a bug in spae_fast: one line saying so, with
+the hint to rerun with ``--debug``, exit 1. Ctrl-C exits 130. ``--debug`` (anywhere on the command line, or
+``SPAE_FAST_DEBUG=1``) lets every exception propagate with its traceback instead.
 """
 
 from __future__ import annotations
@@ -22,8 +28,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import math
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_USER_ERROR = 2  # bad arguments or inputs (argparse's usage errors exit 2 too)
+EXIT_INTERNAL_ERROR = 1  # a bug in spae_fast
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "SPAE_FAST_DEBUG"
+# Exceptions that bad arguments, files or environments cause (missing files, corrupt checkpoints, unreadable
+# images, invalid values, a missing optional package); each becomes one line. UnicodeDecodeError is a ValueError.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError, RuntimeError, ImportError)
+
+
+class CommandError(Exception):
+    """An error a command found in its arguments or inputs: printed as one line, exit status 2."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +100,83 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# Argument types and output checks shared by the commands: a bad value fails at parse time (argparse prints
+# usage and the option's name) or before any slow work (loading models, training).
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (``nan`` and ``inf`` would pass ``float()``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _writable_parent(path: Path, option: str) -> None:
+    """The nearest existing ancestor of ``path`` must be a writable folder (the command creates the rest)."""
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CommandError(f"{option} {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK):
+        raise CommandError(f"{option} {path}: the folder {ancestor} is not writable")
+
+
+def output_file(text: str, option: str = "--out") -> Path:
+    """A file a command will write, checked before it does its work: not a folder, in a writable place."""
+    path = Path(text)
+    if path.is_dir():
+        raise CommandError(f"{option} {path} is a folder; give a file path (e.g. {path / 'out.png'})")
+    _writable_parent(path, option)
+    return path
+
+
+def output_folder(text: str, option: str = "--out") -> Path:
+    """A folder a command will create or fill, checked before it does its work."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise CommandError(f"{option} {path} is a file; give a folder")
+    if not path.exists():
+        _writable_parent(path, option)
+    elif not os.access(path, os.W_OK):
+        raise CommandError(f"{option} {path}: the folder is not writable")
+    return path
+
+
+def looks_like_path(text: str) -> bool:
+    """Whether a model argument names a local path rather than a hub id (the rule `spae_fast.vocab` uses)."""
+    return os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1 or os.sep in text[:1]
+
+
+def existing_path(text: str, option: str) -> str:
+    """``text`` unchanged when it exists or is not path-like (a hub id or an alias such as ``smollm2``);
+    a CommandError naming the option for a path that does not exist."""
+    if looks_like_path(text) and not os.path.exists(os.path.expanduser(text)):
+        raise CommandError(f"{option} {text}: no such file or folder")
+    return text
+
+
 # Shared by the commands that take a set of classes (train, fewshot).
 def parse_classes(text: str | None) -> list[int] | None:
     """``"5-9"`` -> [5, 6, 7, 8, 9]; ``"0,2,4"`` -> [0, 2, 4]; ``"0-2,7"`` -> [0, 1, 2, 7]; None -> None."""
@@ -110,6 +210,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
         "vocabularies).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(DEBUG_FLAG, action="store_true", help="show the full traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
         sub = subparsers.add_parser(
@@ -125,21 +226,85 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
             if module.__name__ != __name__ and doc:
                 sub.description = doc
             getattr(module, command.add_arguments)(sub)
+        sub.add_argument(DEBUG_FLAG, action="store_true", default=argparse.SUPPRESS,
+                         help="show the full traceback of an error")  # fmt: skip
         sub.set_defaults(_command=command)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``spae-fast`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _one_line(error: BaseException) -> str:
+    """The exception's message on one line (torch and OS errors can span several)."""
+    text = " ".join(str(error).split())
+    if isinstance(error, KeyError) and len(error.args) == 1:  # str(KeyError) quotes its message
+        text = str(error.args[0])
+    return text or type(error).__name__
+
+
+def _close_progress_bars() -> None:
+    """Ends any tqdm bar an interrupted command left open, so the error starts on a line of its own."""
+    tqdm = sys.modules.get("tqdm")  # only when a command used it
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001, S110 - a bar that cannot close must not hide the error
+            pass
+
+
+def _report(error: BaseException) -> int:
+    """Prints the one-line message for ``error`` to stderr; returns the exit status."""
+    _close_progress_bars()
+    sys.stdout.flush()  # keep what the command printed before the error in order
+    if isinstance(error, (CommandError, *USER_ERRORS)):
+        print(f"spae-fast: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    print(f"spae-fast: error: internal error ({type(error).__name__}: {_one_line(error)}); rerun with "
+          f"{DEBUG_FLAG} for the traceback and please report it", file=sys.stderr)  # fmt: skip
+    return EXIT_INTERNAL_ERROR
+
+
+def _run(argv: list[str]) -> int:
     selected = argv[0] if argv and not argv[0].startswith("-") else None
     raw = next((c for c in COMMANDS if c.name == selected and c.raw_argv), None)
     if raw is not None:
         return int(getattr(_load(raw), raw.run)(argv[1:]) or 0)
     args = build_parser(selected or "").parse_args(argv)
-    args.argv = argv[1:]  # the subcommand's own arguments, for reports that say how they were made
+    args.argv = [a for a in argv[1:] if a != DEBUG_FLAG]  # the subcommand's own arguments, for reports
     command = args._command
     return int(getattr(_load(command), command.run)(args) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``spae-fast`` console script: the command's exit status; errors as one line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    while argv[:1] == [DEBUG_FLAG]:  # the global flag, before the command
+        debug, argv = True, argv[1:]
+    raw = bool(argv) and any(c.name == argv[0] and c.raw_argv for c in COMMANDS)
+    if not raw and DEBUG_FLAG in argv:  # also accepted after the command (a raw command's script owns its own)
+        debug = True
+    try:
+        return _run(argv)
+    except SystemExit:
+        raise  # argparse's --help / usage errors: it has printed them
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _close_progress_bars()
+        sys.stdout.flush()
+        print("spae-fast: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`spae-fast tokenize ... | head`): nothing left to tell it. Point stdout at
+        # devnull so the interpreter's final flush does not raise again (the Python docs' recipe).
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass  # no real file descriptor (a captured stream)
+        return EXIT_BROKEN_PIPE
+    except Exception as error:
+        if debug:
+            raise
+        return _report(error)
 
 
 if __name__ == "__main__":

@@ -49,10 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(argv: Sequence[str]) -> int:
-    """Runs the benchmark script with ``argv``; its exit code (2 with a message when there is no checkout)."""
-    try:
-        script = find_script()
-    except FileNotFoundError as error:
-        print(f"spae-fast bench: {error}", file=sys.stderr)
-        return 2
+    """Runs the benchmark script with ``argv``; its exit code (FileNotFoundError, which `spae_fast.cli` reports
+    as one line with exit status 2, when there is no checkout)."""
+    script = find_script()
     return subprocess.run([sys.executable, str(script), *argv], check=False).returncode

@@ -13,18 +13,27 @@ from pathlib import Path
 
 import torch
 
+from .cli import CommandError, output_file, positive_int
+from .ops import BACKENDS
+
 _LAYER_PREFIX = re.compile(r"^\s*layer\s+\d+\s*(\(\s*\d+\s*x\s*\d+\s*\))?\s*:")
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="an SPAE folder written by save_pretrained / spae-fast train")
-    parser.add_argument("--backend", default="auto", help="search backend (default: auto)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="search backend (default: auto)")
 
 
 def _load_model(args: argparse.Namespace):
     from .model import SPAE
 
-    return SPAE.from_pretrained(args.model, backend=args.backend).eval()
+    try:
+        return SPAE.from_pretrained(args.model, backend=args.backend).eval()
+    except (ValueError, TypeError, OSError) as error:
+        if args.model in str(error):
+            raise
+        # name the folder (e.g. a config whose layers do not fit its grid, or a codebook that has moved)
+        raise CommandError(f"--model {args.model}: {error}") from error
 
 
 def _load_images(paths: list[str], size: int) -> torch.Tensor:
@@ -36,13 +45,15 @@ def _load_images(paths: list[str], size: int) -> torch.Tensor:
 def add_tokenize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", help="an image file")
     _add_model_arguments(parser)
-    parser.add_argument("--layers", type=int, default=None, help="number of pyramid layers (default: all)")
+    parser.add_argument("--layers", type=positive_int, default=None, help="number of pyramid layers (default: all)")
     parser.add_argument("--text", action="store_true", help="print the tokens' text instead of raw vocabulary entries")
 
 
 def run_tokenize(args: argparse.Namespace) -> int:
     """Prints the words of IMAGE, one line per pyramid layer (``layer l (s x s): w w ...``, raster order)."""
     model = _load_model(args)
+    if args.layers is not None and args.layers > model.num_layers:
+        raise CommandError(f"--layers {args.layers}: the model has {model.num_layers} layers")
     images = _load_images([args.image], model.config.image_size)
     ids = model.encode(images, args.layers)
     vocab = model.vocab
@@ -75,20 +86,28 @@ def run_decode(args: argparse.Namespace) -> int:
     """Renders words (a whole prefix of pyramid layers, as ``tokenize`` prints them) as an image."""
     from .imaging import save_image
 
+    out = output_file(args.out)
     if args.words_file:
-        text = Path(args.words_file).read_text()
+        try:
+            text = Path(args.words_file).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise CommandError(f"--words-file {args.words_file}: no such file") from None
+        except IsADirectoryError:
+            raise CommandError(f"--words-file {args.words_file} is a folder, not a text file") from None
+        except UnicodeDecodeError:
+            raise CommandError(f"--words-file {args.words_file} is not UTF-8 text") from None
     else:
         text = sys.stdin.read() if args.words == "-" else args.words
     words = parse_words(text)
     model = _load_model(args)
     totals = [model.quantizer.pyramid.total(n) for n in range(1, model.num_layers + 1)]
     if len(words) not in totals:
-        raise SystemExit(f"spae-fast decode: got {len(words)} words; a whole prefix of layers has one of {totals}")
+        raise CommandError(f"decode got {len(words)} words; a whole prefix of layers has one of {totals}")
     try:
         image = model.from_words([words])
-    except KeyError as error:
-        raise SystemExit(f"spae-fast decode: {error.args[0]}")
-    path = save_image(args.out, image[0].clamp(-1, 1))
+    except KeyError as error:  # a word that is not in the codebook
+        raise CommandError(f"decode: {error.args[0]}") from None
+    path = save_image(out, image[0].clamp(-1, 1))
     print(f"wrote {path} ({model.quantizer.pyramid.prefix_layers(len(words))} layers, {len(words)} words)")
     return 0
 
@@ -104,13 +123,14 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     from .imaging import save_grid
     from .trainer import evaluate_model
 
+    out = output_file(args.out)
     model = _load_model(args)
     images = _load_images(args.images, model.config.image_size)
     result = evaluate_model(model, images)
     rows = [images] + result["reconstructions"]
     pyramid = model.quantizer.pyramid
     labels = ["input"] + [f"{n} ({pyramid.total(n)} words)" for n in range(1, model.num_layers + 1)]
-    path = save_grid(args.out, rows, row_labels=labels)
+    path = save_grid(out, rows, row_labels=labels)
     print(f"wrote {path}")
     print("layers  words  PSNR (dB)")
     for n, value in enumerate(result["psnr"], 1):

@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .cli import parse_classes
+from .cli import CommandError, existing_path, output_file, parse_classes, positive_int
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,29 +42,29 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-tokens", default="auto", choices=("auto", "ids", "text"),
                         help="feed image words as LLM ids (the codebook's own LLM) or as text (default auto)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per encoder batch")
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's; 1 is faster on a busy machine)")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
-    parser.add_argument("--ways", type=int, nargs="+", default=[2], help="classes per episode (default 2)")
+    parser.add_argument("--ways", type=positive_int, nargs="+", default=[2], help="classes per episode (default 2)")
     parser.add_argument(
-        "--shots", type=int, nargs="+", default=[1], help="support images per class (default 1)"
+        "--shots", type=positive_int, nargs="+", default=[1], help="support images per class (default 1)"
     )
-    parser.add_argument("--layers", type=int, nargs="+", default=[2],
+    parser.add_argument("--layers", type=positive_int, nargs="+", default=[2],
                         help="pyramid layers describing each image (default 2: 5 words)")  # fmt: skip
-    parser.add_argument("--episodes", type=int, default=100, help="episodes per setting (default 100)")
+    parser.add_argument("--episodes", type=positive_int, default=100, help="episodes per setting (default 100)")
     parser.add_argument(
-        "--queries", type=int, default=None, help="queries per episode (default: one per way)"
+        "--queries", type=positive_int, default=None, help="queries per episode (default: one per way)"
     )
     parser.add_argument("--labels", nargs="+", default=["names"], choices=("names", "nonsense"),
                         help="class names or Frozen's nonsense words (default names)")  # fmt: skip
     parser.add_argument("--classes", type=parse_classes, default=None,
                         help="class pool for the episodes, e.g. 5-9 (default: all classes)")  # fmt: skip
     parser.add_argument(
-        "--repeats", type=int, nargs="+", default=[1], help="times the support set is repeated"
+        "--repeats", type=positive_int, nargs="+", default=[1], help="times the support set is repeated"
     )
     parser.add_argument("--task-induction", action="store_true", help='start with "Answer with a or b."')
     parser.add_argument("--method", default="shared", choices=("shared", "tree", "kv_cache", "naive", "generate"),
@@ -97,14 +96,18 @@ def encode_dataset(spae, dataset, num_layers: int, batch_size: int) -> torch.Ten
     return torch.cat(out)
 
 
-def load_setup(args):
-    """(spae, FrozenLM, ImageVocabulary) for the command's --model, --llm and --image-tokens."""
+def load_setup(args, layers: int | None = None):
+    """(spae, FrozenLM, ImageVocabulary) for the command's --model, --llm and --image-tokens; ``layers`` (the
+    most the command describes images with) is checked against the model before the LLM is loaded."""
     from .llm import FrozenLM, ImageVocabulary
     from .model import SPAE
 
+    existing_path(args.llm, "--llm")  # a missing folder, not a Hub id with a confusing message
     if args.threads:
         torch.set_num_threads(args.threads)
     spae = SPAE.from_pretrained(args.model).eval()
+    if layers is not None and layers > spae.quantizer.num_layers:
+        raise CommandError(f"--layers {layers}: the model has {spae.quantizer.num_layers} layers")
     lm = FrozenLM.from_pretrained(args.llm)
     images = ImageVocabulary(spae.quantizer, lm, mode=args.image_tokens)
     return spae, lm, images
@@ -129,17 +132,10 @@ def format_table(results) -> str:
 def run(args: argparse.Namespace) -> int:
     from .llm import evaluate_fewshot
 
-    for name in ("ways", "shots", "layers", "repeats"):
-        if min(getattr(args, name)) < 1:
-            print(f"error: --{name} must be >= 1", file=sys.stderr)
-            return 2
-    spae, lm, images = load_setup(args)
-    pyramid = spae.quantizer.pyramid
-    if max(args.layers) > pyramid.num_layers:
-        print(
-            f"error: --layers {max(args.layers)}: the model has {pyramid.num_layers} layers", file=sys.stderr
-        )
-        return 2
+    for option, path in (("--out", args.out), ("--episodes-out", args.episodes_out)):
+        if path:
+            output_file(path, option)  # before the slow part, not after it
+    spae, lm, images = load_setup(args, max(args.layers))
     dataset = load_images(args, spae.config.image_size)
     labels = torch.as_tensor(dataset.labels)
     class_names = list(getattr(dataset, "class_names", [])) or None
@@ -154,15 +150,11 @@ def run(args: argparse.Namespace) -> int:
     results, queries = [], []
     settings = list(itertools.product(args.ways, args.shots, args.layers, args.labels, args.repeats))
     for ways, shots, layers, label_kind, repeats in settings:
-        try:
-            result = evaluate_fewshot(
-                images, ids, labels, ways=ways, shots=shots, num_layers=layers, num_episodes=args.episodes,
-                num_queries=args.queries, repeats=repeats, label_kind=label_kind, class_names=class_names,
-                task_induction=args.task_induction, method=args.method, seed=args.seed, class_pool=args.classes,
-            )  # fmt: skip
-        except ValueError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+        result = evaluate_fewshot(  # a ValueError (e.g. more ways than classes) is reported by spae_fast.cli
+            images, ids, labels, ways=ways, shots=shots, num_layers=layers, num_episodes=args.episodes,
+            num_queries=args.queries, repeats=repeats, label_kind=label_kind, class_names=class_names,
+            task_induction=args.task_induction, method=args.method, seed=args.seed, class_pool=args.classes,
+        )  # fmt: skip
         results.append(result)
         low, high = result.interval
         print(

@@ -27,32 +27,48 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from .cli import CommandError, finite_float, output_folder, positive_int
 from .cli_fewshot import add_common_arguments, load_images, load_setup
 from .losses import psnr
 
 TASKS = ("denoise", "flip", "shift", "inpaint")
 
 
+def _rate(text: str) -> float:
+    """argparse type: a corruption rate in [0, 1]."""
+    value = finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1], got {text!r}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     parser.add_argument("--task", required=True, choices=TASKS)
-    parser.add_argument("--layers", type=int, default=3, help="layers to generate (default 3)")
-    parser.add_argument("--count", type=int, default=4, help="images to generate (default 4)")
-    parser.add_argument("--examples", type=int, default=None,
+    parser.add_argument("--layers", type=positive_int, default=3, help="layers to generate (default 3)")
+    parser.add_argument("--count", type=positive_int, default=4, help="images to generate (default 4)")
+    parser.add_argument("--examples", type=positive_int, default=None,
                         help="in-context examples (default: 10 corrupted lines for denoise, 4 pairs otherwise)")  # fmt: skip
-    parser.add_argument("--rates", type=float, nargs=2, default=(0.50, 0.23), metavar=("FIRST", "LAST"),
+    parser.add_argument("--rates", type=_rate, nargs=2, default=(0.50, 0.23), metavar=("FIRST", "LAST"),
                         help="denoise: corruption rate of the first and the last context line")  # fmt: skip
     parser.add_argument(
-        "--chunk-size", type=int, default=None, help="words per step within a layer (default: whole layer)"
+        "--chunk-size", type=positive_int, default=None, help="words per step within a layer (default: whole layer)"
     )
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest codebook words")
+    parser.add_argument("--temperature", type=_temperature, default=0.0, help="0: greedy (default); > 0: sampling")
+    parser.add_argument("--top-k", type=positive_int, default=None, help="sample among the k likeliest codebook words")
     parser.add_argument("--out", required=True, help="output folder for the PNGs and the JSON report")
 
 
@@ -60,21 +76,14 @@ def run(args: argparse.Namespace) -> int:
     from .imaging import save_grid, save_image
     from .llm import denoise, denoising_rates, image_to_image, task_pairs
 
-    if args.count < 1 or args.layers < 1 or (args.examples is not None and args.examples < 1):
-        print("error: --count, --layers and --examples must be >= 1", file=sys.stderr)
-        return 2
-    spae, _, images = load_setup(args)
+    output_folder(args.out)
+    spae, _, images = load_setup(args, args.layers)
     quantizer = spae.quantizer
-    if args.layers > quantizer.num_layers:
-        print(f"error: --layers {args.layers}: the model has {quantizer.num_layers} layers", file=sys.stderr)
-        return 2
     dataset = load_images(args, spae.config.image_size)
     num_examples = args.examples or (10 if args.task == "denoise" else 4)
     needed = args.count + (0 if args.task == "denoise" else num_examples)
     if len(dataset) < needed:
-        print(f"error: {args.task} with --count {args.count} needs {needed} images, {args.data} has {len(dataset)}",
-              file=sys.stderr)  # fmt: skip
-        return 2
+        raise CommandError(f"{args.task} with --count {args.count} needs {needed} images, {args.data} has {len(dataset)}")
     generator = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(dataset), generator=generator)[:needed].tolist()
     pictures = torch.stack([dataset[i][0] for i in order])

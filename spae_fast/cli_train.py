@@ -22,12 +22,17 @@ from pathlib import Path
 
 import torch
 
-from .cli import parse_classes
+from .cli import existing_path, finite_float, output_folder, parse_classes
 from .model import SPAE, SPAEConfig
+from .ops import BACKENDS, SAQ_MODES
+from .pyramid import TokenPyramid
+from .quantizer import QUANTIZER_METRICS
 from .trainer import TrainConfig, Trainer
 
 # Filled in from the codebook; not options.
 _DERIVED_MODEL_FIELDS = ("codebook_rows", "codebook_dim", "codebook_fingerprint")
+# Fields SPAEConfig does not check itself (the quantizer does, after the slow loading): argparse checks them.
+_CHOICES = {"mode": SAQ_MODES, "metric": QUANTIZER_METRICS}
 
 
 def parse_int_list(text: str) -> tuple[int, ...]:
@@ -40,9 +45,9 @@ def parse_int_list(text: str) -> tuple[int, ...]:
 
 def _float_list(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        return tuple(finite_float(part) for part in text.split(",") if part.strip())
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {text!r}") from None
 
 
 def _optional(kind):
@@ -68,12 +73,12 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, title: s
         if typing.get_origin(base) is tuple:
             kind = parse_int_list if typing.get_args(base)[0] is int else _float_list
         else:
-            kind = base
+            kind = finite_float if base is float else base  # float("nan") / float("inf") parse, but no option wants them
         default = field.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         group.add_argument(
             "--" + field.name.replace("_", "-"), dest=field.name, type=_optional(kind) if optional else kind,
-            default=default, help=f"(default: {shown})",
+            default=default, help=f"(default: {shown})", choices=_CHOICES.get(field.name),
         )  # fmt: skip
 
 
@@ -113,7 +118,7 @@ def build_relevance(name: str, vocab, class_names):
     if name.startswith("clip:"):
         from .relevance import CLIPRelevance
 
-        return CLIPRelevance(vocab, name[len("clip:") :])
+        return CLIPRelevance(vocab, existing_path(name[len("clip:") :], "--relevance clip:"))
     raise ValueError(f"--relevance must be 'label', 'clip:PATH' or 'none', got {name!r}")
 
 
@@ -135,14 +140,25 @@ def word_judge(relevance, vocab, class_names) -> torch.Tensor | None:
         return None
 
 
+def _device(text: str) -> str:
+    """argparse type: a torch device string, checked now rather than at the first .to()."""
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu, cuda or cuda:1, got {text!r}") from None
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (metrics, samples, checkpoint, model)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     add_data_arguments(parser)
     parser.add_argument("--relevance", default="label",
                         help="semantic guidance: 'label', 'clip:PATH' or 'none' (default: label)")  # fmt: skip
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backend", default="auto", help="the quantizer's search backend (default: auto)")
+    parser.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to train: cpu, cuda, cuda:1, ... (default: cuda when available)")  # fmt: skip
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
+                        help="the quantizer's search backend (default: auto)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_dataclass_arguments(parser, SPAEConfig, "model (SPAEConfig)", skip=_DERIVED_MODEL_FIELDS)
     add_dataclass_arguments(parser, TrainConfig, "training (TrainConfig)")
@@ -151,7 +167,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .vocab import VocabCodebook
 
+    output_folder(args.out)  # before any slow work
+    existing_path(args.codebook, "--codebook")
+    if args.perceptual_network is not None:
+        existing_path(args.perceptual_network, "--perceptual-network")
     model_config = dataclass_from_args(SPAEConfig, args, skip=_DERIVED_MODEL_FIELDS)
+    TokenPyramid(model_config.layers, model_config.image_size // model_config.downsample_factor)  # before slow work
     train_config = dataclass_from_args(TrainConfig, args)
     train, held_out = build_datasets(args.data, model_config.image_size, args.classes)
     vocab = VocabCodebook.from_pretrained(model_config.codebook, token_filter=model_config.token_filter)

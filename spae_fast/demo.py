@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import output_folder, positive_float, positive_int
 from .model import SPAE, SPAEConfig
 from .trainer import TrainConfig, Trainer, evaluate_model
 
@@ -42,11 +43,13 @@ JUDGED_LAYERS = 3  # word -> class accuracy of layers 1, 1..2 and 1..3 (1, 5 and
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="spae-demo", help="report folder (default: spae-demo)")
-    parser.add_argument("--steps", type=int, default=DEMO_TRAINING.steps, help="training steps (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=DEMO_TRAINING.batch_size)
-    parser.add_argument("--max-minutes", type=float, default=12.0,
+    parser.add_argument("--steps", type=positive_int, default=DEMO_TRAINING.steps,
+                        help="training steps (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--batch-size", type=positive_int, default=DEMO_TRAINING.batch_size)
+    parser.add_argument("--max-minutes", type=positive_float, default=12.0,
                         help="stop training after this many minutes (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--relevance", default="label", help="'label' (default) or 'none' (no semantic guidance)")
+    parser.add_argument("--relevance", default="label", choices=("label", "none"),
+                        help="'label' (default) or 'none' (no semantic guidance)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
 
@@ -105,8 +108,8 @@ def word_accuracy_lines(accuracy: list[dict], images: int) -> list[str]:
     lines = [
         f"## Do the words name the digit? (all {images} held-out images)",
         "",
-        "Word -> class accuracy: the class whose name is most similar, on average under the MiniLM text embedder, "
-        "to the words of the first layers (`spae_fast.word_accuracy`); chance is the commonest class's share.",
+        ("Word -> class accuracy: the class whose name is most similar, on average under the MiniLM text embedder, "
+         "to the words of the first layers (`spae_fast.word_accuracy`); chance is the commonest class's share."),
         "",
         "| layers | words per image | word -> class accuracy | words contain the class name | chance |",
         "|---|---:|---:|---:|---:|",
@@ -164,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     from .word_accuracy import evaluate_words
 
     started = time.perf_counter()
-    out = Path(args.out)
+    out = output_folder(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     train, held_out = build_datasets("digits", DEMO_MODEL.image_size)
