@@ -25,6 +25,19 @@ METRIC_TAGS = {"l2": 0, "ip": 1, "cosine": 2}
 _OK, _NON_FINITE_QUERY, _NON_FINITE_CODEBOOK, _OVERFLOW, _BAD_ARGUMENT, _OUT_OF_MEMORY = range(6)
 
 
+def buffer(tensor) -> tuple[int, int]:
+    """A tensor's data as the native CPU entry points take it: (address of its first element, bytes from there
+    to the end of its last element). The entry points refuse a buffer shorter than what they read or write,
+    so a call never reaches past the tensor it was given."""
+    if tensor.numel() == 0:
+        return tensor.data_ptr(), 0
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    return tensor.data_ptr(), (last + 1) * tensor.element_size()
+
+
+NO_BUFFER = (0, 0)  # an operand the call does not use
+
+
 def cpu_module():
     if _C is None:
         raise RuntimeError(f"spae_fast backend 'cpu' is unavailable: {_CPU_IMPORT_ERROR}")

@@ -16,24 +16,39 @@ namespace spae {
 
 namespace py = pybind11;
 using spae_boundary::def_keywords;
+using spae_boundary::strided_bytes;
 using spae_boundary::KeywordArgs;
 
 constexpr const char* kModule = "spae_fast._C";  // names in messages: spae_fast._C.<entry point>
 
 struct PackedInt8CodebookView;
 
-// A strided [rows, cols] matrix from the arguments <name>, <name>_row_stride, <name>_col_stride,
-// <name>_dtype; the address must be non-zero when `required` and the matrix is not empty.
+inline int64_t dtype_bytes(DType dtype) { return dtype == DType::Float32 ? 4 : 2; }
+
+// A strided [rows, cols] matrix from the arguments <name> (a buffer: address, nbytes), <name>_row_stride,
+// <name>_col_stride, <name>_dtype; it must hold every element it spans when `required` (else: unused when its
+// address is 0).
 inline MatrixView matrix_arg(KeywordArgs& args, const std::string& name, int64_t rows, int64_t cols,
                              bool required = true) {
   MatrixView view;
-  view.data = reinterpret_cast<const void*>(args.pointer(name.c_str(), required && rows > 0 && cols > 0));
   view.rows = rows;
   view.cols = cols;
   view.row_stride = args.stride((name + "_row_stride").c_str());
   view.col_stride = args.stride((name + "_col_stride").c_str());
   view.dtype = static_cast<DType>(args.dtype((name + "_dtype").c_str()));
+  const int64_t sizes[2] = {rows, cols}, strides[2] = {view.row_stride, view.col_stride};
+  const uint64_t span = strided_bytes(sizes, strides, 2, dtype_bytes(view.dtype), [&](const char* why) {
+    args.fail_value(name.c_str(), why);
+  });
+  const uintptr_t address = args.buffer(name.c_str(), 0);
+  view.data = reinterpret_cast<const void*>(required || address != 0 ? args.buffer(name.c_str(), span) : 0);
   return view;
+}
+
+// A dense buffer of `count` elements of T, required when count > 0.
+template <class T>
+T* dense_arg(KeywordArgs& args, const char* name, std::initializer_list<int64_t> sizes) {
+  return reinterpret_cast<T*>(args.buffer(name, spae_boundary::dense_bytes(sizes, sizeof(T))));
 }
 
 // The fp32 packed codebook (pack_codebook's panels / bias, metric l2 unless set): `panels` and `bias`

@@ -14,6 +14,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <string>
 #include <vector>
@@ -67,6 +68,28 @@ class KeywordArgs {
   // An address that must be 0 (the buffer is not used in this mode).
   void absent(const char* name, const char* because) {
     if (pointer(name, false) != 0) fail_value(name, std::string("must be 0 ") + because);
+  }
+
+  // A buffer of the CPU module: the pair (address, nbytes) that spae_fast._native.buffer(tensor) gives, the
+  // address of the first element and the bytes its storage holds from there. `needed` is what the entry
+  // point reads or writes from it (0: unused, then any pair, (0, 0) included). A null address or a buffer
+  // shorter than `needed` is refused, so no call reads or writes past the memory it was given.
+  uintptr_t buffer(const char* name, uint64_t needed) {
+    const py::handle value = get(name);
+    if (!PyTuple_Check(value.ptr()) || PyTuple_GET_SIZE(value.ptr()) != 2)
+      fail_type(name, "an (address, nbytes) tuple (spae_fast._native.buffer(tensor))", value);
+    const uint64_t address = unsigned_value(name, PyTuple_GET_ITEM(value.ptr(), 0));
+    const uint64_t nbytes = unsigned_value(name, PyTuple_GET_ITEM(value.ptr(), 1));
+    if (needed == 0) return static_cast<uintptr_t>(address);
+    if (address == 0) fail_value(name, "is a null address but its buffer is read or written");
+    if (nbytes < needed)
+      fail_value(name, "holds " + std::to_string(nbytes) + " bytes, but the call reads or writes " +
+                           std::to_string(needed) + " (an operand of another shape?)");
+    return static_cast<uintptr_t>(address);
+  }
+  // A buffer that must be unused in this mode: its address must be 0.
+  void no_buffer(const char* name, const char* because) {
+    if (buffer(name, 0) != 0) fail_value(name, std::string("must have address 0 ") + because);
   }
 
   bool flag(const char* name) {
@@ -142,6 +165,16 @@ class KeywordArgs {
                          std::string(py::str(py::type::handle_of(value).attr("__name__"))) + " " + repr(value));
   }
 
+  uint64_t unsigned_value(const char* name, py::handle value) const {
+    check_int(name, value);
+    const unsigned long long result = PyLong_AsUnsignedLongLong(value.ptr());
+    if (PyErr_Occurred()) {
+      PyErr_Clear();
+      fail_value(name, "must hold two ints >= 0 (address, nbytes), got " + repr(value));
+    }
+    return result;
+  }
+
   void check_int(const char* name, py::handle value) const {
     if (PyBool_Check(value.ptr()) || !PyLong_Check(value.ptr())) fail_type(name, "an int", value);
   }
@@ -179,6 +212,28 @@ class KeywordArgs {
   const py::kwargs& kwargs_;
   std::vector<std::string> read_;
 };
+
+// Bytes of a dense array of `count` elements of `item` bytes each: sizes are bounded (rows, D, queries) so the
+// product fits; saturates instead of wrapping if it would not.
+inline uint64_t dense_bytes(std::initializer_list<int64_t> sizes, int64_t item) {
+  unsigned __int128 total = static_cast<unsigned __int128>(item);
+  for (const int64_t size : sizes) total *= static_cast<unsigned __int128>(size < 0 ? 0 : size);
+  return total > UINT64_MAX ? UINT64_MAX : static_cast<uint64_t>(total);
+}
+
+// Bytes spanned by a strided array from its first element: (sum_i (size_i - 1) stride_i + 1) * item, 0 when
+// it is empty. A negative stride would reach before the first element: `fail` is called with a message.
+template <class Fail>
+uint64_t strided_bytes(const int64_t* sizes, const int64_t* strides, int rank, int64_t item, Fail fail) {
+  __int128 last = 0;
+  for (int i = 0; i < rank; ++i) {
+    if (sizes[i] <= 0) return 0;
+    if (strides[i] < 0 && sizes[i] > 1) fail("has a negative stride (the kernels read from its first element on)");
+    last += static_cast<__int128>(sizes[i] - 1) * strides[i];
+  }
+  const __int128 total = (last + 1) * item;
+  return total > static_cast<__int128>(UINT64_MAX) ? UINT64_MAX : static_cast<uint64_t>(total);
+}
 
 // Registers `name` in m as a function of keyword arguments only, fn(KeywordArgs&) -> py::tuple; `module` qualifies
 // it in messages ("spae_fast._C"). fn runs its checks with the GIL held and releases it around the kernel.

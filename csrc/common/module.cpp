@@ -14,8 +14,9 @@ namespace spae {
 
 PackedCodebookView packed_codebook_arg(KeywordArgs& args, int64_t rows, int64_t dim) {
   PackedCodebookView view;
-  view.panels = reinterpret_cast<const float*>(args.pointer("panels", rows > 0 && dim > 0));
-  view.bias = reinterpret_cast<const float*>(args.pointer("bias", rows > 0));
+  const int64_t padded_rows = (rows + kPanelWidth - 1) / kPanelWidth * kPanelWidth;
+  view.panels = dense_arg<const float>(args, "panels", {padded_rows, dim});
+  view.bias = dense_arg<const float>(args, "bias", {padded_rows});
   view.rows = rows;
   view.dim = dim;
   view.max_norm = args.real("max_norm", 0.0, DBL_MAX);
@@ -29,8 +30,9 @@ py::tuple pack_codebook_entry(KeywordArgs& args) {
   const int64_t num_rows = args.rows("num_rows", 0), dim = args.dim("dim", 0);
   const MatrixView weight = matrix_arg(args, "weight", num_rows, dim);
   const Metric metric = static_cast<Metric>(args.tag("metric", 3));
-  float* panels = reinterpret_cast<float*>(args.pointer("out_panels", num_rows > 0 && dim > 0));
-  float* bias = reinterpret_cast<float*>(args.pointer("out_bias", num_rows > 0));
+  const int64_t padded_rows = (num_rows + kPanelWidth - 1) / kPanelWidth * kPanelWidth;
+  float* panels = dense_arg<float>(args, "out_panels", {padded_rows, dim});
+  float* bias = dense_arg<float>(args, "out_bias", {padded_rows});
   const int num_threads = args.threads("num_threads");
   args.done();
   double max_norm = 0.0;

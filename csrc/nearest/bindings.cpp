@@ -12,16 +12,16 @@ namespace spae {
 
 PackedInt8CodebookView prefilter_arg(KeywordArgs& args, int64_t rows, int64_t dim) {
   PackedInt8CodebookView view;
-  const uintptr_t panels = args.pointer("prefilter_panels", false);
-  if (panels == 0) {  // pre-filter off: nothing else may be given
-    args.absent("prefilter_columns", "when prefilter_panels is 0 (pre-filter off)");
-    args.absent("prefilter_offsets", "when prefilter_panels is 0 (pre-filter off)");
+  if (args.buffer("prefilter_panels", 0) == 0) {  // pre-filter off: nothing else may be given
+    args.no_buffer("prefilter_columns", "when prefilter_panels is 0 (pre-filter off)");
+    args.no_buffer("prefilter_offsets", "when prefilter_panels is 0 (pre-filter off)");
     args.reals("prefilter_bounds", 0, 0);
     return view;
   }
-  view.panels = reinterpret_cast<const uint32_t*>(panels);
-  view.columns = reinterpret_cast<const float*>(args.pointer("prefilter_columns", true));
-  view.offsets = reinterpret_cast<const int32_t*>(args.pointer("prefilter_offsets", true));
+  const int64_t panels = (rows + kInt8PanelWidth - 1) / kInt8PanelWidth;
+  view.panels = dense_arg<const uint32_t>(args, "prefilter_panels", {panels, (dim + 3) / 4, kInt8PanelWidth});
+  view.columns = dense_arg<const float>(args, "prefilter_columns", {panels, 4, kInt8PanelWidth});
+  view.offsets = dense_arg<const int32_t>(args, "prefilter_offsets", {panels, kInt8PanelWidth});
   const std::vector<double> bounds = args.reals("prefilter_bounds", 4, 4);
   for (const double bound : bounds)
     if (!(bound >= 0.0 && std::isfinite(bound))) args.fail_value("prefilter_bounds", "must be finite and >= 0");
@@ -46,8 +46,8 @@ py::tuple search_entry(KeywordArgs& args) {
   request.k = args.integer("k", 1, codebook_rows);
   request.check_finite = args.flag("check_finite");
   request.num_threads = args.threads("num_threads");
-  request.out_dist = reinterpret_cast<float*>(args.pointer("out_dist", num_queries > 0));
-  request.out_index = reinterpret_cast<int64_t*>(args.pointer("out_index", num_queries > 0));
+  request.out_dist = dense_arg<float>(args, "out_dist", {num_queries, request.k});
+  request.out_index = dense_arg<int64_t>(args, "out_index", {num_queries, request.k});
   const MatrixView weight = matrix_arg(args, "weight", codebook_rows, dim, /*required=*/false);  // 0: none
   if (weight.data != nullptr) request.weight = weight;
   request.prefilter = prefilter_arg(args, codebook_rows, dim);
@@ -69,12 +69,13 @@ py::tuple pack_codebook_int8_entry(KeywordArgs& args) {
   PackedCodebookView fp32;
   fp32.rows = args.rows("num_rows", 0);
   fp32.dim = args.dim("dim", 0);
-  const bool nonempty = fp32.rows > 0 && fp32.dim > 0;
-  fp32.panels = reinterpret_cast<const float*>(args.pointer("panels", nonempty));
-  fp32.bias = reinterpret_cast<const float*>(args.pointer("bias", fp32.rows > 0));
-  uint32_t* out_panels = reinterpret_cast<uint32_t*>(args.pointer("out_panels", nonempty));
-  float* out_columns = reinterpret_cast<float*>(args.pointer("out_columns", fp32.rows > 0));
-  int32_t* out_offsets = reinterpret_cast<int32_t*>(args.pointer("out_offsets", fp32.rows > 0));
+  const int64_t panels = (fp32.rows + kPanelWidth - 1) / kPanelWidth;
+  const int64_t int8_panels = (fp32.rows + kInt8PanelWidth - 1) / kInt8PanelWidth;
+  fp32.panels = dense_arg<const float>(args, "panels", {panels, fp32.dim, kPanelWidth});
+  fp32.bias = dense_arg<const float>(args, "bias", {panels, kPanelWidth});
+  uint32_t* out_panels = dense_arg<uint32_t>(args, "out_panels", {int8_panels, (fp32.dim + 3) / 4, kInt8PanelWidth});
+  float* out_columns = dense_arg<float>(args, "out_columns", {int8_panels, 4, kInt8PanelWidth});
+  int32_t* out_offsets = dense_arg<int32_t>(args, "out_offsets", {int8_panels, kInt8PanelWidth});
   const int num_threads = args.threads("num_threads");
   args.done();
   double bounds[4] = {0.0, 0.0, 0.0, 0.0};

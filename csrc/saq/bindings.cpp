@@ -15,9 +15,12 @@ py::tuple saq_entry(KeywordArgs& args) {
   request.batch = args.queries("batch");
   request.dim = args.dim("dim");
   request.grid = args.integer("grid", 1);
-  request.z = reinterpret_cast<const void*>(args.pointer("z", request.batch > 0));
   request.z_dtype = static_cast<DType>(args.dtype("z_dtype"));
   const std::vector<int64_t> z_strides = args.integers("z_strides", 4, 4, LLONG_MIN);
+  const int64_t z_sizes[4] = {request.batch, request.dim, request.grid, request.grid};
+  const uint64_t z_span = strided_bytes(z_sizes, z_strides.data(), 4, dtype_bytes(request.z_dtype),
+                                        [&](const char* why) { args.fail_value("z_strides", why); });
+  request.z = reinterpret_cast<const void*>(args.buffer("z", z_span));
   request.stride_b = z_strides[0];
   request.stride_d = z_strides[1];
   request.stride_y = z_strides[2];
@@ -31,7 +34,9 @@ py::tuple saq_entry(KeywordArgs& args) {
   request.residual = args.flag("residual");
   request.check_finite = args.flag("check_finite");
   request.num_threads = args.threads("num_threads");
-  request.out_ids = reinterpret_cast<int64_t*>(args.pointer("out_ids", request.batch > 0));
+  int64_t tokens = 0;
+  for (const int64_t side : sides) tokens += side * side;
+  request.out_ids = dense_arg<int64_t>(args, "out_ids", {request.batch, tokens});
   request.prefilter = prefilter_arg(args, num_rows, request.dim);
   args.done();
   int64_t full_search_rows = 0;

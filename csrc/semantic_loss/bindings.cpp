@@ -18,36 +18,47 @@ py::tuple semantic_loss_entry(KeywordArgs& args) {
   const int64_t vocab = args.rows("vocab");
   request.weight = matrix_arg(args, "weight", vocab, dim);
   // Operands: fp32 (panels, bias) or precision "bf16" (bf16_panels, bf16_rows, bf16_bias), never both.
-  request.bf16_panels = reinterpret_cast<const uint32_t*>(args.pointer("bf16_panels", false));
-  const bool bf16 = request.bf16_panels != nullptr;
-  request.codebook.panels = reinterpret_cast<const float*>(args.pointer("panels", !bf16));
-  request.codebook.bias = reinterpret_cast<const float*>(args.pointer("bias", !bf16));
+  // bf16 packing (common.pack_semantic_bf16): G groups of 64 rows.
+  const int64_t groups = (vocab + kSemanticGroupCols - 1) / kSemanticGroupCols;
+  const int64_t padded_rows = (vocab + kPanelWidth - 1) / kPanelWidth * kPanelWidth;
+  const bool bf16 = args.buffer("bf16_panels", 0) != 0;
   if (bf16) {
-    args.absent("panels", "with bf16_panels (precision 'bf16' reads the bf16 operands only)");
-    args.absent("bias", "with bf16_panels (precision 'bf16' reads the bf16 operands only)");
+    request.bf16_panels = dense_arg<const uint32_t>(args, "bf16_panels", {groups, (dim + 1) / 2, kSemanticGroupCols});
+    args.no_buffer("panels", "with bf16_panels (precision 'bf16' reads the bf16 operands only)");
+    args.no_buffer("bias", "with bf16_panels (precision 'bf16' reads the bf16 operands only)");
+  } else {
+    request.codebook.panels = dense_arg<const float>(args, "panels", {padded_rows, dim});
+    request.codebook.bias = dense_arg<const float>(args, "bias", {padded_rows});
   }
   request.codebook.rows = vocab;
   request.codebook.dim = dim;
   request.codebook.max_norm = args.real("max_norm", 0.0, DBL_MAX);
   request.codebook.metric = Metric::L2;
   request.num_candidates = args.size("num_candidates");
-  request.candidate_index = reinterpret_cast<const int64_t*>(args.pointer("candidate_index", request.num_candidates > 0));
+  request.candidate_index = dense_arg<const int64_t>(args, "candidate_index", {request.num_candidates});
   request.num_sets = args.size("num_sets");
-  request.candidate_offsets = reinterpret_cast<const int64_t*>(args.pointer("candidate_offsets", true));
-  request.set_of_position = reinterpret_cast<const int64_t*>(args.pointer("set_of_position", num_rows > 0));
+  request.candidate_offsets = dense_arg<const int64_t>(args, "candidate_offsets", {request.num_sets + 1});
+  request.set_of_position = dense_arg<const int64_t>(args, "set_of_position", {num_rows});
   request.tau = args.real("tau");
   if (!(request.tau > 0.0) || !std::isfinite(request.tau)) args.fail_value("tau", "must be a finite float > 0");
   request.compute_grad = args.flag("compute_grad");
   request.check_finite = args.flag("check_finite");
   request.num_threads = args.threads("num_threads");
-  request.out_loss = reinterpret_cast<float*>(args.pointer("out_loss", num_rows > 0));
-  request.out_grad = reinterpret_cast<float*>(args.pointer("out_grad", request.compute_grad && num_rows > 0));
-  if (!request.compute_grad) args.absent("out_grad", "without compute_grad");
-  request.bf16_rows = reinterpret_cast<const uint32_t*>(args.pointer("bf16_rows", bf16 && request.compute_grad));
-  request.bf16_bias = reinterpret_cast<const float*>(args.pointer("bf16_bias", bf16));
-  if (!bf16) {
-    args.absent("bf16_rows", "without bf16_panels (precision fp32)");
-    args.absent("bf16_bias", "without bf16_panels (precision fp32)");
+  request.out_loss = dense_arg<float>(args, "out_loss", {num_rows});
+  if (request.compute_grad)
+    request.out_grad = dense_arg<float>(args, "out_grad", {num_rows, dim});
+  else
+    args.no_buffer("out_grad", "without compute_grad");
+  if (bf16) {
+    const int64_t padded_dim = (dim + 63) / 64 * 64;
+    if (request.compute_grad)
+      request.bf16_rows = dense_arg<const uint32_t>(args, "bf16_rows", {groups, kSemanticGroupCols / 2, padded_dim});
+    else
+      request.bf16_rows = reinterpret_cast<const uint32_t*>(args.buffer("bf16_rows", 0));
+    request.bf16_bias = dense_arg<const float>(args, "bf16_bias", {groups, kSemanticGroupCols});
+  } else {
+    args.no_buffer("bf16_rows", "without bf16_panels (precision fp32)");
+    args.no_buffer("bf16_bias", "without bf16_panels (precision fp32)");
   }
   args.done();
   StatusInfo info;

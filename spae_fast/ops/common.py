@@ -94,10 +94,10 @@ def _pack_codebook(weight: torch.Tensor, metric: str) -> tuple[torch.Tensor, tor
     panels = torch.empty(num_panels, dim, native.PANEL_WIDTH, dtype=torch.float32)
     bias = torch.empty(num_panels * native.PANEL_WIDTH, dtype=torch.float32)
     code, detail, max_norm = native.pack_codebook(
-        weight=weight.data_ptr(), num_rows=num_rows, dim=dim,
+        weight=_native.buffer(weight), num_rows=num_rows, dim=dim,
         weight_row_stride=weight.stride(0), weight_col_stride=weight.stride(1),
         weight_dtype=_native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
-        metric=_native.METRIC_TAGS[metric], out_panels=panels.data_ptr(), out_bias=bias.data_ptr(),
+        metric=_native.METRIC_TAGS[metric], out_panels=_native.buffer(panels), out_bias=_native.buffer(bias),
         num_threads=torch.get_num_threads(),
     )  # fmt: skip
     _native.raise_for_status(code, detail, stage="codebook")
@@ -173,8 +173,9 @@ def _pack_int8(panels: torch.Tensor, bias: torch.Tensor, num_rows: int, dim: int
     columns = torch.empty(num_panels, 4, width, dtype=torch.float32)
     offsets = torch.empty(num_panels * width, dtype=torch.int32)
     bounds = native.pack_codebook_int8(
-        panels=panels.data_ptr(), bias=bias.data_ptr(), num_rows=num_rows, dim=dim, out_panels=words.data_ptr(),
-        out_columns=columns.data_ptr(), out_offsets=offsets.data_ptr(), num_threads=torch.get_num_threads(),
+        panels=_native.buffer(panels), bias=_native.buffer(bias), num_rows=num_rows, dim=dim,
+        out_panels=_native.buffer(words), out_columns=_native.buffer(columns), out_offsets=_native.buffer(offsets),
+        num_threads=torch.get_num_threads(),
     )
     return words, columns, offsets, torch.tensor(bounds, dtype=torch.float64)
 

@@ -77,7 +77,8 @@ def _check_operands(z, weight, panels, bias, norm_bound, prefilter_panels, prefi
         try:
             TokenPyramid(tuple(sides), height)
         except ValueError as error:
-            raise ValueError(f"spae_fast::saq: sides {list(sides)} do not fit the {height} x {height} grid: {error}") from None
+            fit = f"sides {list(sides)} do not fit the {height} x {height} grid"
+            raise ValueError(f"spae_fast::saq: {fit}: {error}") from None
     boundary.choice("saq", mode, "mode", SAQ_MODES)
     boundary.choice("saq", backend, "backend", BACKENDS[1:])
     boundary.flag("saq", check_finite, "check_finite")
@@ -134,16 +135,16 @@ def _native_saq(z, weight, panels, bias, norm_bound, prefilter_operands, sides, 
     ids = torch.empty(z.shape[0], sum(side * side for side in sides), dtype=torch.int64)
     use_prefilter = prefilter_panels.numel() > 0
     code, detail, full_search_rows = native.saq(
-        z=z.data_ptr(), z_dtype=_native.DTYPE_TAGS[str(z.dtype).removeprefix("torch.")], batch=z.shape[0],
+        z=_native.buffer(z), z_dtype=_native.DTYPE_TAGS[str(z.dtype).removeprefix("torch.")], batch=z.shape[0],
         dim=z.shape[1], grid=grid, z_strides=z.stride(),
-        weight=weight.data_ptr(), num_rows=weight.shape[0], weight_row_stride=weight.stride(0),
+        weight=_native.buffer(weight), num_rows=weight.shape[0], weight_row_stride=weight.stride(0),
         weight_col_stride=weight.stride(1), weight_dtype=_native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
-        panels=panels.data_ptr(), bias=bias.data_ptr(), max_norm=float(norm_bound), sides=list(sides),
+        panels=_native.buffer(panels), bias=_native.buffer(bias), max_norm=float(norm_bound), sides=list(sides),
         residual=mode == "rq", check_finite=check_finite, num_threads=torch.get_num_threads(),
-        out_ids=ids.data_ptr(),
-        prefilter_panels=prefilter_panels.data_ptr() if use_prefilter else 0,
-        prefilter_columns=prefilter_columns.data_ptr() if use_prefilter else 0,
-        prefilter_offsets=prefilter_offsets.data_ptr() if use_prefilter else 0,
+        out_ids=_native.buffer(ids),
+        prefilter_panels=_native.buffer(prefilter_panels) if use_prefilter else _native.NO_BUFFER,
+        prefilter_columns=_native.buffer(prefilter_columns) if use_prefilter else _native.NO_BUFFER,
+        prefilter_offsets=_native.buffer(prefilter_offsets) if use_prefilter else _native.NO_BUFFER,
         prefilter_bounds=prefilter_bounds.tolist() if use_prefilter else [],
     )  # fmt: skip
     _native.raise_for_status(code, detail, stage="saq", grid=grid)

@@ -146,18 +146,20 @@ def _native_semantic_loss(z, weight, panels, bias, norm_bound, candidate_index, 
     loss = torch.empty(num, dtype=torch.float32)
     grad = torch.empty(num if compute_grad else 0, dim, dtype=torch.float32)
     code, detail = native.semantic_loss(
-        z=z.data_ptr(), num_rows=num, dim=dim, z_row_stride=z.stride(0), z_col_stride=z.stride(1),
+        z=_native.buffer(z), num_rows=num, dim=dim, z_row_stride=z.stride(0), z_col_stride=z.stride(1),
         z_dtype=_native.DTYPE_TAGS[str(z.dtype).removeprefix("torch.")],
-        weight=weight.data_ptr(), vocab=weight.shape[0], weight_row_stride=weight.stride(0),
+        weight=_native.buffer(weight), vocab=weight.shape[0], weight_row_stride=weight.stride(0),
         weight_col_stride=weight.stride(1), weight_dtype=_native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
-        panels=0 if bf16_kernel else panels.data_ptr(), bias=0 if bf16_kernel else bias.data_ptr(),
-        max_norm=float(norm_bound), candidate_index=candidate_index.data_ptr(),
-        num_candidates=candidate_index.numel(), candidate_offsets=candidate_offsets.data_ptr(),
-        num_sets=candidate_offsets.numel() - 1, set_of_position=set_of_position.data_ptr(), tau=float(tau),
+        panels=_native.NO_BUFFER if bf16_kernel else _native.buffer(panels),
+        bias=_native.NO_BUFFER if bf16_kernel else _native.buffer(bias),
+        max_norm=float(norm_bound), candidate_index=_native.buffer(candidate_index),
+        num_candidates=candidate_index.numel(), candidate_offsets=_native.buffer(candidate_offsets),
+        num_sets=candidate_offsets.numel() - 1, set_of_position=_native.buffer(set_of_position), tau=float(tau),
         compute_grad=compute_grad, check_finite=check_finite, num_threads=torch.get_num_threads(),
-        out_loss=loss.data_ptr(), out_grad=grad.data_ptr() if compute_grad else 0,
-        bf16_panels=panels.data_ptr() if bf16_kernel else 0, bf16_rows=bf16_rows.data_ptr() if bf16_kernel else 0,
-        bf16_bias=bias.data_ptr() if bf16_kernel else 0,
+        out_loss=_native.buffer(loss), out_grad=_native.buffer(grad) if compute_grad else _native.NO_BUFFER,
+        bf16_panels=_native.buffer(panels) if bf16_kernel else _native.NO_BUFFER,
+        bf16_rows=_native.buffer(bf16_rows) if bf16_kernel else _native.NO_BUFFER,
+        bf16_bias=_native.buffer(bias) if bf16_kernel else _native.NO_BUFFER,
     )  # fmt: skip
     common.raise_semantic_status(code, detail)
     return loss, grad
