@@ -65,7 +65,9 @@ def _write_all(descriptor: int, data: bytes | bytearray | memoryview) -> None:
         view = view[written:]
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray | memoryview, *, durable: bool = True) -> None:
+def atomic_write_bytes(
+    path: str | os.PathLike, data: bytes | bytearray | memoryview, *, durable: bool = True
+) -> None:
     """Replaces ``path`` with ``data`` atomically (see the module docstring). ``durable=False`` skips the
     fsyncs (caches that can be rebuilt): still atomic against a killed process, not against a power cut."""
     path = Path(path)
@@ -161,7 +163,9 @@ def readable_directory(target: str | os.PathLike) -> Path:
     return target
 
 
-def commit_directory(staging: str | os.PathLike, target: str | os.PathLike, *, replaceable: Iterable[str] | None = None) -> Path:
+def commit_directory(
+    staging: str | os.PathLike, target: str | os.PathLike, *, replaceable: Iterable[str] | None = None
+) -> Path:
     """Makes the complete folder ``staging`` (from `new_staging_directory`) the new ``target`` (see the module
     docstring). ``replaceable``: the only entry names an existing ``target`` may hold; anything else in it
     (files the caller does not own) makes this refuse, so that no foreign file is ever deleted."""

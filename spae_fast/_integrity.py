@@ -111,7 +111,9 @@ def read_safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
     with open(path, "rb") as file:
         prefix = file.read(8)
         if len(prefix) < 8:
-            raise CorruptFileError(f"{path}: a safetensors file starts with an 8-byte header length; the file has {size} bytes")
+            raise CorruptFileError(
+                f"{path}: a safetensors file starts with an 8-byte header length; the file has {size} bytes"
+            )
         (length,) = struct.unpack("<Q", prefix)
         if length > min(size - 8, MAX_SAFETENSORS_HEADER):
             raise CorruptFileError(
@@ -122,11 +124,17 @@ def read_safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CorruptFileError(f"{path}: the safetensors header is not UTF-8 JSON ({error}); corrupted?") from None
+        raise CorruptFileError(
+            f"{path}: the safetensors header is not UTF-8 JSON ({error}); corrupted?"
+        ) from None
     if not isinstance(header, dict):
-        raise CorruptFileError(f"{path}: the safetensors header must be a JSON object, got {type(header).__name__}")
+        raise CorruptFileError(
+            f"{path}: the safetensors header must be a JSON object, got {type(header).__name__}"
+        )
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise CorruptFileError(f"{path}: the safetensors __metadata__ must map strings to strings")
     data_size = size - 8 - length
     tensors: dict[str, TensorEntry] = {}
@@ -189,7 +197,9 @@ def tensors_sha256(tensors: Mapping[str, torch.Tensor], prefix: bytes = b"") -> 
 # ---- self-checking cache files -------------------------------------------------------------------------------
 
 
-def write_tensor_cache(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+def write_tensor_cache(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> None:
     """Writes ``tensors`` and ``metadata`` to the cache file ``path`` (atomically), recording their digest."""
     from safetensors.torch import save
 
@@ -220,8 +230,14 @@ def read_tensor_cache(
             raise CorruptFileError(f"{path}: the cached tensors do not match their recorded sha256")
         for key, value in (expected or {}).items():
             if header.metadata.get(key) != value:
-                raise CorruptFileError(f"{path}: the cache's {key!r} is {header.metadata.get(key)!r}, expected {value!r}")
+                raise CorruptFileError(
+                    f"{path}: the cache's {key!r} is {header.metadata.get(key)!r}, expected {value!r}"
+                )
     except (CorruptFileError, OSError) as error:
-        warnings.warn(f"{error}; ignoring this cache file and rebuilding it from the source", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{error}; ignoring this cache file and rebuilding it from the source",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
     return tensors, header.metadata

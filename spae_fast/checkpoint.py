@@ -88,7 +88,13 @@ def _conv(in_channels: int, out_channels: int, kernel: int) -> int:
 
 def _res_block(in_channels: int, out_channels: int) -> int:
     shortcut = _conv(in_channels, out_channels, 1) if in_channels != out_channels else 0
-    return 2 * in_channels + _conv(in_channels, out_channels, 3) + 2 * out_channels + _conv(out_channels, out_channels, 3) + shortcut
+    return (
+        2 * in_channels
+        + _conv(in_channels, out_channels, 3)
+        + 2 * out_channels
+        + _conv(out_channels, out_channels, 3)
+        + shortcut
+    )
 
 
 def parameter_count(config: SPAEConfig, latent_dim: int) -> int:
@@ -150,7 +156,9 @@ def save_model(model: SPAE, directory: str | os.PathLike) -> Path:
 
 def _config_from(values: object, source: Path, config_class: type[SPAEConfig]) -> SPAEConfig:
     if not isinstance(values, dict):
-        raise CorruptFileError(f"{source}: the SPAE config must be a JSON object, got {type(values).__name__}")
+        raise CorruptFileError(
+            f"{source}: the SPAE config must be a JSON object, got {type(values).__name__}"
+        )
     try:
         return config_class.from_dict(values)
     except (TypeError, ValueError) as error:
@@ -171,7 +179,9 @@ def _check_size(config: SPAEConfig, weights: Path, elements: int) -> None:
         )
 
 
-def read_model_checkpoint(directory: str | os.PathLike, config_class: type[SPAEConfig]) -> tuple[SPAEConfig, dict[str, torch.Tensor]]:
+def read_model_checkpoint(
+    directory: str | os.PathLike, config_class: type[SPAEConfig]
+) -> tuple[SPAEConfig, dict[str, torch.Tensor]]:
     """(config, CPU state dict) of a model folder, checked as the module docstring says (steps 1-4)."""
     directory = readable_directory(directory)
     config_file, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
@@ -217,13 +227,17 @@ def read_model_checkpoint(directory: str | os.PathLike, config_class: type[SPAEC
     return config, state
 
 
-def _read_format_1(directory: Path, header, config_class: type[SPAEConfig]) -> tuple[SPAEConfig, dict[str, torch.Tensor]]:
+def _read_format_1(
+    directory: Path, header, config_class: type[SPAEConfig]
+) -> tuple[SPAEConfig, dict[str, torch.Tensor]]:
     config_file, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"{directory} is not an SPAE checkpoint: {CONFIG_NAME} is missing")
     record = read_json(config_file, "the SPAE config")
     if not isinstance(record, dict) or "config" not in record:
-        raise CorruptFileError(f"{config_file} is not a valid SPAE config: expected an object with a 'config' field")
+        raise CorruptFileError(
+            f"{config_file} is not a valid SPAE config: expected an object with a 'config' field"
+        )
     if record.get("spae_fast_format") != 1:
         raise CorruptFileError(
             f"{config_file}: unsupported checkpoint format {record.get('spae_fast_format')!r} for a weights file "
@@ -276,7 +290,9 @@ def load_model(
 CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, "discriminator.safetensors", "trainer_state.pt", MANIFEST_NAME)
 
 
-def save_training_checkpoint(folder: str | os.PathLike, model: SPAE, files: dict[str, bytes], step: int) -> Path:
+def save_training_checkpoint(
+    folder: str | os.PathLike, model: SPAE, files: dict[str, bytes], step: int
+) -> Path:
     """Writes the model and ``files`` (name -> bytes) as a new version of ``folder`` and commits it (module
     docstring); returns ``folder``."""
     folder = Path(folder)
@@ -290,7 +306,9 @@ def save_training_checkpoint(folder: str | os.PathLike, model: SPAE, files: dict
     listed = {}
     for path in sorted(staging.iterdir()):  # read back: the manifest records what is on disk
         listed[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-    atomic_write_json(staging / MANIFEST_NAME, {"spae_fast_checkpoint": MANIFEST_FORMAT, "step": int(step), "files": listed})
+    atomic_write_json(
+        staging / MANIFEST_NAME, {"spae_fast_checkpoint": MANIFEST_FORMAT, "step": int(step), "files": listed}
+    )
     return commit_directory(staging, folder, replaceable=CHECKPOINT_FILES)
 
 
@@ -311,13 +329,17 @@ def verify_training_checkpoint(folder: str | os.PathLike, required: str) -> tupl
         or manifest.get("spae_fast_checkpoint") != MANIFEST_FORMAT
         or not isinstance(manifest.get("step"), int)
     ):
-        raise CorruptFileError(f"{manifest_file}: expected {{'spae_fast_checkpoint': 1, 'step': int, 'files': {{...}}}}")
+        raise CorruptFileError(
+            f"{manifest_file}: expected {{'spae_fast_checkpoint': 1, 'step': int, 'files': {{...}}}}"
+        )
     for name, entry in files.items():
         path = folder / name
         if not isinstance(entry, dict) or set(entry) != {"size", "sha256"}:
             raise CorruptFileError(f"{manifest_file}: malformed entry for {name!r}")
         if name not in CHECKPOINT_FILES or not path.is_file():
-            raise CorruptFileError(f"cannot resume: {path} is listed in {MANIFEST_NAME} but missing (or not a checkpoint file)")
+            raise CorruptFileError(
+                f"cannot resume: {path} is listed in {MANIFEST_NAME} but missing (or not a checkpoint file)"
+            )
         if path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
             raise CorruptFileError(
                 f"cannot resume: {path} does not match the size / sha256 recorded in {MANIFEST_NAME} (tampered with "
@@ -356,7 +378,11 @@ def truncate_metrics(path: str | os.PathLike, step: int) -> dict | None:
         records.append(record)
     kept = [records[i] for i in sorted(latest.values())]
     if dropped_lines:
-        warnings.warn(f"{path}: dropped {dropped_lines} unreadable line(s) (a write cut off by a kill)", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"{path}: dropped {dropped_lines} unreadable line(s) (a write cut off by a kill)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if len(kept) != len(lines) or not data.endswith(b"\n"):  # (an unterminated last line would join the next)
         atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
     index = latest.get((step, True))

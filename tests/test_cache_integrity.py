@@ -12,7 +12,12 @@ import torch
 from _tiny_llm import byte_level_tokenizer, save_tiny_model
 
 from spae_fast import embedding_tables
-from spae_fast._integrity import CorruptFileError, read_safetensors_header, read_tensor_cache, write_tensor_cache
+from spae_fast._integrity import (
+    CorruptFileError,
+    read_safetensors_header,
+    read_tensor_cache,
+    write_tensor_cache,
+)
 from spae_fast.llm import loading
 from spae_fast.text_features import cached_features
 from spae_fast.vocab import VocabCodebook, cache_dir
@@ -78,7 +83,9 @@ def test_truncated_or_corrupted_gguf_names_the_file(tmp_path):
     assert torch.equal(book.weight, torch.from_numpy(weight))
     flip_last_data_byte(only_cache_file())
     with pytest.warns(RuntimeWarning, match="rebuilding it from the source"):
-        assert torch.equal(VocabCodebook.from_pretrained(good, token_filter=None).weight, torch.from_numpy(weight))
+        assert torch.equal(
+            VocabCodebook.from_pretrained(good, token_filter=None).weight, torch.from_numpy(weight)
+        )
     for cut in (4, 30, 100, 200, len(data) - 100, len(data) - 10):  # cut in the header, metadata, tensor data
         bad = tmp_path / f"cut{cut}.gguf"
         bad.write_bytes(data[:cut])
@@ -101,12 +108,16 @@ def test_broken_hf_files_name_the_file(tmp_path):
     assert str(weights) in str(error.value)
     weights.write_bytes(data)
     (folder / "config.json").write_bytes(b'{"hidden_size": \xff}')
-    with pytest.raises(CorruptFileError, match=r"config.json: the model's config must be UTF-8 JSON, but byte 16"):
+    with pytest.raises(
+        CorruptFileError, match=r"config.json: the model's config must be UTF-8 JSON, but byte 16"
+    ):
         VocabCodebook.from_pretrained(folder, use_cache=False)
     sharded = tmp_path / "sharded"
     save_tiny_model(sharded, "gpt2", byte_level_tokenizer(), max_shard_size="20KB")
     (sharded / "model.safetensors.index.json").write_text('{"weight_map": ')
-    with pytest.raises(CorruptFileError, match=r"model.safetensors.index.json: a safetensors index is not valid JSON"):
+    with pytest.raises(
+        CorruptFileError, match=r"model.safetensors.index.json: a safetensors index is not valid JSON"
+    ):
         VocabCodebook.from_pretrained(sharded, use_cache=False)
 
 
@@ -153,7 +164,11 @@ def test_tensor_cache_round_trip_and_tampering(tmp_path):
         assert read_tensor_cache(path, {"kind": "other"}) is None
     from safetensors.torch import save_file
 
-    save_file({"x": torch.arange(5.0) + 1}, str(path), metadata={"kind": "k", "spae_fast_sha256": metadata["spae_fast_sha256"]})
+    save_file(
+        {"x": torch.arange(5.0) + 1},
+        str(path),
+        metadata={"kind": "k", "spae_fast_sha256": metadata["spae_fast_sha256"]},
+    )
     with pytest.warns(RuntimeWarning, match="do not match their recorded sha256"):
         assert read_tensor_cache(path) is None
 
@@ -196,7 +211,9 @@ def test_gguf_conversion_cache_is_verified(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match=r"model.safetensors does not match its recorded size / sha256"):
         assert loading.convert_gguf(gguf) == folder
     assert len(conversions) == 2 and (folder / "model.safetensors").read_bytes() == b"weights" * 100
-    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no temporary or damaged leftovers
+    assert sorted(p.name for p in folder.parent.iterdir()) == [
+        folder.name
+    ]  # no temporary or damaged leftovers
     (folder / loading.MANIFEST).unlink()  # an interrupted conversion
     with pytest.warns(RuntimeWarning, match="no spae_fast_cache.json"):
         loading.convert_gguf(gguf)

@@ -23,7 +23,13 @@ from spae_fast.model import SPAE, SPAEConfig
 from spae_fast.trainer import TrainConfig, Trainer
 from spae_fast.vocab import VocabCodebook
 
-TINY = {"image_size": 16, "base_channels": 8, "channel_multipliers": (1, 2), "num_res_blocks": 1, "layers": (1, 2, 4, 8)}
+TINY = {
+    "image_size": 16,
+    "base_channels": 8,
+    "channel_multipliers": (1, 2),
+    "num_res_blocks": 1,
+    "layers": (1, 2, 4, 8),
+}
 
 
 def make_vocab(rows: int = 40, dim: int = 12, seed: int = 0) -> VocabCodebook:
@@ -99,7 +105,9 @@ def forbid_building(monkeypatch) -> None:
         ("beta", 0.5, "do not match the content_sha256"),
     ],
 )
-def test_tampered_embedded_config_is_refused_before_building(vocab, tmp_path, monkeypatch, field, value, message):
+def test_tampered_embedded_config_is_refused_before_building(
+    vocab, tmp_path, monkeypatch, field, value, message
+):
     folder = make_model(vocab).save_pretrained(tmp_path / "m")
     rewrite_embedded_config(folder / "model.safetensors", lambda config: config.__setitem__(field, value))
     forbid_building(monkeypatch)
@@ -115,13 +123,17 @@ def test_edited_config_json_is_refused_and_a_stale_one_ignored(vocab, tmp_path):
     record = json.loads(original)
     record["config"]["num_res_blocks"] = 10**9  # the issue's hang: now refused at once, naming file and field
     (folder / "config.json").write_text(json.dumps(record))
-    with pytest.raises(ValueError, match=r"config.json is not a valid SPAE config: SPAEConfig.num_res_blocks must"):
+    with pytest.raises(
+        ValueError, match=r"config.json is not a valid SPAE config: SPAEConfig.num_res_blocks must"
+    ):
         SPAE.from_pretrained(folder, codebook=vocab)
     record["config"]["num_res_blocks"] = 2
     (folder / "config.json").write_text(json.dumps(record))
     with pytest.raises(ValueError, match="config.json was edited"):
         SPAE.from_pretrained(folder, codebook=vocab)
-    record["content_sha256"] = "0" * 64  # looks like another save's copy: the verified embedded config is used
+    record["content_sha256"] = (
+        "0" * 64
+    )  # looks like another save's copy: the verified embedded config is used
     (folder / "config.json").write_text(json.dumps(record))
     with pytest.warns(RuntimeWarning, match="belongs to another save"):
         loaded = SPAE.from_pretrained(folder, codebook=vocab)
@@ -129,14 +141,20 @@ def test_edited_config_json_is_refused_and_a_stale_one_ignored(vocab, tmp_path):
     (folder / "config.json").unlink()  # model.safetensors alone is a complete checkpoint
     assert states_equal(SPAE.from_pretrained(folder, codebook=vocab).state_dict(), model.state_dict())
     (folder / "config.json").write_bytes(b"\xff\xfe{" + original.encode()[1:])
-    with pytest.raises(ValueError, match=r"config.json: the SPAE config must be UTF-8 JSON, but byte 0 \(0xff\)"):
+    with pytest.raises(
+        ValueError, match=r"config.json: the SPAE config must be UTF-8 JSON, but byte 0 \(0xff\)"
+    ):
         SPAE.from_pretrained(folder, codebook=vocab)
 
 
 def test_truncated_or_padded_weights_name_the_file(vocab, tmp_path):
     folder = make_model(vocab).save_pretrained(tmp_path / "m")
     data = (folder / "model.safetensors").read_bytes()
-    for cut, message in [(5, "8-byte header length"), (100, "header claims"), (len(data) - 7, "does not fit|cover")]:
+    for cut, message in [
+        (5, "8-byte header length"),
+        (100, "header claims"),
+        (len(data) - 7, "does not fit|cover"),
+    ]:
         (folder / "model.safetensors").write_bytes(data[:cut])
         with pytest.raises(CorruptFileError, match=message) as error:
             SPAE.from_pretrained(folder, codebook=vocab)
@@ -164,13 +182,33 @@ def save_format_1(model: SPAE, folder) -> None:
 def test_format_1_checkpoints_still_load_with_the_new_checks(vocab, tmp_path, monkeypatch):
     model = make_model(vocab)
     save_format_1(model, tmp_path / "old")
-    assert states_equal(SPAE.from_pretrained(tmp_path / "old", codebook=vocab).state_dict(), model.state_dict())
+    assert states_equal(
+        SPAE.from_pretrained(tmp_path / "old", codebook=vocab).state_dict(), model.state_dict()
+    )
     record = json.loads((tmp_path / "old" / "config.json").read_text())
     for value, message in [(10**9, r"num_res_blocks must be an int in \[0, 64\]"), (4, "implies")]:
         record["config"]["num_res_blocks"] = value
         (tmp_path / "old" / "config.json").write_text(json.dumps(record))
         with pytest.raises(ValueError, match=message):
             SPAE.from_pretrained(tmp_path / "old", codebook=vocab)
+
+
+def test_pre_manifest_trainer_checkpoints_still_resume(vocab, tmp_path):
+    dataset = build_dataset("digits", 16, split="train")
+    config = TrainConfig(steps=3, batch_size=2, log_every=1, eval_every=3, save_every=3, eval_images=2)
+    old = Trainer(make_model(vocab, seed=1), config, tmp_path, dataset)
+    save_format_1(old.model, tmp_path / "checkpoint")
+    torch.save(
+        {"step": 2, "elapsed": 1.5, "optimizer": old.optimizer.state_dict()},
+        tmp_path / "checkpoint" / "trainer_state.pt",
+    )
+    resumed = Trainer(make_model(vocab, seed=2), config, tmp_path, dataset)
+    resumed.load_checkpoint()
+    assert resumed.step == 2 and resumed.elapsed == 1.5
+    assert states_equal(resumed.model.state_dict(), old.model.state_dict())
+    (tmp_path / "checkpoint" / "trainer_state.pt").write_bytes(b"PK\x03\x04 cut")
+    with pytest.raises(ValueError, match="trainer_state.pt is not a readable trainer state"):
+        resumed.load_checkpoint()
 
 
 def test_from_pretrained_inside_inference_mode(tmp_path):
@@ -184,7 +222,9 @@ def test_from_pretrained_inside_inference_mode(tmp_path):
     with torch.inference_mode():
         loaded = SPAE.from_pretrained(folder).eval()
         ids = loaded.encode(images)
-        built_inside = VocabCodebook(torch.randn(5, 4), ["Ġab", "Ġcd", "Ġef", "Ġgh", "Ġij"], token_filter=None)
+        built_inside = VocabCodebook(
+            torch.randn(5, 4), ["Ġab", "Ġcd", "Ġef", "Ġgh", "Ġij"], token_filter=None
+        )
     assert torch.equal(ids, model.encode(images))
     assert not any(p.is_inference() for p in loaded.parameters()) and not built_inside.weight.is_inference()
     loaded.train()
@@ -235,8 +275,8 @@ def killed_at(k: int):
 
 def kill_everywhere(save, restore_baseline, check, operations: int) -> list[str]:
     """Runs ``save`` killed at operation 1, 2, ... until it completes; after each kill ``check()`` must load the
-    old or the new state (returns which). A complete save must run ``operations`` file operations (so that
-each was a kill point). Returns the outcomes."""
+        old or the new state (returns which). A complete save must run ``operations`` file operations (so that
+    each was a kill point). Returns the outcomes."""
     outcomes = []
     for k in range(1, 500):
         restore_baseline()
@@ -265,7 +305,13 @@ def test_save_pretrained_killed_at_every_operation(vocab, tmp_path):
 
     def check():
         state = SPAE.from_pretrained(folder, codebook=vocab).state_dict()
-        return "old" if states_equal(state, old.state_dict()) else "new" if states_equal(state, new.state_dict()) else "?"
+        return (
+            "old"
+            if states_equal(state, old.state_dict())
+            else "new"
+            if states_equal(state, new.state_dict())
+            else "?"
+        )
 
     # mkdir; weights: write, fsync, replace, fsync folder; config.json: the same
     outcomes = kill_everywhere(lambda: new.save_pretrained(folder), restore, check, operations=9)
@@ -274,7 +320,9 @@ def test_save_pretrained_killed_at_every_operation(vocab, tmp_path):
 
 def tiny_trainer(vocab, out_dir, seed=0) -> Trainer:
     dataset = build_dataset("digits", 16, split="train")
-    config = TrainConfig(steps=2, batch_size=2, log_every=1, eval_every=1, save_every=1, eval_images=2, gan_weight=0.1)
+    config = TrainConfig(
+        steps=2, batch_size=2, log_every=1, eval_every=1, save_every=1, eval_images=2, gan_weight=0.1
+    )
     return Trainer(make_model(vocab, seed=seed), config, out_dir, dataset)
 
 
@@ -327,7 +375,9 @@ def test_trainer_checkpoint_killed_at_every_operation(vocab, tmp_path):
         assert check() == "old"
     writer.save_checkpoint()
     assert check() == "new" and not (tmp_path / "run" / "checkpoint.previous").exists()
-    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoint")) == ["checkpoint"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint"
+    ]
 
 
 def kill_point(save, restore, operation: str, occurrence: int) -> int:
@@ -345,7 +395,9 @@ def test_trainer_checkpoint_refuses_tampering_and_foreign_folders(vocab, tmp_pat
     data = bytearray(state.read_bytes())
     data[len(data) // 2] ^= 0x01
     state.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"trainer_state.pt does not match the size / sha256 recorded in checkpoint.json"):
+    with pytest.raises(
+        ValueError, match=r"trainer_state.pt does not match the size / sha256 recorded in checkpoint.json"
+    ):
         tiny_trainer(vocab, tmp_path / "run").load_checkpoint()
     foreign = tmp_path / "mine"
     foreign.mkdir()

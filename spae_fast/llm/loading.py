@@ -121,16 +121,29 @@ def convert_gguf(gguf: str | os.PathLike, folder: str | os.PathLike | None = Non
         problem = _manifest_problem(target)
         if problem is None:
             return target
-        warnings.warn(f"the converted model {target} is damaged ({problem}); converting {gguf} again", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"the converted model {target} is damaged ({problem}); converting {gguf} again",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     check_gguf(gguf)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     _convert_into(gguf, temporary)
-    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(temporary.iterdir()) if p.is_file()}
-    atomic_write_json(temporary / MANIFEST, {"spae_fast_gguf_conversion": _GGUF_CONVERSION_FORMAT, "source": str(gguf), "files": files})
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(temporary.iterdir())
+        if p.is_file()
+    }
+    atomic_write_json(
+        temporary / MANIFEST,
+        {"spae_fast_gguf_conversion": _GGUF_CONVERSION_FORMAT, "source": str(gguf), "files": files},
+    )
     fsync_directory(temporary)
-    if target.exists() and _manifest_problem(target) is not None:  # still the damaged one (no other process fixed it)
+    if (
+        target.exists() and _manifest_problem(target) is not None
+    ):  # still the damaged one (no other process fixed it)
         damaged = target.with_name(f"{target.name}.{os.getpid()}.damaged")
         os.rename(target, damaged)
         shutil.rmtree(damaged, ignore_errors=True)
