@@ -24,6 +24,15 @@ if "triton" not in sys.modules and importlib.util.find_spec("triton") is not Non
 import pytest
 import torch
 import torch.nn.functional as F
+from _semantic_checks import (
+    assert_identical,
+    generator,
+    loss_and_grad,
+    make_problem,
+    materialised_cross_entropy,
+    reference_loss_and_grad,
+    tolerance,
+)
 
 import spae_fast
 from spae_fast import _ref
@@ -32,30 +41,8 @@ from spae_fast.semantic import candidates_from_relevance, pack_candidate_sets, p
 OPS = torch.ops.spae_fast
 
 # ----------------------------------------------------------------------------------------------------------
-# Fixtures (self-contained: the micro-kernel and the thread count are restored after each test)
+# Fixtures (use_isa and set_threads come from tests/conftest.py and restore their setting after each test)
 # ----------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def use_isa():
-    """Selects the native micro-kernel ("portable" / "avx2") for the test, skipping where the CPU lacks it."""
-    native = spae_fast._native.cpu_module()
-    before = native.get_isa()
-
-    def select(name: str) -> None:
-        if not native.set_isa(name):
-            pytest.skip(f"this CPU cannot run the {name} micro-kernel")
-
-    yield select
-    native.set_isa(before)
-
-
-@pytest.fixture
-def set_threads():
-    """torch.set_num_threads for the test (the native kernel uses torch.get_num_threads())."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(params=["torch", "cpu-portable", "cpu-avx2"])
@@ -71,75 +58,6 @@ def impl(request, use_isa) -> str:
 def isa(request, use_isa) -> str:
     use_isa(request.param)
     return request.param
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data and ground truth
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def make_problem(num: int, num_rows: int, dim: int, *, seed: int, density: float = 0.1, empty_rows=()):
-    """(z [N, D], weight [V, D], mask [N, V]): z near codebook rows (a softmax that is neither flat nor
-    one-hot), candidate sets drawn at random, every row non-empty except ``empty_rows``."""
-    g = _generator(seed)
-    weight = torch.randn(num_rows, dim, generator=g)
-    z = weight[torch.randint(0, num_rows, (num,), generator=g)] + 0.5 * torch.randn(num, dim, generator=g)
-    mask = torch.rand(num, num_rows, generator=g) < density
-    mask[torch.arange(num), torch.randint(0, num_rows, (num,), generator=g)] = True
-    for row in empty_rows:
-        mask[row] = False
-    return z, weight, mask
-
-
-def tolerance(z: torch.Tensor, weight: torch.Tensor, tau: float, rel: float = 2e-6) -> float:
-    """Absolute tolerance of a loss: rel x the logit scale (each fp32 logit is exact to a few ulp of it)."""
-    z_max = float(z.double().norm(dim=-1).max()) if z.numel() else 0.0
-    e_max = float(weight.double().norm(dim=-1).max())
-    return rel * (e_max * e_max + 2.0 * z_max * e_max + 1.0) / tau * max(1.0, z.shape[-1] ** 0.5 / 4)
-
-
-def materialised_cross_entropy(z, weight, mask, tau, reduction="mean"):
-    """F.cross_entropy over the literal logits -||z - e||^2 / tau with soft targets uniform on the set,
-    in fp64 (rows with an empty set are left out)."""
-    logits = -torch.cdist(z.double(), weight.double()).square() / tau
-    counts = mask.double().sum(1, keepdim=True)
-    keep = counts[:, 0] > 0
-    targets = mask.double() / counts.clamp_min(1)
-    losses = torch.zeros(z.shape[0], dtype=torch.float64)
-    if bool(keep.any()):
-        losses = losses.index_put((keep.nonzero()[:, 0],),
-                                  F.cross_entropy(logits[keep], targets[keep], reduction="none"))  # fmt: skip
-    if reduction == "none":
-        return losses
-    return losses.sum() / keep.sum().clamp_min(1)
-
-
-def loss_and_grad(z, weight, index, offsets, sets=None, **kwargs):
-    """(per-position losses, d sum(loss) / dz) through the public function."""
-    leaf = z.detach().clone().requires_grad_(True)
-    loss = spae_fast.semantic_loss(leaf, weight, index, offsets, sets, reduction="none", **kwargs)
-    (grad,) = torch.autograd.grad(loss.sum(), leaf)
-    return loss.detach(), grad
-
-
-def reference_loss_and_grad(z, weight, index, offsets, sets=None, *, tau=1.0, dtype=torch.float32):
-    leaf = z.detach().to(dtype).requires_grad_(True)
-    w = weight if dtype == torch.float32 else weight.to(dtype)
-    loss = _ref.semantic_loss_reference(leaf, w, index, offsets, sets, tau=tau, reduction="none")
-    if not loss.requires_grad:  # no position has a set: the loss does not depend on z
-        return loss, torch.zeros_like(leaf)
-    (grad,) = torch.autograd.grad(loss.sum(), leaf)
-    return loss.detach(), grad
-
-
-def assert_identical(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    assert a.shape == b.shape and a.dtype == b.dtype, what
-    assert torch.equal(a.view(torch.int32) if a.dtype == torch.float32 else a,
-                       b.view(torch.int32) if b.dtype == torch.float32 else b), what  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -366,7 +284,7 @@ def test_property_random_problems(native_state):
     def check(num, num_rows, dim, log_tau, log_scale, num_sets, dtype, isa, threads, seed):
         use_isa(isa)
         set_threads(threads)
-        g = _generator(seed)
+        g = generator(seed)
         scale, tau = 10.0**log_scale, 10.0**log_tau
         weight = (torch.randn(num_rows, dim, generator=g) * scale).to(dtype)
         z = (torch.randn(num, dim, generator=g) * scale).to(dtype)
@@ -415,7 +333,7 @@ def test_bitwise_identical_across_batch_splits(isa):
     index, offsets = pack_candidate_sets(
         [torch.tensor([1, 5, 100]), torch.tensor([7]), torch.tensor([249, 0])]
     )
-    sets = torch.randint(-1, 3, (61,), generator=_generator(1))
+    sets = torch.randint(-1, 3, (61,), generator=generator(1))
     full = loss_and_grad(z, weight, index, offsets, sets, backend="cpu")
     for cut in (1, 6, 30, 60):
         head = loss_and_grad(z[:cut], weight, index, offsets, sets[:cut], backend="cpu")
@@ -672,275 +590,11 @@ def test_pyramid_set_of_position():
 
 def test_pyramid_pipeline_end_to_end():
     """Relevance -> sets per image and layer -> the loss of the top-3-layer positions, vs the spec."""
-    weight = torch.randn(120, 16, generator=_generator(61))
-    relevance = torch.randn(3, 120, generator=_generator(62))
+    weight = torch.randn(120, 16, generator=generator(61))
+    relevance = torch.randn(3, 120, generator=generator(62))
     index, offsets = candidates_from_relevance(relevance, (0.9, 0.8, 0.7))
     sets = pyramid_set_of_position(3, (1, 2, 4))
-    z = torch.randn(3, 21, 16, generator=_generator(63))
+    z = torch.randn(3, 21, 16, generator=generator(63))
     loss = spae_fast.semantic_loss(z, weight, index, offsets, sets)
     expected = _ref.semantic_loss_reference(z.reshape(-1, 16), weight, index, offsets, sets.reshape(-1))
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-4)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Triton, interpreted on the CPU (tiny fp32 shapes: the interpreter's bf16 tl.dot is wrong)
-# ----------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def triton_interpreter():
-    triton = pytest.importorskip("triton")
-    if type(triton.language.zeros).__name__ == "JITFunction":
-        pytest.skip(
-            "triton was imported in GPU mode before TRITON_INTERPRET=1 could be set; run this file alone"
-        )
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if before is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = before
-
-
-@pytest.mark.parametrize(("num", "num_rows", "dim"), [(1, 1, 1), (21, 45, 19), (17, 40, 33)])
-def test_triton_matches_reference(triton_interpreter, num, num_rows, dim):
-    z, weight, mask = make_problem(num, num_rows, dim, seed=num + dim, empty_rows=(0,) if num > 1 else ())
-    index, offsets = _ref.candidates_from_mask(mask)
-    loss, grad = loss_and_grad(z, weight, index, offsets, tau=0.8, backend="triton")
-    ref_loss, ref_grad = reference_loss_and_grad(z, weight, index, offsets, tau=0.8)
-    atol = tolerance(z, weight, 0.8)
-    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=atol)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=atol / 10)
-
-
-def test_triton_precision_bf16_is_the_loss_of_the_rounded_operands(triton_interpreter):
-    z, weight, mask = make_problem(13, 70, 21, seed=97)
-    index, offsets = _ref.candidates_from_mask(mask)
-    loss, grad = loss_and_grad(z, weight, index, offsets, tau=0.8, backend="triton", precision="bf16")
-    z16, w16 = _round_bf16(z), _round_bf16(weight)
-    ref_loss, ref_grad = reference_loss_and_grad(z16, w16, index, offsets, tau=0.8)
-    atol = tolerance(z16, w16, 0.8)
-    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=atol)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=atol / 10)
-
-
-def test_triton_shared_sets_no_grad_and_strides(triton_interpreter):
-    z, weight, _ = make_problem(18, 35, 20, seed=71)
-    index, offsets = pack_candidate_sets([torch.tensor([3, 3, 30]), torch.tensor([], dtype=torch.long),
-                                          torch.tensor([0, 34])])  # fmt: skip
-    sets = torch.tensor([0, 1, 2, -1, 2, 0] * 3)
-    weight_strided = torch.zeros(70, 20)[::2]
-    weight_strided.copy_(weight)
-    loss, grad = loss_and_grad(z, weight_strided, index, offsets, sets, backend="triton")
-    ref_loss, ref_grad = reference_loss_and_grad(z, weight, index, offsets, sets)
-    atol = tolerance(z, weight, 1.0)
-    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=atol)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=atol / 10)
-    with torch.no_grad():
-        no_grad = spae_fast.semantic_loss(z, weight, index, offsets, sets, reduction="none", backend="triton")
-    assert_identical(no_grad, loss, "triton no_grad vs grad")
-    # per-position values do not depend on the batch (one program owns its rows; no atomics)
-    head = spae_fast.semantic_loss(
-        z[:5], weight, index, offsets, sets[:5], reduction="none", backend="triton"
-    )
-    assert_identical(head, loss[:5], "triton batch split")
-
-
-def test_triton_kernels_import_from_installed_package():
-    pytest.importorskip("triton")
-    import spae_fast.triton_kernels.semantic_loss as module
-
-    assert os.path.dirname(module.__file__) == os.path.join(
-        os.path.dirname(spae_fast.__file__), "triton_kernels"
-    )
-    assert callable(module.softmax_stats) and callable(module.set_means)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# precision="bf16": the loss of bf16(z) against bf16(E), fp32 accumulation
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _round_bf16(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.bfloat16).float()
-
-
-@pytest.fixture(params=["torch", "cpu-portable", "cpu-avx2", "cpu-avx512bf16"])
-def bf16_impl(request, use_isa) -> str:
-    """Every CPU path of precision "bf16": the reference, the rounded operands through the fp32 kernel (each
-    micro-kernel; what CPUs without AVX512-BF16 run) and the AVX512-BF16 kernel."""
-    if request.param == "torch":
-        return "torch"
-    if request.param == "cpu-avx512bf16":
-        if not spae_fast.ops.cpu_has_bf16_semantic_kernel():
-            pytest.skip("this CPU has no AVX512-BF16")
-        return "cpu"
-    use_isa(request.param.removeprefix("cpu-"))
-    return "cpu-emulated"
-
-
-def bf16_loss_and_grad(z, weight, index, offsets, sets=None, *, impl, **kwargs):
-    if impl != "cpu-emulated":
-        return loss_and_grad(z, weight, index, offsets, sets, precision="bf16", backend=impl, **kwargs)
-    # CPUs without AVX512-BF16: pack_semantic_bf16 then hands back the rounded table and its fp32 packing
-    original = spae_fast.ops.common.cpu_has_bf16_semantic_kernel
-    spae_fast.ops.common.cpu_has_bf16_semantic_kernel = lambda: False
-    try:
-        return loss_and_grad(z, weight, index, offsets, sets, precision="bf16", backend="cpu", **kwargs)
-    finally:
-        spae_fast.ops.common.cpu_has_bf16_semantic_kernel = original
-
-
-BF16_SHAPES = [(1, 1, 1), (1, 7, 3), (5, 37, 19), (29, 203, 37), (13, 300, 64), (7, 65, 17), (9, 130, 130)]
-
-
-@pytest.mark.parametrize(("num", "num_rows", "dim"), BF16_SHAPES)
-def test_bf16_is_the_loss_of_the_rounded_operands(bf16_impl, num, num_rows, dim):
-    """Loss: the fp64 cross-entropy of bf16(z) against bf16(E), to fp32 accuracy. Gradient: that of the rounded
-    problem (straight-through), up to the bf16 rounding of the softmax weights (relative 2^-8 per weight)."""
-    z, weight, mask = make_problem(num, num_rows, dim, seed=num * 11 + dim)
-    index, offsets = _ref.candidates_from_mask(mask)
-    loss, grad = bf16_loss_and_grad(z, weight, index, offsets, impl=bf16_impl, tau=0.7)
-    z16, w16 = _round_bf16(z), _round_bf16(weight)
-    exact = materialised_cross_entropy(z16, w16, mask, 0.7, reduction="none")
-    torch.testing.assert_close(loss.double(), exact, rtol=0, atol=tolerance(z16, w16, 0.7))
-    _, ref_grad = reference_loss_and_grad(z16, w16, index, offsets, tau=0.7, dtype=torch.float64)
-    scale = float(ref_grad.abs().max()) + 1e-30
-    assert float((grad.double() - ref_grad).abs().max()) <= 2**-7 * scale + tolerance(z16, w16, 0.7) / 10
-    # and it differs from the fp32 loss only by the rounding of the operands
-    fp32_loss, _ = loss_and_grad(z, weight, index, offsets, tau=0.7, backend="torch")
-    assert float((loss - fp32_loss).abs().max()) <= 2**-7 * (tolerance(z, weight, 0.7) / 2e-6)
-
-
-@pytest.mark.parametrize("table", ["contiguous", "strided", "bf16"])
-def test_bf16_no_grad_gives_the_same_loss(bf16_impl, table):
-    """Without autograd the set means are summed from the table itself (rounded to bf16), with it from the
-    packed bf16 rows the gradient pass reads: the loss is bitwise the same either way, for any table layout."""
-    z, weight, mask = make_problem(11, 64 * 3 + 9, 21, seed=37)
-    if table == "strided":
-        weight = torch.cat([weight, weight], dim=1)[:, ::2]
-    elif table == "bf16":
-        weight = weight.to(torch.bfloat16)
-    index, offsets = _ref.candidates_from_mask(mask)
-    with_grad, _ = bf16_loss_and_grad(z, weight, index, offsets, impl=bf16_impl)
-    original = spae_fast.ops.common.cpu_has_bf16_semantic_kernel
-    if bf16_impl == "cpu-emulated":
-        spae_fast.ops.common.cpu_has_bf16_semantic_kernel = lambda: False
-    try:
-        with torch.no_grad():
-            backend = "cpu" if bf16_impl == "cpu-emulated" else bf16_impl
-            without = spae_fast.semantic_loss(z, weight, index, offsets, reduction="none", precision="bf16",
-                                              backend=backend)  # fmt: skip
-    finally:
-        spae_fast.ops.common.cpu_has_bf16_semantic_kernel = original
-    assert_identical(without, with_grad, "no_grad vs grad")
-
-
-def test_bf16_kernel_matches_the_emulation_closely():
-    if not spae_fast.ops.cpu_has_bf16_semantic_kernel():
-        pytest.skip("this CPU has no AVX512-BF16")
-    z, weight, mask = make_problem(40, 517, 70, seed=71)
-    index, offsets = _ref.candidates_from_mask(mask)
-    kernel = bf16_loss_and_grad(z, weight, index, offsets, impl="cpu")
-    emulated = bf16_loss_and_grad(z, weight, index, offsets, impl="cpu-emulated")
-    torch.testing.assert_close(kernel[0], emulated[0], rtol=0, atol=tolerance(_round_bf16(z), weight, 1.0))
-    assert float((kernel[1] - emulated[1]).abs().max()) <= 2**-7 * float(emulated[1].abs().max())
-
-
-def test_bf16_large_vocabulary_odd_sizes_and_strides():
-    """Several 64-row groups with a partial last one, D not a multiple of 2 or 64, strided inputs."""
-    z, weight, mask = make_problem(23, 64 * 9 + 5, 67, seed=73)
-    index, offsets = _ref.candidates_from_mask(mask)
-    wide = torch.zeros(weight.shape[0], 80)
-    wide[:, :67] = weight
-    strided_weight = wide[:, :67]
-    strided_z = torch.zeros(23, 67 * 2)[:, ::2]
-    strided_z.copy_(z)
-    got = bf16_loss_and_grad(strided_z, strided_weight, index, offsets, impl="cpu")
-    want = bf16_loss_and_grad(z.contiguous(), weight.contiguous(), index, offsets, impl="cpu")
-    assert_identical(got[0], want[0], "loss with strided inputs")
-    assert_identical(got[1], want[1], "grad with strided inputs")
-    exact = materialised_cross_entropy(_round_bf16(z), _round_bf16(weight), mask, 1.0, reduction="none")
-    torch.testing.assert_close(got[0].double(), exact, rtol=0, atol=tolerance(z, weight, 1.0))
-
-
-@pytest.mark.parametrize("num", [1, 7, 200])
-def test_bf16_bitwise_identical_across_thread_counts_and_batch_splits(set_threads, num):
-    z, weight, mask = make_problem(num, 333, 29, seed=num + 3)
-    index, offsets = _ref.candidates_from_mask(mask)
-    runs = []
-    for threads in (1, 2, 3):
-        set_threads(threads)
-        runs.append(bf16_loss_and_grad(z, weight, index, offsets, impl="cpu"))
-    for loss, grad in runs[1:]:
-        assert_identical(loss, runs[0][0], "bf16 loss across thread counts")
-        assert_identical(grad, runs[0][1], "bf16 grad across thread counts")
-    if num > 1:
-        cut = num // 3
-        sets = torch.arange(num)
-        head = bf16_loss_and_grad(z[:cut], weight, index, offsets, sets[:cut], impl="cpu")
-        tail = bf16_loss_and_grad(z[cut:], weight, index, offsets, sets[cut:], impl="cpu")
-        assert_identical(torch.cat([head[0], tail[0]]), runs[0][0], "bf16 loss across a batch split")
-        assert_identical(torch.cat([head[1], tail[1]]), runs[0][1], "bf16 grad across a batch split")
-
-
-def test_bf16_codebook_caches_its_packing_and_matches_the_tensor():
-    z, weight, mask = make_problem(11, 150, 24, seed=79)
-    index, offsets = _ref.candidates_from_mask(mask)
-    codebook = spae_fast.Codebook(weight)
-    before = codebook.nbytes_packed()
-    with_codebook = bf16_loss_and_grad(z, codebook, index, offsets, impl="cpu")
-    assert codebook.nbytes_packed() > before  # the bf16 packing is kept for the next call
-    first = codebook._derived["semantic_bf16"]
-    bf16_loss_and_grad(z, codebook, index, offsets, impl="cpu")
-    assert codebook._derived["semantic_bf16"] is first
-    with_tensor = bf16_loss_and_grad(z, weight, index, offsets, impl="cpu")
-    assert_identical(with_codebook[0], with_tensor[0], "bf16 loss: Codebook vs tensor")
-    assert_identical(with_codebook[1], with_tensor[1], "bf16 grad: Codebook vs tensor")
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_bf16_precision_with_16bit_inputs(bf16_impl, dtype):
-    z, weight, mask = make_problem(9, 90, 21, seed=83)
-    z, weight = z.to(dtype), weight.to(dtype)
-    index, offsets = _ref.candidates_from_mask(mask)
-    loss, grad = bf16_loss_and_grad(z, weight, index, offsets, impl=bf16_impl)
-    assert grad.dtype == dtype
-    exact = materialised_cross_entropy(_round_bf16(z.float()), _round_bf16(weight.float()), mask, 1.0, "none")
-    torch.testing.assert_close(loss.double(), exact, rtol=0, atol=tolerance(z.float(), weight.float(), 1.0))
-
-
-def test_bf16_non_finite_and_overflow_are_reported(bf16_impl):
-    z, weight, mask = make_problem(6, 40, 8, seed=89)
-    index, offsets = _ref.candidates_from_mask(mask)
-    bad = z.clone()
-    bad[3, 2] = float("nan")
-    with pytest.raises(ValueError, match="first bad row 3"):
-        bf16_loss_and_grad(bad, weight, index, offsets, impl=bf16_impl)
-    if bf16_impl != "torch":
-        huge = z.clone()
-        huge[4] = 1e36
-        with pytest.raises(ValueError, match="z row 4 is too large"):
-            bf16_loss_and_grad(huge, weight, index, offsets, impl=bf16_impl)
-
-
-@pytest.mark.parametrize(("value", "message"), [(float("nan"), "codebook contains NaN or Inf"),
-                                                 (3.4e38, "codebook contains NaN or Inf"),  # past bf16's range
-                                                 (1e30, "codebook row 2 is too large")])  # fmt: skip
-def test_bf16_bad_codebook_is_reported(bf16_impl, value, message):
-    z, weight, mask = make_problem(4, 12, 5, seed=101)
-    index, offsets = _ref.candidates_from_mask(mask)
-    weight[2, 1] = value
-    if bf16_impl == "torch" and value == 1e30:
-        pytest.skip("the reference does not check ||e||^2 overflow")
-    with pytest.raises(ValueError, match=message):
-        bf16_loss_and_grad(z, weight, index, offsets, impl=bf16_impl)
-
-
-def test_trainer_uses_the_configured_precision():
-    from spae_fast.trainer import TrainConfig
-
-    assert TrainConfig().semantic_precision == "bf16"
-    with pytest.raises(ValueError, match="semantic_precision must be one of"):
-        TrainConfig(semantic_precision="fp8")
