@@ -39,7 +39,7 @@ class Codebook:
         _validate.metric(metric)
         if not isinstance(copy, bool):
             raise TypeError(f"copy must be a bool, got {type(copy).__name__} {copy!r}")
-        self.weight = weight.detach().clone() if copy else weight.detach()
+        self.weight = weight.detach().clone(memory_format=torch.contiguous_format) if copy else weight.detach()
         self.metric = metric
         self._version = _version_of(self.weight)
         if self.weight.device.type == "cpu":

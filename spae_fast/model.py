@@ -37,7 +37,8 @@ from torch import nn
 
 from .checkpoint import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME  # noqa: F401  (re-exported)
 from .pyramid import DEFAULT_LAYERS
-from .quantizer import IdsLike, SPAEQuantizer, SPAEQuantizerOutput
+from .ops import SAQ_MODES
+from .quantizer import QUANTIZER_METRICS, IdsLike, SPAEQuantizer, SPAEQuantizerOutput
 from .vocab import VocabCodebook
 
 # Upper bounds of the architecture fields: far above any useful SPAE, low enough that a corrupted or hostile
@@ -127,6 +128,9 @@ class SPAEConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or not 0 < len(value) <= 4096:
                 raise ValueError(f"SPAEConfig.{name} must be a non-empty str, got {value!r}"[:300])
+        for name, allowed in (("mode", SAQ_MODES), ("metric", QUANTIZER_METRICS)):  # before any slow loading
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"SPAEConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}"[:300])
         if self.token_filter is not None and not isinstance(self.token_filter, str):
             raise ValueError(f"SPAEConfig.token_filter must be a str or None, got {self.token_filter!r}"[:300])
         for name in ("codebook_rows", "codebook_dim"):

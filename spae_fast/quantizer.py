@@ -118,7 +118,7 @@ class SPAEQuantizer(nn.Module):
         self.backend = backend
         self.check_finite = check_finite
         if metric == "cosine":
-            codebook = Codebook(F.normalize(codebook.weight.float(), dim=1), "l2")
+            codebook = Codebook(F.normalize(codebook.weight.float(), dim=1), "l2", copy=False)  # a fresh table
         self.codebook = codebook
         self.prefilter = prefilter
         empty = torch.empty(0)

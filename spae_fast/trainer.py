@@ -488,27 +488,29 @@ class Trainer:
             bar = tqdm(total=config.steps, initial=self.step, desc="train", dynamic_ncols=True)
         started, step_times = time.perf_counter(), []
         elapsed_before = self.elapsed
-        while self.step < config.steps:
-            if config.max_minutes is not None and self.elapsed >= 60 * config.max_minutes:
-                break
-            images, labels = next(loader)
-            tic = time.perf_counter()
-            metrics = self.train_step(images, labels)
-            step_times.append(time.perf_counter() - tic)
-            self.step += 1
-            self.elapsed = elapsed_before + time.perf_counter() - started
-            if self.step % config.log_every == 0 or self.step == config.steps:
-                self._log({"step": self.step, "seconds": round(self.elapsed, 3),
-                           "step_seconds": round(step_times[-1], 4), **metrics})  # fmt: skip
+        try:  # the bar is closed even when a step raises, so an error message starts on its own line
+            while self.step < config.steps:
+                if config.max_minutes is not None and self.elapsed >= 60 * config.max_minutes:
+                    break
+                images, labels = next(loader)
+                tic = time.perf_counter()
+                metrics = self.train_step(images, labels)
+                step_times.append(time.perf_counter() - tic)
+                self.step += 1
+                self.elapsed = elapsed_before + time.perf_counter() - started
+                if self.step % config.log_every == 0 or self.step == config.steps:
+                    self._log({"step": self.step, "seconds": round(self.elapsed, 3),
+                               "step_seconds": round(step_times[-1], 4), **metrics})  # fmt: skip
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['total']:.4f}", psnr=f"{metrics['psnr']:.2f}")
+                if self.step % config.eval_every == 0:
+                    last_eval, last_eval_step = self._evaluate_and_save_samples(), self.step
+                if self.step % config.save_every == 0:
+                    self.save_checkpoint()
+        finally:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['total']:.4f}", psnr=f"{metrics['psnr']:.2f}")
-            if self.step % config.eval_every == 0:
-                last_eval, last_eval_step = self._evaluate_and_save_samples(), self.step
-            if self.step % config.save_every == 0:
-                self.save_checkpoint()
-        if bar is not None:
-            bar.close()
+                bar.close()
         if last_eval_step != self.step:
             last_eval = self._evaluate_and_save_samples()
         self.save_checkpoint()

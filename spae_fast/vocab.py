@@ -175,10 +175,9 @@ class VocabCodebook:
         with torch.inference_mode(False):
             self.token_ids = torch.tensor(rows, dtype=torch.int64)  # [R] row -> LLM token id
             index = self.token_ids if len(rows) < weight.shape[0] else slice(None)
-            self.weight = weight.detach()[index].to(dtype).contiguous()  # [R, D]
-            if self.weight.is_inference():  # a view of a table made in inference mode
-                self.weight = self.weight.clone()
-            self.codebook = Codebook(self.weight, metric)
+            # One copy of the table: the Codebook's own (it copies the caller's rows), shared as `weight`.
+            self.codebook = Codebook(weight.detach()[index].to(dtype), metric)
+            self.weight = self.codebook.weight  # [R, D]
             self._row_of_llm_id = torch.full((self.llm_vocab_size,), -1, dtype=torch.int64)
             self._row_of_llm_id[self.token_ids] = torch.arange(len(rows))
         self.tokens = [tokens[i] for i in rows]

@@ -236,3 +236,29 @@ def test_relevance_options():
         CLIPRelevance(vocab, "/nowhere/clip", batch_size=True)
     with pytest.raises(FileNotFoundError, match="CLIP model folder not found: /nowhere/clip"):
         CLIPRelevance(vocab, "/nowhere/clip")  # not sent to the Hub as a repo id
+
+
+@pytest.mark.parametrize(("field", "value"), [("mode", "vq"), ("metric", "ip")])
+def test_config_refuses_an_unknown_mode_or_metric_before_loading_anything(field, value):
+    from spae_fast.model import SPAEConfig
+
+    with pytest.raises(ValueError, match=rf"SPAEConfig.{field} must be one of .*got '{value}'"):
+        SPAEConfig(**{field: value})
+
+
+@pytest.mark.parametrize("path", ["/no/such/model", "./missing-llm", "a/b/c"])
+def test_llm_path_that_does_not_exist_is_a_file_not_found(path):
+    from spae_fast.llm.loading import load_causal_lm
+
+    with pytest.raises(FileNotFoundError, match=f"LLM path not found: {path}"):
+        load_causal_lm(path)
+
+
+def test_vocab_codebook_keeps_one_copy_of_its_table():
+    from spae_fast.vocab import VocabCodebook
+
+    weight = torch.randn(30, 6, generator=torch.Generator().manual_seed(0))
+    vocab = VocabCodebook(weight, [f"t{i}" for i in range(30)], token_filter=None)
+    assert vocab.weight.data_ptr() == vocab.codebook.weight.data_ptr() != weight.data_ptr()
+    weight.data[3] = 100.0  # the caller's table: the vocabulary keeps its own
+    assert float(vocab.weight[3].abs().max()) < 100.0

@@ -174,6 +174,8 @@ def _resolve_model_path(path_or_name: str | os.PathLike) -> str:
         and len(ggufs := sorted(path.glob("*.gguf"))) == 1
     ):
         return str(convert_gguf(ggufs[0]))
+    if not path.exists() and (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1):
+        raise FileNotFoundError(f"LLM path not found: {name} (a .gguf file, a model folder or a Hub repo id)")
     return name  # a model folder or a Hub repo id
 
 
