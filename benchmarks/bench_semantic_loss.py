@@ -29,10 +29,12 @@ the per-round ratios, which shared-machine load disturbs less):
                        reference path (fp32): integer targets with singleton sets, else dense soft targets [N, V].
   * torch_linear_ce_chunked  the same with `options=torch.nn.LinearCrossEntropyOptions()` (batch chunking, no
                        [N, V] logits; fp32, acc_policy "auto"). It takes integer targets only, so a set of m
-                       rows becomes m (position, row) pairs weighted 1/m (reduction "none").
+                       rows becomes m (position, row) pairs weighted 1/m (reduction "none"): with the relevance
+                       proxy's sets (millions of pairs) that is infeasible, so it runs with --sets singleton only.
   * cce_torch_compile  Cut Cross-Entropy's `linear_cross_entropy(..., impl="torch_compile")` (fp32 logits; no
                        bias argument, so z gets a constant 1 column and E the column -||e||^2/tau), on the same
-                       (position, row) pairs; skipped when `cut_cross_entropy` is not installed.
+                       (position, row) pairs (--sets singleton only, as the chunked path); skipped when
+                       `cut_cross_entropy` is not installed.
   * torch_matmul       the forward GEMM z @ E^T alone (the roofline of one pass; not a loss).
   * torch_matmul_bf16  the same GEMM with bf16 operands.
 
@@ -78,6 +80,7 @@ PROVIDERS = (
     "torch_linear_ce", "torch_linear_ce_chunked", "cce_torch_compile", "torch_matmul", "torch_matmul_bf16",
 )  # fmt: skip
 LINEAR_CE_PROVIDERS = ("torch_linear_ce", "torch_linear_ce_chunked", "cce_torch_compile")
+INTEGER_TARGET_PROVIDERS = ("torch_linear_ce_chunked", "cce_torch_compile")  # --sets singleton only
 
 
 def cce_available() -> bool:
@@ -403,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     names = [name.strip() for name in args.providers.split(",") if name.strip()]
+    if args.sets == "relevance" and any(name in INTEGER_TARGET_PROVIDERS for name in names):
+        print(f"{', '.join(INTEGER_TARGET_PROVIDERS)} take integer targets: run them with --sets singleton")
+        names = [name for name in names if name not in INTEGER_TARGET_PROVIDERS]
     if "cce_torch_compile" in names and not cce_available():
         print("cut_cross_entropy is not installed: skipping cce_torch_compile (pip install cut-cross-entropy)")
         names.remove("cce_torch_compile")
