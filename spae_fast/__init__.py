@@ -14,6 +14,7 @@ N x V distance matrix. Public API:
     spae_fast.SPAEQuantizer(codebook, layers=(1, 2, 4, 8, 16, 16), grid=16, mode="saq")   # nn.Module
     spae_fast.semantic_loss(z, codebook, candidate_index, candidate_offsets, set_of_position, *, tau=1.0,
                             reduction="mean")   # fused CLIP-guided semantic loss (candidate sets: spae_fast.semantic)
+    spae_fast.VectorQuantize / ResidualVQ / StreamingAverageVQ   # vector-quantize-pytorch-compatible layers (spae_fast.nn)
     spae_fast.SPAE(SPAEConfig(...), codebook)    # the autoencoder: encode(images) -> ids, decode(ids, num_layers)
     spae_fast.FrozenLM.from_pretrained("smollm2" | path)   # a frozen causal LM for in-context prompting
     spae_fast.ImageVocabulary(spae.quantizer, lm)           # image words as LLM ids (own vocabulary) or text
@@ -23,6 +24,7 @@ N x V distance matrix. Public API:
 from .codebook import Codebook
 from .llm import FrozenLM, ImageVocabulary
 from .model import SPAE, SPAEConfig
+from .nn import ResidualVQ, StreamingAverageVQ, VectorQuantize
 from .ops import (
     BackendStatus,
     SearchStats,
@@ -49,6 +51,9 @@ __all__ = [
     "SPAEConfig",
     "SPAEQuantizer",
     "SPAEQuantizerOutput",
+    "ResidualVQ",
+    "StreamingAverageVQ",
+    "VectorQuantize",
     "SearchStats",
     "TokenPyramid",
     "VocabCodebook",
