@@ -42,7 +42,7 @@ fi
 
 if [[ $# -eq 0 ]]; then
   set -- tests/ops tests/test_bad_inputs.py tests/test_native_boundary.py tests/test_property_fp64.py \
-    tests/test_sanitizer_active.py
+    tests/test_bad_input_cases.py tests/test_sanitizer_active.py
 fi
 
 rm -rf "$LOGS"
