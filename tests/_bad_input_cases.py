@@ -190,6 +190,19 @@ def _cases() -> list[Case]:
     case("op nearest: x 3-D", "ValueError", X, "nearest_op(x=x[None])")
     case("op nearest: x int32", "TypeError", X, "nearest_op(x=x.int())")
     case("op nearest: weight int32", "TypeError", r"\bweight\b", "nearest_op(weight=w.int())")
+    case("op nearest: weight 1-D", "ValueError", r"\bweight\b", "nearest_op(weight=w[0])")
+    case(
+        "op nearest: panels on the meta device",
+        "ValueError",
+        "panels",
+        "print(nearest_op(panels=P.to('meta')))",
+    )
+    case(
+        "op nearest: int8 pre-filter panels as float32",
+        "TypeError",
+        "prefilter_panels",
+        "ops = list(int8_operands(w)); ops[0] = ops[0].float(); nearest_op(prefilter_operands=ops, prefilter='auto')",
+    )
     case(
         "op nearest: x on the meta device",
         "ValueError",
@@ -276,6 +289,9 @@ def _cases() -> list[Case]:
     case("op saq: latent grid not square", "ValueError", Z, "saq_op(z=torch.randn(2, 8, 4, 2), sides=(1, 2))")
     case("op saq: latents 3-D", "ValueError", Z, "saq_op(z=torch.randn(2, 8, 16))")
     case("op saq: latents float64", "TypeError", Z, "saq_op(z=z.double())")
+    case(
+        "op saq: weight on the meta device", "ValueError", r"\bweight\b", "print(saq_op(weight=w.to('meta')))"
+    )
     case("op saq: a side that does not divide the grid", "ValueError", "sides", "saq_op(sides=(1, 3))")
     case("op saq: side 0", "ValueError", "sides", "saq_op(sides=(0, 2))")
     case("op saq: no sides", "ValueError", "sides", "saq_op(sides=())")
@@ -348,6 +364,19 @@ def _cases() -> list[Case]:
         "candidate_index",
         "semantic_op(candidate_index=IDX[None])",
     )
+    case(
+        "op semantic_loss: candidate_offsets float",
+        "TypeError",
+        "candidate_offsets",
+        "semantic_op(candidate_offsets=OFF.float())",
+    )
+    case(
+        "op semantic_loss: set_of_position 2-D",
+        "ValueError",
+        "set_of_position",
+        "semantic_op(set_of_position=SOP.reshape(2, 3))",
+    )
+    case("op semantic_loss: z on the meta device", "ValueError", Z, "print(semantic_op(z=zs.to('meta')))")
     case("op semantic_loss: tau = 0", "ValueError", "tau", "semantic_op(tau=0.0)")
     case("op semantic_loss: tau = NaN", "ValueError", "tau", "semantic_op(tau=float('nan'))")
     case("op semantic_loss: z of another D", "ValueError", Z, "semantic_op(z=torch.randn(6, 5))")
@@ -389,7 +418,7 @@ def _cases() -> list[Case]:
         "spae_fast.nearest(x, w, backend='cpu', check_finite=None)",
     )
     case("api topk: k = 2.0", "TypeError", r"\bk\b", "spae_fast.topk(x, w, 2.0)")
-    case("api saq: layers = 4 (an int)", "TypeError", "layers", "spae_fast.saq(z, w, 4)")
+    case("api saq: layers = 4 (an int)", "TypeError", "layers", "spae_fast.saq(z, spae_fast.Codebook(w), 4)")
     case("api saq: layers = [1.9, 2.5]", "TypeError", "layers", "spae_fast.saq(z, w, [1.9, 2.5])")
     case("api saq: 65 layers", "ValueError", "layers", "spae_fast.saq(z, w, [1] * 65)")
     case("api saq: unknown mode", "ValueError", "mode", "spae_fast.saq(z, w, (1, 2), mode='mean')")
