@@ -1,0 +1,77 @@
+"""Vocabulary-parallel spae_fast over ``torch.distributed`` (gloo on CPU, NCCL on GPU).
+
+An LLM vocabulary of 128k-256k rows x 4096-8192 dims is 2-8 GB in bf16 before the packed copies a `Codebook`
+keeps. Here each rank of a process group holds only rows ``[start, stop)`` of the table (`ShardedCodebook`)
+and the ops run on the shards, merging small per-rank results (Megatron-LM's vocab-parallel cross-entropy,
+PyTorch DTensor's sharded argmin):
+
+    ShardedCodebook     rows [start, stop) per rank; from the whole table, a safetensors file (shard by shard,
+                        no rank reads the whole table) or a shard in hand; validates the tiling
+    nearest, topk       bitwise `spae_fast.nearest` / `topk` on the whole table (global indices, ties to the
+                        lowest global index, the same fp32 distances and gradient)
+    saq                 bitwise `spae_fast.saq` (merged after every layer, owners send the chosen embeddings)
+    semantic_loss       `spae_fast.semantic_loss` by a max-then-sum logsumexp across ranks, with the gradient;
+                        deterministic, within a few fp32 ulps of the single-process op (not bitwise; see
+                        semantic_loss.py and docs/DECISIONS.md)
+    lookup              table[index] for global indices, each row sent by its owner (exact)
+    vocab_parallel_groups   the 2-D (data parallel x vocabulary parallel) groups
+
+Layouts. Every op is a collective over the codebook's group and takes ``queries=``:
+
+- ``"replicated"`` (default): every rank of the vocabulary group passes the same queries and gets the whole
+  result. With data parallelism on top, the world is a ``data x vocab`` grid (`vocab_parallel_groups`): each
+  row of the grid is one vocabulary group with its own copy of the sharded table and its own batch; gradients
+  of the model are averaged over the data-parallel group (DDP with ``process_group=data_group``).
+- ``"sharded"``: each rank passes its own queries (any count, also none); the op all-gathers them inside the
+  group (O(N D) bytes), computes as above and returns each rank its own rows - data parallel and vocabulary
+  parallel over the same ranks (DDP over the same group).
+
+Both need the table split the same way in every vocabulary group and every rank of a group to call the op
+(with the same arguments apart from its own queries in the sharded layout).
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from .saq import saq
+from .search import QUERY_LAYOUTS, lookup, nearest, topk
+from .semantic_loss import semantic_loss
+from .sharded_codebook import ShardedCodebook, balanced_boundaries
+
+
+def vocab_parallel_groups(vocab_parallel: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """(vocabulary group, data group) of this rank in a ``data x vocab`` grid of the world: world rank
+    ``d * vocab_parallel + v`` is shard ``v`` of data replica ``d``. The vocabulary group holds the ranks of
+    one replica (consecutive ranks: on one node they share fast links), the data group the ranks that hold
+    the same shard. Every rank must call it (``new_group`` is collective)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("vocab_parallel_groups needs an initialised torch.distributed process group")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if isinstance(vocab_parallel, bool) or not isinstance(vocab_parallel, int) or vocab_parallel < 1:
+        raise ValueError(f"vocab_parallel must be a positive int, got {vocab_parallel!r}")
+    if world % vocab_parallel:
+        raise ValueError(f"vocab_parallel = {vocab_parallel} must divide the world size {world}")
+    vocab_group = data_group = None
+    for replica in range(world // vocab_parallel):
+        group = dist.new_group(list(range(replica * vocab_parallel, (replica + 1) * vocab_parallel)))
+        if rank // vocab_parallel == replica:
+            vocab_group = group
+    for shard in range(vocab_parallel):
+        group = dist.new_group(list(range(shard, world, vocab_parallel)))
+        if rank % vocab_parallel == shard:
+            data_group = group
+    return vocab_group, data_group
+
+
+__all__ = [
+    "QUERY_LAYOUTS",
+    "ShardedCodebook",
+    "balanced_boundaries",
+    "lookup",
+    "nearest",
+    "saq",
+    "semantic_loss",
+    "topk",
+    "vocab_parallel_groups",
+]
