@@ -466,3 +466,31 @@ def bad_queries_raise_on_every_rank(rank, world, data):
         assert "D = 4" in str(error)
     else:
         raise AssertionError("a D mismatch of the queries was accepted")
+
+
+@case
+def data_by_vocab_groups(rank, world, data):
+    """`vocab_parallel_groups`: the data x vocab grid; a ShardedCodebook over each vocabulary group, each data
+    replica with its own queries, gives the single-process result of its queries."""
+    table = integer_table(24)
+    whole = spae_fast.Codebook(table)
+    results = []
+    for vocab_parallel in (1, world):
+        vocab_group, data_group = sd.vocab_parallel_groups(vocab_parallel)
+        replica = rank // vocab_parallel
+        book = sd.ShardedCodebook.from_full(table, group=vocab_group)
+        x = queries(50 + replica, 11, table.shape[1], "integer")  # the same within a vocabulary group
+        got = sd.nearest(x, book)
+        want = spae_fast.nearest(x, whole)
+        sizes = (dist.get_world_size(vocab_group), dist.get_world_size(data_group))
+        results.append((vocab_parallel, sizes, book.boundaries, torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])))
+    try:
+        sd.vocab_parallel_groups(world + 1)
+        raised = False
+    except ValueError as error:
+        raised = "must divide the world size" in str(error)
+    for vocab_parallel, sizes, boundaries, equal in results:
+        assert sizes == (vocab_parallel, world // vocab_parallel), (vocab_parallel, sizes)
+        assert len(boundaries) == vocab_parallel, boundaries
+        assert equal, f"vocab_parallel={vocab_parallel}: nearest differs from the single-process op"
+    assert raised, "vocab_parallel not dividing the world size was accepted"
