@@ -110,9 +110,9 @@ def test_prefilter_operands_are_checked_together(problem):
         C.search(**args)
     with pytest.raises(ValueError, match="'prefilter_bounds' must be finite"):
         C.search(**{**args, "prefilter_bounds": [1.0, float("inf"), 1.0, 1.0]})
-    with pytest.raises(ValueError, match="'prefilter_panels' must be 0 for k > 1"):
-        wide = {"out_dist": buffer(torch.empty(7, 2)), "out_index": buffer(torch.empty(7, 2, dtype=torch.int64))}
-        C.search(**{**args, **wide, "prefilter_bounds": [1.0] * 4, "k": 2})
+    with pytest.raises(ValueError, match="'prefilter_panels' must be 0 for k > 16"):
+        wide = {"out_dist": buffer(torch.empty(7, 17)), "out_index": buffer(torch.empty(7, 17, dtype=torch.int64))}
+        C.search(**{**args, **wide, "prefilter_bounds": [1.0] * 4, "k": 17})
 
 
 def test_saq_and_semantic_loss_boundaries(problem):

@@ -35,12 +35,15 @@ def test_opcheck_nearest_and_topk(backend, metric, dtype):
             torch.library.opcheck(
                 OPS.nearest.default, (x, weight, panels, bias, norm_bound, *int8, metric, backend, True, prefilter)
             )
-        torch.library.opcheck(
-            OPS.topk.default, (x, weight, panels, bias, norm_bound, 3, metric, backend, True)
-        )
+            torch.library.opcheck(
+                OPS.topk.default, (x, weight, panels, bias, norm_bound, *int8, 3, metric, backend, True, prefilter)
+            )
     # empty batch
     x = torch.empty(0, 7, dtype=dtype)
-    torch.library.opcheck(OPS.topk.default, (x, weight, panels, bias, norm_bound, 2, metric, backend, False))
+    none = (torch.empty(0),) * 4
+    torch.library.opcheck(
+        OPS.topk.default, (x, weight, panels, bias, norm_bound, *none, 2, metric, backend, False, "none")
+    )
 
 
 @pytest.mark.parametrize("metric", METRICS)

@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "common/bindings.h"
@@ -51,8 +52,10 @@ py::tuple search_entry(KeywordArgs& args) {
   const MatrixView weight = matrix_arg(args, "weight", codebook_rows, dim, /*required=*/false);  // 0: none
   if (weight.data != nullptr) request.weight = weight;
   request.prefilter = prefilter_arg(args, codebook_rows, dim);
-  if (request.prefilter.panels != nullptr && request.k != 1)
-    args.fail_value("prefilter_panels", "must be 0 for k > 1 (the certified pre-filter serves k = 1 only)");
+  if (request.prefilter.panels != nullptr && request.k > kMaxPrefilterK)
+    args.fail_value("prefilter_panels", "must be 0 for k > " + std::to_string(kMaxPrefilterK) +
+                                            " (the certified pre-filter serves k <= " +
+                                            std::to_string(kMaxPrefilterK) + ")");
   request.prefilter_adaptive = args.flag("prefilter_adaptive");
   args.done();
   int64_t full_search_rows = 0;

@@ -31,6 +31,15 @@ struct PackedInt8CodebookView {
 void pack_codebook_int8(const PackedCodebookView& fp32, uint32_t* panels, float* columns, int32_t* offsets,
                         double* bounds, int num_threads);
 
+// The largest k the certified int8 pre-filter serves (topk_exact); larger k take the fp32 search.
+constexpr int64_t kMaxPrefilterK = 16;
+
+// Exact k nearest rows (k <= kMaxPrefilterK; dist / index [N, k]) of every query of `source`, with the same
+// certified pre-filter as nearest_exact (its certificate generalised from the winner to the k best).
+StatusInfo topk_exact(const QuerySource& source, const PackedCodebookView& codebook, const MatrixView& weight,
+                      const PackedInt8CodebookView& prefilter, int64_t k, bool check_finite, int num_threads,
+                      float* out_dist, int64_t* out_index, int64_t* full_search_rows);
+
 // Exact nearest row (k = 1) of every query of `source` (nearest_exact.cpp): where `prefilter` is set and the
 // CPU has AVX512-VNNI, an int8 search keeps 64 candidates (512 in a second pass for the rows the first cannot
 // settle), a rigorous bound proves the exact fp32 winner is among them and the fp32 micro-kernel rescores the
@@ -57,7 +66,7 @@ struct SearchRequest {
   int num_threads = 1;
   float* out_dist = nullptr;    // [N, k] contiguous
   int64_t* out_index = nullptr;  // [N, k] contiguous
-  // Optional, k = 1 only (panels == nullptr: off): the certified int8 pre-filter (nearest_exact).
+  // Optional, k <= kMaxPrefilterK (panels == nullptr: off): the certified int8 pre-filter (topk_exact).
   MatrixView weight;  // [V, D] raw table (l2 rescoring reads candidate rows from it)
   PackedInt8CodebookView prefilter;
   bool prefilter_adaptive = false;  // probe the first rows, skip the pre-filter when it rarely certifies

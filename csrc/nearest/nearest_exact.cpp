@@ -1,4 +1,5 @@
-// Exact k = 1 search with the certified int8 pre-filter, shared by `search` (nearest) and the SAQ op.
+// Exact top-k search (k <= kMaxPrefilterK) with the certified int8 pre-filter, shared by `search` (nearest and
+// topk) and the SAQ op (k = 1).
 //
 // nearest_exact runs on any QuerySource (a plain strided query matrix, or the targets of one SAQ layer) and
 // any metric: the int8 copy is built from the packed fp32 panels p and bias the exact search scores with
@@ -39,16 +40,17 @@ namespace {
 // of E_k) and the exact search's fp32 chain add at most G = g (||x|| P + n P~ + 2 B + a P + n b) with
 // g = 1.01 (D + 8) 2^-24 and the maxima P, b, P~, B of ||p_k||, b_k, ||p~_k||, |bias_k| (plus 1e-30 D for
 // underflow). So the kernel's key lb_k = s~_k - E_k satisfies  lb_k - G <= s_k <= lb_k + 2 E_k + G.
-// Keep the m rows with the smallest (lb, index) and let U = min over the list of (lb_c + 2E_c). A row with
-// lb_k - G > U + G has an exact score above some listed row's, so it cannot be the winner. If the m-th
-// listed row is such a row, so is every row outside the list (their lb is no smaller): the exact winner is
-// among the listed rows with lb_c - G <= U + G (a prefix of the list, usually a handful), and rescoring just
-// those with the fp32 micro-kernel (bitwise the full search's arithmetic) and taking the smallest (s, index)
-// is exactly the full search's answer.
+// Keep the m rows with the smallest (lb, index) and let U be the k-th smallest over the list of
+// (lb_c + 2E_c) (for k = 1 the minimum). A row with lb_j - G > U + G has an exact score above those of k
+// listed rows (each s_c <= lb_c + 2E_c + G <= U + G < lb_j - G <= s_j), so it is not among the k best. If the
+// m-th listed row is such a row, so is every row outside the list (their lb is no smaller): the exact top k
+// are among the listed rows with lb_c - G <= U + G (a prefix of the list, usually a handful), and rescoring
+// just those with the fp32 micro-kernel (bitwise the full search's arithmetic) and taking the k smallest
+// (s, index) is exactly the full search's answer.
 //
-// The list need not hold rows that cannot win: while it is filled, every offer lowers the row's U and the
+// The list need not hold rows that cannot rank: while it is filled, every offer may lower the row's U and the
 // offer threshold is capped at U + 2G (Int8Engine::threshold_cap), so a list that never fills holds every
-// row that can win (the rows never offered are excluded by the U of their time, which is no smaller).
+// row that can rank (the rows never offered are excluded by the U of their time, which is no smaller).
 // This keeps the lists to a handful of offers per row (measured: the search 9-10% faster than with the
 // top-m threshold alone).
 //
@@ -59,7 +61,9 @@ namespace {
 // search took 0.53 s against 1.5 s for torch.matmul of the same shape. A single pass with m = 128 certifies
 // as much but its longer lists cost ~10% more on every query.
 
-constexpr int64_t kCandidates = 64;        // first pass: list length per query
+constexpr int64_t kCandidates = 64;        // first pass: list length per query (at least)
+constexpr int64_t kCandidatesPerK = 16;    // ... and 16 k for top-k: measured on SmolLM2 with realistic queries,
+                                           // k = 16 leaves 71% of the rows unsettled with 64, 9% with 256
 constexpr int64_t kLongCandidates = 512;   // second pass, on the rows the first could not certify
 
 inline float round_up(double value) {
@@ -72,7 +76,19 @@ struct Int8RowInfo {
   float rounding = 0.0f;  // ||x - x~|| rounded up
   float rounded_norm = 0.0f;  // ||x~|| rounded up
   double slack = 0.0;  // G, the fp32 rounding allowance of the certificate
-  double best_upper = std::numeric_limits<double>::infinity();  // U: min (lb + 2E) over the rows offered so far
+  int64_t k = 1;  // the search's k
+  // The k smallest (lb + 2E) over the rows offered so far, ascending; U is the k-th (infinite until k offers).
+  double uppers[kMaxPrefilterK];
+  int64_t num_uppers = 0;
+
+  double kth_upper() const { return num_uppers < k ? std::numeric_limits<double>::infinity() : uppers[k - 1]; }
+  void offer_upper(double upper) {
+    if (!(upper < kth_upper())) return;  // NaN never lowers it
+    int64_t at = std::min(num_uppers, k - 1);
+    for (; at > 0 && uppers[at - 1] > upper; --at) uppers[at] = uppers[at - 1];
+    uppers[at] = upper;
+    num_uppers = std::min(num_uppers + 1, k);
+  }
 };
 
 #if defined(SPAE_HAVE_AVX512VNNI_KERNEL)
@@ -85,6 +101,7 @@ struct Int8Engine {
   const PackedInt8CodebookView& cb;
   double fp32_max_norm;  // the fp32 codebook's max |e|: the same overflow check as the fp32 search
   Metric metric;         // cosine: quantize x / max(|x|, eps), the vector the fp32 kernel multiplies
+  int64_t k;             // the search's k: the certificate's U is the k-th smallest upper bound
 
   int64_t dim() const { return cb.dim; }
   int64_t rows() const { return cb.rows; }
@@ -98,16 +115,15 @@ struct Int8Engine {
                                                static_cast<double>(info.rounded_norm) * data[2 * kWidth]);
   }
 
-  // The offer threshold cap of the driver (fused_search.h): after row `info` was offered column k with lower
-  // bound lb, U = min(U, lb + 2 E_k), and every row with lb > U + 2G (+ the 1e-6 G guard of `excluded`) is
-  // excluded from the winner whatever else is offered, so it need not enter the candidate list at all. This
-  // keeps the lists short (a handful of offers per row instead of ~k log(V / k)); rounded up to fp32, so
-  // the cap never excludes a row the certificate keeps.
+  // The offer threshold cap of the driver (fused_search.h): after row `info` was offered column j with lower
+  // bound lb, U = the k-th smallest of the offered rows' lb + 2 E_j, and every row with lb > U + 2G (+ the
+  // 1e-6 G guard of `excluded`) is out of the top k whatever else is offered, so it need not enter the
+  // candidate list at all. This keeps the lists short (a handful of offers per row instead of
+  // ~m log(V / m)); rounded up to fp32, so the cap never excludes a row the certificate keeps.
   static constexpr bool kThresholdCap = true;
   float threshold_cap(Int8RowInfo& info, float lower, int64_t column) const {
-    const double upper = upper_bound(info, lower, column);
-    if (upper < info.best_upper) info.best_upper = upper;  // NaN never lowers it
-    return round_up(info.best_upper + 2.0 * info.slack * (1.0 + 2e-6));
+    info.offer_upper(upper_bound(info, lower, column));
+    return round_up(info.kth_upper() + 2.0 * info.slack * (1.0 + 2e-6));
   }
 
   StatusInfo pack(const QuerySource& source, bool check, int64_t first, int64_t count, int64_t padded_count,
@@ -170,7 +186,12 @@ struct Int8Engine {
       const double slack = gamma * (std::sqrt(sum) * cb.max_norm + n * cb.max_rounded_norm + 2.0 * cb.max_abs_bias +
                                     a * cb.max_norm + n * cb.max_rounding) +
                            1e-30 * static_cast<double>(dim + 8);
-      info[r] = {sum, a, n, slack};
+      info[r] = Int8RowInfo{};
+      info[r].norm_sq = sum;
+      info[r].rounding = a;
+      info[r].rounded_norm = n;
+      info[r].slack = slack;
+      info[r].k = k;
     }
     return {};
   }
@@ -200,42 +221,52 @@ class SubsetSource final : public QuerySource {
 
 #if defined(SPAE_HAVE_AVX512VNNI_KERNEL)
 // One certified int8 pass over `source` keeping `candidates` rows per query: settles (sets settled[row] and
-// writes distances / out_index) every row whose certificate holds; leaves the others untouched.
+// writes the k distances / indices of the row) every row whose certificate holds; leaves the others untouched.
 static StatusInfo certified_int8_pass(const QuerySource& source, const PackedCodebookView& cb,
-                                      const MatrixView& weight, const PackedInt8CodebookView& prefilter,
+                                      const MatrixView& weight, const PackedInt8CodebookView& prefilter, int64_t k,
                                       bool check_finite, int num_threads, int64_t candidates, float* distances,
                                       int64_t* out_index, std::vector<uint8_t>& settled) {
   const int64_t dim = cb.dim;
   const MicroKernel kernel = active_micro_kernel();
-  const Int8Engine engine{prefilter, cb.max_norm, cb.metric};
+  const Int8Engine engine{prefilter, cb.max_norm, cb.metric, k};
   return fused::run(
       source, engine, candidates, check_finite, num_threads,
       [&](int64_t row, const float* values, const int64_t* indices, int64_t count, const Int8RowInfo& x) {
         if (count < 1 || !std::isfinite(values[0]) || !std::isfinite(values[count - 1])) return;
-        // The rows that can still be the winner: lb_c - G <= best_upper + G, where best_upper is the least
-        // upper bound on the list, min_c (lb_c + 2 E_c). A row with lb - G above it has an exact score
-        // strictly above some listed row's, so it ranks after that row. The list is sorted by lb, so these
-        // rows are a prefix, and only they are rescored (usually a handful of the 64).
+        // The rows that can still rank among the k best: lb_c - G <= U + G, where U is the k-th smallest
+        // upper bound on the list, lb_c + 2 E_c. A row with lb - G above it has an exact score strictly above
+        // those of k listed rows, so it ranks after them. The list is sorted by lb, so these rows are a
+        // prefix, and only they are rescored (usually a handful of the 64).
+        if (count < k) return;  // cannot happen with V >= k (a list holds every row that can rank)
         const double slack = x.slack;
-        double best_upper = fused::kInf;
-        for (int64_t c = 0; c < count; ++c)
-          best_upper = std::min(best_upper, engine.upper_bound(x, values[c], indices[c]));
+        Int8RowInfo listed;
+        listed.k = k;
+        for (int64_t c = 0; c < count; ++c) listed.offer_upper(engine.upper_bound(x, values[c], indices[c]));
+        const double kth_upper = listed.kth_upper();
         const auto excluded = [&](int64_t c) {
-          const double margin = static_cast<double>(values[c]) - best_upper - 2.0 * slack;
+          const double margin = static_cast<double>(values[c]) - kth_upper - 2.0 * slack;
           return std::isfinite(margin) && margin > 1e-6 * slack;
         };
         // Certified when the list is not full: then no row was ever cut from it, and every row outside it
         // was never offered, its lb above the threshold cap U' + 2G for some U' >= U (the driver's cap, see
         // Int8Engine::threshold_cap), so it is excluded. Or when the full list's last row is excluded: then
         // so is every row outside the list (their lb is no smaller). A list of every row needs neither.
-        if (count == candidates && candidates < cb.rows && !excluded(count - 1)) return;
-        int64_t needed = 1;
-        while (needed < count && !excluded(needed)) ++needed;
-        count = needed;
+        const bool full = count == candidates && candidates < cb.rows;
+        const bool by_bounds = !full || excluded(count - 1);
+        // Otherwise the exact scores of the whole list may still settle it (rescoring 64 rows costs a
+        // fraction of a pass over the table): with U* the k-th smallest exact score s on the list, a row with
+        // lb - G > U* scores above k listed rows, and every row outside the list has lb >= the last's (or was
+        // never offered, lb > U + 2G >= U* + G). Needed mostly for k > 1, whose U sits among the many rows
+        // at about the k-th distance, where the int8 bounds (2E wide) overlap.
+        int64_t needed = count;
+        if (by_bounds) {
+          needed = k;  // the k listed rows whose upper bounds define U are never excluded
+          while (needed < count && !excluded(needed)) ++needed;
+        }
         // Rescore the candidates exactly: their fp32 rows side by side as panels of 16, the query as tile
         // row 0 of one packed tile (each score is the full search's own fp32 chain, wherever its column sits).
         thread_local std::vector<float> panel, query, row_buffer, rescored;
-        const int64_t num_rescore_panels = (count + kPanelWidth - 1) / kPanelWidth;
+        const int64_t num_rescore_panels = (needed + kPanelWidth - 1) / kPanelWidth;
         // No zero fill (it cost more than the rescoring): pack_query_block writes the whole tile, and the
         // panel's unused columns keep stale values whose scores are never read.
         panel.resize(static_cast<size_t>(dim * kPanelWidth));
@@ -248,52 +279,63 @@ static StatusInfo certified_int8_pass(const QuerySource& source, const PackedCod
         double norm_sq = 0.0;
         pack_query_block(source, cb.metric, cb, false, row, 1, kTileRows, row_buffer.data(), query.data(), &norm_sq);
         std::fill(thresholds, thresholds + kTileRows, fused::kInf);
-        for (int64_t first = 0; first < count; first += kPanelWidth) {
+        for (int64_t first = 0; first < needed; first += kPanelWidth) {
           for (int64_t c = 0; c < kPanelWidth; ++c) {
             bias[c] = fused::kInf;
             const int64_t slot = first + c;
-            if (slot >= count) continue;
+            if (slot >= needed) continue;
             // l2: p = -2 e exactly as pack_codebook wrote it (scaling by -2 is exact), read from the row-major
             // table: one contiguous row per candidate instead of D cache lines of the packed panels. Other
             // metrics: the packed column itself (cosine's scale is not exact to redo).
-            const int64_t k = indices[slot];
+            const int64_t table_row = indices[slot];
             const MatrixView& e = weight;
             if (cb.metric != Metric::L2 || e.data == nullptr) {
-              const float* column = cb.panels + (k / kPanelWidth) * dim * kPanelWidth + k % kPanelWidth;
+              const float* column =
+                  cb.panels + (table_row / kPanelWidth) * dim * kPanelWidth + table_row % kPanelWidth;
               for (int64_t d = 0; d < dim; ++d) panel[d * kPanelWidth + c] = column[d * kPanelWidth];
             } else if (e.dtype == DType::Float32 && e.col_stride == 1) {
-              const float* source_row = static_cast<const float*>(e.data) + k * e.row_stride;
+              const float* source_row = static_cast<const float*>(e.data) + table_row * e.row_stride;
               for (int64_t d = 0; d < dim; ++d)
                 panel[d * kPanelWidth + c] = static_cast<float>(-2.0 * static_cast<double>(source_row[d]));
             } else {
               for (int64_t d = 0; d < dim; ++d)
-                panel[d * kPanelWidth + c] = static_cast<float>(-2.0 * static_cast<double>(e.at(k, d)));
+                panel[d * kPanelWidth + c] = static_cast<float>(-2.0 * static_cast<double>(e.at(table_row, d)));
             }
-            bias[c] = cb.bias[k];
+            bias[c] = cb.bias[table_row];
           }
           kernel(query.data(), panel.data(), bias, dim, thresholds, scores, masks);
           std::copy(scores, scores + kPanelWidth, rescored.begin() + first);
         }
-        int64_t best = 0;
-        for (int64_t c = 1; c < count; ++c)
-          if (fused::ranks_before(rescored[c], indices[c], rescored[best], indices[best])) best = c;
-        const float best_score = rescored[best];
-        out_index[row] = indices[best];
-        distances[row] = finish_distance(cb.metric, best_score, norm_sq);
+        count = needed;
+        thread_local std::vector<int64_t> order;
+        order.resize(static_cast<size_t>(count));
+        for (int64_t c = 0; c < count; ++c) order[c] = c;
+        std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
+          return fused::ranks_before(rescored[a], indices[a], rescored[b], indices[b]);
+        });
+        if (!by_bounds) {  // the exact certificate: the last listed row must score above U* = the k-th exact score
+          const double margin = static_cast<double>(values[count - 1]) - slack - rescored[order[k - 1]];
+          if (!(std::isfinite(margin) && margin > 1e-6 * slack)) return;
+        }
+        for (int64_t j = 0; j < k; ++j) {
+          out_index[row * k + j] = indices[order[j]];
+          distances[row * k + j] = finish_distance(cb.metric, rescored[order[j]], norm_sq);
+        }
         settled[row] = 1;
       });
 }
 #endif
 
-StatusInfo nearest_exact(const QuerySource& source, const PackedCodebookView& cb, const MatrixView& weight,
-                         const PackedInt8CodebookView& prefilter, bool check_finite, int num_threads,
-                         float* distances, int64_t* out_index, int64_t* full_search_rows) {
+StatusInfo topk_exact(const QuerySource& source, const PackedCodebookView& cb, const MatrixView& weight,
+                      const PackedInt8CodebookView& prefilter, int64_t k, bool check_finite, int num_threads,
+                      float* distances, int64_t* out_index, int64_t* full_search_rows) {
   const int64_t num_queries = source.rows();
 #if defined(SPAE_HAVE_AVX512VNNI_KERNEL)
-  if (prefilter.panels != nullptr && num_queries > 0 && cpu_supports_avx512_vnni()) {
+  if (prefilter.panels != nullptr && num_queries > 0 && k <= kMaxPrefilterK && cpu_supports_avx512_vnni()) {
     std::vector<uint8_t> settled(static_cast<size_t>(num_queries), 0);
-    const StatusInfo info = certified_int8_pass(source, cb, weight, prefilter, check_finite, num_threads,
-                                                std::min<int64_t>(kCandidates, cb.rows), distances, out_index,
+    const int64_t first_pass = std::max(kCandidates, kCandidatesPerK * k);
+    const StatusInfo info = certified_int8_pass(source, cb, weight, prefilter, k, check_finite, num_threads,
+                                                std::min<int64_t>(first_pass, cb.rows), distances, out_index,
                                                 settled);
     if (info.status != Status::Ok) return info;
     std::vector<int64_t> rest;
@@ -302,41 +344,47 @@ StatusInfo nearest_exact(const QuerySource& source, const PackedCodebookView& cb
     if (rest.empty()) return {};
     // Second tier: the rows the short list could not settle, again in int8 with a long list (a few % of the
     // rows at 1/4 the cost of the fp32 search each), before the fp32 search takes what is left.
-    std::vector<int64_t> rest_index(rest.size());
-    std::vector<float> rest_dist(rest.size());
-    if (cb.rows > kCandidates) {
+    std::vector<int64_t> rest_index(rest.size() * k);
+    std::vector<float> rest_dist(rest.size() * k);
+    const auto scatter = [&](size_t i) {  // rest row i's k results into place
+      std::copy_n(rest_index.begin() + i * k, k, out_index + rest[i] * k);
+      std::copy_n(rest_dist.begin() + i * k, k, distances + rest[i] * k);
+    };
+    if (cb.rows > first_pass) {
       const SubsetSource subset(source, rest);
       std::vector<uint8_t> rest_settled(rest.size(), 0);
-      const StatusInfo second = certified_int8_pass(subset, cb, weight, prefilter, false, num_threads,
+      const StatusInfo second = certified_int8_pass(subset, cb, weight, prefilter, k, false, num_threads,
                                                     std::min<int64_t>(kLongCandidates, cb.rows), rest_dist.data(),
                                                     rest_index.data(), rest_settled);
       if (second.status != Status::Ok) return {second.status, second.detail >= 0 ? rest[second.detail] : -1};
       std::vector<int64_t> still;
       for (size_t i = 0; i < rest.size(); ++i) {
-        if (rest_settled[i]) {
-          out_index[rest[i]] = rest_index[i];
-          distances[rest[i]] = rest_dist[i];
-        } else {
+        if (rest_settled[i])
+          scatter(i);
+        else
           still.push_back(rest[i]);
-        }
       }
       rest.swap(still);
       if (rest.empty()) return {};
     }
     *full_search_rows += static_cast<int64_t>(rest.size());
     const SubsetSource subset(source, rest);
-    const StatusInfo full = search_topk_source(subset, cb, 1, check_finite, num_threads, rest_dist.data(),
+    const StatusInfo full = search_topk_source(subset, cb, k, check_finite, num_threads, rest_dist.data(),
                                                rest_index.data());
     if (full.status != Status::Ok) return {full.status, full.detail >= 0 ? rest[full.detail] : full.detail};
-    for (size_t i = 0; i < rest.size(); ++i) {
-      out_index[rest[i]] = rest_index[i];
-      distances[rest[i]] = rest_dist[i];
-    }
+    for (size_t i = 0; i < rest.size(); ++i) scatter(i);
     return {};
   }
 #endif
   *full_search_rows += num_queries;
-  return search_topk_source(source, cb, 1, check_finite, num_threads, distances, out_index);
+  return search_topk_source(source, cb, k, check_finite, num_threads, distances, out_index);
+}
+
+StatusInfo nearest_exact(const QuerySource& source, const PackedCodebookView& cb, const MatrixView& weight,
+                         const PackedInt8CodebookView& prefilter, bool check_finite, int num_threads,
+                         float* distances, int64_t* out_index, int64_t* full_search_rows) {
+  return topk_exact(source, cb, weight, prefilter, 1, check_finite, num_threads, distances, out_index,
+                    full_search_rows);
 }
 
 void pack_codebook_int8(const PackedCodebookView& fp32, uint32_t* panels, float* columns, int32_t* offsets,

@@ -108,7 +108,7 @@ class RangeSource final : public QuerySource {
   int64_t first_, count_;
 };
 
-// Nearest with the certified pre-filter. Adaptive: the first 1/32 of the queries (>= 16) probes how many
+// Nearest / top-k (k <= kMaxPrefilterK) with the certified pre-filter. Adaptive: the first 1/32 of the queries (>= 16) probes how many
 // rows the certificate settles; when more than a quarter of them need the full search anyway (queries far
 // from every row, e.g. random ones in high D, where the int8 pass is mostly wasted) the rest go straight to
 // the fp32 search. Either way every row's dist / index is the exact fp32 answer, so this changes only speed.
@@ -118,21 +118,21 @@ StatusInfo nearest_prefiltered(const QuerySource& source, const SearchRequest& r
   // random high-D queries (nearly all uncertified) from queries near the table's rows (~1% uncertified).
   const int64_t probe = std::max<int64_t>(16, num_queries / 32);
   if (!req.prefilter_adaptive || num_queries < 2 * probe)
-    return nearest_exact(source, req.codebook, req.weight, req.prefilter, req.check_finite, req.num_threads,
+    return topk_exact(source, req.codebook, req.weight, req.prefilter, req.k, req.check_finite, req.num_threads,
                          req.out_dist, req.out_index, full_search_rows);
   const RangeSource head(source, 0, probe), tail(source, probe, num_queries - probe);
   int64_t head_full = 0;
-  StatusInfo info = nearest_exact(head, req.codebook, req.weight, req.prefilter, req.check_finite,
-                                  req.num_threads, req.out_dist, req.out_index, &head_full);
+  StatusInfo info = topk_exact(head, req.codebook, req.weight, req.prefilter, req.k, req.check_finite,
+                               req.num_threads, req.out_dist, req.out_index, &head_full);
   *full_search_rows += head_full;
   if (info.status != Status::Ok) return info;
   if (4 * head_full > probe) {
-    info = search_topk_source(tail, req.codebook, 1, req.check_finite, req.num_threads, req.out_dist + probe,
-                              req.out_index + probe);
+    info = search_topk_source(tail, req.codebook, req.k, req.check_finite, req.num_threads,
+                              req.out_dist + probe * req.k, req.out_index + probe * req.k);
     *full_search_rows += num_queries - probe;
   } else {
-    info = nearest_exact(tail, req.codebook, req.weight, req.prefilter, req.check_finite, req.num_threads,
-                         req.out_dist + probe, req.out_index + probe, full_search_rows);
+    info = topk_exact(tail, req.codebook, req.weight, req.prefilter, req.k, req.check_finite, req.num_threads,
+                      req.out_dist + probe * req.k, req.out_index + probe * req.k, full_search_rows);
   }
   if (info.status != Status::Ok && info.detail >= 0) info.detail += probe;
   return info;
@@ -140,7 +140,7 @@ StatusInfo nearest_prefiltered(const QuerySource& source, const SearchRequest& r
 
 StatusInfo search_topk(const SearchRequest& req) {
   const MatrixQuerySource source(req.queries);
-  if (req.k == 1 && req.prefilter.panels != nullptr) {  // certified int8 pre-filter (nearest_exact.cpp)
+  if (req.k <= kMaxPrefilterK && req.prefilter.panels != nullptr) {  // certified int8 pre-filter (nearest_exact.cpp)
     int64_t full_search_rows = 0;
     const StatusInfo info = nearest_prefiltered(source, req, &full_search_rows);
     if (req.out_full_search_rows != nullptr) *req.out_full_search_rows = full_search_rows;

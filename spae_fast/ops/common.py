@@ -25,7 +25,8 @@ from ..codebook import Codebook
 from . import boundary
 
 EMPTY = torch.empty(0)
-PREFILTERS = ("auto", "int8", "none")  # the certified int8 pre-filter of `nearest` and `saq`
+PREFILTERS = ("auto", "int8", "none")  # the certified int8 pre-filter of `nearest`, `topk` and `saq`
+PREFILTER_MAX_K = 16  # the largest k the pre-filter serves (csrc/nearest/nearest.h: kMaxPrefilterK)
 PREFILTER_ENV = "SPAE_FAST_PREFILTER"  # "0": never use the int8 pre-filter (auto and int8 fall back to fp32)
 
 

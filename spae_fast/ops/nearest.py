@@ -1,6 +1,6 @@
-"""The nearest-row search: ops ``spae_fast::topk`` and ``spae_fast::nearest`` (top-1, with the certified int8
-pre-filter on the CPU) and their public functions `topk` and `nearest`. Spec: `spae_fast._ref.topk_reference`
-and `nearest_reference`.
+"""The nearest-row search: ops ``spae_fast::topk`` and ``spae_fast::nearest`` (top-1), both with the certified
+int8 pre-filter on the CPU (topk for k <= 16), and their public functions `topk` and `nearest`. Spec:
+`spae_fast._ref.topk_reference` and `nearest_reference`.
 
 With x a query and e_j the codebook rows (bf16 / fp16 upcast exactly, accumulation in fp32):
 
@@ -38,15 +38,22 @@ def _topk_op(
     panels: torch.Tensor,
     bias: torch.Tensor,
     norm_bound: torch.Tensor,
+    prefilter_panels: torch.Tensor,
+    prefilter_columns: torch.Tensor,
+    prefilter_offsets: torch.Tensor,
+    prefilter_bounds: torch.Tensor,
     k: int,
     metric: str,
     backend: str,
     check_finite: bool,
+    prefilter: str,
     precision: str = "default",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, D], weight [V, D] -> (dist [N, k] fp32, index [N, k] int64). panels, bias, norm_bound: the
-    table packed by ``spae_fast::pack_codebook`` (backend "cpu"; empty otherwise)."""
-    _check_topk(x, weight, panels, bias, norm_bound, k, metric, backend, check_finite, precision)
+    table packed by ``spae_fast::pack_codebook`` (backend "cpu"; empty otherwise); the four prefilter operands
+    as ``spae_fast::nearest``'s (used for k <= PREFILTER_MAX_K)."""
+    _check_topk(x, weight, panels, bias, norm_bound, prefilter_panels, prefilter_columns, prefilter_offsets,
+                prefilter_bounds, k, metric, backend, check_finite, prefilter, precision)  # fmt: skip
     return _reference(x, weight, k, metric, backend, check_finite)
 
 
@@ -76,8 +83,10 @@ def _nearest_op(
 
 
 @_topk_op.register_fake
-def _(x, weight, panels, bias, norm_bound, k, metric, backend, check_finite, precision="default"):
-    _check_topk(x, weight, panels, bias, norm_bound, k, metric, backend, check_finite, precision)
+def _(x, weight, panels, bias, norm_bound, prefilter_panels, prefilter_columns, prefilter_offsets, prefilter_bounds,
+      k, metric, backend, check_finite, prefilter, precision="default"):  # fmt: skip
+    _check_topk(x, weight, panels, bias, norm_bound, prefilter_panels, prefilter_columns, prefilter_offsets,
+                prefilter_bounds, k, metric, backend, check_finite, prefilter, precision)  # fmt: skip
     return x.new_empty(x.shape[0], k, dtype=torch.float32), x.new_empty(x.shape[0], k, dtype=torch.int64)
 
 
@@ -144,18 +153,24 @@ def _check_search(op, x, weight, panels, bias, norm_bound, metric, backend, chec
         boundary.cpu_panels(op, panels, bias, norm_bound, num_rows, dim)
 
 
-def _check_topk(x, weight, panels, bias, norm_bound, k, metric, backend, check_finite, precision):
+def _check_prefilter(op, weight, words, columns, offsets, bounds, backend, prefilter):
+    boundary.choice(op, prefilter, "prefilter", PREFILTERS)
+    if boundary.prefilter(op, words, columns, offsets, bounds, *weight.shape) and backend != "cpu":
+        raise ValueError(f"spae_fast::{op}: the int8 pre-filter operands serve backend 'cpu' only")
+
+
+def _check_topk(x, weight, panels, bias, norm_bound, words, columns, offsets, bounds, k, metric, backend,
+                check_finite, prefilter, precision):  # fmt: skip
     _check_search("topk", x, weight, panels, bias, norm_bound, metric, backend, check_finite, precision)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= weight.shape[0]:
         raise ValueError(f"spae_fast::topk: k must be an int in [1, V] = [1, {weight.shape[0]}], got {k!r}")
+    _check_prefilter("topk", weight, words, columns, offsets, bounds, backend, prefilter)
 
 
 def _check_nearest(x, weight, panels, bias, norm_bound, words, columns, offsets, bounds, metric, backend,
                    check_finite, prefilter, precision):  # fmt: skip
     _check_search("nearest", x, weight, panels, bias, norm_bound, metric, backend, check_finite, precision)
-    boundary.choice("nearest", prefilter, "prefilter", PREFILTERS)
-    if boundary.prefilter("nearest", words, columns, offsets, bounds, *weight.shape) and backend != "cpu":
-        raise ValueError("spae_fast::nearest: the int8 pre-filter operands serve backend 'cpu' only")
+    _check_prefilter("nearest", weight, words, columns, offsets, bounds, backend, prefilter)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -164,18 +179,24 @@ def _check_nearest(x, weight, panels, bias, norm_bound, words, columns, offsets,
 
 
 @_topk_op.register_kernel("cpu")
-def _topk_cpu(x, weight, panels, bias, norm_bound, k, metric, backend, check_finite, precision="default"):
-    _check_topk(x, weight, panels, bias, norm_bound, k, metric, backend, check_finite, precision)
+def _topk_cpu(x, weight, panels, bias, norm_bound, words, columns, offsets, bounds, k, metric, backend,
+              check_finite, prefilter, precision="default"):  # fmt: skip
+    _check_topk(x, weight, panels, bias, norm_bound, words, columns, offsets, bounds, k, metric, backend,
+                check_finite, prefilter, precision)  # fmt: skip
     if backend == "cpu":
-        return _native_search(x, weight, panels, bias, norm_bound, k, metric, check_finite, "topk")
+        operands = (words, columns, offsets, bounds)
+        return _native_search(x, weight, panels, bias, norm_bound, k, metric, check_finite, "topk", operands,
+                              prefilter)  # fmt: skip
     if backend == "triton":  # CPU tensors under TRITON_INTERPRET=1
         return gpu_search.topk(x, weight, k, metric, backend, precision, check_finite)
     return _reference(x, weight, k, metric, backend, check_finite)
 
 
 @_topk_op.register_kernel("cuda")
-def _topk_cuda(x, weight, panels, bias, norm_bound, k, metric, backend, check_finite, precision="default"):
-    _check_topk(x, weight, panels, bias, norm_bound, k, metric, backend, check_finite, precision)
+def _topk_cuda(x, weight, panels, bias, norm_bound, words, columns, offsets, bounds, k, metric, backend,
+               check_finite, prefilter, precision="default"):  # fmt: skip
+    _check_topk(x, weight, panels, bias, norm_bound, words, columns, offsets, bounds, k, metric, backend,
+                check_finite, prefilter, precision)  # fmt: skip
     if backend in GPU_BACKENDS:
         return gpu_search.topk(x, weight, k, metric, backend, precision, check_finite)
     return _reference(x, weight, k, metric, backend, check_finite)
@@ -209,14 +230,14 @@ def _nearest_cuda(x, weight, panels, bias, norm_bound, words, columns, offsets, 
 
 def _native_search(x, weight, panels, bias, norm_bound, k, metric, check_finite, op, prefilter_operands=None,
                    prefilter="none"):  # fmt: skip
-    """The native CPU search (``_C.search``): x [N, D] -> (dist [N, k] fp32, index [N, k] int64). k = 1 may
-    take the certified int8 pre-filter (`prefilter_operands`; empty tensors: off)."""
+    """The native CPU search (``_C.search``): x [N, D] -> (dist [N, k] fp32, index [N, k] int64). k <=
+    PREFILTER_MAX_K may take the certified int8 pre-filter (`prefilter_operands`; empty tensors: off)."""
     native = _native.cpu_module()
     num_queries, dim = x.shape
     dist = torch.empty(num_queries, k, dtype=torch.float32)
     index = torch.empty(num_queries, k, dtype=torch.int64)
     words, columns, offsets, bounds = prefilter_operands if prefilter_operands is not None else (EMPTY,) * 4
-    use_prefilter = k == 1 and words.numel() > 0
+    use_prefilter = k <= common.PREFILTER_MAX_K and words.numel() > 0
     full_search_rows = 0
     if num_queries:
         code, detail, full_search_rows = native.search(
@@ -264,7 +285,7 @@ def _distance_grad(x: torch.Tensor, chosen: torch.Tensor, grad_dist: torch.Tenso
 
 
 def _setup_topk_context(ctx, inputs, output):
-    ctx.metric = inputs[6]  # x, weight, panels, bias, norm_bound, k, metric, ...
+    ctx.metric = inputs[10]  # x, weight, panels, bias, norm_bound, 4 prefilter operands, k, metric, ...
     ctx.save_for_backward(inputs[0], inputs[1], output[1])
 
 
@@ -281,7 +302,7 @@ def _grad_x(ctx, grad_dist):
 
 
 def _topk_backward(ctx, grad_dist, grad_index):
-    return (_grad_x(ctx, grad_dist),) + (None,) * 9
+    return (_grad_x(ctx, grad_dist),) + (None,) * 14
 
 
 def _nearest_backward(ctx, grad_dist, grad_index):
@@ -363,15 +384,24 @@ def topk(
     backend: str = "auto",
     check_finite: bool = True,
     precision: str = "default",
+    prefilter: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` nearest codebook rows of every vector, sorted by (distance, index), fused (no N x V).
 
-    Same arguments as `nearest`, plus ``1 <= k <= V``. Returns ``(dist [..., k] fp32, index [..., k] int64)``.
+    Same arguments as `nearest`, plus ``1 <= k <= V``. The certified int8 pre-filter (``prefilter``, as
+    `nearest`'s, its certificate proving the k best instead of the winner) serves k <= 16 (`PREFILTER_MAX_K`);
+    larger k take the fp32 search (``prefilter="int8"`` then raises). Returns ``(dist [..., k] fp32,
+    index [..., k] int64)``, bitwise the same with or without the pre-filter.
     """
     k = _validate.k_value(k, common.codebook_shape(codebook)[2])
     x, flat, weight, panels, bias, norm_bound, metric, backend = _prepare(x, codebook, metric, backend, check_finite)
+    if k > common.PREFILTER_MAX_K and prefilter == "int8":
+        raise ValueError(f"prefilter='int8' serves k <= {common.PREFILTER_MAX_K}, got k = {k}; use 'auto' or 'none'")
+    mode = prefilter if k <= common.PREFILTER_MAX_K else "none"
+    prefilter_operands = common.prefilter_operands(codebook, weight, panels, bias, mode, backend)
     precision = check_precision(precision)
     dist, index = torch.ops.spae_fast.topk(
-        flat, weight, panels, bias, norm_bound, k, metric, backend, check_finite, precision
-    )
+        flat, weight, panels, bias, norm_bound, *prefilter_operands, k, metric, backend, check_finite, mode,
+        precision,
+    )  # fmt: skip
     return dist.reshape(*x.shape[:-1], k), index.reshape(*x.shape[:-1], k)

@@ -307,7 +307,7 @@ def test_large_and_small_magnitudes(impl, metric):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The certified int8 pre-filter of `nearest` (CPU backend)
+# The certified int8 pre-filter of `nearest` and `topk` (k <= 16; CPU backend)
 # ----------------------------------------------------------------------------------------------------------
 
 needs_int8 = pytest.mark.skipif(
@@ -315,36 +315,48 @@ needs_int8 = pytest.mark.skipif(
 )
 
 
-def _same(x, codebook, metric=None, **kwargs):
-    """nearest with prefilter='int8' (and 'auto') equals prefilter='none' bitwise; returns the int8 stats."""
-    plain = spae_fast.nearest(x, codebook, metric=metric, backend="cpu", prefilter="none", **kwargs)
+TOPK_KS = [1, 3, 16]  # 1: `nearest`; else `topk`
+
+
+def _search(x, codebook, k, **kwargs):
+    if k == 1:
+        return spae_fast.nearest(x, codebook, backend="cpu", **kwargs)
+    return spae_fast.topk(x, codebook, k, backend="cpu", **kwargs)
+
+
+def _same(x, codebook, metric=None, k=1, **kwargs):
+    """nearest (k = 1) / topk with prefilter='int8' (and 'auto') equals prefilter='none' bitwise; returns the
+    int8 stats."""
+    plain = _search(x, codebook, k, metric=metric, prefilter="none", **kwargs)
     assert ops.last_cpu_search_stats()["prefilter"] is False
-    fast = spae_fast.nearest(x, codebook, metric=metric, backend="cpu", prefilter="int8", **kwargs)
+    fast = _search(x, codebook, k, metric=metric, prefilter="int8", **kwargs)
     stats = ops.last_cpu_search_stats()
-    auto = spae_fast.nearest(x, codebook, metric=metric, backend="cpu", prefilter="auto", **kwargs)
+    assert stats["prefilter"] is True and stats["op"] == ("nearest" if k == 1 else "topk")
+    auto = _search(x, codebook, k, metric=metric, prefilter="auto", **kwargs)
     for result in (fast, auto):
         assert torch.equal(result[0], plain[0]) and torch.equal(result[1], plain[1])
     return stats
 
 
 @needs_int8
+@pytest.mark.parametrize("k", TOPK_KS)
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize(("num_queries", "rows", "dim"), [(300, 1000, 64), (1, 500, 33), (50, 7, 17), (700, 300, 5)])
-def test_prefilter_random_data(metric, num_queries, rows, dim):
+@pytest.mark.parametrize(("num_queries", "rows", "dim"), [(300, 1000, 64), (1, 500, 33), (50, 17, 17), (700, 300, 5)])
+def test_prefilter_random_data(metric, num_queries, rows, dim, k):
     generator = torch.Generator().manual_seed(num_queries + rows + dim)
     weight = torch.randn(rows, dim, generator=generator)
     codebook = spae_fast.Codebook(weight, metric=metric)
     near = weight[torch.randint(0, rows, (num_queries,), generator=generator)]
     x = near + 0.3 * torch.randn(num_queries, dim, generator=generator)
-    stats = _same(x, codebook)
-    assert stats["prefilter"] is True and stats["queries"] == num_queries and stats["op"] == "nearest"
-    assert 0 <= stats["full_search_rows"] <= num_queries
-    _same(torch.randn(num_queries, dim, generator=generator), weight, metric=metric)  # raw tensor, far queries
+    stats = _same(x, codebook, k=k)
+    assert stats["queries"] == num_queries and 0 <= stats["full_search_rows"] <= num_queries
+    _same(torch.randn(num_queries, dim, generator=generator), weight, metric=metric, k=k)  # raw tensor, far queries
 
 
 @needs_int8
+@pytest.mark.parametrize("k", TOPK_KS)
 @pytest.mark.parametrize("metric", METRICS)
-def test_prefilter_duplicate_rows_and_midpoints(metric):
+def test_prefilter_duplicate_rows_and_midpoints(metric, k):
     generator = torch.Generator().manual_seed(5)
     base = torch.randn(40, 48, generator=generator)
     weight = torch.cat([base] * 5)  # every row 5 times: ties go to the lowest row
@@ -353,28 +365,30 @@ def test_prefilter_duplicate_rows_and_midpoints(metric):
     midpoints = 0.5 * (base[first] + base[second])  # near-ties between two rows
     x = torch.cat([base[first], midpoints])
     codebook = spae_fast.Codebook(weight, metric=metric)
-    _same(x, codebook)
-    index = spae_fast.nearest(x, codebook, backend="cpu", prefilter="int8")[1]
-    assert int(index.max()) < 40
+    _same(x, codebook, k=k)
+    index = _search(x, codebook, k, prefilter="int8")[1]
+    assert int(index.reshape(len(x), -1)[:, 0].max()) < 40  # the best of 5 equal rows is the first copy
 
 
 @needs_int8
-def test_prefilter_ties_fall_back_to_the_full_search():
+@pytest.mark.parametrize("k", TOPK_KS)
+def test_prefilter_ties_fall_back_to_the_full_search(k):
     generator = torch.Generator().manual_seed(6)
     base = torch.randn(4, 32, generator=generator)
     # 600 equal rows each: no certificate can separate the 64 (first pass) or 512 (second pass) candidates
     weight = torch.cat([base] * 600)
-    stats = _same(base[torch.randint(0, 4, (30,), generator=generator)], weight)
+    stats = _same(base[torch.randint(0, 4, (30,), generator=generator)], weight, k=k)
     assert stats["full_search_rows"] == 30
 
 
 @needs_int8
-def test_prefilter_second_pass_settles_what_the_short_list_cannot():
+@pytest.mark.parametrize("k", TOPK_KS)
+def test_prefilter_second_pass_settles_what_the_short_list_cannot(k):
     generator = torch.Generator().manual_seed(9)
     base = torch.randn(10, 32, generator=generator)
     # 100 equal rows each: more ties than the first pass's 64 candidates, fewer than the second pass's 512
     weight = torch.cat([torch.cat([base] * 100), torch.randn(800, 32, generator=generator) * 3])
-    stats = _same(base[torch.randint(0, 10, (30,), generator=generator)], weight)
+    stats = _same(base[torch.randint(0, 10, (30,), generator=generator)], weight, k=k)
     assert stats["full_search_rows"] == 0
 
 
@@ -423,9 +437,11 @@ def test_prefilter_real_table():
 
     x = load("nearest_cases").realistic_queries(weight, 600, 3)
     for metric in METRICS:
-        stats = _same(x, spae_fast.Codebook(weight, metric=metric))
-        if metric == "l2":
-            assert stats["full_search_rows"] <= 0.2 * stats["queries"]
+        codebook = spae_fast.Codebook(weight, metric=metric)
+        for k in TOPK_KS:
+            stats = _same(x, codebook, k=k)
+            if metric == "l2":
+                assert stats["full_search_rows"] <= 0.2 * stats["queries"], k
 
 
 def test_prefilter_argument_and_env(monkeypatch):
@@ -450,9 +466,10 @@ def test_prefilter_errors_match_the_full_search():
 
 
 @needs_int8
+@pytest.mark.parametrize("k", TOPK_KS)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("dim", [3, 31, 200])
-def test_prefilter_near_duplicate_rows_and_near_ties(metric, dim):
+def test_prefilter_near_duplicate_rows_and_near_ties(metric, dim, k):
     """Rows 1e-4 apart (below the int8 resolution) and queries between two rows: the certificate must keep
     every row that can still win in its list (the threshold cap), so the answer stays bitwise the fp32 one."""
     generator = torch.Generator().manual_seed(dim)
@@ -465,5 +482,29 @@ def test_prefilter_near_duplicate_rows_and_near_ties(metric, dim):
         t * weight[i] + (1 - t) * weight[j] + 1e-3 * torch.randn(300, dim, generator=generator),
         weight[i],
     ])
-    stats = _same(x, spae_fast.Codebook(weight, metric=metric))
+    stats = _same(x, spae_fast.Codebook(weight, metric=metric), k=k)
     assert stats["full_search_rows"] < stats["queries"]  # the int8 pass settles rows here
+
+
+@needs_int8
+def test_topk_prefilter_serves_k_up_to_16():
+    weight = torch.randn(100, 16)
+    x = torch.randn(7, 16)
+    with pytest.raises(ValueError, match=r"prefilter='int8' serves k <= 16, got k = 17"):
+        spae_fast.topk(x, weight, 17, backend="cpu", prefilter="int8")
+    plain = spae_fast.topk(x, weight, 17, backend="cpu", prefilter="none")
+    auto = spae_fast.topk(x, weight, 17, backend="cpu")  # auto: the fp32 search for k > 16
+    assert ops.last_cpu_search_stats()["prefilter"] is False
+    assert torch.equal(auto[0], plain[0]) and torch.equal(auto[1], plain[1])
+
+
+@needs_int8
+@pytest.mark.parametrize("k", [2, 16])
+def test_topk_prefilter_ties_inside_the_top_k_keep_index_order(k):
+    """Groups of equal rows straddle the k-th place: the certified lists must keep every tied row that can
+    rank, and the tie order (lowest index first) must match the full search bitwise."""
+    generator = torch.Generator().manual_seed(k)
+    base = torch.randn(30, 24, generator=generator)
+    weight = torch.cat([base[i : i + 1].expand(k // 2 + 1, 24) for i in range(30)] + [base * 1.5])
+    x = base[torch.randint(0, 30, (100,), generator=generator)] + 0.05 * torch.randn(100, 24, generator=generator)
+    _same(x, spae_fast.Codebook(weight), k=k)

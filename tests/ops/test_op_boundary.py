@@ -57,10 +57,15 @@ def nearest_call(**changes):
 def topk_call(**changes):
     args = {
         **_search_operands(),
+        "words": E,
+        "columns": E,
+        "offsets": E,
+        "bounds": E,
         "k": 3,
         "metric": "l2",
         "backend": "cpu",
         "check_finite": True,
+        "prefilter": "none",
         "precision": "default",
     }
     args.update(changes)
@@ -210,8 +215,11 @@ NEAREST_CASES = {
     "unknown prefilter": ({"prefilter": "fp8"}, ValueError, r"prefilter must be one of .*got 'fp8'"),
 }
 
+PREFILTER_KINDS = ("pre-filter of a smaller table", "pre-filter of another D", "pre-filter half given",
+                   "pre-filter bounds short", "pre-filter on backend torch", "unknown prefilter")  # fmt: skip
 TOPK_CASES = {
     **SEARCH_CASES,
+    **{kind: NEAREST_CASES[kind] for kind in PREFILTER_KINDS},
     "k 0": ({"k": 0}, ValueError, r"k must be an int in \[1, V\] = \[1, 37\], got 0"),
     "k above V": ({"k": V + 1}, ValueError, r"k must be an int in \[1, V\] = \[1, 37\], got 38"),
 }
