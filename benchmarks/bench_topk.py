@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             plain = calls[f"{name}_fp32"]()
             assert torch.equal(result[0], plain[0]) and torch.equal(result[1], plain[1]), name
     times, _ = interleaved_rounds(calls, args.rounds, print)
-    print(f"\n| provider | median s | x nearest (median of per-round ratios) | full-search rows |")
+    print("\n| provider | median s | x nearest (median of per-round ratios) | full-search rows |")
     print("|---|---:|---:|---:|")
     for name, samples in times.items():
         ratio = statistics.median(t / n for t, n in zip(samples, times["nearest"]))
