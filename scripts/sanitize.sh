@@ -8,7 +8,8 @@
 # first error, and every report, also one from a subprocess whose exit status a test might swallow, is
 # written under build-asan/logs/, which must be empty at the end.
 #
-# Usage (after scripts/setup.sh): bash scripts/sanitize.sh [pytest arguments; default: the CPU op tests]
+# Usage (after scripts/setup.sh): bash scripts/sanitize.sh [pytest options] [test paths; default: the CPU op tests]
+# (options with a value in one word: -kEXPR, --deselect=ID).
 # Needs GCC (its libasan / libubsan). SPAE_SANITIZE_REBUILD=0 reuses build-asan/site as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,8 +41,13 @@ if [[ ${SPAE_SANITIZE_REBUILD:-1} != 0 || ! -d $SITE/spae_fast ]]; then
   echo "   built in $((SECONDS - start)) s"
 fi
 
-if [[ $# -eq 0 ]]; then
-  set -- tests/ops tests/test_bad_inputs.py tests/test_native_boundary.py tests/test_property_fp64.py \
+# The CPU op tests, unless test paths are given (arguments starting with "-" are pytest options only).
+paths_given=0
+for argument in "$@"; do
+  [[ $argument == -* ]] || paths_given=1
+done
+if [[ $paths_given -eq 0 ]]; then
+  set -- "$@" tests/ops tests/test_bad_inputs.py tests/test_native_boundary.py tests/test_property_fp64.py \
     tests/test_bad_input_cases.py tests/test_sanitizer_active.py
 fi
 
