@@ -12,6 +12,14 @@ from spae_fast import _native
 from spae_fast._native import NO_BUFFER, buffer
 
 C = _native._C
+_ALIVE: list[torch.Tensor] = []  # tensors whose addresses a test passes: kept alive for the whole run
+
+
+def held(tensor: torch.Tensor) -> tuple[int, int]:
+    """`buffer` of a tensor made for one call, kept alive (a freed buffer would turn a regression of the
+    boundary into a use-after-free instead of a failed assertion)."""
+    _ALIVE.append(tensor)
+    return buffer(tensor)
 pytestmark = pytest.mark.skipif(C is None, reason="native CPU module not built")
 
 
@@ -111,7 +119,7 @@ def test_prefilter_operands_are_checked_together(problem):
     with pytest.raises(ValueError, match="'prefilter_bounds' must be finite"):
         C.search(**{**args, "prefilter_bounds": [1.0, float("inf"), 1.0, 1.0]})
     with pytest.raises(ValueError, match="'prefilter_panels' must be 0 for k > 16"):
-        wide = {"out_dist": buffer(torch.empty(7, 17)), "out_index": buffer(torch.empty(7, 17, dtype=torch.int64))}
+        wide = {"out_dist": held(torch.empty(7, 17)), "out_index": held(torch.empty(7, 17, dtype=torch.int64))}
         C.search(**{**args, **wide, "prefilter_bounds": [1.0] * 4, "k": 17})
 
 
@@ -166,12 +174,12 @@ def test_buffers_shorter_than_the_call_reads_are_refused(problem):
     cases = [
         ({"panels": buffer(small_panels)}, "panels", 3 * 12 * 16 * 4),
         ({"bias": buffer(small_bias)}, "bias", 48 * 4),
-        ({"out_index": buffer(torch.empty(6, 1, dtype=torch.int64))}, "out_index", 7 * 8),
-        ({"out_dist": buffer(torch.empty(3))}, "out_dist", 7 * 4),
+        ({"out_index": held(torch.empty(6, 1, dtype=torch.int64))}, "out_index", 7 * 8),
+        ({"out_dist": held(torch.empty(3))}, "out_dist", 7 * 4),
         ({"x": buffer(x[1:])}, "x", 7 * 12 * 4),  # a view that starts one row in: 6 rows from there
         ({"x": buffer(x[:, :6])}, "x", 7 * 12 * 4),  # 6 of the 12 columns: ends 6 elements early
         ({"x_row_stride": 13}, "x", (6 * 13 + 11 + 1) * 4),  # strides that reach past the tensor
-        ({"weight": buffer(torch.randn(39, 12))}, "weight", 40 * 12 * 4),
+        ({"weight": held(torch.randn(39, 12))}, "weight", 40 * 12 * 4),
     ]
     for change, name, needed in cases:
         with pytest.raises(ValueError, match=rf"'{name}' holds \d+ bytes, but the call reads or writes {needed}"):
@@ -218,7 +226,7 @@ def test_saq_and_semantic_loss_buffers_are_sized(problem):
         ({"candidate_offsets": buffer(offsets[:1])}, "candidate_offsets", 16),
         ({"num_sets": 2}, "candidate_offsets", 24),
         ({"out_loss": buffer(loss[:2])}, "out_loss", 12),
-        ({"compute_grad": True, "out_grad": buffer(torch.empty(3, 11))}, "out_grad", 144),
+        ({"compute_grad": True, "out_grad": held(torch.empty(3, 11))}, "out_grad", 144),
     ]:
         with pytest.raises(ValueError, match=rf"'{name}' holds \d+ bytes, but the call reads or writes {needed}"):
             C.semantic_loss(**{**semantic, **change})
