@@ -20,10 +20,11 @@ class Codebook:
     The table is frozen. By default the Codebook holds its own copy of it (``weight``, detached), so later
     edits of the caller's tensor, in place, through ``.data`` or through ``.numpy()``, cannot make the packed
     forms stale: the Codebook keeps searching the table as it was when built (as a FAISS index does). Build a
-    new Codebook to search a changed table. An in-place change of ``Codebook.weight`` itself is detected
-    (torch's version counter) and raises instead of searching stale data; it works under
-    ``torch.inference_mode()`` too (inference tensors have no version counter: the copy is then private and
-    only reachable as ``weight``, which must not be modified).
+    new Codebook to search a changed table. An in-place torch op on ``Codebook.weight`` itself is detected
+    (torch's version counter; the copy is a normal tensor even when built under ``torch.inference_mode()``)
+    and raises instead of searching stale data. Writes into the Codebook's own copy through ``.data`` or
+    ``.numpy()`` bypass the counter and are not detected (checking would cost a pass over the table per
+    call; see docs/DECISIONS.md): treat ``weight`` as read-only.
 
     Args:
         weight: ``[V, D]`` fp32, bf16 or fp16 tensor, V >= 1, D >= 1 (at most `spae_fast.ops.boundary`'s
@@ -39,7 +40,11 @@ class Codebook:
         _validate.metric(metric)
         if not isinstance(copy, bool):
             raise TypeError(f"copy must be a bool, got {type(copy).__name__} {copy!r}")
-        self.weight = weight.detach().clone(memory_format=torch.contiguous_format) if copy else weight.detach()
+        if copy:  # a normal tensor even under inference_mode, so in-place edits of it bump its version counter
+            with torch.inference_mode(False):
+                self.weight = weight.detach().clone(memory_format=torch.contiguous_format)
+        else:
+            self.weight = weight.detach()
         self.metric = metric
         self._version = _version_of(self.weight)
         if self.weight.device.type == "cpu":

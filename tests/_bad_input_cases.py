@@ -85,8 +85,11 @@ def nearest_op(x=x, weight=w, panels=P, bias=B, norm_bound=NB, prefilter_operand
                        prefilter, precision)
 
 def topk_op(x=x, weight=w, panels=P, bias=B, norm_bound=NB, k=2, metric="l2", backend="cpu", check_finite=True,
-            precision="default"):
-    return OPS.topk(x, weight, panels, bias, norm_bound, k, metric, backend, check_finite, precision)
+            precision="default", prefilter_operands=NO_PREFILTER, prefilter="none"):
+    if len(OPS.topk.default._schema.arguments) == 10:  # before the top-k pre-filter (a package of 2026-12-04)
+        return OPS.topk(x, weight, panels, bias, norm_bound, k, metric, backend, check_finite, precision)
+    return OPS.topk(x, weight, panels, bias, norm_bound, *prefilter_operands, k, metric, backend, check_finite,
+                    prefilter, precision)
 
 z = torch.randn(2, 8, 4, 4)
 
@@ -389,7 +392,7 @@ def _cases() -> list[Case]:
     )
     case(
         "op semantic_loss: precision bf16 with garbage bf16_rows",
-        "ValueError",
+        "TypeError",  # the fp32 panels given with them are the wrong packing: int32 words expected
         "bf16_rows|panels",
         "semantic_op(precision='bf16', bf16_rows=torch.zeros(3, dtype=torch.int32))",
     )
@@ -468,20 +471,22 @@ def _cases() -> list[Case]:
     )
 
     # ---- a Codebook's table changed behind its back: raise, or search the table it holds now ----------------
+    # (Writes into the Codebook's own copy through cb.weight.data / .numpy() are documented as undetected:
+    # spae_fast/codebook.py and docs/DECISIONS.md, "A Codebook owns its table".)
     case(
-        "api Codebook: weight edited through .data, then searched",
+        "api Codebook: weight edited in place by a torch op, then searched",
         "RuntimeError",
         STALE,
-        "cb.weight.data[3] = x[0]\nsame_as_plain_search(cb, x)",
+        "cb.weight[3] = x[0]\nsame_as_plain_search(cb, x)",
         "cb = spae_fast.Codebook(w)",
         ok_if_correct=True,
     )
     case(
-        "api Codebook: weight edited through .numpy(), then searched",
+        "api Codebook: caller's table edited through .numpy(), then searched",
         "RuntimeError",
         STALE,
-        "cb.weight.numpy()[3] = x[0].numpy()\nsame_as_plain_search(cb, x)",
-        "cb = spae_fast.Codebook(w)",
+        "table.numpy()[3] = x[0].numpy()\nsame_as_plain_search(cb, x)",
+        "table = w.clone(); cb = spae_fast.Codebook(table)",
         ok_if_correct=True,
     )
     case(

@@ -83,7 +83,7 @@ def rows_like(op: str, x: object, name: str, dim: int, device: torch.device) -> 
 
 def same_device(op: str, value: torch.Tensor, name: str, device: torch.device) -> None:
     if value.device != device:
-        _fail(op, f"{name} is on {value.device} but the table is on {device}")
+        _fail(op, f"{name} is on {value.device} but the table (weight) is on {device}")
 
 
 def shaped(op: str, value: object, name: str, shape: tuple[int, ...], dtype: torch.dtype, why: str) -> None:
@@ -96,6 +96,7 @@ def shaped(op: str, value: object, name: str, shape: tuple[int, ...], dtype: tor
             f"{name} must be {str(dtype).removeprefix('torch.')} of shape {shape} ({why}), got "
             f"{str(value.dtype).removeprefix('torch.')} of shape {tuple(value.shape)}; it does not belong to "
             "this table (build the packed forms with the same table, or pass a spae_fast.Codebook)",
+            TypeError if value.dtype != dtype else ValueError,
         )
     if value.device.type != "cpu":
         _fail(op, f"{name} must be on the CPU (the native kernel reads it), got {value.device}")
@@ -109,8 +110,10 @@ def cpu_panels(op: str, panels, bias, norm_bound, num_rows: int, dim: int) -> No
     why = f"pack_codebook of a [{num_rows}, {dim}] table"
     shaped(op, panels, "panels", (num_panels, dim, PANEL_WIDTH), torch.float32, why)
     shaped(op, bias, "bias", (num_panels * PANEL_WIDTH,), torch.float32, why)
-    if not isinstance(norm_bound, torch.Tensor) or norm_bound.numel() != 1:
-        _fail(op, f"norm_bound must be a one-element tensor ({why})", TypeError)
+    if not isinstance(norm_bound, torch.Tensor):
+        _fail(op, f"norm_bound must be a torch.Tensor ({why}), got {type(norm_bound).__name__}", TypeError)
+    if norm_bound.numel() != 1:
+        _fail(op, f"norm_bound must be a one-element tensor ({why}), got shape {tuple(norm_bound.shape)}")
 
 
 def prefilter(op: str, words, columns, offsets, bounds, num_rows: int, dim: int) -> bool:

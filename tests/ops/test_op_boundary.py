@@ -134,7 +134,7 @@ SEARCH_CASES = {
     "x on another device": (
         {"x": torch.randn(5, D, device="meta")},
         ValueError,
-        r"x is on meta but the table is on cpu",
+        r"x is on meta but the table \(weight\) is on cpu",
     ),
     "weight 1-D": ({"weight": torch.randn(D)}, ValueError, r"weight must be 2-D"),
     "weight empty": ({"weight": torch.randn(0, D)}, ValueError, r"weight must have 1\.\.\d+ rows"),
@@ -161,7 +161,7 @@ SEARCH_CASES = {
     ),
     "panels float64": (
         {"panels": _packed(_weight())[0].double()},
-        ValueError,
+        TypeError,
         r"panels must be float32.*got float64",
     ),
     "panels not contiguous": (
@@ -172,7 +172,7 @@ SEARCH_CASES = {
     "bias too short": ({"bias": torch.zeros(16)}, ValueError, r"bias must be float32 of shape \(48,\)"),
     "norm bound of two values": (
         {"norm_bound": torch.zeros(2)},
-        TypeError,
+        ValueError,
         r"norm_bound must be a one-element",
     ),
     "unknown metric": (
@@ -236,7 +236,7 @@ SAQ_CASES = {
     "z on another device": (
         {"z": torch.randn(2, D, 4, 4, device="meta")},
         ValueError,
-        r"z is on meta but the table",
+        r"z is on meta but the table \(weight\)",
     ),
     "empty panels": ({"panels": E, "bias": E}, ValueError, r"panels must be float32 of shape \(3, 8, 16\)"),
     "panels of a smaller table": (_smaller(), ValueError, r"panels must be float32 of shape \(3, 8, 16\)"),
