@@ -124,7 +124,8 @@ def run(args) -> list[dict]:
             print(f"V={size} D={dim} tokens={args.batch}x{args.tokens}", flush=True)
             x, upstream = inputs(dim, args.batch, args.tokens)
             layers = {p: build(p, dim, size) for p in PROVIDERS}
-            calls = {p: (lambda p=p: training_step(layers[p], x, upstream)) for p in PROVIDERS}
+            calls = {p: (lambda layer=layers[p], x=x, upstream=upstream: training_step(layer, x, upstream))
+                     for p in PROVIDERS}  # fmt: skip
             for call in calls.values():
                 call()
             times, results = interleaved_rounds(calls, args.rounds, log=print)

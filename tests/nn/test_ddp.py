@@ -12,8 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from _ddp_worker import STEPS, WORLD, _batches, _worker  # noqa: E402
+from _ddp_worker import STEPS, WORLD, _batches, _worker
 
 
 def _free_port() -> int:

@@ -14,7 +14,7 @@ vqp = pytest.importorskip("vector_quantize_pytorch")
 datasets = pytest.importorskip("sklearn.datasets")
 
 
-def build_and_train(VectorQuantize, images, train_iterations=150, alpha=10, seed=1234):  # noqa: N803
+def build_and_train(VectorQuantize, images, train_iterations=150, alpha=10, seed=1234):
     torch.manual_seed(seed)
 
     class SimpleVQAutoEncoder(nn.Module):

@@ -8,10 +8,10 @@ import torch
 
 vqp = pytest.importorskip("vector_quantize_pytorch")
 
-from _parity import near_tie_mismatches, twins  # noqa: E402
+from _parity import near_tie_mismatches, twins
 
-import spae_fast  # noqa: E402
-from spae_fast.nn import ResidualVQ, StreamingAverageVQ  # noqa: E402
+import spae_fast
+from spae_fast.nn import ResidualVQ, StreamingAverageVQ
 
 CONFIGS = {
     "separate": dict(dim=32, num_quantizers=4, codebook_size=128),

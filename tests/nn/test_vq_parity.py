@@ -9,9 +9,9 @@ import torch
 
 vqp = pytest.importorskip("vector_quantize_pytorch")
 
-from _parity import near_tie_mismatches, twins  # noqa: E402
+from _parity import near_tie_mismatches, twins
 
-from spae_fast.nn import VectorQuantize  # noqa: E402
+from spae_fast.nn import VectorQuantize
 
 CONFIGS = {
     "frozen": dict(dim=32, codebook_size=512, freeze_codebook=True),
