@@ -4,6 +4,7 @@
         --relevance label --steps 300 --out runs/digits
     spae-fast train ... --out runs/digits --resume          # continue from runs/digits/checkpoint
     torchrun --nproc-per-node 2 -m spae_fast.cli train ...   # data-parallel (gloo on CPUs, nccl on GPUs)
+    torchrun --nproc-per-node 4 -m spae_fast.cli train --vocab-parallel 2 ...   # 2 data x 2 vocabulary shards
 
 Every `SPAEConfig` field (the model) and `TrainConfig` field (losses, optimiser, logging) is an option; lists
 are comma-separated (``--layers 1,2,4,8,16,16``). Relevance providers for the semantic loss: ``label`` (the
@@ -149,6 +150,17 @@ def _device(text: str) -> str:
     return text
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (metrics, samples, checkpoint, model)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
@@ -160,6 +172,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="the quantizer's search backend (default: auto)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--vocab-parallel", type=_positive_int, default=1, metavar="N",
+                        help="split the codebook over groups of N processes (torchrun; N divides the number of "
+                             "processes; DDP over the rest) (default: 1)")  # fmt: skip
     add_dataclass_arguments(parser, SPAEConfig, "model (SPAEConfig)", skip=_DERIVED_MODEL_FIELDS)
     add_dataclass_arguments(parser, TrainConfig, "training (TrainConfig)")
 
@@ -180,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(train_config.seed)  # the initial weights too
     model = SPAE(model_config, vocab, backend=args.backend)
     trainer = Trainer(model, train_config, args.out, train, eval_dataset=held_out, relevance=relevance,
-                      device=args.device, word_similarity=word_judge(relevance, vocab, train.class_names))  # fmt: skip
+                      device=args.device, word_similarity=word_judge(relevance, vocab, train.class_names),
+                      vocab_parallel=args.vocab_parallel)  # fmt: skip
     summary = trainer.fit(resume=args.resume, progress=not args.no_progress)
     if trainer.rank == 0:
         print(json.dumps({"out": str(Path(args.out)), **summary}, indent=2))

@@ -31,6 +31,12 @@ a run that does not resume starts it anew.
 Multi-process: run under ``torchrun --nproc-per-node N``; `setup_distributed` joins the process group (gloo on
 the CPU, nccl on GPUs), every rank reads its own shard of each epoch (`spae_fast.data.infinite_loader`) and
 gradients are averaged by DDP. Each rank computes its own relevance and semantic loss for its shard.
+
+Vocabulary parallel (``vocab_parallel=N``, ``spae-fast train --vocab-parallel N``): the world is split into a
+``data x vocab`` grid (`spae_fast.distributed.vocab_parallel_groups`); the N ranks of a vocabulary group hold
+1/N of the table each (`spae_fast.distributed.VocabParallelQuantizer`), share one batch and run the quantizer,
+its semantic loss and evaluations as collectives; DDP averages gradients over the data group (the ranks that
+hold the same shard). Checkpoints do not depend on N (the table is not in the ``state_dict``).
 """
 
 from __future__ import annotations
@@ -192,6 +198,8 @@ class Trainer:
         word_similarity: ``[C, V]`` class name to token similarity that evaluations judge the words with (word ->
             class accuracy, `spae_fast.word_accuracy`); default: the relevance provider's own
             ``class_word_similarity`` of the dataset's ``class_names``, when both exist.
+        vocab_parallel: N > 1 splits the quantizer's table over groups of N ranks (module docstring); N must
+            divide the world size. 1 (default): every rank holds the whole table.
     """
 
     def __init__(
@@ -205,12 +213,27 @@ class Trainer:
         relevance: RelevanceProvider | None = None,
         device: torch.device | str = "cpu",
         word_similarity: torch.Tensor | None = None,
+        vocab_parallel: int = 1,
     ) -> None:
         self.config = config
         self.out_dir = Path(out_dir)
         self.device = torch.device(device)
         self.rank, self.world_size = setup_distributed()
+        if isinstance(vocab_parallel, bool) or not isinstance(vocab_parallel, int) or vocab_parallel < 1:
+            raise ValueError(f"vocab_parallel must be a positive int, got {vocab_parallel!r}")
+        if self.world_size % vocab_parallel:
+            raise ValueError(
+                f"vocab_parallel = {vocab_parallel} must divide the number of processes ({self.world_size}); run "
+                f"under torchrun --nproc-per-node with a multiple of {vocab_parallel}"
+            )
+        self.vocab_parallel = vocab_parallel
+        self.vocab_group = data_group = None
         self.model = model.to(self.device)
+        if vocab_parallel > 1:
+            from .distributed import VocabParallelQuantizer, vocab_parallel_groups
+
+            self.vocab_group, data_group = vocab_parallel_groups(vocab_parallel)
+            model.quantizer = VocabParallelQuantizer.from_quantizer(model.quantizer, group=self.vocab_group)
         self.dataset = dataset
         self.eval_dataset = eval_dataset if eval_dataset is not None else dataset
         self.relevance = relevance
@@ -227,12 +250,12 @@ class Trainer:
             raise ValueError(f"semantic_layers={config.semantic_layers} > the model's {model.num_layers} layers")
         torch.manual_seed(config.seed)
         self.network: nn.Module = model
-        if self.world_size > 1:
+        if self.data_world_size > 1:
             # The quantizer's buffers (the frozen codebook, up to GBs) are the same on every rank: keep DDP from
             # broadcasting them at start-up and before every forward.
             frozen = [f"quantizer.{name}" for name, _ in model.quantizer.named_buffers()]
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
-            self.network = nn.parallel.DistributedDataParallel(model)
+            self.network = nn.parallel.DistributedDataParallel(model, process_group=data_group)
         self.optimizer = torch.optim.Adam(
             model.parameters(), lr=config.learning_rate, betas=config.adam_betas, weight_decay=config.weight_decay
         )
@@ -243,8 +266,9 @@ class Trainer:
             ).to(self.device)
             self.lecam = LeCAMRegularizer().to(self.device)
             self.discriminator_network = self.discriminator
-            if self.world_size > 1:
-                self.discriminator_network = nn.parallel.DistributedDataParallel(self.discriminator)
+            if self.data_world_size > 1:
+                self.discriminator_network = nn.parallel.DistributedDataParallel(self.discriminator,
+                                                                                 process_group=data_group)
             self.discriminator_optimizer = torch.optim.Adam(
                 self.discriminator.parameters(), lr=config.discriminator_lr, betas=config.adam_betas
             )
@@ -271,10 +295,12 @@ class Trainer:
             guided = torch.isin(labels, torch.tensor(self.config.semantic_classes, device=labels.device))
             sets = torch.where(guided[:, None], sets, -1)
         targets = quantizer.layer_targets(latent, ids, layers)  # [B, n, D]
-        per_position = semantic_loss(
-            targets, quantizer.codebook, index, offsets, sets, tau=self.config.tau,
-            precision=self.config.semantic_precision, reduction="none",
-        )  # fmt: skip  # [B, n], 0 where excluded
+        options = {"tau": self.config.tau, "precision": self.config.semantic_precision, "reduction": "none"}
+        if self.vocab_parallel > 1:  # the VocabParallelQuantizer's loss on its sharded table (a collective)
+            per_position = quantizer.semantic_loss(targets, index, offsets, sets, **options)
+        else:
+            per_position = semantic_loss(targets, quantizer.codebook, index, offsets, sets, **options)
+        # per_position: [B, n], 0 where excluded
         sizes = offsets[1:] - offsets[:-1]
         counted = ((sets >= 0) & (sizes[sets.clamp_min(0)] > 0)).to(per_position.dtype)  # [B, n]
         counts = [side * side for side in quantizer.layers[:layers]]
@@ -309,8 +335,23 @@ class Trainer:
         shorter = self.model.num_layers - 1
         if self.config.prefix_weight == 0 or shorter == 0:
             return None
-        joint_index = torch.arange(batch, device=self.device) * self.world_size + self.rank
+        joint_index = torch.arange(batch, device=self.device) * self.data_world_size + self.data_rank
         return 1 + (joint_index + self.step) % shorter
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's data-parallel replica (the ranks of one vocabulary group share a batch)."""
+        return self.rank // self.vocab_parallel
+
+    @property
+    def data_world_size(self) -> int:
+        """The number of data-parallel replicas."""
+        return self.world_size // self.vocab_parallel
+
+    @property
+    def _evaluates(self) -> bool:
+        """Whether this rank runs evaluations: rank 0, and the rest of its vocabulary group."""
+        return self.rank < self.vocab_parallel
 
     def gan_active(self) -> bool:
         return self.discriminator is not None and self.step >= self.config.gan_start
@@ -438,8 +479,10 @@ class Trainer:
                 file.write(json.dumps(record) + "\n")
 
     def _evaluate_and_save_samples(self) -> dict[str, object]:
-        """Rank 0 evaluates the held-out batch, logs it and writes the sample grid; other ranks return {}."""
-        if self.rank != 0:
+        """Rank 0 evaluates the held-out batch, logs it and writes the sample grid; other ranks return {} (with a
+        vocabulary-parallel quantizer the other ranks of rank 0's vocabulary group evaluate with it: the
+        quantizer is a collective)."""
+        if not self._evaluates:
             return {}
         from .imaging import save_grid
 
@@ -453,6 +496,8 @@ class Trainer:
             result["word_accuracy_chance"] = round(words[0].chance, 4)
             result["word_accuracy_images"] = words[0].images
         reconstructions = result.pop("reconstructions")
+        if self.rank != 0:
+            return result
         rows = [images] + reconstructions
         labels_text = ["input"] + [f"{n} layer{'s' if n > 1 else ''}" for n in range(1, len(reconstructions) + 1)]
         save_grid(self.out_dir / "samples" / f"step_{self.step:06d}.png", rows, row_labels=labels_text)
@@ -469,7 +514,7 @@ class Trainer:
             (self.out_dir / "samples").mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.out_dir / "train_config.json",
                               {"train": dataclasses.asdict(config), "model": self.model.config.to_dict(),
-                               "world_size": self.world_size})  # fmt: skip
+                               "world_size": self.world_size, "vocab_parallel": self.vocab_parallel})  # fmt: skip
         if resume:
             self.load_checkpoint()
         last_eval: dict[str, object] = {}
@@ -479,7 +524,7 @@ class Trainer:
             if logged is not None and isinstance(logged.get("eval"), dict):
                 last_eval, last_eval_step = logged["eval"], self.step
         loader: Iterator = infinite_loader(
-            self.dataset, config.batch_size, config.seed, self.rank, self.world_size, start_step=self.step
+            self.dataset, config.batch_size, config.seed, self.data_rank, self.data_world_size, start_step=self.step
         )
         bar = None
         if progress and self.rank == 0:
@@ -511,7 +556,12 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        if last_eval_step != self.step:
+        final_eval = last_eval_step != self.step
+        if self.vocab_parallel > 1 and self._evaluates:  # rank 0 alone read the metrics: its choice for the group
+            flag = torch.tensor([int(final_eval)], device=self.device)
+            dist.broadcast(flag, src=0, group=self.vocab_group)
+            final_eval = bool(flag.item())
+        if final_eval:
             last_eval = self._evaluate_and_save_samples()
         self.save_checkpoint()
         if self.rank == 0:

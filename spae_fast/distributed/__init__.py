@@ -15,6 +15,7 @@ PyTorch DTensor's sharded argmin):
                         semantic_loss.py and docs/DECISIONS.md)
     lookup              table[index] for global indices, each row sent by its owner (exact)
     vocab_parallel_groups   the 2-D (data parallel x vocabulary parallel) groups
+    VocabParallelQuantizer  `SPAEQuantizer` on a sharded table, for training (``spae-fast train --vocab-parallel``)
 
 Layouts. Every op is a collective over the codebook's group and takes ``queries=``:
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
+from .quantizer import VocabParallelQuantizer
 from .saq import saq
 from .search import QUERY_LAYOUTS, lookup, nearest, topk
 from .semantic_loss import semantic_loss
@@ -67,6 +69,7 @@ def vocab_parallel_groups(vocab_parallel: int) -> tuple[dist.ProcessGroup, dist.
 __all__ = [
     "QUERY_LAYOUTS",
     "ShardedCodebook",
+    "VocabParallelQuantizer",
     "balanced_boundaries",
     "lookup",
     "nearest",
