@@ -98,7 +98,7 @@ def test_training_without_semantic_loss_is_bitwise_one_process(runs):
 
 
 def test_training_with_semantic_loss_matches_within_tolerance(runs):
-    folder, reports, single_ids = runs
+    folder, reports, _ = runs
     vp_losses, one_losses = _losses(folder / "vp_semantic"), _losses(folder / "single_semantic")
     assert len(vp_losses) == len(one_losses) == 2
     for got, want in zip(vp_losses, one_losses):
