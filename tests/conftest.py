@@ -6,6 +6,7 @@ the source tree off sys.path). The helpers in `_spae_checks.py` are made importa
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -13,6 +14,12 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# Triton picks interpreter or GPU mode when it is first imported, and test modules import packages that import
+# it at collection (vector-quantize-pytorch does): without a CUDA device, ask for the interpreter before any of
+# them, so the Triton kernels' tests run here (tests/test_triton_interpret.py, the semantic loss's).
+if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from spae_fast import _native
 

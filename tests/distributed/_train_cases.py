@@ -138,6 +138,7 @@ def run_worker(rank: int, world: int, store_path: str, folder: str) -> None:
             from safetensors.torch import save_file
 
             save_file(gradients, os.path.join(folder, "vp_step_gradients.safetensors"))
+        dist.barrier()  # every rank done before any tears gloo down (a late rank could abort otherwise)
     except Exception:  # noqa: BLE001 - reported to the test
         report["error"] = traceback.format_exc()
     finally:

@@ -41,5 +41,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results = dict(ema=ema.codebook.detach().clone(), cluster=ema._codebook.cluster_size.clone(),
                        dead=dead.codebook.detach().clone(), dropped=torch.stack(dropped))  # fmt: skip
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # every rank reaches the end before any tears gloo down: a rank destroying its group while the other
+        # still talks to it can abort that one ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()

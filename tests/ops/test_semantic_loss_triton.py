@@ -4,17 +4,7 @@ the reference at tiny fp32 shapes (the interpreter's bf16 tl.dot is wrong), prec
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-
-# Triton picks interpreter or GPU mode when it is first imported: ask for the interpreter before anything
-# imports it (as tests/test_triton_interpret.py does), unless a CUDA device is there.
-if "triton" not in sys.modules and importlib.util.find_spec("triton") is not None:
-    import torch as _torch
-
-    if not _torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
