@@ -181,11 +181,17 @@ def _pack_int8(panels: torch.Tensor, bias: torch.Tensor, num_rows: int, dim: int
     return words, columns, offsets, torch.tensor(bounds, dtype=torch.float64)
 
 
-def prefilter_operands(codebook, weight, panels, bias, prefilter: str, backend: str):
-    """(int8 words, column data, offsets, bounds) for the certified pre-filter of `nearest` / `saq`, or four
-    empty tensors (off). Cached on a `Codebook` (rebuilt when its weight changes)."""
+def check_prefilter(prefilter: object) -> str:
     if prefilter not in PREFILTERS:
         raise ValueError(f"prefilter must be one of {PREFILTERS}, got {prefilter!r}")
+    return prefilter  # type: ignore[return-value]
+
+
+def prefilter_operands(codebook, weight, panels, bias, prefilter: str, backend: str):
+    """(int8 words, column data, offsets, bounds) for the certified pre-filter of `nearest` / `topk` / `saq`, or
+    four empty tensors (off). A `Codebook` builds them once and keeps them (it refuses to search a table changed
+    in place)."""
+    check_prefilter(prefilter)
     off = (EMPTY, EMPTY, EMPTY, EMPTY)
     if prefilter == "none" or backend != "cpu":
         return off

@@ -395,6 +395,7 @@ def topk(
     """
     k = _validate.k_value(k, common.codebook_shape(codebook)[2])
     x, flat, weight, panels, bias, norm_bound, metric, backend = _prepare(x, codebook, metric, backend, check_finite)
+    common.check_prefilter(prefilter)  # also when k > 16 turns it off
     if k > common.PREFILTER_MAX_K and prefilter == "int8":
         raise ValueError(f"prefilter='int8' serves k <= {common.PREFILTER_MAX_K}, got k = {k}; use 'auto' or 'none'")
     mode = prefilter if k <= common.PREFILTER_MAX_K else "none"

@@ -492,6 +492,9 @@ def test_topk_prefilter_serves_k_up_to_16():
     x = torch.randn(7, 16)
     with pytest.raises(ValueError, match=r"prefilter='int8' serves k <= 16, got k = 17"):
         spae_fast.topk(x, weight, 17, backend="cpu", prefilter="int8")
+    for k in (2, 17):  # an unknown mode is refused whether or not k lets the pre-filter run
+        with pytest.raises(ValueError, match=r"prefilter must be one of .*got 'fp8'"):
+            spae_fast.topk(x, weight, k, backend="cpu", prefilter="fp8")
     plain = spae_fast.topk(x, weight, 17, backend="cpu", prefilter="none")
     auto = spae_fast.topk(x, weight, 17, backend="cpu")  # auto: the fp32 search for k > 16
     assert ops.last_cpu_search_stats()["prefilter"] is False
