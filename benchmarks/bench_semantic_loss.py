@@ -73,7 +73,7 @@ import spae_fast
 from spae_fast import semantic
 
 from harness import (RESULTS, ROOT, cuda_peak_extra, git_sha, interleaved_rounds, machine_info, markdown_table,
-                     proc_status_kib, reset_peak, run_child, versions, write_csv)
+                     proc_status_kib, reset_peak, run_child, smollm2_table, versions, write_csv)
 
 PROVIDERS = (
     "spae_fast", "spae_fast_bf16", "spae_fast_tensor", "torch_gather", "torch_soft_ce", "torch_gather_bf16",
@@ -117,17 +117,6 @@ SECTION_END = "<!-- bench_semantic_loss:end -->"
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_table() -> tuple[torch.Tensor, str]:
-    try:
-        from spae_fast import vocab
-
-        table = vocab.load_smollm2_embedding()
-        return table.weight.float().contiguous(), f"SmolLM2-135M embeddings ({Path(table.source).name})"
-    except (ImportError, OSError, ValueError, RuntimeError) as error:  # missing: a random table of that shape
-        g = torch.Generator().manual_seed(0)
-        return 0.07 * torch.randn(49152, 576, generator=g), f"random N(0, 0.07^2) 49152 x 576 ({error})"
-
-
 def make_inputs(weight: torch.Tensor, batch: int, seed: int = 0, singleton: bool = False):
     """(z [N, D], candidate_index, candidate_offsets, set_of_position [N]). `singleton`: every position's set is
     the one row its z was drawn from (a plain cross-entropy with integer targets)."""
@@ -162,8 +151,10 @@ class Provider:
                                     precision="bf16")  # fmt: skip  (builds and caches the bf16 packing)
         if name.startswith(("torch", "cce")):
             self.bias = -(weight.double() ** 2).sum(1).float() / tau  # [V], precomputed (frozen table)
-            self.linear_weight = weight * (2.0 / tau)  # the linear CE's weight and bias, made once (frozen)
-            self.cce_classifier = torch.cat([self.linear_weight, self.bias[:, None]], 1)  # [V, D + 1]
+            if name in ("torch_linear_ce", "torch_linear_ce_chunked"):  # the linear CE's weight, made once
+                self.linear_weight = weight * (2.0 / tau)
+            if name == "cce_torch_compile":  # no bias argument: [2E / tau, bias] against [z, 1]
+                self.cce_classifier = torch.cat([weight * (2.0 / tau), self.bias[:, None]], 1)  # [V, D + 1]
             if name.endswith("_bf16"):  # the bf16 copies a bf16 user keeps of the frozen table
                 self.weight16 = weight.bfloat16()
                 self.bias16 = -(weight.bfloat16().double() ** 2).sum(1).bfloat16() / tau
@@ -422,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in {**meta["machine"], **meta["versions"]}.items():
         print(f"  {key:<13s} {value}")
 
-    weight, table = load_table()
+    weight, table = smollm2_table()
     z, index, offsets, sets = make_inputs(weight, args.batch, singleton=args.sets == "singleton")
     meta["sets"] = args.sets
     if cuda:

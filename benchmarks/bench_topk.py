@@ -27,18 +27,8 @@ import torch
 import spae_fast
 from spae_fast import ops
 
-from harness import interleaved_rounds, machine_info, versions
+from harness import interleaved_rounds, machine_info, smollm2_table, versions
 from nearest_cases import realistic_queries
-
-
-def load_table() -> tuple[torch.Tensor, str]:
-    try:
-        from spae_fast import vocab
-
-        return vocab.load_smollm2_embedding().weight.float().contiguous(), "SmolLM2-135M embeddings"
-    except (ImportError, OSError, ValueError, RuntimeError) as error:
-        generator = torch.Generator().manual_seed(0)
-        return 0.07 * torch.randn(49152, 576, generator=generator), f"random 49152 x 576 ({error})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     print("spae_fast top-k benchmark (CPU)")
     for key, value in {**machine_info(), **versions()}.items():
         print(f"  {key:<13s} {value}")
-    weight, table = load_table()
+    weight, table = smollm2_table()
     codebook = spae_fast.Codebook(weight)
     x = realistic_queries(weight, args.queries, args.seed)
     print(f"  table         {table}: V = {weight.shape[0]}, D = {weight.shape[1]}; N = {args.queries} realistic queries")

