@@ -123,7 +123,9 @@ def test_prefilter_operands_are_checked_together(problem):
         C.search(**{**args, **wide, "prefilter_bounds": [1.0] * 4, "k": 17})
 
 
-def test_saq_and_semantic_loss_boundaries(problem):
+@pytest.fixture
+def saq_call(problem):
+    """(arguments of a valid spae_fast._C.saq call on the problem's table, z [2, 12, 4, 4], its ids buffer)."""
     weight, panels, bias = problem["weight"], problem["panels"], problem["bias"]
     z = torch.randn(2, 12, 4, 4)
     ids = torch.empty(2, 1 + 4 + 16, dtype=torch.int64)
@@ -134,18 +136,15 @@ def test_saq_and_semantic_loss_boundaries(problem):
         check_finite=True, num_threads=1, out_ids=buffer(ids), prefilter_panels=NO_BUFFER,
         prefilter_columns=NO_BUFFER, prefilter_offsets=NO_BUFFER, prefilter_bounds=[],
     )  # fmt: skip
-    assert C.saq(**saq)[0] == 0
-    assert torch.equal(ids, spae_fast.saq(z, weight, (1, 2, 4), backend="cpu", prefilter="none"))
-    with pytest.raises(ValueError, match=r"'z_strides' must hold 4 values, got 3"):
-        C.saq(**{**saq, "z_strides": (1, 2, 3)})
-    with pytest.raises(ValueError, match=r"'sides\[1\]' must be in \[1, 4\], got 8"):
-        C.saq(**{**saq, "sides": [1, 8]})
-    with pytest.raises(ValueError, match="'sides' must hold 1..64 values, got 0"):
-        C.saq(**{**saq, "sides": []})
+    return saq, z, ids
 
-    loss = torch.empty(3)
+
+@pytest.fixture
+def semantic_call(problem):
+    """(arguments of a valid spae_fast._C.semantic_loss call: 3 positions, one set {1, 2}; its buffers)."""
+    weight, panels, bias = problem["weight"], problem["panels"], problem["bias"]
+    loss, zl = torch.empty(3), torch.randn(3, 12)
     index, offsets, position = torch.tensor([1, 2]), torch.tensor([0, 2]), torch.tensor([0, -1, 0])
-    zl = torch.randn(3, 12)
     semantic = dict(
         z=buffer(zl), num_rows=3, dim=12, z_row_stride=12, z_col_stride=1, z_dtype=0,
         weight=buffer(weight), vocab=40, weight_row_stride=12, weight_col_stride=1, weight_dtype=0,
@@ -155,6 +154,23 @@ def test_saq_and_semantic_loss_boundaries(problem):
         out_loss=buffer(loss), out_grad=NO_BUFFER, bf16_panels=NO_BUFFER, bf16_rows=NO_BUFFER,
         bf16_bias=NO_BUFFER,
     )  # fmt: skip
+    return semantic, {"loss": loss, "z": zl, "index": index, "offsets": offsets, "position": position}
+
+
+def test_saq_and_semantic_loss_boundaries(problem, saq_call, semantic_call):
+    weight, panels, bias = problem["weight"], problem["panels"], problem["bias"]
+    saq, z, ids = saq_call
+    assert C.saq(**saq)[0] == 0
+    assert torch.equal(ids, spae_fast.saq(z, weight, (1, 2, 4), backend="cpu", prefilter="none"))
+    with pytest.raises(ValueError, match=r"'z_strides' must hold 4 values, got 3"):
+        C.saq(**{**saq, "z_strides": (1, 2, 3)})
+    with pytest.raises(ValueError, match=r"'sides\[1\]' must be in \[1, 4\], got 8"):
+        C.saq(**{**saq, "sides": [1, 8]})
+    with pytest.raises(ValueError, match="'sides' must hold 1..64 values, got 0"):
+        C.saq(**{**saq, "sides": []})
+
+    semantic, buffers = semantic_call
+    loss = buffers["loss"]
     assert C.semantic_loss(**semantic)[0] == 0
     with pytest.raises(ValueError, match="'tau' must be a finite float > 0"):
         C.semantic_loss(**{**semantic, "tau": 0.0})
@@ -190,17 +206,8 @@ def test_buffers_shorter_than_the_call_reads_are_refused(problem):
         C.search(**{**args, "panels": problem["panels"].data_ptr()})
 
 
-def test_saq_and_semantic_loss_buffers_are_sized(problem):
-    weight, panels, bias = problem["weight"], problem["panels"], problem["bias"]
-    z = torch.randn(2, 12, 4, 4)
-    ids = torch.empty(2, 21, dtype=torch.int64)
-    saq = dict(
-        z=buffer(z), z_dtype=0, batch=2, dim=12, grid=4, z_strides=z.stride(), weight=buffer(weight),
-        num_rows=40, weight_row_stride=12, weight_col_stride=1, weight_dtype=0, panels=buffer(panels),
-        bias=buffer(bias), max_norm=problem["args"]["max_norm"], sides=[1, 2, 4], residual=False,
-        check_finite=True, num_threads=1, out_ids=buffer(ids), prefilter_panels=NO_BUFFER,
-        prefilter_columns=NO_BUFFER, prefilter_offsets=NO_BUFFER, prefilter_bounds=[],
-    )  # fmt: skip
+def test_saq_and_semantic_loss_buffers_are_sized(saq_call, semantic_call):
+    saq, z, ids = saq_call
     assert C.saq(**saq)[0] == 0
     with pytest.raises(ValueError, match=r"'z' holds 768 bytes, but the call reads or writes 1536"):
         C.saq(**{**saq, "z": buffer(z[1])})  # one image's latents for a batch of 2
@@ -209,16 +216,8 @@ def test_saq_and_semantic_loss_buffers_are_sized(problem):
     with pytest.raises(ValueError, match="'z_strides' has a negative stride"):
         C.saq(**{**saq, "z_strides": (192, -16, 4, 1)})
 
-    loss, zl = torch.empty(3), torch.randn(3, 12)
-    index, offsets, position = torch.tensor([1, 2]), torch.tensor([0, 2]), torch.tensor([0, -1, 0])
-    semantic = dict(
-        z=buffer(zl), num_rows=3, dim=12, z_row_stride=12, z_col_stride=1, z_dtype=0,
-        weight=buffer(weight), vocab=40, weight_row_stride=12, weight_col_stride=1, weight_dtype=0,
-        panels=buffer(panels), bias=buffer(bias), max_norm=problem["args"]["max_norm"],
-        candidate_index=buffer(index), num_candidates=2, candidate_offsets=buffer(offsets), num_sets=1,
-        set_of_position=buffer(position), tau=1.0, compute_grad=False, check_finite=True, num_threads=1,
-        out_loss=buffer(loss), out_grad=NO_BUFFER, bf16_panels=NO_BUFFER, bf16_rows=NO_BUFFER, bf16_bias=NO_BUFFER,
-    )  # fmt: skip
+    semantic, buffers = semantic_call
+    loss, index, offsets, position = (buffers[name] for name in ("loss", "index", "offsets", "position"))
     assert C.semantic_loss(**semantic)[0] == 0
     for change, name, needed in [
         ({"set_of_position": buffer(position[:2])}, "set_of_position", 24),

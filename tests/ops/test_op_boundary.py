@@ -37,39 +37,19 @@ def _search_operands():
     }
 
 
+def _search_args(**between):
+    """The operands of ``spae_fast::nearest`` in schema order, pre-filter off; ``between`` (topk's k) goes after
+    the pre-filter operands, where the topk schema has it."""
+    return {**_search_operands(), "words": E, "columns": E, "offsets": E, "bounds": E, **between, "metric": "l2",
+            "backend": "cpu", "check_finite": True, "prefilter": "none", "precision": "default"}  # fmt: skip
+
+
 def nearest_call(**changes):
-    args = {
-        **_search_operands(),
-        "words": E,
-        "columns": E,
-        "offsets": E,
-        "bounds": E,
-        "metric": "l2",
-        "backend": "cpu",
-        "check_finite": True,
-        "prefilter": "none",
-        "precision": "default",
-    }
-    args.update(changes)
-    return torch.ops.spae_fast.nearest(*args.values())
+    return torch.ops.spae_fast.nearest(*{**_search_args(), **changes}.values())
 
 
 def topk_call(**changes):
-    args = {
-        **_search_operands(),
-        "words": E,
-        "columns": E,
-        "offsets": E,
-        "bounds": E,
-        "k": 3,
-        "metric": "l2",
-        "backend": "cpu",
-        "check_finite": True,
-        "prefilter": "none",
-        "precision": "default",
-    }
-    args.update(changes)
-    return torch.ops.spae_fast.topk(*args.values())
+    return torch.ops.spae_fast.topk(*{**_search_args(k=3), **changes}.values())
 
 
 def saq_call(**changes):
