@@ -112,7 +112,7 @@ class RangeSource final : public QuerySource {
 // rows the certificate settles; when more than a quarter of them need the full search anyway (queries far
 // from every row, e.g. random ones in high D, where the int8 pass is mostly wasted) the rest go straight to
 // the fp32 search. Either way every row's dist / index is the exact fp32 answer, so this changes only speed.
-StatusInfo nearest_prefiltered(const QuerySource& source, const SearchRequest& req, int64_t* full_search_rows) {
+StatusInfo prefiltered_search(const QuerySource& source, const SearchRequest& req, int64_t* full_search_rows) {
   const int64_t num_queries = source.rows();
   // A small probe keeps the cost of a failed probe low (one int8 pass over its rows); 16 rows already tell
   // random high-D queries (nearly all uncertified) from queries near the table's rows (~1% uncertified).
@@ -142,7 +142,7 @@ StatusInfo search_topk(const SearchRequest& req) {
   const MatrixQuerySource source(req.queries);
   if (req.k <= kMaxPrefilterK && req.prefilter.panels != nullptr) {  // certified int8 pre-filter (nearest_exact.cpp)
     int64_t full_search_rows = 0;
-    const StatusInfo info = nearest_prefiltered(source, req, &full_search_rows);
+    const StatusInfo info = prefiltered_search(source, req, &full_search_rows);
     if (req.out_full_search_rows != nullptr) *req.out_full_search_rows = full_search_rows;
     return info;
   }
