@@ -38,24 +38,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from harness import proc_status_kib, reset_peak
+
 OPS = ("nearest", "topk16", "saq", "semantic_loss")
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as file:
-        for line in file:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as file:
-            file.write("5")
-        return True
-    except OSError:
-        return False
 
 
 class _ByteCounter:
@@ -112,12 +97,12 @@ def worker(rank: int, world: int, store: str, args: dict) -> None:
     sd.semantic_loss(warm, small, candidate_index % 64, candidate_offsets, sets).backward()
     del small, warm
     dist.barrier()
-    base = _rss_kib("VmRSS")
-    reset = _reset_peak()
+    base = proc_status_kib("VmRSS")
+    reset = reset_peak()
     book = sd.ShardedCodebook.from_file(args["table"], tensor=args["tensor"])
     share = book.local.weight.nbytes + book.local.nbytes_packed()
     row = {"ranks": world, "rank": rank, "shard_rows": book.shard_rows, "table_MiB": args["table_bytes"] / 2**20,
-           "share_MiB": share / 2**20, "peak_after_build_MiB": (_rss_kib("VmHWM") - base) / 1024}  # fmt: skip
+           "share_MiB": share / 2**20, "peak_after_build_MiB": (proc_status_kib("VmHWM") - base) / 1024}  # fmt: skip
     layers = (1, 2, 4, 8, 16)
 
     def semantic():
@@ -135,7 +120,7 @@ def worker(rank: int, world: int, store: str, args: dict) -> None:
         function()
         row[f"{name}_bytes_per_query"] = (counter.bytes - before) / count
         row[f"{name}_ms"] = _time(function) * 1e3
-    row["peak_MiB"] = (_rss_kib("VmHWM") - base) / 1024
+    row["peak_MiB"] = (proc_status_kib("VmHWM") - base) / 1024
     row["peak_reset"] = reset
 
     v = positions.clone().requires_grad_(True)
