@@ -261,15 +261,61 @@ def test_non_finite_and_overflow_rejected():
     assert bool(((index >= 0) & (index < 20)).all())
 
 
-def test_codebook_preparation_is_cached_and_refreshed():
+def _count_gpu_operands(monkeypatch) -> list:
+    """Counts the `gpu_search.GpuOperands` built from now on."""
+    built = []
+    original = gpu_search.GpuOperands.__init__
+
+    def counting(self, *args):
+        built.append(args[1])  # the metric
+        original(self, *args)
+
+    monkeypatch.setattr(gpu_search.GpuOperands, "__init__", counting)
+    return built
+
+
+def test_codebook_keeps_its_gpu_operands(monkeypatch):
     weight = gaussian(25, 6, seed=28)
-    codebook = spae_fast.Codebook(weight)
     x = queries_for(weight, 4, seed=29)
+    z = gaussian(2, 6, 4, 4, seed=30)
+    expected = (
+        _search(x, weight),
+        _search(x, weight, 3),
+        spae_fast.saq(z, weight, (1, 2, 4), backend="triton"),
+    )
+    built = _count_gpu_operands(monkeypatch)
+    codebook = spae_fast.Codebook(weight)
     first = _search(x, codebook)
-    cache = codebook.weight._spae_fast_gpu_cache["l2"]
-    second = _search(x, codebook)
-    assert codebook.weight._spae_fast_gpu_cache["l2"] is cache
-    assert_identical(first, second, "cached codebook")
+    kept = codebook.derived(
+        "gpu_operands:l2", lambda: pytest.fail("the Codebook did not keep its GPU operands")
+    )
+    assert isinstance(kept, gpu_search.GpuOperands)
+    results = (
+        _search(x, codebook),
+        _search(x, codebook, 3),
+        spae_fast.saq(z, codebook, (1, 2, 4), backend="triton"),
+    )
+    assert built == ["l2"]  # nearest, topk and saq share the one build
+    assert codebook.derived("gpu_operands:l2", lambda: None) is kept
+    assert_identical(first, expected[0], "Codebook vs tensor")
+    for result, want, what in zip(results, expected, ("nearest", "topk", "saq"), strict=True):
+        assert_identical(result, want, what)
+
+
+def test_plain_tensor_is_prepared_per_call_and_left_untouched(monkeypatch):
+    weight = gaussian(25, 6, seed=31)
+    x = queries_for(weight, 4, seed=32)
+    z = gaussian(2, 6, 4, 4, seed=33)
+    built = _count_gpu_operands(monkeypatch)
+    _search(x, weight)
+    _search(x, weight, 3)
+    spae_fast.saq(z, weight, (1, 2, 4), backend="triton")
+    empty = torch.empty(0)
+    torch.ops.spae_fast.nearest(x, weight, empty, empty, empty, *(empty,) * 4, "l2", "triton", True, "none")
+    _search(x, spae_fast.Codebook(weight, copy=False))  # a Codebook sharing the tensor keeps them itself
+    assert built == ["l2"] * 5
+    assert vars(weight) == {}  # nothing stored on the caller's tensor
+    assert not gpu_search._LENDERS.get(weight)
 
 
 def test_gradient_matches_reference():

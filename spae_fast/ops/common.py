@@ -5,8 +5,8 @@ Codebook operands. The native CPU kernels read the table as packed fp32 panels o
 -1 / max(|e|, 1e-12) for cosine; per-row bias ||e||^2 for l2, 0 otherwise, +inf on pad rows), the
 certified pre-filter of `nearest` / `saq` reads an int8 copy of those panels (`prefilter_operands`) and
 `semantic_loss(precision="bf16")` reads a bf16 packing (`pack_semantic_bf16`). A `Codebook` builds each
-once and keeps it; a plain tensor is packed per call. Other backends take the table as it is (the GPU ones
-prepare their own copies, kept on the weight tensor: `gpu_search.prepared`).
+once and keeps it; a plain tensor is packed per call. Other backends take the table as it is; the GPU ones
+prepare their own operands the same way (`gpu_search.operands`: kept by a Codebook, per call otherwise).
 
 Argument checks live in `spae_fast._validate` and status codes become exceptions in
 `spae_fast._native.raise_for_status`, both shared with the rest of the package.
@@ -136,6 +136,9 @@ def codebook_operands(codebook, metric: str | None, backend: str):
             codebook.check_unchanged()
         if backend == "cpu":
             return codebook.weight, codebook.cpu_panels, codebook.cpu_bias, codebook.cpu_norm_bound, codebook.metric
+        from . import gpu_search  # imports this module
+
+        gpu_search.lend(codebook)  # the GPU kernels keep what they prepare of the table in the Codebook
         return codebook.weight, EMPTY, EMPTY, EMPTY, codebook.metric
     weight = _validate.codebook_weight(codebook, "codebook")
     metric = _validate.metric("l2" if metric is None else metric)

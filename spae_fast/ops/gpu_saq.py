@@ -69,18 +69,18 @@ def saq(z, weight, sides, mode, backend, check_finite):
         ids = torch.zeros(batch, total, dtype=torch.int64, device=z.device)
         if batch == 0:
             return ids
-        codebook = gpu_search.prepared(weight, "l2", kernels)
+        table = gpu_search.operands(weight, "l2", kernels)
         if check_finite:
             bad = ~torch.isfinite(z).all(dim=1)  # [B, g, g]
             if bool(bad.any()):
                 _native.raise_for_status(1, int(bad.reshape(-1).nonzero()[0, 0]), stage="saq", grid=grid)
-        if weight.dtype == torch.bfloat16:  # bf16 codebook as it is, targets rounded to bf16 (one-sided)
+        if weight.dtype == torch.bfloat16:  # bf16 table as it is, targets rounded to bf16 (one-sided)
             dot_dtype, input_precision, unit, label = torch.bfloat16, "tf32", 2.0**-9, "bfloat16"
         else:
             dot_dtype, input_precision, unit, label = torch.float32, "tf32", 2.0**-10, "tf32"
-        eq = codebook.operand(weight, dot_dtype, kernels)
+        eq = table.operand(weight, dot_dtype, kernels)
         z_norm = torch.linalg.vector_norm(z, dim=1, dtype=torch.float64)  # [B, g, g]
-        e_norm = codebook.norm_sq64.sqrt()
+        e_norm = table.norm_sq64.sqrt()
         sides_device = torch.tensor(sides, dtype=torch.int32, device=z.device)
         firsts_device = torch.tensor(firsts, dtype=torch.int32, device=z.device)
         candidates = min(num_rows, 8)
@@ -96,14 +96,14 @@ def saq(z, weight, sides, mode, backend, check_finite):
             for token in _saq_covering_tokens(ids, sides, firsts, layer, grid, image, y, x):
                 target_norm = target_norm + e_norm[token]
             if check_finite:
-                overflow = target_norm * (codebook.max_norm * 2.0) > gpu_search.MAX_NORM_PRODUCT
+                overflow = target_norm * (table.max_norm * 2.0) > gpu_search.MAX_NORM_PRODUCT
                 if bool(overflow.any()):
                     row = int(overflow.nonzero()[0, 0])
                     position = (int(image[row]) * grid + int(y[row])) * grid + int(x[row])
                     _native.raise_for_status(3, position, stage="saq", grid=grid)
             k_pad = gpu_search.next_pow2(candidates)
             result = kernels.saq_search(
-                eq, codebook.bias, codebook.col_scale, k_pad, input_precision, args, num_queries
+                eq, table.bias, table.col_scale, k_pad, input_precision, args, num_queries
             )
             if k_pad == 1:
                 keys = result[0][:, None]
@@ -111,10 +111,10 @@ def saq(z, weight, sides, mode, backend, check_finite):
                 keys = gpu_search.pack_keys(*result).sort(dim=1).values[:, :candidates]
             approx, chosen = gpu_search.unpack_keys(keys)
             dot = kernels.saq_pair_dot64(weight, chosen, args)
-            exact, chosen = gpu_search.sort_total(codebook.norm_sq64[chosen] - 2.0 * dot, chosen)
+            exact, chosen = gpu_search.sort_total(table.norm_sq64[chosen] - 2.0 * dot, chosen)
             index = chosen[:, 0].clone()
             if candidates < num_rows:
-                delta = gpu_search.error_bound(target_norm * target_norm, codebook, "l2", dim, unit)
+                delta = gpu_search.error_bound(target_norm * target_norm, table, "l2", dim, unit)
                 uncertain = (~(exact[:, 0] < approx[:, candidates - 1].double() - delta)).nonzero()[:, 0]
                 if uncertain.numel():
                     targets = _saq_targets(z, weight, ids, sides, firsts, layer, coefficient, uncertain)
@@ -122,8 +122,8 @@ def saq(z, weight, sides, mode, backend, check_finite):
                         targets, targets, torch.arange(len(targets), device=z.device)[:, None]
                     )
                     _, again, _, _, rest = gpu_search.exact_topk(
-                        kernels, targets, weight, codebook, kernels.operand(targets),
-                        codebook.operand(weight, torch.float32, kernels), None, norm_sq64[:, 0], 1, "tf32", 2.0**-10, "l2",
+                        kernels, targets, weight, table, kernels.operand(targets),
+                        table.operand(weight, torch.float32, kernels), None, norm_sq64[:, 0], 1, "tf32", 2.0**-10, "l2",
                     )  # fmt: skip
                     index[uncertain] = again[:, 0]
                     rescored += int(uncertain.numel())

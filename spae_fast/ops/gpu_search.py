@@ -1,6 +1,7 @@
 """The GPU search: device "cuda" kernels of ``spae_fast::topk`` / ``spae_fast::nearest`` on backend "cuda"
 or "triton" (the kernels behind `gpu_kernels.kernels`), plus exact mode. Both backends share everything
-but the kernels: codebook preparation, argument checks, the merge of partial results, distance finishing.
+but the kernels: what they read of the table (`GpuOperands`), argument checks, the merge of partial results,
+distance finishing.
 
 Precision (``precision=`` of `spae_fast.nearest` / `spae_fast.topk`, an argument of the op):
 
@@ -26,10 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _native
+from ..codebook import Codebook
 from .common import GPU_STATS, SearchStats
 from .gpu_kernels import kernels as _kernels
 
@@ -41,17 +45,18 @@ _SCAN_CHUNK_ROWS = 8192
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Codebook preparation (once per codebook tensor, kept on that tensor) and query preparation
+# What the kernels read of a table (kept by a Codebook, built per call for a plain tensor)
 # ----------------------------------------------------------------------------------------------------------
 
 
-class _PreparedCodebook:
-    """Per-row constants of a frozen codebook for one metric, plus operand copies per (backend, dtype)."""
+class GpuOperands:
+    """What the GPU kernels read of one table ``[V, D]`` for one metric: per-row constants (fp64 norms, the
+    score's bias and column scale) and operand copies of the table per (kernel backend, dtype), each up to
+    V x D. Built from the table per call, or once per `spae_fast.Codebook` (see `operands`)."""
 
     def __init__(self, weight: torch.Tensor, metric: str, kernels) -> None:
         num_rows = weight.shape[0]
         index = torch.arange(num_rows, device=weight.device)[:, None]
-        self.version = weight._version
         self.norm_sq64 = kernels.pair_dot64(weight, weight, index)[:, 0]  # [V] fp64, canonical order
         finite = torch.isfinite(self.norm_sq64)
         overflow = self.norm_sq64 > _FLT_MAX if metric == "l2" else torch.zeros_like(finite)
@@ -76,32 +81,36 @@ class _PreparedCodebook:
             self.col_scale = (-self.inv_norm64).float()
             self.max_norm = 1.0
             self.max_bias = 0.0
-        self.operands: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self.copies: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def operand(self, weight: torch.Tensor, dtype: torch.dtype, kernels) -> torch.Tensor:
+        """The table as `kernels` read it in `dtype` (built on first use)."""
         key = (kernels.name, dtype)
-        if key not in self.operands:
-            self.operands[key] = kernels.operand(weight.detach().to(dtype))
-        return self.operands[key]
+        if key not in self.copies:
+            self.copies[key] = kernels.operand(weight.detach().to(dtype))
+        return self.copies[key]
 
 
-def prepared(weight: torch.Tensor, metric: str, kernels) -> _PreparedCodebook:
-    """The prepared constants and operand copies of `weight` for `metric`, cached on the user's tensor itself:
-    a dict (metric -> `_PreparedCodebook`) set as its attribute ``_spae_fast_gpu_cache``. So the copies (up to
-    one per kernel backend and operand dtype, each V x D) live as long as that tensor, and repeated calls with
-    it, or with a `Codebook` (which holds it), pay nothing. Rebuilt when the tensor was modified in place
-    (its ``_version`` changed); a tensor that refuses attributes is prepared on every call."""
-    cache = getattr(weight, "_spae_fast_gpu_cache", None)
-    if cache is None:
-        cache = {}
-        try:
-            weight._spae_fast_gpu_cache = cache
-        except (AttributeError, RuntimeError):  # e.g. a tensor subclass refusing attributes: no caching
-            pass
-    entry = cache.get(metric)
-    if entry is None or entry.version != weight._version:
-        entry = cache[metric] = _PreparedCodebook(weight, metric, kernels)
-    return entry
+# A Codebook's own weight tensor -> that Codebook (weakly both ways: neither keeps the other alive).
+_LENDERS = WeakIdKeyDictionary()
+
+
+def lend(codebook: Codebook) -> None:
+    """Let the GPU kernels keep their `GpuOperands` of `codebook` in it (`Codebook.derived`). The op layer
+    calls this before passing ``codebook.weight`` to an op on a GPU backend: the op sees only the tensor."""
+    _LENDERS[codebook.weight] = weakref.ref(codebook)
+
+
+def operands(weight: torch.Tensor, metric: str, kernels) -> GpuOperands:
+    """The `GpuOperands` of `weight` for `metric`. When `weight` is a `Codebook`'s own table (`lend`), the
+    Codebook builds them once and keeps them, as it keeps its CPU packings (it refuses to search a table
+    changed in place, so they cannot go stale); any other tensor is prepared on every call. Nothing is ever
+    stored on the caller's tensor."""
+    lender = _LENDERS.get(weight)
+    codebook = None if lender is None else lender()
+    if codebook is None or codebook.weight is not weight:
+        return GpuOperands(weight, metric, kernels)
+    return codebook.derived(f"gpu_operands:{metric}", lambda: GpuOperands(weight, metric, kernels))
 
 
 def _dot_plan(
@@ -117,13 +126,11 @@ def _dot_plan(
     return torch.float32, "ieee", 0.0, "float32"
 
 
-def _check_queries(
-    x: torch.Tensor, norm_sq64: torch.Tensor, codebook: _PreparedCodebook, metric: str
-) -> None:
+def _check_queries(x: torch.Tensor, norm_sq64: torch.Tensor, table: GpuOperands, metric: str) -> None:
     non_finite = ~torch.isfinite(x).all(dim=1)
     code = non_finite.to(torch.int8)
     if metric != "cosine":
-        overflow = norm_sq64.sqrt() * (codebook.max_norm * 2.0) > MAX_NORM_PRODUCT
+        overflow = norm_sq64.sqrt() * (table.max_norm * 2.0) > MAX_NORM_PRODUCT
         code = torch.where(non_finite, 1, torch.where(overflow, 3, 0)).to(torch.int8)
     bad = code != 0
     if bool(bad.any()):
@@ -159,12 +166,12 @@ def next_pow2(value: int) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _search_sorted(kernels, xq, eq, codebook, row_scale, k, input_precision):
+def _search_sorted(kernels, xq, eq, table, row_scale, k, input_precision):
     """Approximate top-k: (score [N, k] fp32, index [N, k] int64) sorted by (score, index)."""
     k_pad = next_pow2(k)
     if kernels.name == "cuda" and k_pad > _native._cuda.MAX_TOPK:
-        return _chunked_search_sorted(xq, eq, codebook, row_scale, k, input_precision)
-    result = kernels.search(xq, eq, codebook.bias, codebook.col_scale, row_scale, k_pad, input_precision)
+        return _chunked_search_sorted(xq, eq, table, row_scale, k, input_precision)
+    result = kernels.search(xq, eq, table.bias, table.col_scale, row_scale, k_pad, input_precision)
     if k_pad == 1:
         keys = result[0][:, None]
     else:
@@ -172,8 +179,8 @@ def _search_sorted(kernels, xq, eq, codebook, row_scale, k, input_precision):
     return unpack_keys(keys)
 
 
-def _chunked_search_sorted(xq, eq, codebook, row_scale, k, input_precision, chunk_rows=_SCAN_CHUNK_ROWS):
-    """The CUDA backend's path for k > 32: torch matmul over codebook chunks (O(N x chunk) memory), same
+def _chunked_search_sorted(xq, eq, table, row_scale, k, input_precision, chunk_rows=_SCAN_CHUNK_ROWS):
+    """The CUDA backend's path for k > 32: torch matmul over table chunks (O(N x chunk) memory), same
     score formula and merge as the fused kernels."""
     dim = xq.shape[1]
     eq = eq[:, :dim] if eq.shape[1] != dim else eq
@@ -186,7 +193,7 @@ def _chunked_search_sorted(xq, eq, codebook, row_scale, k, input_precision, chun
             acc = (xq @ eq[start:stop].T).float()
             if row_scale is not None:
                 acc = acc * row_scale[:, None]
-            scores = codebook.bias[start:stop] + acc * codebook.col_scale[start:stop]
+            scores = table.bias[start:stop] + acc * table.col_scale[start:stop]
             scores = torch.where(torch.isnan(scores), float("inf"), scores)
             index = torch.arange(start, stop, device=xq.device).expand_as(scores)
             best = torch.cat([best, pack_keys(scores, index)], dim=1).sort(dim=1).values[:, :k]
@@ -195,14 +202,14 @@ def _chunked_search_sorted(xq, eq, codebook, row_scale, k, input_precision, chun
     return unpack_keys(best)
 
 
-def _exact_scores(kernels, x, weight, candidates, codebook, inv_norm_x64, metric):
-    """fp64 scores (the op's score, without ||x||^2) of candidates [M, C] (rows of the codebook)."""
+def _exact_scores(kernels, x, weight, candidates, table, inv_norm_x64, metric):
+    """fp64 scores (the op's score, without ||x||^2) of candidates [M, C] (rows of the table)."""
     dot = kernels.pair_dot64(x, weight, candidates)
     if metric == "l2":
-        return codebook.norm_sq64[candidates] - 2.0 * dot
+        return table.norm_sq64[candidates] - 2.0 * dot
     if metric == "ip":
         return -dot
-    return -dot * inv_norm_x64[:, None] * codebook.inv_norm64[candidates]
+    return -dot * inv_norm_x64[:, None] * table.inv_norm64[candidates]
 
 
 def sort_total(scores: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +220,7 @@ def sort_total(scores: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor,
     return scores.gather(1, by_score), index.gather(1, by_score)
 
 
-def error_bound(norm_sq64: torch.Tensor, codebook: _PreparedCodebook, metric: str, dim: int, unit: float):
+def error_bound(norm_sq64: torch.Tensor, table: GpuOperands, metric: str, dim: int, unit: float):
     """Worst-case |approximate score - exact score| per row for the low-precision pass.
 
     Operand rounding: 2u + u^2 relative to sum_d |x_d e_d| <= |x| |e| (Cauchy-Schwarz). Tensor-core fp32
@@ -224,19 +231,19 @@ def error_bound(norm_sq64: torch.Tensor, codebook: _PreparedCodebook, metric: st
     if metric == "cosine":
         magnitude = torch.ones_like(norm_sq64)
     else:
-        magnitude = norm_sq64.sqrt() * (codebook.max_norm * (2.0 if metric == "l2" else 1.0))
-    return relative * magnitude + 2.0**-21 * codebook.max_bias + 1e-30 * dim
+        magnitude = norm_sq64.sqrt() * (table.max_norm * (2.0 if metric == "l2" else 1.0))
+    return relative * magnitude + 2.0**-21 * table.max_bias + 1e-30 * dim
 
 
-def _full_scan(kernels, x, weight, codebook, inv_norm_x64, k, metric):
-    """Exact fp64 top-k of every row of x against the whole codebook (chunked: O(rows x chunk) memory)."""
+def _full_scan(kernels, x, weight, table, inv_norm_x64, k, metric):
+    """Exact fp64 top-k of every row of x against the whole table (chunked: O(rows x chunk) memory)."""
     num_queries, num_rows = x.shape[0], weight.shape[0]
     best_scores = torch.empty(num_queries, 0, dtype=torch.float64, device=x.device)
     best_index = torch.empty(num_queries, 0, dtype=torch.int64, device=x.device)
     for start in range(0, num_rows, _SCAN_CHUNK_ROWS):
         stop = min(start + _SCAN_CHUNK_ROWS, num_rows)
         index = torch.arange(start, stop, device=x.device).expand(num_queries, -1)
-        scores = _exact_scores(kernels, x, weight, index, codebook, inv_norm_x64, metric)
+        scores = _exact_scores(kernels, x, weight, index, table, inv_norm_x64, metric)
         # Earlier chunks hold lower indices: a stable sort of [best so far, chunk] is the total order.
         merged_scores = torch.cat([best_scores, scores], dim=1)
         merged_index = torch.cat([best_index, index], dim=1)
@@ -249,12 +256,12 @@ def _rows(tensor: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tenso
     return tensor if tensor is None or rows is None else tensor[rows]
 
 
-def exact_topk(kernels, x, weight, codebook, xq, eq, row_scale, norm_sq64, k, input_precision, unit, metric):
+def exact_topk(kernels, x, weight, table, xq, eq, row_scale, norm_sq64, k, input_precision, unit, metric):
     """Exact mode (see the module docstring). Returns (fp64 scores [N, k], index [N, k], stats fields)."""
     num_queries, dim = x.shape
     num_rows = weight.shape[0]
     inv_norm_x64 = 1.0 / norm_sq64.sqrt().clamp_min(COSINE_EPS)
-    delta = error_bound(norm_sq64, codebook, metric, dim, unit)
+    delta = error_bound(norm_sq64, table, metric, dim, unit)
     scores = torch.empty(num_queries, k, dtype=torch.float64, device=x.device)
     index = torch.empty(num_queries, k, dtype=torch.int64, device=x.device)
     first = min(num_rows, max(next_pow2(k + 1), 2 if unit == 0.0 else 8))
@@ -262,11 +269,11 @@ def exact_topk(kernels, x, weight, codebook, xq, eq, row_scale, norm_sq64, k, in
     counts = []
     for candidates in (first, max(first, min(num_rows, _SECOND_STAGE_CANDIDATES))):
         approx, chosen = _search_sorted(
-            kernels, _rows(xq, pending), eq, codebook, _rows(row_scale, pending), candidates, input_precision
+            kernels, _rows(xq, pending), eq, table, _rows(row_scale, pending), candidates, input_precision
         )
         exact, chosen = sort_total(
             _exact_scores(
-                kernels, _rows(x, pending), weight, chosen, codebook, _rows(inv_norm_x64, pending), metric
+                kernels, _rows(x, pending), weight, chosen, table, _rows(inv_norm_x64, pending), metric
             ),
             chosen,
         )
@@ -285,7 +292,7 @@ def exact_topk(kernels, x, weight, codebook, xq, eq, row_scale, norm_sq64, k, in
     counts += [0] * (2 - len(counts))
     if counts[-1]:
         rest_scores, rest_index = _full_scan(
-            kernels, x[pending], weight, codebook, inv_norm_x64[pending], k, metric
+            kernels, x[pending], weight, table, inv_norm_x64[pending], k, metric
         )
         scores[pending], index[pending] = rest_scores, rest_index
     return scores, index, first, counts[0], counts[1]
@@ -314,23 +321,23 @@ def topk(x, weight, k, metric, backend, precision, check_finite):
             empty = torch.empty(0, k, device=x.device)
             GPU_STATS.value = SearchStats(backend, precision, "", 0)
             return empty.float(), empty.long()
-        codebook = prepared(weight, metric, kernels)
+        table = operands(weight, metric, kernels)
         norm_sq64 = kernels.pair_dot64(x, x, torch.arange(num_queries, device=x.device)[:, None])[:, 0]
         if check_finite:
-            _check_queries(x, norm_sq64, codebook, metric)
+            _check_queries(x, norm_sq64, table, metric)
         dot_dtype, input_precision, unit, label = _dot_plan(x.dtype, weight.dtype, precision)
         xq = kernels.operand(x.to(dot_dtype))
-        eq = codebook.operand(weight, dot_dtype, kernels)
+        eq = table.operand(weight, dot_dtype, kernels)
         row_scale = None
         if metric == "cosine":
             row_scale = (1.0 / norm_sq64.sqrt().clamp_min(COSINE_EPS)).float()
         if precision == "exact":
             scores, index, candidates, rescored, full = exact_topk(
-                kernels, x, weight, codebook, xq, eq, row_scale, norm_sq64, k, input_precision, unit, metric
+                kernels, x, weight, table, xq, eq, row_scale, norm_sq64, k, input_precision, unit, metric
             )
             stats = SearchStats(backend, precision, label, num_queries, candidates, rescored, full)
         else:
-            scores, index = _search_sorted(kernels, xq, eq, codebook, row_scale, k, input_precision)
+            scores, index = _search_sorted(kernels, xq, eq, table, row_scale, k, input_precision)
             stats = SearchStats(backend, precision, label, num_queries)
         GPU_STATS.value = stats
         return _finish(scores, norm_sq64, metric), index

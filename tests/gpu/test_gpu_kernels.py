@@ -264,13 +264,29 @@ def test_auto_picks_a_gpu_backend():
     assert spae_fast.ops.resolve_backend("auto", DEVICE) in BACKENDS
 
 
-def test_codebook_object_reuses_prepared_operands(backend):
+def test_codebook_keeps_gpu_operands_and_a_tensor_is_untouched(backend, monkeypatch):
     x, weight = _data(2000, 64, 50, seed=17, dtype=torch.bfloat16)
+    built = []
+    original = gpu_search.GpuOperands.__init__
+
+    def counting(self, *args):
+        built.append(args[1])
+        original(self, *args)
+
+    monkeypatch.setattr(gpu_search.GpuOperands, "__init__", counting)
+    plain = _search(x, weight, backend=backend)
+    _search(x, weight, 3, backend=backend)
+    assert built == ["l2", "l2"]  # a plain tensor: prepared per call
+    assert vars(weight) == {}  # nothing stored on the caller's tensor
     codebook = spae_fast.Codebook(weight)
     first = _search(x, codebook, backend=backend)
-    cache = codebook.weight._spae_fast_gpu_cache["l2"]
-    assert_identical(first, _search(x, codebook, backend=backend), "cached")
-    assert codebook.weight._spae_fast_gpu_cache["l2"] is cache
+    kept = codebook.derived(
+        "gpu_operands:l2", lambda: pytest.fail("the Codebook did not keep its GPU operands")
+    )
+    assert_identical(first, _search(x, codebook, backend=backend), "kept")
+    assert_identical(first, plain, "Codebook vs tensor")
+    assert codebook.derived("gpu_operands:l2", lambda: None) is kept
+    assert built == ["l2"] * 3
 
 
 # ----------------------------------------------------------------------------------------------------------
