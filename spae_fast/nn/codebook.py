@@ -4,8 +4,7 @@ dead-code replacement and k-means init -- with the fused native search behind it
 The buffers have vector-quantize-pytorch's names and shapes (``initted`` [], ``cluster_size`` [1, V],
 ``embed_avg`` [1, V, D], ``embed`` [1, V, D]), so state dicts load both ways. The search runs on a
 `spae_fast.Codebook` packed from ``embed`` and rebuilt lazily whenever ``embed`` changed (torch's in-place
-version counter, or a new tensor after ``.to()`` / ``load_state_dict``): packing is one pass over the table,
-O(V D), against the search's O(N V D).
+version counter, or a new tensor after ``.to()`` / ``load_state_dict``) and sharing its memory (no copy).
 
 EMA update (van den Oord et al. 2017, Appendix A.1; vector-quantize-pytorch's ``Codebook``), per training step
 with x_i the (unmasked) inputs and k_i their codes, all-reduced (summed) over the process group when
@@ -16,8 +15,13 @@ with x_i the (unmasked) inputs and k_i their codes, all-reduced (summed) over th
     e_k   = S_k / Ñ_k,   Ñ_k = (N_k + eps) / (sum_j N_j + V eps) * sum_j N_j        (Laplace smoothing)
 
 (cosine: e_k is then L2-normalised). Dead codes, N_k < threshold_ema_dead_code, are replaced by input vectors
-sampled from the batch (every rank's batch under DDP) and get N_k = threshold, S_k = threshold * e_k. No
-N x V one-hot matrix is formed (``bincount`` / ``index_add_`` instead of vector-quantize-pytorch's one-hot GEMM).
+sampled from the batch (every rank's batch under DDP) and get N_k = threshold, S_k = threshold * e_k.
+
+Cost per step, bitwise vqp's arithmetic: no N x V one-hot matrix (``bincount`` / ``index_add_``), sum rows only
+for the h <= N codes hit (the all-reduce moves h D values, not V D), and two in-place passes over the V x D
+tables (S decays towards zero, then e = S / Ñ is written into ``embed``), with no V x D temporary. The re-pack
+of the changed table for the next search (fp32 panels, then the int8 pre-filter copy on the first search) is
+the rest of the update; BENCHMARKS.md times each part against the search.
 """
 
 from __future__ import annotations
@@ -149,7 +153,9 @@ class EuclideanCodebook(nn.Module):
     ) -> None:
         super().__init__()
         if initial_table is not None:
-            embed = initial_table.detach().float().reshape(1, codebook_size, dim)  # shared, not copied: frozen
+            embed = (
+                initial_table.detach().float().reshape(1, codebook_size, dim)
+            )  # shared, not copied: frozen
         elif kmeans_init:
             embed = torch.zeros(1, codebook_size, dim)
         else:
@@ -245,31 +251,45 @@ class EuclideanCodebook(nn.Module):
             dist.all_reduce(tensor)
         return tensor
 
-    def batch_statistics(self, flat: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n [V], s [V, D]) of the rows ``flat [N, D]`` with codes ``index [N]``, summed over the group."""
-        flat = flat.detach().float()
-        counts = torch.bincount(index, minlength=self.codebook_size).to(torch.float32)
-        sums = torch.zeros(self.codebook_size, self.dim, dtype=torch.float32, device=flat.device)
-        sums.index_add_(0, index, flat)
-        return self._all_reduce(counts), self._all_reduce(sums)
+    def batch_statistics(
+        self, flat: torch.Tensor, index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(n [V], hit [h], s [h, D]) of the rows ``flat [N, D]`` with codes ``index [N]``, summed over the group:
+        the counts of every code, the codes hit on any rank (ascending) and their sums; h <= N * world.
+
+        Only hit codes get a sum row (vqp forms a dense [V, D] one), so the all-reduce moves h D values instead
+        of V D. The sums are bitwise those of a dense ``index_add_`` (same rows added in the same order)."""
+        flat, index = flat.detach().float(), index.contiguous()
+        counts = self._all_reduce(torch.bincount(index, minlength=self.codebook_size).to(torch.float32))
+        hit = counts.nonzero().flatten()
+        sums = torch.zeros(hit.numel(), self.dim, dtype=torch.float32, device=flat.device)
+        sums.index_add_(0, torch.searchsorted(hit, index), flat)
+        return counts, hit, self._all_reduce(sums)
 
     @torch.no_grad()
     def track(self, flat: torch.Tensor, index: torch.Tensor) -> None:
-        """N <- decay N + (1 - decay) n, S <- decay S + (1 - decay) s (``lerp_``, as vqp)."""
-        counts, sums = self.batch_statistics(flat, index)
-        self.cluster_size[0].lerp_(counts.to(self.cluster_size), 1.0 - self.decay)
-        self.embed_avg[0].lerp_(sums.to(self.embed_avg), 1.0 - self.decay)
+        """N <- lerp(N, n, 1 - decay), S <- lerp(S, s, 1 - decay) (``lerp_``, bitwise vqp's).
+
+        Codes nobody hit have s_k = 0: the whole table decays in place towards a broadcast zero (one pass, no
+        [V, D] temporary), then the hit rows are redone from their saved values with their sums."""
+        counts, hit, sums = self.batch_statistics(flat, index)
+        weight = 1.0 - self.decay
+        self.cluster_size[0].lerp_(counts.to(self.cluster_size), weight)
+        table = self.embed_avg[0]
+        hit_rows = table.index_select(0, hit)
+        table.lerp_(table.new_zeros(()).expand_as(table), weight)
+        table.index_copy_(0, hit, hit_rows.lerp_(sums.to(table), weight))
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        """e_k = S_k / Ñ_k (Laplace-smoothed counts), normalised for cosine."""
+        """e_k = S_k / Ñ_k (Laplace-smoothed counts), normalised for cosine: one pass written straight into
+        ``embed`` (no [V, D] temporary)."""
         cluster_size = self.cluster_size
         total = cluster_size.sum(-1, keepdim=True)
         smoothed = (cluster_size + self.eps) / (total + self.codebook_size * self.eps) * total
-        table = self.embed_avg / smoothed[..., None]
-        if self.use_cosine_sim:
-            table = l2norm(table)
-        self.embed.copy_(table)
+        torch.div(self.embed_avg, smoothed[..., None], out=self.embed)
+        if self.use_cosine_sim:  # F.normalize's arithmetic (x / max(||x||, eps)), in place
+            self.embed.div_(self.embed.norm(dim=-1, keepdim=True).clamp_min(1e-6))
 
     @torch.no_grad()
     def expire_codes_(self, flat: torch.Tensor) -> None:
@@ -331,7 +351,9 @@ class EuclideanCodebook(nn.Module):
         bins = torch.zeros(self.codebook_size, device=flat.device)
         for _ in range(self.kmeans_iters):
             index = nearest(flat, Codebook(means, "ip" if self.use_cosine_sim else "l2"))[1]
-            bins, sums = self.batch_statistics(flat, index) if grouped else _statistics(flat, index, self.codebook_size)
+            bins, sums = _statistics(flat, index, self.codebook_size)
+            if grouped:
+                bins, sums = self._all_reduce(bins), self._all_reduce(sums)
             new_means = sums / bins.clamp_min(1)[:, None]
             if self.use_cosine_sim:
                 new_means = l2norm(new_means)
@@ -344,7 +366,9 @@ class EuclideanCodebook(nn.Module):
 
 def _statistics(flat: torch.Tensor, index: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
     counts = torch.bincount(index, minlength=num_codes).to(torch.float32)
-    sums = torch.zeros(num_codes, flat.shape[1], dtype=torch.float32, device=flat.device).index_add_(0, index, flat)
+    sums = torch.zeros(num_codes, flat.shape[1], dtype=torch.float32, device=flat.device).index_add_(
+        0, index, flat
+    )
     return counts, sums
 
 
