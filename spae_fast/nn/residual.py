@@ -77,13 +77,17 @@ class ResidualVQ(nn.Module):
             if name in vq_kwargs:
                 raise NotImplementedError(f"{type(self).__name__}: {name} is not supported (inputs are [B, N, D], "
                                           "or [B, D, H, W] with accept_image_fmap)")  # fmt: skip
-        sizes = codebook_size if isinstance(codebook_size, tuple) else (codebook_size,) * (num_quantizers or 0)
+        sizes = (
+            codebook_size if isinstance(codebook_size, tuple) else (codebook_size,) * (num_quantizers or 0)
+        )
         num_quantizers = len(sizes) if num_quantizers is None else num_quantizers
         if num_quantizers < 1 or len(sizes) != num_quantizers:
             raise ValueError(f"{type(self).__name__}: num_quantizers must be >= 1 and match codebook_size, got "
                              f"num_quantizers={num_quantizers}, codebook_size={codebook_size!r}")  # fmt: skip
         if quantize_dropout_cutoff_index < 0:
-            raise ValueError(f"quantize_dropout_cutoff_index must be >= 0, got {quantize_dropout_cutoff_index}")
+            raise ValueError(
+                f"quantize_dropout_cutoff_index must be >= 0, got {quantize_dropout_cutoff_index}"
+            )
         codebook_dim = dim if codebook_dim is None else codebook_dim
         self.dim, self.codebook_dim = dim, codebook_dim
         self.has_projections = codebook_dim != dim
@@ -97,7 +101,10 @@ class ResidualVQ(nn.Module):
         self.num_quantizers, self.codebook_sizes = num_quantizers, sizes
         self.uniform_codebook_size = len(set(sizes)) == 1
         self.layers = nn.ModuleList(
-            [VectorQuantize(dim=codebook_dim, codebook_size=size, codebook_dim=codebook_dim, **vq_kwargs) for size in sizes]
+            [
+                VectorQuantize(dim=codebook_dim, codebook_size=size, codebook_dim=codebook_dim, **vq_kwargs)
+                for size in sizes
+            ]
         )
         self.quantize_dropout = quantize_dropout and num_quantizers > 1
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
@@ -201,7 +208,9 @@ class ResidualVQ(nn.Module):
     def _fused_indices(self, x: torch.Tensor, num_layers: int, mode: str) -> torch.Tensor:
         """ids ``[B, N, num_layers]`` of every layer from one native ``saq`` call (mode "rq" or "saq")."""
         flat = x.detach().reshape(-1, x.shape[-1])
-        ids = saq(flat[:, :, None, None], self.layers[0]._codebook.search_codebook(), (1,) * num_layers, mode=mode)
+        ids = saq(
+            flat[:, :, None, None], self.layers[0]._codebook.search_codebook(), (1,) * num_layers, mode=mode
+        )
         return ids.reshape(*x.shape[:-1], num_layers)
 
     def forward(
@@ -223,11 +232,15 @@ class ResidualVQ(nn.Module):
         image_shape = None
         if self.accept_image_fmap:
             if x.ndim != 4 or mask is not None:
-                raise ValueError(f"accept_image_fmap takes [B, D, H, W] without mask, got shape {tuple(x.shape)}")
+                raise ValueError(
+                    f"accept_image_fmap takes [B, D, H, W] without mask, got shape {tuple(x.shape)}"
+                )
             image_shape = x.shape[-2:]
             x = x.flatten(2).transpose(1, 2)
         if x.ndim != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"{type(self).__name__}.forward: expected x [B, N, {self.dim}], got {tuple(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}.forward: expected x [B, N, {self.dim}], got {tuple(x.shape)}"
+            )
         if mask is not None:
             from .vq import _check_mask
 
@@ -268,7 +281,9 @@ class ResidualVQ(nn.Module):
                 freeze_codebook=freeze_codebook, indices=None if fused is None else fused[..., i],
             )  # fmt: skip
             frac = self.quant_grad_frac
-            residual = residual - (quantized.detach() if frac <= 0 else frac * quantized + (1 - frac) * quantized.detach())
+            residual = residual - (
+                quantized.detach() if frac <= 0 else frac * quantized + (1 - frac) * quantized.detach()
+            )
             quantized_out = quantized_out + quantized
             indices.append(layer_indices)
             losses.append(loss.float())

@@ -41,11 +41,15 @@ class StreamingAverageVQ(ResidualVQ):
             raise NotImplementedError("StreamingAverageVQ: use_cosine_sim is not supported (running means of unit "
                                       "vectors are not unit vectors); normalise the input yourself")  # fmt: skip
         if "shared_codebook" in kwargs and not kwargs.pop("shared_codebook"):
-            raise ValueError("StreamingAverageVQ always shares one codebook across layers (shared_codebook=True)")
+            raise ValueError(
+                "StreamingAverageVQ always shares one codebook across layers (shared_codebook=True)"
+            )
         if kwargs.get("stochastic_sample_codes"):
             raise NotImplementedError("StreamingAverageVQ: stochastic_sample_codes is not supported")
         if kwargs.get("quant_grad_frac"):
-            raise NotImplementedError("StreamingAverageVQ: quant_grad_frac is not supported (targets are detached)")
+            raise NotImplementedError(
+                "StreamingAverageVQ: quant_grad_frac is not supported (targets are detached)"
+            )
         super().__init__(dim=dim, num_quantizers=num_quantizers, codebook_size=codebook_size, shared_codebook=True,
                          **kwargs)  # fmt: skip
 

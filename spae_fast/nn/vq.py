@@ -32,7 +32,9 @@ from torch import nn
 
 from .codebook import EuclideanCodebook, is_distributed, l2norm
 
-LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
+LossBreakdown = namedtuple(
+    "LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"]
+)
 
 # vector-quantize-pytorch options this layer does not implement: name -> the value that means "off".
 UNSUPPORTED = {
@@ -95,7 +97,11 @@ def rotate_to(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     u = src / norm_src.clamp_min(1e-6)
     q = tgt / norm_tgt.clamp_min(1e-6)
     w = l2norm(u + q).detach()
-    out = src - 2 * (src * w).sum(-1, keepdim=True) * w + 2 * (src * u.detach()).sum(-1, keepdim=True) * q.detach()
+    out = (
+        src
+        - 2 * (src * w).sum(-1, keepdim=True) * w
+        + 2 * (src * u.detach()).sum(-1, keepdim=True) * q.detach()
+    )
     return out * (norm_tgt / norm_src.clamp_min(1e-6)).detach()
 
 
@@ -176,7 +182,11 @@ class VectorQuantize(nn.Module):
         self.has_projections = codebook_dim != dim
         if self.has_projections:
             project_in = nn.Linear(dim, codebook_dim)
-            self.project_in = nn.Sequential(project_in, nn.LayerNorm(codebook_dim)) if layernorm_after_project_in else project_in
+            self.project_in = (
+                nn.Sequential(project_in, nn.LayerNorm(codebook_dim))
+                if layernorm_after_project_in
+                else project_in
+            )
             self.project_out = nn.Linear(codebook_dim, dim)
         else:
             self.project_in = self.project_out = nn.Identity()
@@ -342,7 +352,9 @@ class VectorQuantize(nn.Module):
             freeze_codebook=freeze_codebook, ema_update=ema_update, indices=indices,
         )  # fmt: skip
         quantized = self.project_out(quantized.to(dtype))
-        loss = commit * self.commitment_weight if self.training and self.has_commitment_loss else x.new_zeros(())
+        loss = (
+            commit * self.commitment_weight if self.training and self.has_commitment_loss else x.new_zeros(())
+        )
         if self.training and not loss.requires_grad:
             loss.requires_grad_()
         if mask is not None:
@@ -376,7 +388,9 @@ class VectorQuantize(nn.Module):
         if accum_ema_update:
             used.append("accum_ema_update")
         if used:
-            raise NotImplementedError(f"VectorQuantize.forward: {', '.join(used)} not supported by spae_fast.nn")
+            raise NotImplementedError(
+                f"VectorQuantize.forward: {', '.join(used)} not supported by spae_fast.nn"
+            )
         if mask is not None and lens is not None:
             raise ValueError("VectorQuantize.forward: pass mask or lens, not both")
         freeze_codebook = self.freeze_codebook if freeze_codebook is None else freeze_codebook
@@ -454,7 +468,9 @@ def load_vocab_table(path_or_name, token_filter, vocab, dim, project, kwargs):
                          "pass project=True to learn a projection dim -> D -> dim, or leave dim=None")  # fmt: skip
     for name in FIXED_BY_VOCAB:
         if name in kwargs:
-            raise ValueError(f"from_pretrained_vocab: {name} is fixed by the frozen vocabulary; do not pass it")
+            raise ValueError(
+                f"from_pretrained_vocab: {name} is fixed by the frozen vocabulary; do not pass it"
+            )
     return vocab, table, dim
 
 

@@ -27,7 +27,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         torch.manual_seed(0)  # same init on every rank (as DDP's broadcast of buffers would give)
         ema = VectorQuantize(dim=16, codebook_size=64, decay=0.8)
         torch.manual_seed(0)
-        dead = VectorQuantize(dim=16, codebook_size=64, kmeans_init=True, kmeans_iters=3, threshold_ema_dead_code=2)
+        dead = VectorQuantize(
+            dim=16, codebook_size=64, kmeans_init=True, kmeans_iters=3, threshold_ema_dead_code=2
+        )
         torch.manual_seed(0)
         rvq = ResidualVQ(dim=16, num_quantizers=6, codebook_size=32, quantize_dropout=True)
         assert ema._codebook.sync_codebook  # default: on when a process group of > 1 rank exists
@@ -38,8 +40,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             ema(x)
             dead(x * (1 + rank))
             dropped.append((rvq(x)[1] == -1).any(0).any(0))
-        results = dict(ema=ema.codebook.detach().clone(), cluster=ema._codebook.cluster_size.clone(),
-                       dead=dead.codebook.detach().clone(), dropped=torch.stack(dropped))  # fmt: skip
+        results = {"ema": ema.codebook.detach().clone(), "cluster": ema._codebook.cluster_size.clone(),
+                       "dead": dead.codebook.detach().clone(), "dropped": torch.stack(dropped)}  # fmt: skip
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         # every rank reaches the end before any tears gloo down: a rank destroying its group while the other
         # still talks to it can abort that one ("terminate called without an active exception")

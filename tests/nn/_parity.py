@@ -16,8 +16,9 @@ def twins(ref_cls, fast_cls, seed: int = 0, **kwargs):
     return ref, fast
 
 
-def near_tie_mismatches(queries: torch.Tensor, table: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor,
-                        metric: str = "l2") -> tuple[int, int]:
+def near_tie_mismatches(
+    queries: torch.Tensor, table: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor, metric: str = "l2"
+) -> tuple[int, int]:
     """(mismatched positions, of which near-ties) for codes chosen from ``table [V, D]`` for ``queries [.., D]``.
 
     A mismatch is a near-tie when both codes are equally good up to fp32 rounding of the distance."""

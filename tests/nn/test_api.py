@@ -53,7 +53,13 @@ def test_exact_sampling_draws_what_vqp_draws():
     layers = []
     for cls in (vqp.VectorQuantize, VectorQuantize):
         torch.manual_seed(0)
-        layer = cls(dim=16, codebook_size=300, stochastic_sample_codes=True, sample_codebook_temp=0.1, freeze_codebook=True)
+        layer = cls(
+            dim=16,
+            codebook_size=300,
+            stochastic_sample_codes=True,
+            sample_codebook_temp=0.1,
+            freeze_codebook=True,
+        )
         layer.codebook = table
         layers.append(layer)
     x = torch.randn(3, 200, 16)

@@ -71,7 +71,9 @@ def test_readme_autoencoder_trains_the_same(set_threads):
         if a[2] != b[2] or abs(a[0] - b[0]) > 1e-3 * b[0]:
             break
         same += 1
-    print(f"readme example: identical for {same} of {len(ours)} steps; final L1 {ours[-1][0]:.4f} vs {theirs[-1][0]:.4f}")
+    print(
+        f"readme example: identical for {same} of {len(ours)} steps; final L1 {ours[-1][0]:.4f} vs {theirs[-1][0]:.4f}"
+    )
     assert same >= 50, f"the two trainings agree for only {same} steps"
     assert ours[-1][0] < 0.6 * ours[0][0]  # it trains: reconstruction L1 0.78 -> ~0.37 in 150 steps
     assert ours[-1][0] == pytest.approx(theirs[-1][0], rel=0.1)

@@ -14,20 +14,26 @@ import spae_fast
 from spae_fast.nn import ResidualVQ, StreamingAverageVQ
 
 CONFIGS = {
-    "separate": dict(dim=32, num_quantizers=4, codebook_size=128),
-    "shared": dict(dim=32, num_quantizers=4, codebook_size=128, shared_codebook=True),
-    "shared_frozen_forward": dict(dim=32, num_quantizers=3, codebook_size=256, shared_codebook=True),
-    "cosine": dict(dim=32, num_quantizers=3, codebook_size=128, use_cosine_sim=True),
-    "dropout": dict(dim=32, num_quantizers=6, codebook_size=64, shared_codebook=True, quantize_dropout=True,
-                    quantize_dropout_cutoff_index=1),
-    "projection_sizes": dict(dim=40, codebook_dim=16, num_quantizers=3, codebook_size=(32, 64, 128)),
+    "separate": {"dim": 32, "num_quantizers": 4, "codebook_size": 128},
+    "shared": {"dim": 32, "num_quantizers": 4, "codebook_size": 128, "shared_codebook": True},
+    "shared_frozen_forward": {"dim": 32, "num_quantizers": 3, "codebook_size": 256, "shared_codebook": True},
+    "cosine": {"dim": 32, "num_quantizers": 3, "codebook_size": 128, "use_cosine_sim": True},
+    "dropout": {
+        "dim": 32,
+        "num_quantizers": 6,
+        "codebook_size": 64,
+        "shared_codebook": True,
+        "quantize_dropout": True,
+        "quantize_dropout_cutoff_index": 1,
+    },
+    "projection_sizes": {"dim": 40, "codebook_dim": 16, "num_quantizers": 3, "codebook_size": (32, 64, 128)},
 }
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_residual_matches(name):
     kwargs = CONFIGS[name]
-    forward_kwargs = dict(freeze_codebook=True) if name == "shared_frozen_forward" else {}
+    forward_kwargs = {"freeze_codebook": True} if name == "shared_frozen_forward" else {}
     ref, fast = twins(vqp.ResidualVQ, ResidualVQ, **kwargs)
     mismatched = 0
     for step in range(3):
@@ -63,7 +69,9 @@ def test_residual_matches(name):
     if torch.equal(i_f, i_r):
         torch.testing.assert_close(q_f, q_r, rtol=1e-4, atol=2e-5)
         assert float(l_f.detach().abs().sum()) == float(l_r.detach().abs().sum()) == 0.0
-        torch.testing.assert_close(fast.get_output_from_indices(i_f), ref.get_output_from_indices(i_r), rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(
+            fast.get_output_from_indices(i_f), ref.get_output_from_indices(i_r), rtol=1e-4, atol=2e-5
+        )
         torch.testing.assert_close(fast.get_output_from_indices(i_f), q_f, rtol=1e-4, atol=2e-5)
 
 
@@ -97,11 +105,15 @@ def test_shared_frozen_uses_one_fused_call_and_equals_the_loop():
 def test_saq_sequence_quantizer_matches_the_definition():
     torch.manual_seed(0)
     table = torch.randn(400, 24)
-    saq = StreamingAverageVQ(dim=24, num_quantizers=4, codebook_size=400, freeze_codebook=True, rotation_trick=False)
+    saq = StreamingAverageVQ(
+        dim=24, num_quantizers=4, codebook_size=400, freeze_codebook=True, rotation_trick=False
+    )
     saq.layers[0].codebook = table
     x = torch.randn(2, 60, 24, requires_grad=True)
     q, ids, losses = saq(x)
-    expected = spae_fast.saq(x.detach().reshape(-1, 24, 1, 1), table, (1, 1, 1, 1), mode="saq", backend="torch")
+    expected = spae_fast.saq(
+        x.detach().reshape(-1, 24, 1, 1), table, (1, 1, 1, 1), mode="saq", backend="torch"
+    )
     assert torch.equal(ids.reshape(-1, 4), expected)
     means = torch.stack([table[ids[..., :k]].mean(-2) for k in range(1, 5)])  # running means
     errors = ((means - x.detach()) ** 2).mean(dim=(1, 2, 3))
@@ -122,7 +134,9 @@ def test_saq_sequence_quantizer_matches_the_definition():
 
 def test_saq_ema_learns():
     torch.manual_seed(0)
-    saq = StreamingAverageVQ(dim=8, num_quantizers=3, codebook_size=32, kmeans_init=True, threshold_ema_dead_code=1)
+    saq = StreamingAverageVQ(
+        dim=8, num_quantizers=3, codebook_size=32, kmeans_init=True, threshold_ema_dead_code=1
+    )
     data = torch.randn(4, 64, 8)
     first = None
     for _ in range(15):

@@ -14,14 +14,14 @@ from _parity import near_tie_mismatches, twins
 from spae_fast.nn import VectorQuantize
 
 CONFIGS = {
-    "frozen": dict(dim=32, codebook_size=512, freeze_codebook=True),
-    "ema": dict(dim=32, codebook_size=256, decay=0.8),
-    "ema_dead_codes": dict(dim=32, codebook_size=256, threshold_ema_dead_code=2),
-    "ema_kmeans": dict(dim=16, codebook_size=64, kmeans_init=True, kmeans_iters=5),
-    "cosine": dict(dim=32, codebook_size=256, use_cosine_sim=True),
-    "straight_through": dict(dim=32, codebook_size=256, rotation_trick=False, straight_through=True),
-    "projection": dict(dim=48, codebook_size=128, codebook_dim=16, commitment_weight=0.25),
-    "channel_first": dict(dim=24, codebook_size=128, channel_last=False),
+    "frozen": {"dim": 32, "codebook_size": 512, "freeze_codebook": True},
+    "ema": {"dim": 32, "codebook_size": 256, "decay": 0.8},
+    "ema_dead_codes": {"dim": 32, "codebook_size": 256, "threshold_ema_dead_code": 2},
+    "ema_kmeans": {"dim": 16, "codebook_size": 64, "kmeans_init": True, "kmeans_iters": 5},
+    "cosine": {"dim": 32, "codebook_size": 256, "use_cosine_sim": True},
+    "straight_through": {"dim": 32, "codebook_size": 256, "rotation_trick": False, "straight_through": True},
+    "projection": {"dim": 48, "codebook_size": 128, "codebook_dim": 16, "commitment_weight": 0.25},
+    "channel_first": {"dim": 24, "codebook_size": 128, "channel_last": False},
 }
 
 NEAR_TIES: dict[str, tuple[int, int]] = {}
@@ -50,7 +50,9 @@ def test_training_and_eval_match(name):
         torch.manual_seed(100 + step)
         x = torch.randn(shape) * (1 + step)
         before = fast.codebook.detach().clone()
-        queries = fast._codebook.transform_input(fast.project_in(x if fast.channel_last else x.transpose(1, 2)))
+        queries = fast._codebook.transform_input(
+            fast.project_in(x if fast.channel_last else x.transpose(1, 2))
+        )
         (q_r, i_r, l_r), (q_f, i_f, l_f), g_r, g_f = _step(ref, fast, x, seed=7 + step)
         n, t = near_tie_mismatches(queries, before, i_f, i_r, "ip" if kwargs.get("use_cosine_sim") else "l2")
         assert n == t, f"{name} step {step}: {n - t} index mismatches are not near-ties"
@@ -60,7 +62,9 @@ def test_training_and_eval_match(name):
             torch.testing.assert_close(l_f, l_r, rtol=1e-5, atol=1e-7)
             torch.testing.assert_close(g_f, g_r, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(fast.codebook, ref.codebook, rtol=1e-4, atol=1e-6)
-            torch.testing.assert_close(fast._codebook.cluster_size, ref._codebook.cluster_size, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                fast._codebook.cluster_size, ref._codebook.cluster_size, rtol=1e-5, atol=1e-6
+            )
         else:  # a near-tie sent one vector to another code: continue from the reference's state
             fast.load_state_dict(ref.state_dict())
     if not kwargs.get("freeze_codebook"):
@@ -81,11 +85,13 @@ def test_training_and_eval_match(name):
 
 
 def test_mask_and_lens_match():
-    ref, fast = twins(vqp.VectorQuantize, VectorQuantize, dim=16, codebook_size=128, threshold_ema_dead_code=1)
+    ref, fast = twins(
+        vqp.VectorQuantize, VectorQuantize, dim=16, codebook_size=128, threshold_ema_dead_code=1
+    )
     x = torch.randn(4, 30, 16)
     lens = torch.tensor([30, 12, 1, 25])
     mask = torch.arange(30) < lens[:, None]
-    for kw in (dict(mask=mask), dict(lens=lens)):
+    for kw in ({"mask": mask}, {"lens": lens}):
         (q_r, i_r, l_r), (q_f, i_f, l_f), g_r, g_f = _step(ref, fast, x, seed=3, **kw)
         assert torch.equal(i_f, i_r) and bool((i_f[~mask] == -1).all())
         torch.testing.assert_close(q_f, q_r, rtol=1e-4, atol=1e-5)
@@ -98,7 +104,7 @@ def test_mask_and_lens_match():
 def test_image_fmap_and_single_token_match():
     ref, fast = twins(vqp.VectorQuantize, VectorQuantize, dim=8, codebook_size=64, accept_image_fmap=True)
     x = torch.randn(2, 8, 5, 7)
-    (q_r, i_r, l_r), (q_f, i_f, l_f), g_r, g_f = _step(ref, fast, x, seed=1)
+    (q_r, i_r, _l_r), (q_f, i_f, _l_f), g_r, g_f = _step(ref, fast, x, seed=1)
     assert i_f.shape == (2, 5, 7) and q_f.shape == x.shape and torch.equal(i_f, i_r)
     torch.testing.assert_close(q_f, q_r, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(g_f, g_r, rtol=1e-4, atol=1e-5)
@@ -131,7 +137,7 @@ def test_loss_breakdown_and_frozen_forward_override():
     x = torch.randn(2, 40, 16)
     before = fast.codebook.clone()
     torch.manual_seed(0)
-    *_, loss_r, parts_r = ref(x, return_loss_breakdown=True, freeze_codebook=True)
+    *_, _loss_r, parts_r = ref(x, return_loss_breakdown=True, freeze_codebook=True)
     torch.manual_seed(0)
     *_, loss_f, parts_f = fast(x, return_loss_breakdown=True, freeze_codebook=True)
     assert parts_f._fields == parts_r._fields
