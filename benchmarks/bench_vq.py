@@ -223,7 +223,7 @@ def merged(rows: list[dict], path: Path, args) -> list[dict]:
             for line in csv.DictReader(handle):
                 if line["op"] != "vq_training_step" or line["device"] != args.device:
                     continue
-                row = kept.setdefault(line["shape"], {})
+                row = kept.setdefault(line["shape"], {"_git": line["git_sha"], "_command": line["note"]})
                 row[line["metric"]] = float(line["value"])
     new = {shape_key(r["size"], r["dim"], args) for r in rows}
     old = []
@@ -263,9 +263,14 @@ def report(rows: list[dict], args, info: dict) -> str:
                  fmt(r["int8_pack_s"] * 1e3, 1), f"{update_cost(r) / r['search_s']:.2f}",
                  f"{100 * r['agree']:.2f}%"]  # fmt: skip
         table.append(line)
+    runs = {}  # command -> git of the run that measured the rows, in row order
+    for r in rows:
+        runs.setdefault(
+            r.get("_command", f"benchmarks/bench_vq.py {' '.join(args.argv)}"), r.get("_git", info["git"])
+        )
     lines = [
         SECTION, "",
-        (f"`benchmarks/bench_vq.py {' '.join(args.argv)}` (git {info['git']}), device {args.device}: one training step "
+        ("; ".join(f"`{command}` (git {git})" for command, git in runs.items()) + f", device {args.device}: one training step "
         f"(forward + backward, EMA codebook, rotation trick: vector-quantize-pytorch's defaults) on x [{args.batch}, "
         f"{args.tokens}, D], {torch.get_num_threads()} thread(s), \"rounds\" interleaved rounds after a warm-up, "
         "speedup = median of per-round ratios; extra peak = VmHWM - VmRSS of a fresh interpreter around one step "
@@ -273,11 +278,13 @@ def report(rows: list[dict], args, info: dict) -> str:
         ">= 20x less extra peak memory; at V = 1k, no slower. The update columns time spae_fast.nn's codebook update "
         f"alone, as a step runs it on N = {args.batch * args.tokens} rows: the EMA update + dead-code check "
         "(threshold 2), re-packing the changed table (spae_fast.Codebook, fp32 panels) and building the int8 "
-        "pre-filter copy (built by the first search on a new pack), against the search alone (on a used pack); \"update / search\" = their sum over the search. \"same indices\": share of "
+        "pre-filter copy (built by the first search on a new pack), against the search alone (on a used pack); "
+        "\"update / search\" = their sum over the search. \"same indices\": share of "
         "identical indices in the last timed step (both layers start from the same seed; EMA trajectories may "
         "drift apart after a near-tie)."),
         "",
-        f"Machine: {info['machine']}. Versions: {info['versions']}.",
+        (f"Machine (shared with other jobs: see its load average; hence interleaved rounds and paired ratios): "
+        f"{info['machine']}. Versions: {info['versions']}."),
         "",
         *markdown_table(header, table, align="r" * len(header)),
         "",
@@ -372,16 +379,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {info['machine']}\nversions: {info['versions']}\ngit: {info['git']}", flush=True)
     stem, heading = output_names(args.device)
     rows = run(args)
+    command = f"benchmarks/bench_vq.py {' '.join(args.argv)}"
+    for row in rows:
+        row.update(_git=info["git"], _command=command)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.merge:
         rows = merged(rows, args.out / f"{stem}.csv", args)
     csv_rows = []
     for r in rows:
         for key, value in r.items():
-            if key not in ("size", "dim"):
+            if key not in ("size", "dim") and not key.startswith("_"):
                 csv_rows.append({"op": "vq_training_step", "provider": "", "shape": shape_key(r["size"], r["dim"], args),
                                  "dtype": "float32", "metric": key, "value": value, "device": args.device,
-                                 "versions": info["versions"], "git_sha": info["git"]})  # fmt: skip
+                                 "versions": info["versions"], "git_sha": r["_git"], "note": r["_command"]})  # fmt: skip
     write_csv(args.out / f"{stem}.csv", csv_rows)
     section = report(rows, args, info).replace(SECTION, heading, 1).replace("bench_vq.png", f"{stem}.png")
     (args.out / f"{stem}.md").write_text(section, encoding="utf-8")
