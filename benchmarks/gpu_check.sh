@@ -77,8 +77,21 @@ if [ "${TUNE:-0}" = 1 ]; then
 fi
 (cd /tmp && timeout "${BENCH_TIMEOUT:-300}" "$PY" "$ROOT/benchmarks/bench_gpu.py" "${ARGS[@]}")
 BENCH=$?
-if [ -n "${OUT:-}" ]; then
-  cp benchmarks/results/gpu_* BENCHMARKS.md "$OUT"/ 2>/dev/null || true
+# spae_fast.nn vs vector-quantize-pytorch, training step on the GPU (bench_vq --device cuda; BENCHMARKS.md section
+# "... on CUDA"). vector-quantize-pytorch comes from .whl/ when offline (pip download -d .whl vector-quantize-pytorch).
+echo "== bench_vq --device cuda ($(elapsed))"
+VQ=skipped
+"$PY" -c "import vector_quantize_pytorch" 2>/dev/null \
+  || { [ -d .whl ] && "$PY" -m pip install -q --no-index --find-links .whl vector-quantize-pytorch; } \
+  || "$PY" -m pip install -q --timeout 15 --retries 1 vector-quantize-pytorch || echo "vector-quantize-pytorch not installable: bench_vq skipped"
+if "$PY" -c "import vector_quantize_pytorch" 2>/dev/null; then
+  VQ_ARGS=(--device cuda --out "$ROOT/benchmarks/results" --sizes 1024,16384,65536,262144 --dims 64,256,1024)
+  [ "${QUICK:-0}" = 1 ] && VQ_ARGS=(--device cuda --out "$ROOT/benchmarks/results" --quick)
+  (cd /tmp && timeout "${VQ_TIMEOUT:-300}" "$PY" "$ROOT/benchmarks/bench_vq.py" "${VQ_ARGS[@]}")
+  VQ=$?
 fi
-echo "== done in $(elapsed): tests exit $TESTS, benchmark exit $BENCH"
-[ "$TESTS" = 0 ] && [ "$BENCH" = 0 ]
+if [ -n "${OUT:-}" ]; then
+  cp benchmarks/results/gpu_* benchmarks/results/bench_vq_cuda* BENCHMARKS.md "$OUT"/ 2>/dev/null || true
+fi
+echo "== done in $(elapsed): tests exit $TESTS, benchmark exit $BENCH, bench_vq exit $VQ"
+[ "$TESTS" = 0 ] && [ "$BENCH" = 0 ] && { [ "$VQ" = 0 ] || [ "$VQ" = skipped ]; }
