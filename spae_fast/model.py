@@ -23,7 +23,6 @@ and shape. Saving replaces the weights file atomically, so a killed save leaves 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import operator
 import os
@@ -163,12 +162,9 @@ class SPAEConfig:
 
 
 def codebook_fingerprint(vocab: VocabCodebook) -> str:
-    """sha256 over the codebook's shape, LLM token ids and fp32 rows: identifies the frozen vocabulary."""
-    digest = hashlib.sha256()
-    digest.update(f"{vocab.num_rows}x{vocab.dim}".encode())
-    digest.update(vocab.token_ids.numpy().tobytes())
-    digest.update(vocab.weight.float().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    """sha256 over the codebook's shape, LLM token ids and fp32 rows: identifies the frozen vocabulary
+    (`VocabCodebook.fingerprint`; a vocabulary-parallel codebook computes it without holding the whole table)."""
+    return vocab.fingerprint()
 
 
 # ---- building blocks ---------------------------------------------------------------------------------------
@@ -269,7 +265,8 @@ class SPAE(nn.Module):
         config: an `SPAEConfig` (or keyword arguments for one).
         codebook: the frozen vocabulary; loaded from ``config.codebook`` / ``config.token_filter`` when None.
             Its rows and dim are recorded in the config; a codebook that differs from a recorded fingerprint
-            is refused.
+            is refused. A `spae_fast.distributed.ShardedVocabCodebook` (this rank's rows only) gets a
+            `VocabParallelQuantizer` (a collective over its group).
         backend: the quantizer's search backend (``"auto"``, ``"cpu"``, ``"torch"``, ...).
 
     ``encode(images) -> [B, n]`` ids, ``decode(ids, num_layers) -> images``, ``to_words`` / ``from_words``.
@@ -304,7 +301,10 @@ class SPAE(nn.Module):
         )
         self.config = config
         self.encoder = Encoder(config, codebook.dim)
-        self.quantizer = SPAEQuantizer(
+        quantizer_class = SPAEQuantizer
+        if getattr(codebook, "sharded", None) is not None:  # vocabulary parallel: this rank holds a row shard
+            from .distributed import VocabParallelQuantizer as quantizer_class
+        self.quantizer = quantizer_class(
             codebook, layers=config.layers, grid=config.grid, mode=config.mode, metric=config.metric,
             beta=config.beta, backend=backend,
         )  # fmt: skip

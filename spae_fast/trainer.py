@@ -36,7 +36,10 @@ Vocabulary parallel (``vocab_parallel=N``, ``spae-fast train --vocab-parallel N`
 ``data x vocab`` grid (`spae_fast.distributed.vocab_parallel_groups`); the N ranks of a vocabulary group hold
 1/N of the table each (`spae_fast.distributed.VocabParallelQuantizer`), share one batch and run the quantizer,
 its semantic loss and evaluations as collectives; DDP averages gradients over the data group (the ranks that
-hold the same shard). Checkpoints do not depend on N (the table is not in the ``state_dict``).
+hold the same shard). A model built on a `spae_fast.distributed.ShardedVocabCodebook` (what ``spae-fast train
+--vocab-parallel`` does) never holds the whole table on any rank; a model built on a whole `VocabCodebook` is
+split here, after every rank has loaded it. Checkpoints do not depend on N (the table is not in the
+``state_dict``; resuming reads the weights only).
 """
 
 from __future__ import annotations
@@ -56,7 +59,12 @@ from torch import nn
 
 from ._atomic import atomic_write_json
 from ._integrity import CorruptFileError, load_safetensors
-from .checkpoint import save_training_checkpoint, truncate_metrics, verify_training_checkpoint
+from .checkpoint import (
+    read_model_checkpoint,
+    save_training_checkpoint,
+    truncate_metrics,
+    verify_training_checkpoint,
+)
 from .losses import (
     LeCAMRegularizer,
     PatchDiscriminator,
@@ -68,7 +76,7 @@ from .losses import (
     pixel_loss,
     psnr,
 )
-from .model import SPAE
+from .model import SPAE, SPAEConfig
 from .ops import SEMANTIC_PRECISIONS, semantic_loss
 from .semantic import (
     DEFAULT_THRESHOLDS,
@@ -184,6 +192,17 @@ def setup_distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def check_vocab_parallel(vocab_parallel: int, world_size: int) -> None:
+    """ValueError unless ``vocab_parallel`` is a positive int that divides ``world_size``."""
+    if isinstance(vocab_parallel, bool) or not isinstance(vocab_parallel, int) or vocab_parallel < 1:
+        raise ValueError(f"vocab_parallel must be a positive int, got {vocab_parallel!r}")
+    if world_size % vocab_parallel:
+        raise ValueError(
+            f"vocab_parallel = {vocab_parallel} must divide the number of processes ({world_size}); run "
+            f"under torchrun --nproc-per-node with a multiple of {vocab_parallel}"
+        )
+
+
 class Trainer:
     """Trains ``model`` on ``dataset`` (items ``(image [3, S, S] in [-1, 1], label)``).
 
@@ -219,13 +238,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.device = torch.device(device)
         self.rank, self.world_size = setup_distributed()
-        if isinstance(vocab_parallel, bool) or not isinstance(vocab_parallel, int) or vocab_parallel < 1:
-            raise ValueError(f"vocab_parallel must be a positive int, got {vocab_parallel!r}")
-        if self.world_size % vocab_parallel:
-            raise ValueError(
-                f"vocab_parallel = {vocab_parallel} must divide the number of processes ({self.world_size}); run "
-                f"under torchrun --nproc-per-node with a multiple of {vocab_parallel}"
-            )
+        check_vocab_parallel(vocab_parallel, self.world_size)
         self.vocab_parallel = vocab_parallel
         self.vocab_group = data_group = None
         self.model = model.to(self.device)
@@ -233,7 +246,15 @@ class Trainer:
             from .distributed import VocabParallelQuantizer, vocab_parallel_groups
 
             self.vocab_group, data_group = vocab_parallel_groups(vocab_parallel)
-            model.quantizer = VocabParallelQuantizer.from_quantizer(model.quantizer, group=self.vocab_group)
+            if not isinstance(model.quantizer, VocabParallelQuantizer):
+                model.quantizer = VocabParallelQuantizer.from_quantizer(model.quantizer, group=self.vocab_group)
+            elif model.quantizer.sharded.group is not self.vocab_group:  # built on a ShardedVocabCodebook
+                raise ValueError(
+                    "the model's vocabulary-parallel codebook must be split over this rank's vocabulary group: build "
+                    f"it with group=spae_fast.distributed.vocab_parallel_groups({vocab_parallel})[0]"
+                )
+        elif getattr(model.quantizer, "sharded", None) is not None:
+            raise ValueError("the model's codebook is split over ranks (a ShardedVocabCodebook): pass vocab_parallel=N")
         self.dataset = dataset
         self.eval_dataset = eval_dataset if eval_dataset is not None else dataset
         self.relevance = relevance
@@ -452,8 +473,9 @@ class Trainer:
         """Restores what `save_checkpoint` wrote, after checking every file against the checkpoint's manifest
         (the model also through `SPAE.from_pretrained`'s checks)."""
         folder, manifest = verify_training_checkpoint(folder or self.out_dir / "checkpoint", TRAINER_STATE)
-        saved = SPAE.from_pretrained(folder, codebook=self.model.vocab)
-        if saved.config != self.model.config:
+        # The weights and config only: no second model (nor a second copy of the table) is built.
+        saved_config, saved_state = read_model_checkpoint(folder, SPAEConfig)
+        if saved_config != self.model.config:
             raise ValueError(f"cannot resume: the checkpoint's model config differs from this run's ({folder})")
         try:
             state = torch.load(folder / TRAINER_STATE, map_location=self.device, weights_only=True)
@@ -467,7 +489,7 @@ class Trainer:
             self.discriminator.load_state_dict({k: v for k, v in weights.items() if not k.startswith("lecam.")})
             self.lecam.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("lecam.")})
             self.discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
-        self.model.load_state_dict(saved.state_dict())
+        self.model.load_state_dict(saved_state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.elapsed = step, elapsed
 

@@ -7,6 +7,7 @@ and Hub repo ids, with a self-checking on-disk cache); its public names are re-e
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 
@@ -99,6 +100,17 @@ TokenFilter = Callable[[str], bool]
 # ----------------------------------------------------------------------------------------------------------
 
 
+def table_fingerprint(num_rows: int, dim: int, token_ids: torch.Tensor, chunks) -> str:
+    """sha256 of ``"{R}x{D}"``, the int64 LLM token ids and the fp32 bytes of the rows, fed as consecutive row
+    ``chunks`` (any split gives the same digest, so a table can be hashed without being held whole)."""
+    digest = hashlib.sha256()
+    digest.update(f"{num_rows}x{dim}".encode())
+    digest.update(token_ids.numpy().tobytes())
+    for chunk in chunks:
+        digest.update(chunk.float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _select_rows(token_filter: object, texts: list[str], num_rows: int) -> list[int]:
     if token_filter is None:
         return list(range(num_rows))
@@ -159,25 +171,31 @@ class VocabCodebook:
             raise ValueError(f"tokens has {len(tokens)} entries but weight has {weight.shape[0]} rows (one per token id)")
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
-        self.style = detect_token_style(list(tokens))
-        all_texts = [token_text(token, self.style) for token in tokens]
-        rows = _select_rows(token_filter, all_texts, weight.shape[0])
-        if not rows:
-            raise ValueError(
-                f"token_filter={token_filter!r} kept no tokens of the {weight.shape[0]}-token vocabulary; "
-                "the codebook needs at least one row"
-            )
-        self.llm_vocab_size = int(weight.shape[0])
-        self.source = source
-        self.token_filter = token_filter if isinstance(token_filter, str) or token_filter is None else "custom"
+        rows = self._index_tokens(tokens, token_filter, int(weight.shape[0]), source)
         # Built outside torch.inference_mode(): the codebook outlives the block it may be created in, and
         # inference tensors have no version counter (the frozen-table check) and cannot feed autograd.
         with torch.inference_mode(False):
-            self.token_ids = torch.tensor(rows, dtype=torch.int64)  # [R] row -> LLM token id
             index = self.token_ids if len(rows) < weight.shape[0] else slice(None)
             # One copy of the table: the Codebook's own (it copies the caller's rows), shared as `weight`.
             self.codebook = Codebook(weight.detach()[index].to(dtype), metric)
             self.weight = self.codebook.weight  # [R, D]
+
+    def _index_tokens(self, tokens: Sequence[str], token_filter, llm_vocab_size: int, source: str) -> list[int]:
+        """The token metadata (O(V), no table): style, the kept LLM ids (`token_ids`), their tokens and texts and
+        the maps between them; returns the kept ids."""
+        self.style = detect_token_style(list(tokens))
+        all_texts = [token_text(token, self.style) for token in tokens]
+        rows = _select_rows(token_filter, all_texts, llm_vocab_size)
+        if not rows:
+            raise ValueError(
+                f"token_filter={token_filter!r} kept no tokens of the {llm_vocab_size}-token vocabulary; "
+                "the codebook needs at least one row"
+            )
+        self.llm_vocab_size = llm_vocab_size
+        self.source = source
+        self.token_filter = token_filter if isinstance(token_filter, str) or token_filter is None else "custom"
+        with torch.inference_mode(False):
+            self.token_ids = torch.tensor(rows, dtype=torch.int64)  # [R] row -> LLM token id
             self._row_of_llm_id = torch.full((self.llm_vocab_size,), -1, dtype=torch.int64)
             self._row_of_llm_id[self.token_ids] = torch.arange(len(rows))
         self.tokens = [tokens[i] for i in rows]
@@ -189,6 +207,12 @@ class VocabCodebook:
                 self._row_of_token.setdefault(token, row)
             if text:
                 self._row_of_text.setdefault(text, row)
+        return rows
+
+    def fingerprint(self) -> str:
+        """sha256 over the codebook's shape, LLM token ids and fp32 rows: identifies the frozen vocabulary
+        (`SPAEConfig.codebook_fingerprint`)."""
+        return table_fingerprint(self.num_rows, self.dim, self.token_ids, [self.weight])
 
     # ---- construction -------------------------------------------------------------------------------------
 

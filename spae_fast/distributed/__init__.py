@@ -16,6 +16,9 @@ PyTorch DTensor's sharded argmin):
     lookup              table[index] for global indices, each row sent by its owner (exact)
     vocab_parallel_groups   the 2-D (data parallel x vocabulary parallel) groups
     VocabParallelQuantizer  `SPAEQuantizer` on a sharded table, for training (``spae-fast train --vocab-parallel``)
+    ShardedVocabCodebook    an LLM vocabulary read shard by shard from its model file (token metadata O(V) on
+                        every rank, rows [start, stop) only, the fingerprint streamed): `SPAE` on it trains
+                        vocabulary-parallel without any rank holding the whole table
 
 Layouts. Every op is a collective over the codebook's group and takes ``queries=``:
 
@@ -40,13 +43,17 @@ from .saq import saq
 from .search import QUERY_LAYOUTS, lookup, nearest, topk
 from .semantic_loss import semantic_loss
 from .sharded_codebook import ShardedCodebook, balanced_boundaries
+from .vocab_shard import ShardedVocabCodebook
+
+_GROUPS: dict[int, tuple[object, dist.ProcessGroup, dist.ProcessGroup]] = {}  # N -> (world, vocab, data group)
 
 
 def vocab_parallel_groups(vocab_parallel: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
     """(vocabulary group, data group) of this rank in a ``data x vocab`` grid of the world: world rank
     ``d * vocab_parallel + v`` is shard ``v`` of data replica ``d``. The vocabulary group holds the ranks of
     one replica (consecutive ranks: on one node they share fast links), the data group the ranks that hold
-    the same shard. Every rank must call it (``new_group`` is collective)."""
+    the same shard. Every rank must call it (``new_group`` is collective); the groups are made once per world
+    and ``vocab_parallel`` (later calls return the same groups, so a codebook built on them fits the trainer's)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocab_parallel_groups needs an initialised torch.distributed process group")
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -54,6 +61,9 @@ def vocab_parallel_groups(vocab_parallel: int) -> tuple[dist.ProcessGroup, dist.
         raise ValueError(f"vocab_parallel must be a positive int, got {vocab_parallel!r}")
     if world % vocab_parallel:
         raise ValueError(f"vocab_parallel = {vocab_parallel} must divide the world size {world}")
+    cached = _GROUPS.get(vocab_parallel)
+    if cached is not None and cached[0] is dist.group.WORLD:  # not a process group of an earlier world
+        return cached[1], cached[2]
     vocab_group = data_group = None
     for replica in range(world // vocab_parallel):
         group = dist.new_group(list(range(replica * vocab_parallel, (replica + 1) * vocab_parallel)))
@@ -63,12 +73,14 @@ def vocab_parallel_groups(vocab_parallel: int) -> tuple[dist.ProcessGroup, dist.
         group = dist.new_group(list(range(shard, world, vocab_parallel)))
         if rank % vocab_parallel == shard:
             data_group = group
+    _GROUPS[vocab_parallel] = (dist.group.WORLD, vocab_group, data_group)
     return vocab_group, data_group
 
 
 __all__ = [
     "QUERY_LAYOUTS",
     "ShardedCodebook",
+    "ShardedVocabCodebook",
     "VocabParallelQuantizer",
     "balanced_boundaries",
     "lookup",

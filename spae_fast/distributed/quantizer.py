@@ -40,14 +40,16 @@ class VocabParallelQuantizer(SPAEQuantizer):
     docstring). Build it from a single-process quantizer with `from_quantizer`.
 
     Args:
-        codebook: an l2 `ShardedCodebook` (this rank's rows).
-        vocab: the `VocabCodebook` for words (``to_words`` / ``from_words``), or None.
-        layers, grid, mode, beta, backend, check_finite, prefilter: as `SPAEQuantizer` (``metric`` is "l2").
+        codebook: an l2 `ShardedCodebook` (this rank's rows), or a `ShardedVocabCodebook` (its rows and words).
+        vocab: the `VocabCodebook` for words (``to_words`` / ``from_words``), or None (default: ``codebook``
+            when it is a `ShardedVocabCodebook`).
+        metric: ``"l2"`` only (the merge needs the exact l2 score; a cosine quantizer is refused).
+        layers, grid, mode, beta, backend, check_finite, prefilter: as `SPAEQuantizer`.
     """
 
     def __init__(
         self,
-        codebook: ShardedCodebook,
+        codebook,
         vocab=None,
         layers=None,
         grid: int | None = None,
@@ -56,9 +58,21 @@ class VocabParallelQuantizer(SPAEQuantizer):
         backend: str = "auto",
         check_finite: bool = True,
         prefilter: str = "auto",
+        *,
+        metric: str = "l2",
     ) -> None:
+        from .vocab_shard import ShardedVocabCodebook
+
+        if isinstance(codebook, ShardedVocabCodebook):
+            vocab = codebook if vocab is None else vocab
+            codebook = codebook.sharded
         if not isinstance(codebook, ShardedCodebook):
-            raise TypeError(f"codebook must be a spae_fast.distributed.ShardedCodebook, got {type(codebook).__name__}")
+            raise TypeError(
+                "codebook must be a spae_fast.distributed.ShardedCodebook or ShardedVocabCodebook, got "
+                f"{type(codebook).__name__}"
+            )
+        if metric != "l2":
+            raise ValueError(f"metric must be 'l2' for a vocabulary-parallel quantizer, got {metric!r}")
         if codebook.metric != "l2":
             raise ValueError(f"codebook must be an l2 ShardedCodebook, got metric={codebook.metric!r}")
         # SPAEQuantizer's checks and geometry on a one-row stand-in table (nothing of the real table is packed).
@@ -93,8 +107,9 @@ class VocabParallelQuantizer(SPAEQuantizer):
                 f"quantizer.metric must be 'l2' for a vocabulary-parallel quantizer, got {quantizer.metric!r}"
             )
         book = ShardedCodebook.from_full(quantizer.weight, group=group, boundaries=boundaries)
-        return cls(book, quantizer.vocab, quantizer.layers, quantizer.grid, quantizer.mode, quantizer.beta,
-                   quantizer.backend, quantizer.check_finite, quantizer.prefilter)  # fmt: skip
+        return cls(book, quantizer.vocab, quantizer.layers, quantizer.grid, mode=quantizer.mode, beta=quantizer.beta,
+                   backend=quantizer.backend, check_finite=quantizer.check_finite,
+                   prefilter=quantizer.prefilter)  # fmt: skip
 
     # ---- the local table of the rows in use ----------------------------------------------------------------
 
