@@ -192,10 +192,14 @@ class EuclideanCodebook(nn.Module):
         return l2norm(x) if self.use_cosine_sim else x
 
     def search_codebook(self) -> Codebook:
-        """The packed `spae_fast.Codebook` of ``embed``, rebuilt when ``embed`` changed since the last call."""
+        """The packed `spae_fast.Codebook` of ``embed``, rebuilt when ``embed`` changed since the last call.
+
+        The stale pack (fp32 panels and int8 copy, about 1.25 V D * 4 bytes) is released before the new one is
+        built, so a training step's peak holds one pack, not two."""
         table = self.embed[0]
         key = (table.data_ptr(), table.device, None if table.is_inference() else table._version, table.shape)
         if self._search is None or self._search_key != key:
+            self._search = self._search_key = None
             self._search = Codebook(table.detach(), self.metric, copy=False)
             self._search_key = key
         return self._search
