@@ -103,6 +103,7 @@ def _targets(suite: Suite, tables: list[dict], sweep: dict | None) -> list[tuple
     for table in tables:
         topk = table["results"].get("spae_fast_topk16", {})
         fp32 = table["results"].get("spae_fast_fp32", {})
+
         # ours_x of a provider is t_provider / t_nearest, so t_topk / t_fp32 = ours_x(topk) / ours_x(fp32):
         # the default top-16 (pre-filtered) over the same table's fp32 search.
         def over_fp32(key, topk=topk, fp32=fp32):
@@ -198,8 +199,9 @@ def render_markdown(meta: dict, suite: Suite, tables: list[dict], sweep: dict | 
             lines += [
                 "The topk targets compare the default `topk` (the certified int8 pre-filter for k <= 16, "
                 "docs/DECISIONS.md) with the fp32 `nearest`. Against the default `nearest`, which takes the same "
-                "pre-filter with lists of one row, k = 16 costs " + ", ".join(topk_vs_default) + " (issue #20's "
-                "target of 1.5x is tracked by `benchmarks/bench_topk.py`).",
+                "pre-filter with lists of one row, k = 16 costs "
+                + ", ".join(topk_vs_default)
+                + " (issue #20's target of 1.5x is tracked by `benchmarks/bench_topk.py`).",
                 "",
             ]
     for table in tables:
