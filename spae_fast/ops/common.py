@@ -136,9 +136,10 @@ def codebook_operands(codebook, metric: str | None, backend: str):
             codebook.check_unchanged()
         if backend == "cpu":
             return codebook.weight, codebook.cpu_panels, codebook.cpu_bias, codebook.cpu_norm_bound, codebook.metric
-        from . import gpu_search  # imports this module
+        if not torch.compiler.is_compiling():  # dynamo cannot trace the weak map (compiled: kept if lent before)
+            from . import gpu_search  # imports this module
 
-        gpu_search.lend(codebook)  # the GPU kernels keep what they prepare of the table in the Codebook
+            gpu_search.lend(codebook)  # the GPU kernels keep what they prepare of the table in the Codebook
         return codebook.weight, EMPTY, EMPTY, EMPTY, codebook.metric
     weight = _validate.codebook_weight(codebook, "codebook")
     metric = _validate.metric("l2" if metric is None else metric)
