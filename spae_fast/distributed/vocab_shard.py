@@ -10,8 +10,8 @@ and one chunk. The rows are decoded exactly as `spae_fast.embedding_tables` deco
 then converted to ``dtype``: each shard is bit for bit the rows `VocabCodebook.from_pretrained` would hold.
 
 The vocabulary's fingerprint (`VocabCodebook.fingerprint`, recorded in `SPAEConfig.codebook_fingerprint`) is a
-sha256 over all kept rows in order; sha256 cannot be split over ranks, so rank 0 of the group streams the file
-through it chunk by chunk (memory: one chunk) and broadcasts the digest. It equals the single-process
+sha256 over all kept rows in order; sha256 cannot be split over ranks, so rank 0 of the group streams every kept
+row through it chunk by chunk (memory: one chunk), keeping its own rows on the way, and broadcasts the digest. It equals the single-process
 fingerprint, so a model trained vocabulary-parallel loads on one process and the other way round.
 
 Sources: ``"smollm2"`` (the embedded GGUF), a ``.gguf`` file, a ``.safetensors`` file, a Hugging Face model
@@ -87,30 +87,98 @@ class _TableFile:
             position = end
 
 
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+class _GGUFHeader:
+    """A streaming read of a GGUF file's header (v2 / v3): the token strings, the alignment and the
+    ``token_embd.weight`` tensor info, nothing else kept. ``gguf.GGUFReader`` builds a numpy view per array
+    element (about 250k for SmolLM2's tokens, token types and merges: over 100 MiB of peak memory, more than a
+    4-rank shard of its table), so the header is walked here with the format's fixed layout."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as self._file:
+            if (magic := self._file.read(4)) != b"GGUF":
+                raise CorruptFileError(f"{path} is not a GGUF file: it starts with {magic!r}, expected b'GGUF'")
+            version, tensor_count, kv_count = self._unpack("<IQQ")
+            if version < 2:
+                raise CorruptFileError(f"{path}: GGUF version {version} is not supported (2 or later)")
+            self.tokens, self.alignment, self.embedding = None, 32, None
+            for _ in range(kv_count):
+                key = self._string()
+                kind = self._unpack("<I")[0]
+                if key == "tokenizer.ggml.tokens" and kind == _GGUF_ARRAY:
+                    self.tokens = self._value(kind, keep=True)
+                elif key == "general.alignment":
+                    self.alignment = int(self._value(kind, keep=True))
+                else:
+                    self._value(kind, keep=False)
+            for _ in range(tensor_count):
+                name = self._string()
+                dims = self._unpack("<" + "Q" * self._unpack("<I")[0])
+                kind, offset = self._unpack("<IQ")
+                if name == "token_embd.weight":
+                    self.embedding = (dims, kind, offset)
+            self.data_start = -(-self._file.tell() // self.alignment) * self.alignment
+
+    def _unpack(self, fmt: str) -> tuple:
+        size = struct.calcsize(fmt)
+        raw = self._file.read(size)
+        if len(raw) != size:
+            raise CorruptFileError(f"{self.path}: the GGUF header ends early (truncated?)")
+        return struct.unpack(fmt, raw)
+
+    def _string(self, keep: bool = True) -> str | None:
+        length = self._unpack("<Q")[0]
+        if not keep:
+            self._file.seek(length, os.SEEK_CUR)
+            return None
+        raw = self._file.read(length)
+        if len(raw) != length:
+            raise CorruptFileError(f"{self.path}: the GGUF header ends early (truncated?)")
+        return raw.decode("utf-8", errors="replace")
+
+    def _value(self, kind: int, keep: bool):
+        if kind == _GGUF_STRING:
+            return self._string(keep)
+        if kind == _GGUF_ARRAY:
+            item, count = self._unpack("<IQ")
+            if item in _GGUF_SCALARS and not keep:
+                self._file.seek(count * struct.calcsize(_GGUF_SCALARS[item]), os.SEEK_CUR)
+                return None
+            return [self._value(item, keep) for _ in range(count)]
+        if kind not in _GGUF_SCALARS:
+            raise CorruptFileError(f"{self.path}: unknown GGUF value type {kind} (corrupted?)")
+        return self._unpack(_GGUF_SCALARS[kind])[0]
+
+
 def _gguf_table(path: Path) -> tuple[_TableFile, list[str]]:
     try:
         import gguf
     except ImportError as error:
         raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf") from error
-    with open(path, "rb") as file:
-        if (magic := file.read(4)) != b"GGUF":
-            raise CorruptFileError(f"{path} is not a GGUF file: it starts with {magic!r}, expected b'GGUF'")
-    try:  # the reader maps the file but touches only the metadata here
-        reader = gguf.GGUFReader(str(path))
-        tensor = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-        field = reader.fields.get("tokenizer.ggml.tokens")
-        tokens = None if field is None else [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError, EOFError, struct.error) as error:
+    try:
+        header = _GGUFHeader(path)
+        if header.embedding is None or not isinstance(header.tokens, list):
+            raise CorruptFileError(f"{path} has no token_embd.weight tensor or no tokenizer.ggml.tokens field")
+        (dim, num_rows, *rest), kind, offset = header.embedding
+        quant = gguf.GGMLQuantizationType(kind)
+    except CorruptFileError:
+        raise
+    except (ValueError, OverflowError, MemoryError, struct.error) as error:
         raise CorruptFileError(f"{path} is not a readable GGUF file: {type(error).__name__}: {error}") from None
-    if tensor is None or tokens is None:
-        raise CorruptFileError(f"{path} has no token_embd.weight tensor or no tokenizer.ggml.tokens field")
-    num_rows, dim = int(tensor.data.shape[0]), int(tensor.shape[0])
-    if len(tokens) != num_rows or int(tensor.n_bytes) % num_rows:
-        raise CorruptFileError(f"{path}: {len(tokens)} tokens but an embedding table of {num_rows} rows")
-    stored = None if tensor.data.dtype == np.uint8 else tensor.data.dtype
-    table = _TableFile(path, int(tensor.data_offset), int(tensor.n_bytes) // num_rows, num_rows, dim, "gguf",
-                       tensor.tensor_type, stored)  # fmt: skip
-    return table, tokens
+    block, block_bytes = gguf.GGML_QUANT_SIZES[quant]
+    if rest or len(header.tokens) != num_rows or dim % block:
+        raise CorruptFileError(f"{path}: {len(header.tokens)} tokens but an embedding table of shape "
+                               f"{[num_rows, dim, *rest]} ({quant.name})")  # fmt: skip
+    stored = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(quant)
+    table = _TableFile(path, header.data_start + offset, dim // block * block_bytes, num_rows, dim, "gguf", quant,
+                       stored)  # fmt: skip
+    if table.offset + num_rows * table.row_bytes > path.stat().st_size:
+        raise CorruptFileError(f"{path}: token_embd.weight runs past the end of the file (truncated?)")
+    return table, header.tokens
 
 
 def _safetensors_table(file: Path, key: str, tokenizer_folder: Path) -> tuple[_TableFile, list[str]]:
@@ -198,20 +266,23 @@ class ShardedVocabCodebook(VocabCodebook):
         if len({identity for _, identity in gathered}) > 1:
             raise ValueError(f"ShardedVocabCodebook: the ranks kept different token ids from {path_or_name!r} "
                              "(different model files or tokenizers on different ranks?)")  # fmt: skip
-        shard, start = None, 0
+        shard, start, fingerprint, ids = None, 0, None, self.token_ids
         try:
-            start, stop = _own_range(boundaries, len(self.token_ids), rank, world_size)
+            start, stop = _own_range(boundaries, len(ids), rank, world_size)
             shard = torch.empty(stop - start, table.dim, dtype=dtype)
-            filled = 0
-            for chunk in table.chunks(self.token_ids[start:stop], dtype):
-                shard[filled : filled + chunk.shape[0]] = chunk
-                filled += chunk.shape[0]
+            if rank == 0:  # one pass over every kept row: the fingerprint, keeping this rank's rows on the way
+                fingerprint = table_fingerprint(len(ids), table.dim, ids, _filling(shard, start, table.chunks(ids, dtype)))
+            else:
+                for _ in _filling(shard, start, table.chunks(ids[start:stop], dtype), first=start):
+                    pass
             shard = shard.to(device)
         except (OSError, ValueError, RuntimeError) as failure:
             ShardedCodebook._raise_everywhere(f"{type(failure).__name__}: {failure}", group, metric)
-        self.sharded = ShardedCodebook(shard, start, len(self.token_ids), group=group, metric=metric, copy=False)
+        self.sharded = ShardedCodebook(shard, start, len(ids), group=group, metric=metric, copy=False)
         self.codebook = self.sharded
-        self._fingerprint = _streamed_fingerprint(table, self.token_ids, dtype, group, rank)
+        payload = [fingerprint]
+        dist.broadcast_object_list(payload, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
+        self._fingerprint = payload[0]
         return self
 
     @property
@@ -246,20 +317,16 @@ def _raise_first_error(gathered: list) -> None:
             raise ValueError(f"ShardedVocabCodebook: rank {rank} could not read the vocabulary: {error}")
 
 
-def _streamed_fingerprint(table: _TableFile, token_ids: torch.Tensor, dtype, group, rank: int) -> str:
-    """`VocabCodebook.fingerprint` of the kept rows, streamed by group rank 0 and broadcast (one chunk held)."""
-    payload: list = [None]
-    if rank == 0:
-        try:
-            payload[0] = (table_fingerprint(len(token_ids), table.dim, token_ids, table.chunks(token_ids, dtype)), None)
-        except (OSError, ValueError, RuntimeError) as failure:
-            payload[0] = (None, f"{type(failure).__name__}: {failure}")
-    source = 0 if group is None else dist.get_global_rank(group, 0)
-    dist.broadcast_object_list(payload, src=source, group=group)
-    fingerprint, error = payload[0]
-    if error is not None:
-        raise ValueError(f"ShardedVocabCodebook: rank 0 could not hash the vocabulary: {error}")
-    return fingerprint
+def _filling(shard: torch.Tensor, start: int, chunks: Iterator[torch.Tensor], first: int = 0) -> Iterator[torch.Tensor]:
+    """Passes on ``chunks`` (consecutive kept rows from row ``first``), copying the rows ``[start, start +
+    len(shard))`` among them into ``shard``."""
+    position = first
+    for chunk in chunks:
+        low, high = max(position, start), min(position + chunk.shape[0], start + shard.shape[0])
+        if low < high:
+            shard[low - start : high - start] = chunk[low - position : high - position]
+        position += chunk.shape[0]
+        yield chunk
 
 
 __all__ = ["ShardedVocabCodebook"]
