@@ -34,6 +34,7 @@ from torch import nn
 from . import _validate
 from .codebook import Codebook
 from .ops import SAQ_MAX_LAYERS, SAQ_MODES, resolve_backend
+from .ops.common import codebook_operands
 from .ops.common import prefilter_operands as _prefilter_operands
 from .pyramid import DEFAULT_GRID, DEFAULT_LAYERS, TokenPyramid
 from .vocab import VocabCodebook
@@ -129,6 +130,7 @@ class SPAEQuantizer(nn.Module):
             )
         # The frozen rows (a non-persistent buffer: follows .to(), stays out of state_dict).
         self.register_buffer("weight", codebook.weight, persistent=False)
+        self._kept_device_codebook: Codebook | None = None  # see _device_codebook
         # [g * g, L] int64: column (in the [B, total] ids) of layer l's token covering cell (y, x), raster order.
         cells = torch.arange(grid * grid)
         rows, cols = cells // grid, cells % grid
@@ -170,7 +172,19 @@ class SPAEQuantizer(nn.Module):
             cb = self.codebook
             return (backend, cb.weight, cb.cpu_panels, cb.cpu_bias, cb.cpu_norm_bound, *self._prefilter_operands)
         empty = torch.empty(0)
-        return (backend, self.weight, *(empty,) * 7)
+        weight = self.weight
+        if backend in ("cuda", "triton") and not torch.compiler.is_compiling():
+            weight = codebook_operands(self._device_codebook(), None, backend)[0]
+        return (backend, weight, *(empty,) * 7)
+
+    def _device_codebook(self) -> Codebook:
+        """A `Codebook` sharing this module's table buffer where it lives (``.to()`` moves the buffer, not
+        ``self.codebook``), so the GPU kernels prepare their operands of the table once and keep them in it
+        (`ops.gpu_search.operands`) instead of once per forward. Rebuilt when the buffer moves."""
+        kept = self._kept_device_codebook
+        if kept is None or kept.device != self.weight.device or kept.weight.data_ptr() != self.weight.data_ptr():
+            kept = self._kept_device_codebook = Codebook(self.weight, "l2", copy=False)
+        return kept
 
     def _saq(self, latent: torch.Tensor) -> torch.Tensor:
         backend, *operands = self._search_operands(latent.device)

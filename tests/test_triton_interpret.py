@@ -410,3 +410,17 @@ def test_saq_non_finite_latent_named():
     z[1, 2, 3, 1] = float("inf")
     with pytest.raises(ValueError):
         spae_fast.saq(z, gaussian(20, 4, seed=47), (1, 2, 4), backend="triton")
+
+
+def test_quantizer_prepares_its_gpu_operands_once(monkeypatch):
+    weight = gaussian(40, 6, seed=34)
+    quantizer = spae_fast.SPAEQuantizer(weight, layers=(1, 2, 4), grid=4, backend="triton")
+    z = gaussian(2, 6, 4, 4, seed=35)
+    built = _count_gpu_operands(monkeypatch)
+    first = quantizer.quantize(z)
+    second = quantizer.quantize(z)
+    assert built == ["l2"]  # kept across forwards by the quantizer's device Codebook, not rebuilt per forward
+    assert torch.equal(first, second)
+    expected = spae_fast.SPAEQuantizer(weight, layers=(1, 2, 4), grid=4, backend="cpu").quantize(z)
+    assert torch.equal(first, expected)
+    assert vars(quantizer.weight) == {}
