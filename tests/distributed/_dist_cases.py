@@ -384,6 +384,47 @@ def semantic_loss_bf16_precision(rank, world, data):
     assert relative_error(got, want) < 2e-6, relative_error(got, want)
 
 
+@case
+def semantic_loss_bf16_error_bound(rank, world, data):
+    """precision="bf16" on a sharded table (the loss of bf16(z) against bf16(E), gradient straight-through):
+
+    - against fp64 on the same rounded operands, loss and gradient within 2e-6 of the largest value (fp32
+      logits, fp64 sums: the default precision's accuracy);
+    - against the single-process bf16 op: the loss within 2e-6 (same operands, sums in another order); the
+      gradient within 2 (2 / tau) u max_k |e_kj| per coordinate j, u = 2^-8: that kernel rounds the softmax
+      weights of its gradient's weighted row sum to bf16 (its docstring), which moves sum_k w_k e_kj by at most
+      u sum_k w_k |e_kj| <= u max_k |e_kj| (factor 2 for the fp32 arithmetic around it);
+    - against the exact fp64 loss of the unrounded operands, per position within 2 max_k delta_k(p) (+ 1e-5
+      relative), where rounding to bf16 moves each logit by at most delta_k(p) = (2u + u^2)(2 ||z_p|| ||e_k|| +
+      ||e_k||^2) / tau (|bf(z).bf(e) - z.e| <= (2u + u^2) |z||e| by Cauchy-Schwarz), logsumexp is 1-Lipschitz in
+      the max norm and the candidate mean moves by at most the same."""
+    table = torch.randn(61, 6, generator=torch.Generator().manual_seed(23))
+    z, index, offsets, sets = semantic_problem(24, table.shape[0])
+    tau, u = 0.7, 2.0**-8
+    book = sd.ShardedCodebook.from_full(table)
+    v, w = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    got = sd.semantic_loss(v, book, index, offsets, sets, tau=tau, reduction="none", precision="bf16")
+    got.sum().backward()
+    rounded = z.bfloat16().double().requires_grad_(True)
+    exact_rounded = _ref.semantic_loss_reference(rounded, table.bfloat16().double(), index, offsets, sets, tau=tau,
+                                                 reduction="none")  # fmt: skip
+    exact_rounded.sum().backward()
+    assert relative_error(got.detach(), exact_rounded.detach()) < 2e-6
+    assert relative_error(v.grad, rounded.grad) < 2e-6, relative_error(v.grad, rounded.grad)
+    single = spae_fast.semantic_loss(w, spae_fast.Codebook(table), index, offsets, sets, tau=tau, reduction="none",
+                                     precision="bf16")  # fmt: skip
+    single.sum().backward()
+    assert relative_error(got.detach(), single.detach()) < 2e-6, relative_error(got.detach(), single.detach())
+    weight_rounding = 2 * (2 / tau) * u * table.bfloat16().double().abs().amax(dim=0)  # [D]
+    assert bool(((v.grad.double() - w.grad.double()).abs() <= weight_rounding).all())
+    exact = _ref.semantic_loss_reference(z.double(), table.double(), index, offsets, sets, tau=tau, reduction="none")
+    norms = table.double().norm(dim=1)
+    delta = (2 * u + u * u) * (2 * z.double().norm(dim=1, keepdim=True) * norms + norms**2).amax(dim=1) / tau
+    error = (got.detach().double() - exact).abs()
+    assert bool((error <= 2 * delta + 1e-5 * exact.abs()).all()), float((error / (2 * delta)).max())
+    assert float(error.max()) > 1e-4  # bf16 rounding shows: the bound is tested, not vacuous
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Sharded codebook: building it, and clear errors
 # ----------------------------------------------------------------------------------------------------------
