@@ -17,6 +17,10 @@ rows. Per rank (one torch thread each, fresh processes per rank count):
   queries, saq of 2 images on a 16 x 16 grid (layers 1, 2, 4, 8, 16: 682 searches), semantic loss forward +
   backward of 256 positions. With 2 cores, 2 and 4 ranks show the overheads, not a speed-up.
 
+Loading (``--vocab-source``, default the SmolLM2 vocabulary): each rank builds a `ShardedVocabCodebook` (its
+rows of the file, the token metadata; rank 0 streams the fingerprint) and reports the RSS high-water mark above
+the RSS before it; the 1-rank run also loads a whole `VocabCodebook` the single-process way.
+
 The 1-rank run also times the single-process ops on the whole table and saves the semantic loss and its
 gradient, which the other runs compare with (max relative error). Writes bench_distributed.{csv,md} under
 ``--out`` and prints the markdown table.
@@ -37,7 +41,6 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from harness import proc_status_kib, reset_peak
 
 OPS = ("nearest", "topk16", "saq", "semantic_loss")
@@ -75,6 +78,44 @@ def _time(function, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+def _loading(source: str, world: int) -> dict:
+    """Loading the vocabulary ``source`` ("words" filter, fp32) as a `ShardedVocabCodebook`: this rank's RSS
+    high-water mark above the RSS before (its rows, their packed copy, the O(V) token metadata, one read chunk;
+    rank 0 also streams the fingerprint), its share and the seconds; on 1 rank also a whole `VocabCodebook`
+    (the single-process path, from the table cache)."""
+    import gc
+
+    import gguf  # noqa: F401 - imported before the baseline
+
+    from spae_fast.distributed import ShardedVocabCodebook
+    from spae_fast.vocab import VocabCodebook
+
+    result = {}
+    gc.collect()
+    base, _ = proc_status_kib("VmRSS"), reset_peak()
+    started = time.perf_counter()
+    vocab = ShardedVocabCodebook.from_pretrained(source)
+    result["load_s"] = time.perf_counter() - started
+    result["load_peak_MiB"] = (proc_status_kib("VmHWM") - base) / 2**10
+    local = vocab.sharded.local
+    result["load_share_MiB"] = (local.weight.nbytes + local.nbytes_packed()) / 2**20
+    result["load_rows"] = vocab.sharded.shard_rows
+    result["load_table_MiB"] = vocab.num_rows * vocab.dim * 4 / 2**20
+    del vocab, local
+    gc.collect()
+    if world == 1:
+        VocabCodebook.from_pretrained(source)  # builds the table cache if missing (not measured)
+        gc.collect()
+        base, _ = proc_status_kib("VmRSS"), reset_peak()
+        started = time.perf_counter()
+        whole = VocabCodebook.from_pretrained(source)
+        result["whole_load_s"] = time.perf_counter() - started
+        result["whole_load_peak_MiB"] = (proc_status_kib("VmHWM") - base) / 2**10
+        del whole
+        gc.collect()
+    return result
+
+
 def worker(rank: int, world: int, store: str, args: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
@@ -96,13 +137,16 @@ def worker(rank: int, world: int, store: str, args: dict) -> None:
     warm = positions.clone().requires_grad_(True)
     sd.semantic_loss(warm, small, candidate_index % 64, candidate_offsets, sets).backward()
     del small, warm
+    row = {"ranks": world, "rank": rank}
+    if args["vocab_source"]:
+        row.update(_loading(args["vocab_source"], world))
     dist.barrier()
     base = proc_status_kib("VmRSS")
     reset = reset_peak()
     book = sd.ShardedCodebook.from_file(args["table"], tensor=args["tensor"])
     share = book.local.weight.nbytes + book.local.nbytes_packed()
-    row = {"ranks": world, "rank": rank, "shard_rows": book.shard_rows, "table_MiB": args["table_bytes"] / 2**20,
-           "share_MiB": share / 2**20, "peak_after_build_MiB": (proc_status_kib("VmHWM") - base) / 1024}  # fmt: skip
+    row.update({"shard_rows": book.shard_rows, "table_MiB": args["table_bytes"] / 2**20, "share_MiB": share / 2**20,
+                "peak_after_build_MiB": (proc_status_kib("VmHWM") - base) / 1024})  # fmt: skip
     layers = (1, 2, 4, 8, 16)
 
     def semantic():
@@ -157,6 +201,8 @@ def main(argv=None) -> None:
     parser.add_argument("--queries", type=int, default=1024)
     parser.add_argument("--table", default=None, help="a safetensors file holding a [V, D] table (default: random)")
     parser.add_argument("--tensor", default=None, help="the tensor's name in --table (default: its input embedding)")
+    parser.add_argument("--vocab-source", default="smollm2",
+                        help="a vocabulary whose sharded loading is measured ('' to skip; default: smollm2)")  # fmt: skip
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
     from safetensors import safe_open
@@ -178,7 +224,7 @@ def main(argv=None) -> None:
         shape = handle.get_slice(tensor).get_shape()
         table_bytes = handle.get_slice(tensor)[:1].element_size() * shape[0] * shape[1]
     settings = {"table": table_path, "tensor": tensor, "vocab": shape[0], "dim": shape[1], "queries": args.queries,
-                "table_bytes": table_bytes, "out_tmp": work}  # fmt: skip
+                "table_bytes": table_bytes, "out_tmp": work, "vocab_source": args.vocab_source}  # fmt: skip
     rows = []
     started = time.time()
     for world in sorted(args.ranks):
@@ -215,6 +261,16 @@ def _markdown(rows, settings, wall) -> str:
             + "".join(f"| {row[f'{op}_bytes_per_query']:.0f} " for op in OPS)
             + f"| {row['semantic_loss_max_rel_err']:.1e} / {row['semantic_grad_max_rel_err']:.1e} |"
         )
+    if "load_peak_MiB" in rows[0]:
+        lines += ["", (f"Loading the vocabulary {settings['vocab_source']!r} (\"words\" filter, fp32: "
+                       f"{rows[0]['load_table_MiB']:.0f} MiB of kept rows) as a ShardedVocabCodebook, per rank:"), "",
+                  "| ranks | rank | rows | share MiB (rows + packed copy) | load peak MiB | load s |", "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        lines += [f"| {r['ranks']} | {r['rank']} | {r['load_rows']} | {r['load_share_MiB']:.1f} | {r['load_peak_MiB']:.1f} "
+                  f"| {r['load_s']:.1f} |" for r in rows]  # fmt: skip
+        whole = next((row for row in rows if "whole_load_peak_MiB" in row), None)
+        if whole is not None:
+            lines += ["", (f"A whole VocabCodebook (single process, from the table cache): load peak "
+                           f"{whole['whole_load_peak_MiB']:.1f} MiB, {whole['whole_load_s']:.1f} s.")]  # fmt: skip
     single = next((row for row in rows if row["ranks"] == 1), None)
     if single is not None:
         lines += ["", "Single-process ops on the whole table (same process as the 1-rank run): "

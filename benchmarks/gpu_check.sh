@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check: on a bare NVIDIA machine with torch and triton preinstalled, build spae_fast, run tests/gpu and
-# print the benchmark table (benchmarks/bench_gpu.py) - one script, under 8 minutes on an H100.
+# GPU check: on a bare NVIDIA machine with torch and triton preinstalled, build spae_fast, run tests/gpu, the
+# vocabulary-parallel ops over NCCL (benchmarks/distributed_check.py) and print the benchmark table
+# (benchmarks/bench_gpu.py) - one script, under 8 minutes on an H100.
 #
 #   bash benchmarks/gpu_check.sh            # build + GPU tests + benchmark
 #   QUICK=1 bash benchmarks/gpu_check.sh    # smaller benchmark shapes (smoke run)
@@ -68,6 +69,15 @@ timeout "${TEST_TIMEOUT:-300}" "$VENV/bin/pytest" tests/gpu -q -x --durations=10
 TESTS=$?
 echo "GPU tests exit code $TESTS ($(elapsed))"
 
+# Vocabulary-parallel ops (spae_fast.distributed) against the single-process ops on the GPU: NCCL with one rank
+# per GPU (NCCL refuses two ranks on one device, so one GPU means world size 1: every collective goes through
+# NCCL, nothing is split), then gloo with 2 ranks sharing GPU 0 (CUDA tensors; the table split in two).
+echo "== distributed: NCCL, then gloo on CUDA ($(elapsed))"
+(cd /tmp && timeout "${DIST_TIMEOUT:-180}" "$PY" "$ROOT/benchmarks/distributed_check.py" --backend nccl \
+  && timeout "${DIST_TIMEOUT:-180}" "$PY" "$ROOT/benchmarks/distributed_check.py" --backend gloo --world 2 --device cuda)
+DIST=$?
+echo "distributed check exit code $DIST ($(elapsed))"
+
 echo "== benchmark ($(elapsed))"
 mkdir -p benchmarks/results
 ARGS=(--out "$ROOT/benchmarks/results" --update-benchmarks-md)
@@ -93,5 +103,5 @@ fi
 if [ -n "${OUT:-}" ]; then
   cp benchmarks/results/gpu_* benchmarks/results/bench_vq_cuda* BENCHMARKS.md "$OUT"/ 2>/dev/null || true
 fi
-echo "== done in $(elapsed): tests exit $TESTS, benchmark exit $BENCH, bench_vq exit $VQ"
-[ "$TESTS" = 0 ] && [ "$BENCH" = 0 ] && { [ "$VQ" = 0 ] || [ "$VQ" = skipped ]; }
+echo "== done in $(elapsed): tests exit $TESTS, distributed exit $DIST, benchmark exit $BENCH, bench_vq exit $VQ"
+[ "$TESTS" = 0 ] && [ "$DIST" = 0 ] && [ "$BENCH" = 0 ] && { [ "$VQ" = 0 ] || [ "$VQ" = skipped ]; }
