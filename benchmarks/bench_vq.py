@@ -164,7 +164,9 @@ def memory_child(job: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def run(args) -> list[dict]:
+def run(args, on_row=None) -> list[dict]:
+    """Measure every (V, D) of the grid; ``on_row(rows)`` after each (the results so far are saved, so a run
+    stopped by a timeout keeps its finished rows)."""
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
     dims = QUICK_DIMS if args.quick else FULL_DIMS
     sizes = args.sizes or sizes
@@ -195,6 +197,8 @@ def run(args) -> list[dict]:
             row.update({f"{k}_s": v for k, v in share.items()})
             print(json.dumps(row), flush=True)
             rows.append(row)
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
@@ -214,9 +218,8 @@ def shape_key(size: int, dim: int, args) -> str:
     return f"V={size},D={dim},N={args.batch}x{args.tokens}"
 
 
-def merged(rows: list[dict], path: Path, args) -> list[dict]:
-    """``rows`` plus the rows of an earlier run in ``path`` (its long CSV) for the other (V, D) of the same
-    device and token count, sorted by (V, D)."""
+def earlier_rows(path: Path, args) -> list[dict]:
+    """The rows of an earlier run in ``path`` (its long CSV) of the same device and token count (for --merge)."""
     kept: dict[str, dict] = {}
     if path.is_file():
         with open(path, newline="") as handle:
@@ -225,16 +228,14 @@ def merged(rows: list[dict], path: Path, args) -> list[dict]:
                     continue
                 row = kept.setdefault(line["shape"], {"_git": line["git_sha"], "_command": line["note"]})
                 row[line["metric"]] = float(line["value"])
-    new = {shape_key(r["size"], r["dim"], args) for r in rows}
-    old = []
+    rows = []
     for shape, row in kept.items():
         parts = dict(item.split("=") for item in shape.split(","))
-        if shape in new or parts["N"] != f"{args.batch}x{args.tokens}":
-            continue
-        row.update(size=int(parts["V"]), dim=int(parts["D"]))
-        row.setdefault("rounds", float("nan"))
-        old.append(row)
-    return sorted(old + rows, key=lambda r: (r["size"], r["dim"]))
+        if parts["N"] == f"{args.batch}x{args.tokens}":
+            row.update(size=int(parts["V"]), dim=int(parts["D"]))
+            row.setdefault("rounds", float("nan"))
+            rows.append(row)
+    return rows
 
 
 def update_cost(row: dict) -> float:
@@ -378,27 +379,39 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("vector-quantize-pytorch is not installed (pip install vector-quantize-pytorch)")
     print(f"machine: {info['machine']}\nversions: {info['versions']}\ngit: {info['git']}", flush=True)
     stem, heading = output_names(args.device)
-    rows = run(args)
-    command = f"benchmarks/bench_vq.py {' '.join(args.argv)}"
-    for row in rows:
-        row.update(_git=info["git"], _command=command)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.merge:
-        rows = merged(rows, args.out / f"{stem}.csv", args)
-    csv_rows = []
-    for r in rows:
-        for key, value in r.items():
-            if key not in ("size", "dim") and not key.startswith("_"):
-                csv_rows.append({"op": "vq_training_step", "provider": "", "shape": shape_key(r["size"], r["dim"], args),
-                                 "dtype": "float32", "metric": key, "value": value, "device": args.device,
-                                 "versions": info["versions"], "git_sha": r["_git"], "note": r["_command"]})  # fmt: skip
-    write_csv(args.out / f"{stem}.csv", csv_rows)
-    section = report(rows, args, info).replace(SECTION, heading, 1).replace("bench_vq.png", f"{stem}.png")
-    (args.out / f"{stem}.md").write_text(section, encoding="utf-8")
-    plot(rows, args.out / f"{stem}.png", all(f"{PROVIDERS[1]}_mem" in r for r in rows))
-    if not args.no_update_benchmarks_md:
-        replace_markdown_section(Path(__file__).resolve().parent.parent / "BENCHMARKS.md", heading, section)
-    print(section)
+    earlier = earlier_rows(args.out / f"{stem}.csv", args) if args.merge else []
+    command = f"benchmarks/bench_vq.py {' '.join(args.argv)}"
+    sections = []
+
+    def save(rows: list[dict]) -> None:
+        for row in rows:
+            row.setdefault("_git", info["git"])
+            row.setdefault("_command", command)
+        new = {(r["size"], r["dim"]) for r in rows}
+        rows = sorted(
+            [r for r in earlier if (r["size"], r["dim"]) not in new] + rows,
+            key=lambda r: (r["size"], r["dim"]),
+        )
+        csv_rows = []
+        for r in rows:
+            for key, value in r.items():
+                if key not in ("size", "dim") and not key.startswith("_"):
+                    csv_rows.append({"op": "vq_training_step", "provider": "", "shape": shape_key(r["size"], r["dim"], args),
+                                     "dtype": "float32", "metric": key, "value": value, "device": args.device,
+                                     "versions": info["versions"], "git_sha": r["_git"], "note": r["_command"]})  # fmt: skip
+        write_csv(args.out / f"{stem}.csv", csv_rows)
+        section = report(rows, args, info).replace(SECTION, heading, 1).replace("bench_vq.png", f"{stem}.png")
+        (args.out / f"{stem}.md").write_text(section, encoding="utf-8")
+        plot(rows, args.out / f"{stem}.png", all(f"{PROVIDERS[1]}_mem" in r for r in rows))
+        if not args.no_update_benchmarks_md:
+            replace_markdown_section(
+                Path(__file__).resolve().parent.parent / "BENCHMARKS.md", heading, section
+            )
+        sections[:] = [section]
+
+    run(args, on_row=save)
+    print(sections[0] if sections else "no rows")
     return 0
 
 
