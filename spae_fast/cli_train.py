@@ -28,7 +28,7 @@ from .model import SPAE, SPAEConfig
 from .ops import BACKENDS, SAQ_MODES
 from .pyramid import TokenPyramid
 from .quantizer import QUANTIZER_METRICS
-from .trainer import TrainConfig, Trainer, check_vocab_parallel, setup_distributed
+from .trainer import TrainConfig, Trainer, setup_distributed
 
 # Filled in from the codebook; not options.
 _DERIVED_MODEL_FIELDS = ("codebook_rows", "codebook_dim", "codebook_fingerprint")
@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     train_config = dataclass_from_args(TrainConfig, args)
     train, held_out = build_datasets(args.data, model_config.image_size, args.classes)
     if args.vocab_parallel > 1:  # each rank reads only its rows of the table (and the O(V) token metadata)
-        from .distributed import ShardedVocabCodebook, vocab_parallel_groups
+        from .distributed import ShardedVocabCodebook, check_vocab_parallel, vocab_parallel_groups
 
         check_vocab_parallel(args.vocab_parallel, setup_distributed()[1])
         vocab = ShardedVocabCodebook.from_pretrained(model_config.codebook, token_filter=model_config.token_filter,

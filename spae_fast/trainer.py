@@ -192,17 +192,6 @@ def setup_distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def check_vocab_parallel(vocab_parallel: int, world_size: int) -> None:
-    """ValueError unless ``vocab_parallel`` is a positive int that divides ``world_size``."""
-    if isinstance(vocab_parallel, bool) or not isinstance(vocab_parallel, int) or vocab_parallel < 1:
-        raise ValueError(f"vocab_parallel must be a positive int, got {vocab_parallel!r}")
-    if world_size % vocab_parallel:
-        raise ValueError(
-            f"vocab_parallel = {vocab_parallel} must divide the number of processes ({world_size}); run "
-            f"under torchrun --nproc-per-node with a multiple of {vocab_parallel}"
-        )
-
-
 class Trainer:
     """Trains ``model`` on ``dataset`` (items ``(image [3, S, S] in [-1, 1], label)``).
 
@@ -238,23 +227,12 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.device = torch.device(device)
         self.rank, self.world_size = setup_distributed()
+        from .distributed import check_vocab_parallel, split_vocabulary
+
         check_vocab_parallel(vocab_parallel, self.world_size)
         self.vocab_parallel = vocab_parallel
-        self.vocab_group = data_group = None
         self.model = model.to(self.device)
-        if vocab_parallel > 1:
-            from .distributed import VocabParallelQuantizer, vocab_parallel_groups
-
-            self.vocab_group, data_group = vocab_parallel_groups(vocab_parallel)
-            if not isinstance(model.quantizer, VocabParallelQuantizer):
-                model.quantizer = VocabParallelQuantizer.from_quantizer(model.quantizer, group=self.vocab_group)
-            elif model.quantizer.sharded.group is not self.vocab_group:  # built on a ShardedVocabCodebook
-                raise ValueError(
-                    "the model's vocabulary-parallel codebook must be split over this rank's vocabulary group: build "
-                    f"it with group=spae_fast.distributed.vocab_parallel_groups({vocab_parallel})[0]"
-                )
-        elif getattr(model.quantizer, "sharded", None) is not None:
-            raise ValueError("the model's codebook is split over ranks (a ShardedVocabCodebook): pass vocab_parallel=N")
+        self.vocab_group, data_group = split_vocabulary(model, vocab_parallel)  # (None, None) for 1
         self.dataset = dataset
         self.eval_dataset = eval_dataset if eval_dataset is not None else dataset
         self.relevance = relevance

@@ -48,6 +48,37 @@ from .vocab_shard import ShardedVocabCodebook
 _GROUPS: dict[int, tuple[object, dist.ProcessGroup, dist.ProcessGroup]] = {}  # N -> (world, vocab, data group)
 
 
+def check_vocab_parallel(vocab_parallel: int, world_size: int) -> None:
+    """ValueError unless ``vocab_parallel`` is a positive int that divides ``world_size``."""
+    if isinstance(vocab_parallel, bool) or not isinstance(vocab_parallel, int) or vocab_parallel < 1:
+        raise ValueError(f"vocab_parallel must be a positive int, got {vocab_parallel!r}")
+    if world_size % vocab_parallel:
+        raise ValueError(
+            f"vocab_parallel = {vocab_parallel} must divide the number of processes ({world_size}); run "
+            f"under torchrun --nproc-per-node with a multiple of {vocab_parallel}"
+        )
+
+
+def split_vocabulary(model, vocab_parallel: int) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+    """(vocabulary group, data group) of this rank for training ``model`` (an `SPAE`) with ``vocab_parallel``,
+    its quantizer split over the vocabulary group: a single-process quantizer is replaced by a
+    `VocabParallelQuantizer` (from its whole table), one built on a `ShardedVocabCodebook` is checked to be split
+    over this group. (None, None) for ``vocab_parallel = 1`` (refused for an already split quantizer)."""
+    if vocab_parallel == 1:
+        if getattr(model.quantizer, "sharded", None) is not None:
+            raise ValueError("the model's codebook is split over ranks (a ShardedVocabCodebook): pass vocab_parallel=N")
+        return None, None
+    vocab_group, data_group = vocab_parallel_groups(vocab_parallel)
+    if not isinstance(model.quantizer, VocabParallelQuantizer):
+        model.quantizer = VocabParallelQuantizer.from_quantizer(model.quantizer, group=vocab_group)
+    elif model.quantizer.sharded.group is not vocab_group:
+        raise ValueError(
+            "the model's vocabulary-parallel codebook must be split over this rank's vocabulary group: build it "
+            f"with group=spae_fast.distributed.vocab_parallel_groups({vocab_parallel})[0]"
+        )
+    return vocab_group, data_group
+
+
 def vocab_parallel_groups(vocab_parallel: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
     """(vocabulary group, data group) of this rank in a ``data x vocab`` grid of the world: world rank
     ``d * vocab_parallel + v`` is shard ``v`` of data replica ``d``. The vocabulary group holds the ranks of
@@ -57,10 +88,7 @@ def vocab_parallel_groups(vocab_parallel: int) -> tuple[dist.ProcessGroup, dist.
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocab_parallel_groups needs an initialised torch.distributed process group")
     world, rank = dist.get_world_size(), dist.get_rank()
-    if isinstance(vocab_parallel, bool) or not isinstance(vocab_parallel, int) or vocab_parallel < 1:
-        raise ValueError(f"vocab_parallel must be a positive int, got {vocab_parallel!r}")
-    if world % vocab_parallel:
-        raise ValueError(f"vocab_parallel = {vocab_parallel} must divide the world size {world}")
+    check_vocab_parallel(vocab_parallel, world)
     cached = _GROUPS.get(vocab_parallel)
     if cached is not None and cached[0] is dist.group.WORLD:  # not a process group of an earlier world
         return cached[1], cached[2]
@@ -83,10 +111,12 @@ __all__ = [
     "ShardedVocabCodebook",
     "VocabParallelQuantizer",
     "balanced_boundaries",
+    "check_vocab_parallel",
     "lookup",
     "nearest",
     "saq",
     "semantic_loss",
+    "split_vocabulary",
     "topk",
     "vocab_parallel_groups",
 ]

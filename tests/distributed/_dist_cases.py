@@ -531,7 +531,7 @@ def data_by_vocab_groups(rank, world, data):
         sd.vocab_parallel_groups(world + 1)
         raised = False
     except ValueError as error:
-        raised = "must divide the world size" in str(error)
+        raised = "must divide the number of processes" in str(error)
     for vocab_parallel, sizes, boundaries, equal in results:
         assert sizes == (vocab_parallel, world // vocab_parallel), (vocab_parallel, sizes)
         assert len(boundaries) == vocab_parallel, boundaries
