@@ -29,7 +29,7 @@ def _packed(weight):
     bias = torch.empty(-(-num_rows // 16) * 16)
     code, _, max_norm = C.pack_codebook(
         weight=buffer(weight), num_rows=num_rows, dim=dim, weight_row_stride=weight.stride(0),
-        weight_col_stride=weight.stride(1), weight_dtype=0, metric=0, out_panels=buffer(panels),
+        weight_col_stride=weight.stride(1), weight_dtype=0, metric=0, out_panels=buffer(panels), out_panels_dtype=0,
         out_bias=buffer(bias), num_threads=1,
     )  # fmt: skip
     assert code == 0
@@ -44,7 +44,7 @@ def problem():
     dist, index = torch.empty(7, 1), torch.empty(7, 1, dtype=torch.int64)
     args = dict(
         x=buffer(x), num_queries=7, dim=12, x_row_stride=12, x_col_stride=1, x_dtype=0,
-        panels=buffer(panels), bias=buffer(bias), codebook_rows=40, max_norm=max_norm, metric=0, k=1,
+        panels=buffer(panels), panels_dtype=0, bias=buffer(bias), codebook_rows=40, max_norm=max_norm, metric=0, k=1,
         check_finite=True, num_threads=1, out_dist=buffer(dist), out_index=buffer(index),
         weight=buffer(weight), weight_row_stride=12, weight_col_stride=1, weight_dtype=0,
         prefilter_panels=NO_BUFFER, prefilter_columns=NO_BUFFER, prefilter_offsets=NO_BUFFER,
@@ -131,7 +131,7 @@ def saq_call(problem):
     ids = torch.empty(2, 1 + 4 + 16, dtype=torch.int64)
     saq = dict(
         z=buffer(z), z_dtype=0, batch=2, dim=12, grid=4, z_strides=z.stride(), weight=buffer(weight),
-        num_rows=40, weight_row_stride=12, weight_col_stride=1, weight_dtype=0, panels=buffer(panels),
+        num_rows=40, weight_row_stride=12, weight_col_stride=1, weight_dtype=0, panels=buffer(panels), panels_dtype=0,
         bias=buffer(bias), max_norm=problem["args"]["max_norm"], sides=[1, 2, 4], residual=False,
         check_finite=True, num_threads=1, out_ids=buffer(ids), prefilter_panels=NO_BUFFER,
         prefilter_columns=NO_BUFFER, prefilter_offsets=NO_BUFFER, prefilter_bounds=[],
@@ -148,7 +148,7 @@ def semantic_call(problem):
     semantic = dict(
         z=buffer(zl), num_rows=3, dim=12, z_row_stride=12, z_col_stride=1, z_dtype=0,
         weight=buffer(weight), vocab=40, weight_row_stride=12, weight_col_stride=1, weight_dtype=0,
-        panels=buffer(panels), bias=buffer(bias), max_norm=problem["args"]["max_norm"],
+        panels=buffer(panels), panels_dtype=0, bias=buffer(bias), max_norm=problem["args"]["max_norm"],
         candidate_index=buffer(index), num_candidates=2, candidate_offsets=buffer(offsets), num_sets=1,
         set_of_position=buffer(position), tau=1.0, compute_grad=False, check_finite=True, num_threads=1,
         out_loss=buffer(loss), out_grad=NO_BUFFER, bf16_panels=NO_BUFFER, bf16_rows=NO_BUFFER,

@@ -56,13 +56,13 @@ OVERFLOW = textwrap.dedent(
     panels, bias = torch.empty(1, 8, 16), torch.empty(16)  # one panel: 16 rows, 512 bytes
     code, _, max_norm = C.pack_codebook(
         weight=buffer(small), num_rows=16, dim=8, weight_row_stride=8, weight_col_stride=1, weight_dtype=0,
-        metric=0, out_panels=buffer(panels), out_bias=buffer(bias), num_threads=1)
+        metric=0, out_panels=buffer(panels), out_panels_dtype=0, out_bias=buffer(bias), num_threads=1)
     assert code == 0
     dist, index = torch.empty(4, 1), torch.empty(4, 1, dtype=torch.int64)
     num_panels = -(-3000 // 16)
     C.search(  # told V = 3000 rows: the kernel reads 187 panels past the end of the one-panel buffer
         x=buffer(x), num_queries=4, dim=8, x_row_stride=8, x_col_stride=1, x_dtype=0,
-        panels=buffer(panels, num_panels * 8 * 16 * 4), bias=buffer(bias, num_panels * 16 * 4),
+        panels=buffer(panels, num_panels * 8 * 16 * 4), panels_dtype=0, bias=buffer(bias, num_panels * 16 * 4),
         codebook_rows=3000, max_norm=max_norm, metric=0, k=1, check_finite=True, num_threads=1,
         out_dist=buffer(dist), out_index=buffer(index), weight=buffer(weight), weight_row_stride=8,
         weight_col_stride=1, weight_dtype=0, prefilter_panels=buffer(x[:0]), prefilter_columns=buffer(x[:0]),

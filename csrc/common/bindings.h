@@ -51,8 +51,13 @@ T* dense_arg(KeywordArgs& args, const char* name, std::initializer_list<int64_t>
   return reinterpret_cast<T*>(args.buffer(name, spae_boundary::dense_bytes(sizes, sizeof(T))));
 }
 
-// The fp32 packed codebook (pack_codebook's panels / bias, metric l2 unless set): `panels` and `bias`
-// addresses, max_norm a finite float >= 0.
+// The packed panels of a [rows, dim] table: buffer `name` of ceil(rows / 16) * 16 * dim elements of the dtype
+// tagged by `dtype_name` (fp32, or bf16 / fp16 panels: half the bytes), stored to *dtype.
+const void* panels_arg(KeywordArgs& args, const char* name, const char* dtype_name, int64_t rows, int64_t dim,
+                       DType* dtype);
+
+// The packed codebook (pack_codebook's panels / bias, metric l2 unless set): `panels` (of `panels_dtype`)
+// and `bias` addresses, max_norm a finite float >= 0.
 PackedCodebookView packed_codebook_arg(KeywordArgs& args, int64_t rows, int64_t dim);
 
 // The int8 copy of the certified pre-filter (nearest and saq; nearest/bindings.cpp): prefilter_panels (0: off),

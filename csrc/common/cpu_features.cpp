@@ -11,7 +11,7 @@ namespace spae {
 bool cpu_supports_avx2_fma() {
 #if defined(SPAE_HAVE_AVX2_KERNEL) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #else
   return false;
 #endif

@@ -1,18 +1,42 @@
-// AVX2 + FMA micro-kernel, compiled with -mavx2 -mfma and chosen at run time (cpu_features.cpp).
+// AVX2 + FMA micro-kernel, compiled with -mavx2 -mfma -mf16c and chosen at run time (cpu_features.cpp).
 //
 // Outer-product form of the distance GEMM: per step d, two 8-wide loads of the packed codebook panel
 // p[d][0:16] and six broadcasts of the packed queries a[d][0:6] feed 12 fused multiply-adds into 12
 // accumulators (6 x 16 scores). Each score is one FMA chain in ascending d, so it is bitwise independent
 // of which tile or thread computes it. The epilogue adds the bias (||e||^2 for l2) and compares with the
 // row's current selection threshold, so the caller only touches the rare columns that can enter its top-k.
+// Narrow panels (spae_native.h, PanelFormat) are widened in the load, exactly: bf16 -> fp32 is a 16-bit
+// shift, fp16 -> fp32 is F16C's vcvtph2ps (subnormals included), and fp16 l2 panels (-e) are doubled, which is
+// exact in fp32; so the FMA chains, and the scores, are bitwise those of the fp32 panels.
 #include <immintrin.h>
 
 #include "common/spae_native.h"
 
 namespace spae {
+namespace {
 
-void micro_kernel_avx2(const float* packed_queries, const float* panel, const float* bias, int64_t dim,
-                       const float* thresholds, float* scores, uint32_t* masks) {
+// Columns 8 h .. 8 h + 7 of panel row d as fp32.
+template <PanelFormat F>
+inline __m256 load_panel(const void* panel, int64_t d, int h) {
+  if constexpr (F == PanelFormat::Float32) {
+    return _mm256_loadu_ps(static_cast<const float*>(panel) + d * kPanelWidth + 8 * h);
+  } else {
+    const __m128i bits = _mm_loadu_si128(
+        reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(panel) + d * kPanelWidth + 8 * h));
+    if constexpr (F == PanelFormat::BFloat16) {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+    } else if constexpr (F == PanelFormat::Float16) {
+      return _mm256_cvtph_ps(bits);
+    } else {
+      const __m256 v = _mm256_cvtph_ps(bits);
+      return _mm256_add_ps(v, v);  // 2 * (-e) = -2e, exact
+    }
+  }
+}
+
+template <PanelFormat F>
+void micro_kernel(const float* packed_queries, const void* panel, const float* bias, int64_t dim,
+                  const float* thresholds, float* scores, uint32_t* masks) {
   static_assert(kTileRows == 6 && kPanelWidth == 16, "the AVX2 kernel is written for a 6 x 16 tile");
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
   __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
@@ -21,10 +45,9 @@ void micro_kernel_avx2(const float* packed_queries, const float* panel, const fl
   __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
   __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
   const float* a = packed_queries;
-  const float* p = panel;
-  for (int64_t d = 0; d < dim; ++d, a += kTileRows, p += kPanelWidth) {
-    const __m256 p0 = _mm256_loadu_ps(p);
-    const __m256 p1 = _mm256_loadu_ps(p + 8);
+  for (int64_t d = 0; d < dim; ++d, a += kTileRows) {
+    const __m256 p0 = load_panel<F>(panel, d, 0);
+    const __m256 p1 = load_panel<F>(panel, d, 1);
     __m256 ar = _mm256_broadcast_ss(a + 0);
     c00 = _mm256_fmadd_ps(ar, p0, c00);
     c01 = _mm256_fmadd_ps(ar, p1, c01);
@@ -58,6 +81,22 @@ void micro_kernel_avx2(const float* packed_queries, const float* panel, const fl
     const uint32_t m1 = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(s1, t, _CMP_NGT_UQ)));
     masks[r] = m0 | (m1 << 8);
   }
+}
+
+}  // namespace
+
+MicroKernel avx2_micro_kernel(PanelFormat format) {
+  switch (format) {
+    case PanelFormat::BFloat16:
+      return micro_kernel<PanelFormat::BFloat16>;
+    case PanelFormat::Float16:
+      return micro_kernel<PanelFormat::Float16>;
+    case PanelFormat::Float16Doubled:
+      return micro_kernel<PanelFormat::Float16Doubled>;
+    case PanelFormat::Float32:
+      break;
+  }
+  return micro_kernel<PanelFormat::Float32>;
 }
 
 }  // namespace spae

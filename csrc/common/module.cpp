@@ -12,10 +12,18 @@
 
 namespace spae {
 
+const void* panels_arg(KeywordArgs& args, const char* name, const char* dtype_name, int64_t rows, int64_t dim,
+                       DType* dtype) {
+  *dtype = static_cast<DType>(args.dtype(dtype_name));
+  const int64_t padded_rows = (rows + kPanelWidth - 1) / kPanelWidth * kPanelWidth;
+  return reinterpret_cast<const void*>(
+      args.buffer(name, spae_boundary::dense_bytes({padded_rows, dim}, dtype_bytes(*dtype))));
+}
+
 PackedCodebookView packed_codebook_arg(KeywordArgs& args, int64_t rows, int64_t dim) {
   PackedCodebookView view;
   const int64_t padded_rows = (rows + kPanelWidth - 1) / kPanelWidth * kPanelWidth;
-  view.panels = dense_arg<const float>(args, "panels", {padded_rows, dim});
+  view.panels = panels_arg(args, "panels", "panels_dtype", rows, dim, &view.panel_dtype);
   view.bias = dense_arg<const float>(args, "bias", {padded_rows});
   view.rows = rows;
   view.dim = dim;
@@ -31,7 +39,11 @@ py::tuple pack_codebook_entry(KeywordArgs& args) {
   const MatrixView weight = matrix_arg(args, "weight", num_rows, dim);
   const Metric metric = static_cast<Metric>(args.tag("metric", 3));
   const int64_t padded_rows = (num_rows + kPanelWidth - 1) / kPanelWidth * kPanelWidth;
-  float* panels = dense_arg<float>(args, "out_panels", {padded_rows, dim});
+  DType panel_dtype = DType::Float32;
+  void* panels = const_cast<void*>(panels_arg(args, "out_panels", "out_panels_dtype", num_rows, dim, &panel_dtype));
+  if (panel_dtype != DType::Float32 && (panel_dtype != weight.dtype || metric == Metric::Cosine))
+    args.fail_value("out_panels_dtype", "must be float32, or the table's own bfloat16 / float16 for metric l2 or ip "
+                                        "(cosine's -e/|e| is not exact in the narrow dtype)");
   float* bias = dense_arg<float>(args, "out_bias", {padded_rows});
   const int num_threads = args.threads("num_threads");
   args.done();
@@ -39,7 +51,7 @@ py::tuple pack_codebook_entry(KeywordArgs& args) {
   StatusInfo info;
   {
     py::gil_scoped_release release;
-    info = spae::pack_codebook(weight, metric, panels, bias, &max_norm, num_threads);
+    info = spae::pack_codebook(weight, metric, panel_dtype, panels, bias, &max_norm, num_threads);
   }
   return py::make_tuple(static_cast<int>(info.status), info.detail, max_norm);
 }
@@ -59,7 +71,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("TILE_ROWS") = spae::kTileRows;
   spae::def_keywords(m, spae::kModule, "pack_codebook", spae::pack_codebook_entry,
                      "pack_codebook(*, weight, num_rows, dim, weight_row_stride, weight_col_stride, weight_dtype, "
-                     "metric, out_panels, out_bias, num_threads) -> (code, detail, max_norm)");
+                     "metric, out_panels, out_panels_dtype, out_bias, num_threads) -> (code, detail, max_norm)");
   spae::register_nearest_bindings(m);
   spae::register_saq_bindings(m);
   spae::register_semantic_loss_bindings(m);

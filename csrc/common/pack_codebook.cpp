@@ -1,6 +1,7 @@
-// The codebook packed once for the fp32 micro-kernels of every op (spae_native.h, PackedCodebookView): panels
+// The codebook packed once for the micro-kernels of every op (spae_native.h, PackedCodebookView): panels
 // of 16 rows [D][16] with the metric folded in (l2: p = -2e, bias ||e||^2; ip: p = -e; cosine: p = -e/|e|),
-// and the fp32 micro-kernel of the active ISA.
+// stored in fp32 or, for bf16 / fp16 tables with metric l2 / ip, in the table's own dtype (PanelFormat: the
+// kernels widen them to the same fp32 p exactly); and the micro-kernel of the active ISA.
 #include <omp.h>
 
 #include <algorithm>
@@ -15,27 +16,55 @@ namespace spae {
 
 using fused::kInf;
 
-MicroKernel active_micro_kernel() {
+MicroKernel active_micro_kernel(PanelFormat format) {
 #if defined(SPAE_HAVE_AVX2_KERNEL)
-  if (active_isa() == Isa::Avx2Fma) return micro_kernel_avx2;
+  if (active_isa() == Isa::Avx2Fma) return avx2_micro_kernel(format);
 #endif
-  return micro_kernel_portable;
+  return portable_micro_kernel(format);
 }
 
-StatusInfo pack_codebook(const MatrixView& e, Metric metric, float* panels, float* bias, double* max_norm,
-                         int num_threads) {
+namespace {
+
+// Writes panel element `offset` from its fp32 value p (exact in the narrow formats: see PanelFormat).
+inline void store_panel_value(void* panels, PanelFormat format, int64_t offset, float p) {
+  switch (format) {
+    case PanelFormat::Float32:
+      static_cast<float*>(panels)[offset] = p;
+      return;
+    case PanelFormat::BFloat16:
+      static_cast<uint16_t*>(panels)[offset] = float_to_bf16(p);
+      return;
+    case PanelFormat::Float16:
+      static_cast<uint16_t*>(panels)[offset] = float_to_half(p);
+      return;
+    case PanelFormat::Float16Doubled:
+      static_cast<uint16_t*>(panels)[offset] = float_to_half(0.5f * p);  // -e: the load doubles it
+      return;
+  }
+}
+
+}  // namespace
+
+StatusInfo pack_codebook(const MatrixView& e, Metric metric, DType panel_dtype, void* panels_out, float* bias,
+                         double* max_norm, int num_threads) {
   const int64_t rows = e.rows, dim = e.cols;
+  PackedCodebookView layout;  // only for the panel format
+  layout.metric = metric;
+  layout.panel_dtype = panel_dtype;
+  const PanelFormat format = layout.format();
+  if (panel_dtype != DType::Float32 && (panel_dtype != e.dtype || metric == Metric::Cosine))
+    return {Status::BadArgument, 0};
   const int64_t num_panels = (rows + kPanelWidth - 1) / kPanelWidth;
   std::atomic<int64_t> bad_row{-1};
   std::atomic<int> bad_status{static_cast<int>(Status::Ok)};
   double global_max = 0.0;
 #pragma omp parallel for num_threads(num_threads) schedule(static) reduction(max : global_max)
   for (int64_t p = 0; p < num_panels; ++p) {
-    float* panel = panels + p * dim * kPanelWidth;
+    const int64_t panel = p * dim * kPanelWidth;
     for (int c = 0; c < kPanelWidth; ++c) {
       const int64_t row = p * kPanelWidth + c;
       if (row >= rows) {
-        for (int64_t d = 0; d < dim; ++d) panel[d * kPanelWidth + c] = 0.0f;
+        for (int64_t d = 0; d < dim; ++d) store_panel_value(panels_out, format, panel + d * kPanelWidth + c, 0.0f);
         bias[row] = kInf;  // pad column: never selected
         continue;
       }
@@ -57,7 +86,8 @@ StatusInfo pack_codebook(const MatrixView& e, Metric metric, float* panels, floa
       if (metric == Metric::L2) scale = -2.0;
       if (metric == Metric::Cosine) scale = -1.0 / std::max(norm, kCosineEps);
       for (int64_t d = 0; d < dim; ++d)
-        panel[d * kPanelWidth + c] = static_cast<float>(scale * static_cast<double>(e.at(row, d)));
+        store_panel_value(panels_out, format, panel + d * kPanelWidth + c,
+                          static_cast<float>(scale * static_cast<double>(e.at(row, d))));
       bias[row] = metric == Metric::L2 ? static_cast<float>(sum) : 0.0f;
       const double used_norm = metric == Metric::Cosine ? norm / std::max(norm, kCosineEps) : norm;
       global_max = std::max(global_max, used_norm);

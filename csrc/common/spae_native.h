@@ -89,6 +89,22 @@ inline float half_to_float(uint16_t h) {
   return f;
 }
 
+// fp32 -> fp16 bits for a value fp16 represents exactly (the narrow panels hold only such values: -e of an
+// fp16 table, or 0). Exact conversion, no rounding needed; NaN / Inf map to fp16 NaN / Inf.
+inline uint16_t float_to_half(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const uint32_t magnitude = bits & 0x7fffffffu;
+  if (magnitude >= 0x7f800000u) return static_cast<uint16_t>(sign | 0x7c00u | (magnitude > 0x7f800000u ? 0x200u : 0u));
+  if (magnitude >= 0x38800000u)  // normal fp16: exponent 113 .. 142 of fp32
+    return static_cast<uint16_t>(sign | (((magnitude >> 23) - 112u) << 10) | ((magnitude >> 13) & 0x3ffu));
+  if (magnitude < 0x33000000u) return sign;  // below 2^-25: zero (never for exact fp16 values but 0)
+  // fp16 subnormal m * 2^-24: the value's significand shifted into place
+  const uint32_t exponent = magnitude >> 23, mantissa = (magnitude & 0x7fffffu) | 0x800000u;
+  return static_cast<uint16_t>(sign | (mantissa >> (126u - exponent)));
+}
+
 // Reads element i of a strided vector of the given dtype as fp32 (exact for bf16 / fp16).
 inline float load_as_float(const void* base, DType dtype, int64_t offset) {
   switch (dtype) {
@@ -115,30 +131,72 @@ struct MatrixView {
   float at(int64_t r, int64_t c) const { return load_as_float(data, dtype, r * row_stride + c * col_stride); }
 };
 
-// The codebook packed once for the CPU kernel: ceil(V / 16) panels of [D][16] fp32 plus one bias per row.
+// How a panel stores its fp32 values p (what every kernel multiplies with). fp32 tables and cosine: p itself.
+// bf16 / fp16 tables with metric l2 / ip keep their own dtype (half the bytes), converted exactly in the
+// micro-kernel's load: bf16 holds p (-2e or -e: scaling a bf16 value by -2 or -1 stays exact in bf16, whose
+// range is fp32's); fp16 holds -e, and for l2 the load doubles it (-2e could overflow fp16's range, while
+// 2 * (-e) is exact in fp32). Cosine's p = -e/|e| is not representable in the narrow dtype: fp32 panels.
+enum class PanelFormat : int { Float32 = 0, BFloat16 = 1, Float16 = 2, Float16Doubled = 3 };
+
+// The codebook packed once for the CPU kernel: ceil(V / 16) panels of [D][16] plus one fp32 bias per row.
 // Pad rows (V .. padded V) are zero with bias +inf, so every column runs the same arithmetic.
 struct PackedCodebookView {
-  const float* panels = nullptr;  // [num_panels][dim][kPanelWidth]
-  const float* bias = nullptr;    // [num_panels * kPanelWidth]
-  int64_t rows = 0;               // V
-  int64_t dim = 0;                // D
-  double max_norm = 0.0;          // max_j |e_j| (after normalisation for cosine)
+  const void* panels = nullptr;  // [num_panels][dim][kPanelWidth] of panel_dtype
+  const float* bias = nullptr;   // [num_panels * kPanelWidth]
+  int64_t rows = 0;              // V
+  int64_t dim = 0;               // D
+  double max_norm = 0.0;         // max_j |e_j| (after normalisation for cosine)
   Metric metric = Metric::L2;
+  DType panel_dtype = DType::Float32;
   int64_t num_panels() const { return (rows + kPanelWidth - 1) / kPanelWidth; }
+  PanelFormat format() const {
+    if (panel_dtype == DType::BFloat16) return PanelFormat::BFloat16;
+    if (panel_dtype == DType::Float16) return metric == Metric::L2 ? PanelFormat::Float16Doubled : PanelFormat::Float16;
+    return PanelFormat::Float32;
+  }
+  // Panel p's first element.
+  const void* panel(int64_t p) const {
+    const int64_t element_bytes = panel_dtype == DType::Float32 ? 4 : 2;
+    return static_cast<const char*>(panels) + p * dim * kPanelWidth * element_bytes;
+  }
+  // Writes the fp32 panel values p[row][0 .. dim) to out[d * out_stride] (exact: the kernels' own values).
+  void unpack_row(int64_t row, float* out, int64_t out_stride) const {
+    const int64_t first = (row / kPanelWidth) * dim * kPanelWidth + row % kPanelWidth;
+    switch (format()) {
+      case PanelFormat::Float32: {
+        const float* column = static_cast<const float*>(panels) + first;
+        for (int64_t d = 0; d < dim; ++d) out[d * out_stride] = column[d * kPanelWidth];
+        return;
+      }
+      case PanelFormat::BFloat16: {
+        const uint16_t* column = static_cast<const uint16_t*>(panels) + first;
+        for (int64_t d = 0; d < dim; ++d) out[d * out_stride] = bf16_to_float(column[d * kPanelWidth]);
+        return;
+      }
+      case PanelFormat::Float16:
+      case PanelFormat::Float16Doubled: {
+        const float scale = format() == PanelFormat::Float16Doubled ? 2.0f : 1.0f;
+        const uint16_t* column = static_cast<const uint16_t*>(panels) + first;
+        for (int64_t d = 0; d < dim; ++d) out[d * out_stride] = scale * half_to_float(column[d * kPanelWidth]);
+        return;
+      }
+    }
+  }
 };
 
 // Micro-kernel: scores of kTileRows packed queries against one packed panel, fused with the selection
 // pre-filter. Writes scores[r][c] = bias[c] + sum_d a[d][r] * p[d][c] (fp32, d ascending, one
 // multiply-add chain per element so the value never depends on tiling) and returns per row r a 16-bit
-// mask of the columns with !(score > threshold[r]) (NaN passes, so the exact check sees it).
-using MicroKernel = void (*)(const float* packed_queries, const float* panel, const float* bias, int64_t dim,
+// mask of the columns with !(score > threshold[r]) (NaN passes, so the exact check sees it). `panel` is
+// read in the kernel's PanelFormat and converted to the fp32 p exactly in the load, so a narrow panel
+// gives bitwise the scores of the fp32 panel of the same table.
+using MicroKernel = void (*)(const float* packed_queries, const void* panel, const float* bias, int64_t dim,
                              const float* thresholds, float* scores, uint32_t* masks);
 
-void micro_kernel_portable(const float* packed_queries, const float* panel, const float* bias, int64_t dim,
-                           const float* thresholds, float* scores, uint32_t* masks);
+// The micro-kernel of one panel format, portable C++ or AVX2 + FMA (+ F16C for fp16 panels).
+MicroKernel portable_micro_kernel(PanelFormat format);
 #if defined(SPAE_HAVE_AVX2_KERNEL)
-void micro_kernel_avx2(const float* packed_queries, const float* panel, const float* bias, int64_t dim,
-                       const float* thresholds, float* scores, uint32_t* masks);
+MicroKernel avx2_micro_kernel(PanelFormat format);
 #endif
 
 // Low-precision pre-filter of the SAQ search (AVX512-VNNI): a 24 x 16 tile over int8 panels of 16 rows
@@ -157,8 +215,9 @@ bool cpu_supports_avx512_vnni();
 
 enum class Isa : int { Portable = 0, Avx2Fma = 1 };
 
-// The fp32 micro-kernel of the active ISA (every fp32 score is computed by it, rescoring included).
-MicroKernel active_micro_kernel();
+// The micro-kernel of the active ISA for panels of this format (every fp32 score is computed by the ISA's
+// kernels, rescoring included: all formats give bitwise the same scores).
+MicroKernel active_micro_kernel(PanelFormat format);
 
 bool cpu_supports_avx2_fma();
 Isa active_isa();
@@ -166,9 +225,11 @@ Isa active_isa();
 bool set_active_isa(Isa isa);
 const char* isa_name(Isa isa);
 
-// Packs the codebook; computes max_norm. Returns NonFiniteCodebook on NaN/Inf.
-StatusInfo pack_codebook(const MatrixView& codebook, Metric metric, float* panels, float* bias, double* max_norm,
-                         int num_threads);
+// Packs the codebook into panels of panel_dtype (fp32, or the table's own bf16 / fp16 for l2 / ip, see
+// PanelFormat); computes max_norm. Returns NonFiniteCodebook on NaN/Inf, BadArgument for a panel dtype the
+// table and metric cannot be packed in exactly.
+StatusInfo pack_codebook(const MatrixView& codebook, Metric metric, DType panel_dtype, void* panels, float* bias,
+                         double* max_norm, int num_threads);
 
 // Where the fused search reads its queries from: row r as D fp32 values. The search asks for each row once
 // per work item, from any thread, while it packs its query block, so a source may compute queries on the fly

@@ -69,12 +69,13 @@ py::tuple search_entry(KeywordArgs& args) {
 }
 
 py::tuple pack_codebook_int8_entry(KeywordArgs& args) {
-  PackedCodebookView fp32;
+  PackedCodebookView fp32;  // the panels as the kernels read them (any format: widened exactly)
   fp32.rows = args.rows("num_rows", 0);
   fp32.dim = args.dim("dim", 0);
   const int64_t panels = (fp32.rows + kPanelWidth - 1) / kPanelWidth;
   const int64_t int8_panels = (fp32.rows + kInt8PanelWidth - 1) / kInt8PanelWidth;
-  fp32.panels = dense_arg<const float>(args, "panels", {panels, fp32.dim, kPanelWidth});
+  fp32.panels = panels_arg(args, "panels", "panels_dtype", fp32.rows, fp32.dim, &fp32.panel_dtype);
+  fp32.metric = static_cast<Metric>(args.tag("metric", 3));
   fp32.bias = dense_arg<const float>(args, "bias", {panels, kPanelWidth});
   uint32_t* out_panels = dense_arg<uint32_t>(args, "out_panels", {int8_panels, (fp32.dim + 3) / 4, kInt8PanelWidth});
   float* out_columns = dense_arg<float>(args, "out_columns", {int8_panels, 4, kInt8PanelWidth});
@@ -94,13 +95,14 @@ py::tuple pack_codebook_int8_entry(KeywordArgs& args) {
 void register_nearest_bindings(py::module_& m) {
   def_keywords(m, kModule, "search", search_entry,
                "Exact fused top-k (k = 1: nearest). search(*, x, num_queries, dim, x_row_stride, x_col_stride, "
-               "x_dtype, panels, bias, codebook_rows, max_norm, metric, k, check_finite, num_threads, out_dist, "
-               "out_index, weight, weight_row_stride, weight_col_stride, weight_dtype, prefilter_panels, "
+               "x_dtype, panels, panels_dtype, bias, codebook_rows, max_norm, metric, k, check_finite, num_threads, "
+               "out_dist, out_index, weight, weight_row_stride, weight_col_stride, weight_dtype, prefilter_panels, "
                "prefilter_columns, prefilter_offsets, prefilter_bounds, prefilter_adaptive) "
                "-> (code, detail, full_search_rows)");
   def_keywords(m, kModule, "pack_codebook_int8", pack_codebook_int8_entry,
-               "int8 copy of packed fp32 panels for the certified nearest / SAQ search. pack_codebook_int8(*, "
-               "panels, bias, num_rows, dim, out_panels, out_columns, out_offsets, num_threads) -> 4 bounds");
+               "int8 copy of the packed panels for the certified nearest / SAQ search. pack_codebook_int8(*, "
+               "panels, panels_dtype, metric, bias, num_rows, dim, out_panels, out_columns, out_offsets, "
+               "num_threads) -> 4 bounds");
   m.def("cpu_supports_avx512_vnni", &cpu_supports_avx512_vnni);
   m.attr("INT8_PANEL_WIDTH") = kInt8PanelWidth;
 }

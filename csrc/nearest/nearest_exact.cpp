@@ -227,7 +227,7 @@ static StatusInfo certified_int8_pass(const QuerySource& source, const PackedCod
                                       bool check_finite, int num_threads, int64_t candidates, float* distances,
                                       int64_t* out_index, std::vector<uint8_t>& settled) {
   const int64_t dim = cb.dim;
-  const MicroKernel kernel = active_micro_kernel();
+  const MicroKernel kernel = active_micro_kernel(PanelFormat::Float32);  // the candidates are gathered in fp32
   const Int8Engine engine{prefilter, cb.max_norm, cb.metric, k};
   return fused::run(
       source, engine, candidates, check_finite, num_threads,
@@ -286,13 +286,12 @@ static StatusInfo certified_int8_pass(const QuerySource& source, const PackedCod
             if (slot >= needed) continue;
             // l2: p = -2 e exactly as pack_codebook wrote it (scaling by -2 is exact), read from the row-major
             // table: one contiguous row per candidate instead of D cache lines of the packed panels. Other
-            // metrics: the packed column itself (cosine's scale is not exact to redo).
+            // metrics, or no table: the packed column itself, widened exactly (cosine's scale is not exact
+            // to redo).
             const int64_t table_row = indices[slot];
             const MatrixView& e = weight;
             if (cb.metric != Metric::L2 || e.data == nullptr) {
-              const float* column =
-                  cb.panels + (table_row / kPanelWidth) * dim * kPanelWidth + table_row % kPanelWidth;
-              for (int64_t d = 0; d < dim; ++d) panel[d * kPanelWidth + c] = column[d * kPanelWidth];
+              cb.unpack_row(table_row, panel.data() + c, kPanelWidth);
             } else if (e.dtype == DType::Float32 && e.col_stride == 1) {
               const float* source_row = static_cast<const float*>(e.data) + table_row * e.row_stride;
               for (int64_t d = 0; d < dim; ++d)
@@ -398,6 +397,8 @@ void pack_codebook_int8(const PackedCodebookView& fp32, uint32_t* panels, float*
   for (int64_t p = 0; p < num_panels; ++p) {
     uint32_t* panel = panels + p * quads * W;
     float* column_data = columns + p * 4 * W;
+    thread_local std::vector<float> column;
+    column.resize(static_cast<size_t>(dim));
     for (int64_t c = 0; c < W; ++c) {
       const int64_t row = p * W + c;
       if (row >= rows) {  // pad column: zero row, bias +inf, never selected
@@ -409,10 +410,10 @@ void pack_codebook_int8(const PackedCodebookView& fp32, uint32_t* panels, float*
         offsets[p * W + c] = 0;
         continue;
       }
-      const float* column = fp32.panels + (row / kPanelWidth) * dim * kPanelWidth + (row % kPanelWidth);
+      fp32.unpack_row(row, column.data(), 1);  // the fp32 p of any panel format (exact)
       double largest = 0.0, norm = 0.0;
       for (int64_t d = 0; d < dim; ++d) {
-        const double v = column[d * kPanelWidth];
+        const double v = column[d];
         largest = std::max(largest, std::abs(v));
         norm += v * v;
       }
@@ -423,7 +424,7 @@ void pack_codebook_int8(const PackedCodebookView& fp32, uint32_t* panels, float*
       for (int64_t j = 0; j < quads; ++j) {
         uint32_t word = 0;
         for (int64_t h = 0; h < 4 && 4 * j + h < dim; ++h) {
-          const double v = column[(4 * j + h) * kPanelWidth];
+          const double v = column[4 * j + h];
           const double q = std::clamp(std::nearbyint(v / scale), -127.0, 127.0);
           const double back = static_cast<double>(scale) * q;
           rounding += (v - back) * (v - back);

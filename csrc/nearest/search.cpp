@@ -69,7 +69,8 @@ StatusInfo pack_query_block(const QuerySource& source, Metric metric, const Pack
 
 namespace {
 
-// fp32 scores bias_j + x . p_j with the active 6 x 16 micro-kernel (AVX2 FMA chain or portable mul + add).
+// fp32 scores bias_j + x . p_j with the active 6 x 16 micro-kernel (AVX2 FMA chain or portable mul + add) of
+// the panels' format (fp32, or bf16 / fp16 widened exactly in the load).
 struct Fp32Engine {
   static constexpr int kTile = kTileRows;
   static constexpr int kWidth = kPanelWidth;
@@ -88,8 +89,7 @@ struct Fp32Engine {
     return pack_query_block(source, cb.metric, cb, check, first, count, padded_count, row_buffer, packed, norm_sq);
   }
   void tile(const float* packed_tile, int64_t panel, const float* thresholds, float* scores, uint32_t* masks) const {
-    kernel(packed_tile, cb.panels + panel * cb.dim * kPanelWidth, cb.bias + panel * kPanelWidth, cb.dim, thresholds,
-           scores, masks);
+    kernel(packed_tile, cb.panel(panel), cb.bias + panel * kPanelWidth, cb.dim, thresholds, scores, masks);
   }
 };
 
@@ -154,7 +154,7 @@ StatusInfo search_topk(const SearchRequest& req) {
 StatusInfo search_topk_source(const QuerySource& source, const PackedCodebookView& cb, const int64_t k,
                               const bool check_finite, const int num_threads, float* const out_dist,
                               int64_t* const out_index) {
-  const Fp32Engine engine{cb, active_micro_kernel()};
+  const Fp32Engine engine{cb, active_micro_kernel(cb.format())};
   return fused::run(source, engine, k, check_finite, num_threads,
                     [&](int64_t row, const float* values, const int64_t* indices, int64_t, double norm_sq) {
                       for (int64_t j = 0; j < k; ++j) {

@@ -26,8 +26,9 @@ py::tuple semantic_loss_entry(KeywordArgs& args) {
     request.bf16_panels = dense_arg<const uint32_t>(args, "bf16_panels", {groups, (dim + 1) / 2, kSemanticGroupCols});
     args.no_buffer("panels", "with bf16_panels (precision 'bf16' reads the bf16 operands only)");
     args.no_buffer("bias", "with bf16_panels (precision 'bf16' reads the bf16 operands only)");
+    args.dtype("panels_dtype");  // of the unused fp32-path panels
   } else {
-    request.codebook.panels = dense_arg<const float>(args, "panels", {padded_rows, dim});
+    request.codebook.panels = panels_arg(args, "panels", "panels_dtype", vocab, dim, &request.codebook.panel_dtype);
     request.codebook.bias = dense_arg<const float>(args, "bias", {padded_rows});
   }
   request.codebook.rows = vocab;
@@ -75,7 +76,7 @@ void register_semantic_loss_bindings(py::module_& m) {
   def_keywords(m, kModule, "semantic_loss", semantic_loss_entry,
                "Fused semantic loss: per-row loss and gradient direction (see csrc/semantic_loss/semantic_loss.h). "
                "semantic_loss(*, z, num_rows, dim, z_row_stride, z_col_stride, z_dtype, weight, vocab, "
-               "weight_row_stride, weight_col_stride, weight_dtype, panels, bias, max_norm, candidate_index, "
+               "weight_row_stride, weight_col_stride, weight_dtype, panels, panels_dtype, bias, max_norm, candidate_index, "
                "num_candidates, candidate_offsets, num_sets, set_of_position, tau, compute_grad, check_finite, "
                "num_threads, out_loss, out_grad, bf16_panels, bf16_rows, bf16_bias) -> (code, detail)");
   m.def("cpu_supports_avx512_bf16", &cpu_supports_avx512_bf16,

@@ -2,7 +2,7 @@
 // with soft targets uniform on a candidate set, forward and gradient in one streaming pass, no N x V logits.
 //
 // Math (see semantic_loss.h). With the l2 packing of the codebook (panels p = -2e, bias ||e||^2), the shared
-// 6 x 16 micro-kernel of the search (micro_kernel_avx2 / micro_kernel_portable, used unchanged) yields
+// 6 x 16 micro-kernel of the search (active_micro_kernel of the panels' format, used unchanged) yields
 // score = ||e||^2 - 2 z.e, and the logit is s = score / -tau. Per row of z:
 //
 //   lse    = m + log(l)              running max m and sum l = sum_k exp(s_k - m), rescaled when m grows
@@ -181,7 +181,7 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
   }
   if (active.empty()) return {};
   const int threads = std::max(1, req.num_threads);
-  const MicroKernel score_kernel = SPAE_BY_ISA(micro_kernel);
+  const MicroKernel score_kernel = active_micro_kernel(req.codebook.format());  // fp32 or bf16 / fp16 panels
   const SemanticSoftmaxTile softmax_tile = SPAE_BY_ISA(semantic_softmax_tile);
   const SemanticAccumulate accumulate = SPAE_BY_ISA(semantic_accumulate);
 
@@ -384,8 +384,8 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
             const int64_t panel = group * kSemanticGroupPanels + j;
             float* out = scores.data() + j * kTileRows * kPanelWidth;
             if (panel < num_panels) {
-              score_kernel(tile_queries, req.codebook.panels + panel * dim * kPanelWidth,
-                           req.codebook.bias + panel * kPanelWidth, dim, thresholds, out, masks);
+              score_kernel(tile_queries, req.codebook.panel(panel), req.codebook.bias + panel * kPanelWidth, dim,
+                           thresholds, out, masks);
             } else {
               std::fill(out, out + kTileRows * kPanelWidth, kInf);  // columns past V: logit -inf
             }

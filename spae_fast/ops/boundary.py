@@ -104,11 +104,20 @@ def shaped(op: str, value: object, name: str, shape: tuple[int, ...], dtype: tor
         _fail(op, f"{name} must be contiguous (the native kernel reads it densely)")
 
 
-def cpu_panels(op: str, panels, bias, norm_bound, num_rows: int, dim: int) -> None:
-    """The fp32 packing of ``spae_fast::pack_codebook`` for a [V, D] table."""
+def cpu_panels(op: str, panels, bias, norm_bound, num_rows: int, dim: int, table_dtype: torch.dtype,
+               metric: str) -> None:  # fmt: skip
+    """The packing of ``spae_fast::pack_codebook`` for a [V, D] table of `table_dtype`: fp32 panels, or panels
+    in the table's own bf16 / fp16 for metric l2 / ip (`common.panel_dtype`)."""
     num_panels = -(-num_rows // PANEL_WIDTH)
     why = f"pack_codebook of a [{num_rows}, {dim}] table"
-    shaped(op, panels, "panels", (num_panels, dim, PANEL_WIDTH), torch.float32, why)
+    narrow = table_dtype in (torch.bfloat16, torch.float16) and metric in ("l2", "ip")
+    if narrow and isinstance(panels, torch.Tensor) and panels.dtype == table_dtype:
+        why += f" in its own {str(table_dtype).removeprefix('torch.')}"
+        shaped(op, panels, "panels", (num_panels, dim, PANEL_WIDTH), table_dtype, why)
+    else:
+        if narrow:
+            why += f" (float32, or its own {str(table_dtype).removeprefix('torch.')})"
+        shaped(op, panels, "panels", (num_panels, dim, PANEL_WIDTH), torch.float32, why)
     shaped(op, bias, "bias", (num_panels * PANEL_WIDTH,), torch.float32, why)
     if not isinstance(norm_bound, torch.Tensor):
         _fail(op, f"norm_bound must be a torch.Tensor ({why}), got {type(norm_bound).__name__}", TypeError)

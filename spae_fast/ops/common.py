@@ -1,8 +1,10 @@
 """What every op shares: the codebook operands the kernels take, and the stats of the last call.
 
-Codebook operands. The native CPU kernels read the table as packed fp32 panels of 16 rows
+Codebook operands. The native CPU kernels read the table as packed panels of 16 rows
 (``spae_fast::pack_codebook``: panel p, dim d, column c holds s * e[16 p + c][d], s = -2 for l2, -1 for ip,
--1 / max(|e|, 1e-12) for cosine; per-row bias ||e||^2 for l2, 0 otherwise, +inf on pad rows), the
+-1 / max(|e|, 1e-12) for cosine; per-row bias ||e||^2 for l2, 0 otherwise, +inf on pad rows). The panels
+are fp32, except for bf16 / fp16 tables with metric l2 / ip, which keep their own dtype (half the bytes; the
+kernels widen them exactly, so every result is bitwise that of fp32 panels; `panel_dtype`). The
 certified pre-filter of `nearest` / `saq` reads an int8 copy of those panels (`prefilter_operands`) and
 `semantic_loss(precision="bf16")` reads a bf16 packing (`pack_semantic_bf16`). A `Codebook` builds each
 once and keeps it; a plain tensor is packed per call. Other backends take the table as it is; the GPU ones
@@ -85,40 +87,59 @@ def last_search_stats() -> SearchStats | None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+NARROW_PANEL_METRICS = ("l2", "ip")  # cosine's -e/|e| is not exact in bf16 / fp16: fp32 panels
+
+
+def panel_dtype(table_dtype: torch.dtype, metric: str, narrow: bool = True) -> torch.dtype:
+    """The dtype `pack_codebook` packs a table of `table_dtype` in: the table's own bf16 / fp16 for metric l2 /
+    ip (the metric's scaling by -2 or -1 is exact there; fp16 l2 panels hold -e and the kernels double it, since
+    -2e can overflow fp16), fp32 otherwise or when `narrow` is False. Either way the kernels multiply with the
+    same fp32 values, so results do not depend on it (csrc/common/spae_native.h, PanelFormat)."""
+    if narrow and table_dtype in (torch.bfloat16, torch.float16) and metric in NARROW_PANEL_METRICS:
+        return table_dtype
+    return torch.float32
+
+
 @torch.library.custom_op("spae_fast::pack_codebook", mutates_args=())
-def _pack_codebook(weight: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """weight [V, D] -> (panels [ceil(V/16), D, 16] fp32, bias [ceil(V/16)*16] fp32, norm bound [] fp64)."""
-    _check_pack(weight, metric)
+def _pack_codebook(
+    weight: torch.Tensor, metric: str, narrow: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight [V, D] -> (panels [ceil(V/16), D, 16] of `panel_dtype(weight.dtype, metric, narrow)`, bias
+    [ceil(V/16)*16] fp32, norm bound [] fp64). narrow=False: fp32 panels for any table."""
+    _check_pack(weight, metric, narrow)
     native = _native.cpu_module()
     num_rows, dim = weight.shape
     num_panels = -(-num_rows // native.PANEL_WIDTH)
-    panels = torch.empty(num_panels, dim, native.PANEL_WIDTH, dtype=torch.float32)
+    dtype = panel_dtype(weight.dtype, metric, narrow)
+    panels = torch.empty(num_panels, dim, native.PANEL_WIDTH, dtype=dtype)
     bias = torch.empty(num_panels * native.PANEL_WIDTH, dtype=torch.float32)
     code, detail, max_norm = native.pack_codebook(
         weight=_native.buffer(weight), num_rows=num_rows, dim=dim,
         weight_row_stride=weight.stride(0), weight_col_stride=weight.stride(1),
         weight_dtype=_native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
-        metric=_native.METRIC_TAGS[metric], out_panels=_native.buffer(panels), out_bias=_native.buffer(bias),
+        metric=_native.METRIC_TAGS[metric], out_panels=_native.buffer(panels),
+        out_panels_dtype=_native.DTYPE_TAGS[str(dtype).removeprefix("torch.")], out_bias=_native.buffer(bias),
         num_threads=torch.get_num_threads(),
     )  # fmt: skip
     _native.raise_for_status(code, detail, stage="codebook")
     return panels, bias, torch.tensor(max_norm, dtype=torch.float64)
 
 
-def _check_pack(weight, metric):
+def _check_pack(weight, metric, narrow):
     boundary.table("pack_codebook", weight)
     boundary.choice("pack_codebook", metric, "metric", _validate.METRICS)
+    boundary.flag("pack_codebook", narrow, "narrow")
     if weight.device.type != "cpu":
         raise ValueError(f"spae_fast::pack_codebook: weight must be on the CPU (it packs for the native kernel), "
                          f"got {weight.device}")  # fmt: skip
 
 
 @_pack_codebook.register_fake
-def _(weight, metric):
-    _check_pack(weight, metric)
+def _(weight, metric, narrow=True):
+    _check_pack(weight, metric, narrow)
     num_panels = -(-weight.shape[0] // 16)
     return (
-        weight.new_empty(num_panels, weight.shape[1], 16, dtype=torch.float32),
+        weight.new_empty(num_panels, weight.shape[1], 16, dtype=panel_dtype(weight.dtype, metric, narrow)),
         weight.new_empty(num_panels * 16, dtype=torch.float32),
         weight.new_empty((), dtype=torch.float64),
     )
@@ -168,8 +189,8 @@ def int8_prefilter_available() -> bool:
     return native is not None and hasattr(native, "cpu_supports_avx512_vnni") and native.cpu_supports_avx512_vnni()
 
 
-def _pack_int8(panels: torch.Tensor, bias: torch.Tensor, num_rows: int, dim: int):
-    """int8 copy of packed fp32 panels: (words [ceil(V/16), ceil(D/4), 16] int32, column data
+def _pack_int8(panels: torch.Tensor, bias: torch.Tensor, num_rows: int, dim: int, metric: str = "l2"):
+    """int8 copy of the packed panels (any panel dtype: it quantises their fp32 values): (words [ceil(V/16), ceil(D/4), 16] int32, column data
     [ceil(V/16), 4, 16] fp32, offsets [ceil(V/16) * 16] int32, bounds [4] fp64); see csrc/nearest/nearest.h."""
     native = _native.cpu_module()
     width = native.INT8_PANEL_WIDTH
@@ -178,7 +199,8 @@ def _pack_int8(panels: torch.Tensor, bias: torch.Tensor, num_rows: int, dim: int
     columns = torch.empty(num_panels, 4, width, dtype=torch.float32)
     offsets = torch.empty(num_panels * width, dtype=torch.int32)
     bounds = native.pack_codebook_int8(
-        panels=_native.buffer(panels), bias=_native.buffer(bias), num_rows=num_rows, dim=dim,
+        panels=_native.buffer(panels), panels_dtype=_native.DTYPE_TAGS[str(panels.dtype).removeprefix("torch.")],
+        metric=_native.METRIC_TAGS[metric], bias=_native.buffer(bias), num_rows=num_rows, dim=dim,
         out_panels=_native.buffer(words), out_columns=_native.buffer(columns), out_offsets=_native.buffer(offsets),
         num_threads=torch.get_num_threads(),
     )
@@ -191,10 +213,10 @@ def check_prefilter(prefilter: object) -> str:
     return prefilter  # type: ignore[return-value]
 
 
-def prefilter_operands(codebook, weight, panels, bias, prefilter: str, backend: str):
+def prefilter_operands(codebook, weight, panels, bias, prefilter: str, backend: str, metric: str = "l2"):
     """(int8 words, column data, offsets, bounds) for the certified pre-filter of `nearest` / `topk` / `saq`, or
     four empty tensors (off). A `Codebook` builds them once and keeps them (it refuses to search a table changed
-    in place)."""
+    in place). metric: the one `panels` were packed for (a `Codebook`'s own is used for a `Codebook`)."""
     check_prefilter(prefilter)
     off = (EMPTY, EMPTY, EMPTY, EMPTY)
     if prefilter == "none" or backend != "cpu":
@@ -210,8 +232,8 @@ def prefilter_operands(codebook, weight, panels, bias, prefilter: str, backend: 
             raise RuntimeError("prefilter='int8' needs a CPU with AVX512-VNNI and a build with its kernel")
         return off
     if isinstance(codebook, Codebook):  # built once (`codebook_operands` has checked the table is unchanged)
-        return codebook.derived("int8_prefilter", lambda: _pack_int8(panels, bias, *weight.shape))
-    return _pack_int8(panels, bias, weight.shape[0], weight.shape[1])
+        return codebook.derived("int8_prefilter", lambda: _pack_int8(panels, bias, *weight.shape, codebook.metric))
+    return _pack_int8(panels, bias, weight.shape[0], weight.shape[1], metric)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -150,7 +150,7 @@ def _check_search(op, x, weight, panels, bias, norm_bound, metric, backend, chec
     boundary.flag(op, check_finite, "check_finite")
     boundary.choice(op, precision, "precision", PRECISIONS)
     if backend == "cpu":
-        boundary.cpu_panels(op, panels, bias, norm_bound, num_rows, dim)
+        boundary.cpu_panels(op, panels, bias, norm_bound, num_rows, dim, weight.dtype, metric)
 
 
 def _check_prefilter(op, weight, words, columns, offsets, bounds, backend, prefilter):
@@ -244,7 +244,8 @@ def _native_search(x, weight, panels, bias, norm_bound, k, metric, check_finite,
             x=_native.buffer(x), num_queries=num_queries, dim=dim,
             x_row_stride=x.stride(0), x_col_stride=x.stride(1),
             x_dtype=_native.DTYPE_TAGS[str(x.dtype).removeprefix("torch.")],
-            panels=_native.buffer(panels), bias=_native.buffer(bias), codebook_rows=weight.shape[0],
+            panels=_native.buffer(panels), panels_dtype=_native.DTYPE_TAGS[str(panels.dtype).removeprefix("torch.")],
+            bias=_native.buffer(bias), codebook_rows=weight.shape[0],
             max_norm=float(norm_bound), metric=_native.METRIC_TAGS[metric], k=k, check_finite=check_finite,
             num_threads=torch.get_num_threads(), out_dist=_native.buffer(dist), out_index=_native.buffer(index),
             weight=_native.buffer(weight), weight_row_stride=weight.stride(0), weight_col_stride=weight.stride(1),
@@ -366,7 +367,7 @@ def nearest(
         ``(dist [...] fp32, index [...] int64)``; ties resolve to the lowest index.
     """
     x, flat, weight, panels, bias, norm_bound, metric, backend = _prepare(x, codebook, metric, backend, check_finite)
-    prefilter_operands = common.prefilter_operands(codebook, weight, panels, bias, prefilter, backend)
+    prefilter_operands = common.prefilter_operands(codebook, weight, panels, bias, prefilter, backend, metric)
     precision = check_precision(precision)
     dist, index = torch.ops.spae_fast.nearest(
         flat, weight, panels, bias, norm_bound, *prefilter_operands, metric, backend, check_finite, prefilter,
@@ -399,7 +400,7 @@ def topk(
     if k > common.PREFILTER_MAX_K and prefilter == "int8":
         raise ValueError(f"prefilter='int8' serves k <= {common.PREFILTER_MAX_K}, got k = {k}; use 'auto' or 'none'")
     mode = prefilter if k <= common.PREFILTER_MAX_K else "none"
-    prefilter_operands = common.prefilter_operands(codebook, weight, panels, bias, mode, backend)
+    prefilter_operands = common.prefilter_operands(codebook, weight, panels, bias, mode, backend, metric)
     precision = check_precision(precision)
     dist, index = torch.ops.spae_fast.topk(
         flat, weight, panels, bias, norm_bound, *prefilter_operands, k, metric, backend, check_finite, mode,

@@ -83,7 +83,7 @@ def _check_operands(z, weight, panels, bias, norm_bound, prefilter_panels, prefi
     boundary.choice("saq", backend, "backend", BACKENDS[1:])
     boundary.flag("saq", check_finite, "check_finite")
     if backend == "cpu":
-        boundary.cpu_panels("saq", panels, bias, norm_bound, num_rows, dim)
+        boundary.cpu_panels("saq", panels, bias, norm_bound, num_rows, dim, weight.dtype, "l2")
     on = boundary.prefilter("saq", prefilter_panels, prefilter_columns, prefilter_offsets, prefilter_bounds,
                             num_rows, dim)  # fmt: skip
     if on and backend != "cpu":
@@ -139,7 +139,8 @@ def _native_saq(z, weight, panels, bias, norm_bound, prefilter_operands, sides, 
         dim=z.shape[1], grid=grid, z_strides=z.stride(),
         weight=_native.buffer(weight), num_rows=weight.shape[0], weight_row_stride=weight.stride(0),
         weight_col_stride=weight.stride(1), weight_dtype=_native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
-        panels=_native.buffer(panels), bias=_native.buffer(bias), max_norm=float(norm_bound), sides=list(sides),
+        panels=_native.buffer(panels), panels_dtype=_native.DTYPE_TAGS[str(panels.dtype).removeprefix("torch.")],
+        bias=_native.buffer(bias), max_norm=float(norm_bound), sides=list(sides),
         residual=mode == "rq", check_finite=check_finite, num_threads=torch.get_num_threads(),
         out_ids=_native.buffer(ids),
         prefilter_panels=_native.buffer(prefilter_panels) if use_prefilter else _native.NO_BUFFER,

@@ -92,7 +92,7 @@ def _check_operands(z, weight, panels, bias, norm_bound, candidate_index, candid
     else:
         if bf16_rows.numel():
             raise ValueError("spae_fast::semantic_loss: bf16_rows must be empty unless precision is 'bf16'")
-        boundary.cpu_panels(op, panels, bias, norm_bound, num_rows, dim)
+        boundary.cpu_panels(op, panels, bias, norm_bound, num_rows, dim, weight.dtype, "l2")
     if norm_bound.numel() != 1:
         raise ValueError("spae_fast::semantic_loss: norm_bound must be a one-element tensor")
 
@@ -151,6 +151,7 @@ def _native_semantic_loss(z, weight, panels, bias, norm_bound, candidate_index, 
         weight=_native.buffer(weight), vocab=weight.shape[0], weight_row_stride=weight.stride(0),
         weight_col_stride=weight.stride(1), weight_dtype=_native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
         panels=_native.NO_BUFFER if bf16_kernel else _native.buffer(panels),
+        panels_dtype=_native.DTYPE_TAGS[str(panels.dtype).removeprefix("torch.")] if not bf16_kernel else 0,
         bias=_native.NO_BUFFER if bf16_kernel else _native.buffer(bias),
         max_norm=float(norm_bound), candidate_index=_native.buffer(candidate_index),
         num_candidates=candidate_index.numel(), candidate_offsets=_native.buffer(candidate_offsets),
