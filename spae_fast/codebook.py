@@ -12,10 +12,13 @@ METRICS = ("l2", "ip", "cosine")
 class Codebook:
     """A frozen codebook ``[V, D]`` (for SPAE: an LLM's token-embedding table) prepared for fast search.
 
-    Construction packs the table once for the CPU kernel: ``ceil(V / 16)`` panels of ``[D, 16]`` fp32 rows,
+    Construction packs the table once for the CPU kernel: ``ceil(V / 16)`` panels of ``[D, 16]`` rows,
     pre-scaled for the metric, plus the per-row bias (``||e||^2`` for l2). Every later ``nearest`` /
-    ``topk`` call reuses them, so repeated calls pay nothing for the codebook. The packed copy takes
-    ``V * D * 4`` bytes next to ``weight``; passing a plain tensor to the ops instead packs it on every call.
+    ``topk`` call reuses them, so repeated calls pay nothing for the codebook. The panels are fp32, except for
+    bf16 / fp16 tables with metric l2 or ip, which are packed in their own dtype (the kernels widen them
+    exactly, so every result is bitwise that of fp32 panels; cosine's ``-e / |e|`` is not exact in bf16 / fp16
+    and keeps fp32 panels): ``V * D`` elements of the panel dtype next to ``weight``. Passing a plain tensor to
+    the ops instead packs it on every call.
 
     The table is frozen. By default the Codebook holds its own copy of it (``weight``, detached), so later
     edits of the caller's tensor, in place, through ``.data`` or through ``.numpy()``, cannot make the packed
@@ -33,21 +36,48 @@ class Codebook:
         copy: ``False`` shares the caller's tensor instead of copying it (saves ``V * D`` elements). The
             caller then promises not to modify it: in-place torch ops are still detected, but writes through
             ``.data`` or ``.numpy()`` are not.
+        keep_weight: ``False`` keeps only the packed form (CPU tables, metric l2 or ip, whose panels ``-2e`` /
+            ``-e`` unpack exactly): the Codebook holds no copy of the table and no reference to the caller's,
+            so it costs the panels alone (1x the table's bytes, plus the int8 copy once the pre-filter runs).
+            Row lookups (`rows`) then read the packed panels, bitwise the table's rows. ``weight`` becomes an
+            exact unpack of the whole table made on each access, and so does every op given this Codebook
+            (one transient ``V x D`` tensor per call, O(V D) time next to the search's O(N V D)): use
+            `rows` for lookups, and keep the table for workloads of many tiny searches.
     """
 
-    def __init__(self, weight: torch.Tensor, metric: str = "l2", *, copy: bool = True) -> None:
+    def __init__(
+        self, weight: torch.Tensor, metric: str = "l2", *, copy: bool = True, keep_weight: bool = True
+    ) -> None:
         _validate.codebook_weight(weight, "weight")
         _validate.metric(metric)
         if not isinstance(copy, bool):
             raise TypeError(f"copy must be a bool, got {type(copy).__name__} {copy!r}")
+        if not isinstance(keep_weight, bool):
+            raise TypeError(f"keep_weight must be a bool, got {type(keep_weight).__name__} {keep_weight!r}")
+        if not keep_weight:
+            if weight.device.type != "cpu" or metric not in ("l2", "ip"):
+                raise ValueError(
+                    "keep_weight=False needs a CPU table and metric 'l2' or 'ip' (their packed panels unpack to "
+                    f"the rows exactly; cosine's -e/|e| does not), got a {weight.device.type} table and {metric!r}"
+                )
+            self._weight = None
+            self._shape, self._dtype = tuple(weight.shape), weight.dtype
+            self.metric = metric
+            self._version = None
+            self.cpu_panels, self.cpu_bias, self.cpu_norm_bound = torch.ops.spae_fast.pack_codebook(
+                weight.detach(), metric
+            )
+            self._derived: dict[str, object] = {}
+            return
         if copy:  # a normal tensor even under inference_mode, so in-place edits of it bump its version counter
             with torch.inference_mode(False):
-                self.weight = weight.detach().clone(memory_format=torch.contiguous_format)
+                self._weight = weight.detach().clone(memory_format=torch.contiguous_format)
         else:
-            self.weight = weight.detach()
+            self._weight = weight.detach()
+        self._shape, self._dtype = tuple(weight.shape), weight.dtype
         self.metric = metric
-        self._version = _version_of(self.weight)
-        if self.weight.device.type == "cpu":
+        self._version = _version_of(self._weight)
+        if self._weight.device.type == "cpu":
             # [num_panels, D, 16] fp32, [num_panels * 16] fp32, [] fp64
             self.cpu_panels, self.cpu_bias, self.cpu_norm_bound = torch.ops.spae_fast.pack_codebook(
                 self.weight, metric
@@ -57,23 +87,52 @@ class Codebook:
         self._derived: dict[str, object] = {}
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The table ``[V, D]``: the Codebook's own copy (or the shared tensor), or with ``keep_weight=False``
+        an exact unpack of the packed panels, made on each access."""
+        return self._weight if self._weight is not None else self.rows(None)
+
+    @property
+    def keeps_weight(self) -> bool:
+        """Whether the Codebook holds the table itself (``keep_weight=True``) besides the packed form."""
+        return self._weight is not None
+
+    def rows(self, ids: torch.Tensor | None) -> torch.Tensor:
+        """Rows ``ids`` (int64 of any shape; None: all) of the table, ``[*ids.shape, D]`` in its dtype: read from
+        the table when kept, else unpacked from the panels, bitwise the same (l2 panels hold -2e: halving is
+        exact; fp16 l2 panels and ip panels hold -e)."""
+        if ids is not None and not (isinstance(ids, torch.Tensor) and ids.dtype == torch.int64):
+            raise TypeError(f"ids must be an int64 tensor, got {type(ids).__name__} {getattr(ids, 'dtype', '')}")
+        if ids is not None and ids.numel() and not bool(((ids >= 0) & (ids < self.num_rows)).all()):
+            raise IndexError(f"ids must be in [0, {self.num_rows}) (rows of the codebook)")
+        if self._weight is not None:
+            return self._weight if ids is None else self._weight[ids]
+        flat = torch.arange(self.num_rows) if ids is None else ids.reshape(-1)
+        packed = self.cpu_panels[flat // 16, :, flat % 16]  # [n, D] in the panel dtype
+        halve = self.metric == "l2" and not (packed.dtype == torch.float16)  # fp16 l2 panels hold -e
+        table = (packed * -0.5 if halve else -packed).to(self._dtype)
+        return table if ids is None else table.reshape(*ids.shape, self.dim)
+
+    @property
     def num_rows(self) -> int:
-        return self.weight.shape[0]
+        return self._shape[0]
 
     @property
     def dim(self) -> int:
-        return self.weight.shape[1]
+        return self._shape[1]
 
     @property
     def device(self) -> torch.device:
-        return self.weight.device
+        return self.cpu_panels.device if self._weight is None else self._weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.weight.dtype
+        return self._dtype
 
     def check_unchanged(self) -> None:
-        if _version_of(self.weight) != self._version:
+        if self._weight is None:  # only the Codebook's own panels: nothing outside can change them
+            return
+        if _version_of(self._weight) != self._version:
             raise RuntimeError(
                 "Codebook.weight was modified in place after the Codebook was built; the packed copy is "
                 "stale. Build a new spae_fast.Codebook from the updated table."
@@ -92,16 +151,17 @@ class Codebook:
         if self.cpu_panels is None:
             return 0
         extra = 0
+        table = self._weight.data_ptr() if self._weight is not None else None
         for value in self._derived.values():
             for tensor in value if isinstance(value, tuple) else (value,):
-                if isinstance(tensor, torch.Tensor) and tensor.data_ptr() != self.weight.data_ptr():
+                if isinstance(tensor, torch.Tensor) and tensor.data_ptr() != table:
                     extra += tensor.nbytes
         return self.cpu_panels.nbytes + self.cpu_bias.nbytes + extra
 
     def __repr__(self) -> str:
         return (
             f"Codebook(rows={self.num_rows}, dim={self.dim}, dtype={self.dtype}, metric={self.metric!r}, "
-            f"device={self.device})"
+            f"device={self.device}" + ("" if self.keeps_weight else ", keep_weight=False") + ")"
         )
 
 
