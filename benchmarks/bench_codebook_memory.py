@@ -4,7 +4,8 @@ Memory: the bytes a `spae_fast.Codebook` holds (its copy of the table, the packe
 pre-filter copy once a `nearest` call has built it) against the table's own bytes.
 Speed: every op on a bf16 table, the Codebook packed in bf16 against the same Codebook with fp32 panels
 (`pack_codebook(..., narrow=False)`), interleaved rounds in one process; the ratio is the median over rounds
-of time(bf16 panels) / time(fp32 panels). Usage: python benchmarks/bench_codebook_memory.py [--rounds 7]
+of time(bf16 panels) / time(fp32 panels), beside an A/A control (a second, identical fp32-panel Codebook
+against the first: the noise of the machine). Usage: python benchmarks/bench_codebook_memory.py [--rounds 7]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import harness  # noqa: E402
 
 import spae_fast  # noqa: E402
 
-MB = 1e6
+MIB = 1 << 20
 
 
 def _fp32_panels(codebook: spae_fast.Codebook) -> spae_fast.Codebook:
@@ -42,12 +43,16 @@ def memory_rows(tables):
             spae_fast.nearest(weight[:64].float(), codebook)  # builds the int8 copy where the CPU runs it
             with_int8 = codebook.nbytes_packed()
             own = codebook.weight.nbytes
+            packed_only = spae_fast.Codebook(weight, "l2", keep_weight=False)
+            alone = packed_only.nbytes_packed()
+            spae_fast.nearest(weight[:64].float(), packed_only)
+            alone_int8 = packed_only.nbytes_packed()
             rows.append([
-                name, str(dtype).removeprefix("torch."), f"{table_bytes / MB:.1f}",
-                str(codebook.cpu_panels.dtype).removeprefix("torch."), f"{packed / MB:.1f}",
-                f"{(with_int8 - packed) / MB:.1f}", f"{own / MB:.1f}",
+                name, str(dtype).removeprefix("torch."), f"{table_bytes / MIB:.1f}",
+                str(codebook.cpu_panels.dtype).removeprefix("torch."), f"{packed / MIB:.1f}",
+                f"{(with_int8 - packed) / MIB:.1f}", f"{own / MIB:.1f}",
                 f"{(own + packed) / table_bytes:.2f}x", f"{(own + with_int8) / table_bytes:.2f}x",
-                f"{packed / table_bytes:.2f}x", f"{with_int8 / table_bytes:.2f}x",
+                f"{alone / table_bytes:.2f}x", f"{alone_int8 / table_bytes:.2f}x",
             ])  # fmt: skip
     return rows
 
@@ -55,7 +60,7 @@ def memory_rows(tables):
 def speed_rows(table, rounds):
     weight = table.to(torch.bfloat16)
     narrow = spae_fast.Codebook(weight, "l2")
-    wide = _fp32_panels(narrow)
+    wide, control = _fp32_panels(narrow), _fp32_panels(narrow)
     generator = torch.Generator().manual_seed(0)
     rows_near = weight[torch.randint(0, weight.shape[0], (2048,), generator=generator)].float()
     queries = rows_near + 0.01 * rows_near.std() * torch.randn(rows_near.shape, generator=generator)
@@ -78,11 +83,14 @@ def speed_rows(table, rounds):
     }
     out = []
     for name, op in ops.items():
-        op(narrow), op(wide)  # warm-up (builds the int8 copies)
-        times, results = harness.interleaved_rounds({"bf16": lambda: op(narrow), "fp32": lambda: op(wide)}, rounds)
+        op(narrow), op(wide), op(control)  # warm-up (builds the int8 copies)
+        calls = {"bf16": lambda: op(narrow), "fp32": lambda: op(wide), "control": lambda: op(control)}
+        times, results = harness.interleaved_rounds(calls, rounds)
         same = all(torch.equal(a, b) for a, b in zip(_flat(results["bf16"]), _flat(results["fp32"])))
         ratio = harness.paired_median(times["bf16"], times["fp32"])
-        out.append([name, f"{min(times['fp32']):.3f}", f"{min(times['bf16']):.3f}", f"{ratio:.3f}", str(same)])
+        noise = harness.paired_median(times["control"], times["fp32"])
+        out.append([name, f"{min(times['fp32']):.3f}", f"{min(times['bf16']):.3f}", f"{ratio:.3f}", f"{noise:.3f}",
+                    str(same)])  # fmt: skip
         print(out[-1], flush=True)
     return out
 
@@ -94,18 +102,22 @@ def _flat(result):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--memory-only", action="store_true")
     args = parser.parse_args()
     print(harness.machine_info(), harness.versions(), f"threads={torch.get_num_threads()}", flush=True)
     smollm2, description = harness.smollm2_table()
     print("table:", description, flush=True)
     random_table = torch.randn(32000, 1024, generator=torch.Generator().manual_seed(0))
-    header = ["table", "dtype", "table MB", "panels", "panels+bias MB", "int8 copy MB", "own copy MB",
-              "total / table", "total incl. int8 / table", "packed only / table", "packed + int8 / table"]  # fmt: skip
+    header = ["table", "dtype", "table MiB", "panels", "panels+bias MiB", "int8 copy MiB", "own copy MiB",
+              "total / table", "total incl. int8 / table", "keep_weight=False / table",
+              "keep_weight=False incl. int8 / table"]  # fmt: skip
     rows = memory_rows([("SmolLM2 49152 x 576", smollm2), ("random 32000 x 1024", random_table)])
     print("\n".join(harness.markdown_table(header, rows)), flush=True)
+    if args.memory_only:
+        return
     speed = speed_rows(smollm2, args.rounds)
     header = ["op (bf16 SmolLM2 table)", "fp32 panels s (best)", "bf16 panels s (best)", "ratio bf16/fp32",
-              "bitwise equal"]  # fmt: skip
+              "A/A fp32/fp32", "bitwise equal"]  # fmt: skip
     print("\n".join(harness.markdown_table(header, speed)), flush=True)
 
 

@@ -74,3 +74,25 @@ def test_packed_only_is_refused_where_it_cannot_unpack_exactly():
     with pytest.raises(TypeError, match="ids must be an int64 tensor"):
         codebook.rows(torch.tensor([1], dtype=torch.int32))
     assert "keep_weight=False" in repr(codebook)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_native_search_of_a_packed_only_codebook_unpacks_nothing(dtype, monkeypatch):
+    table = _table(dtype, rows=70, dim=9, seed=4)
+    packed_only = spae_fast.Codebook(table, "l2", keep_weight=False)
+    full = spae_fast.Codebook(table, "l2")
+    x = torch.randn(31, 9, generator=torch.Generator().manual_seed(5))
+    expected = [spae_fast.nearest(x, full), spae_fast.topk(x, full, 5)]
+    monkeypatch.setattr(packed_only, "rows", lambda ids: pytest.fail("the search unpacked the table"))
+    for prefilter in ("none", "auto"):
+        got = [spae_fast.nearest(x, packed_only, prefilter=prefilter), spae_fast.topk(x, packed_only, 5, prefilter=prefilter)]
+        for a, b in zip(got, expected):
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    monkeypatch.undo()
+    # with autograd the backward reads the chosen rows: the exact unpack, the same gradient
+    grads = []
+    for codebook in (packed_only, full):
+        leaf = x.clone().requires_grad_(True)
+        dist, _ = spae_fast.topk(leaf, codebook, 3)
+        grads.append(torch.autograd.grad(dist.sum(), leaf)[0])
+    assert torch.equal(grads[0], grads[1])

@@ -7,7 +7,10 @@
 // row's current selection threshold, so the caller only touches the rare columns that can enter its top-k.
 // Narrow panels (spae_native.h, PanelFormat) are widened in the load, exactly: bf16 -> fp32 is a 16-bit
 // shift, fp16 -> fp32 is F16C's vcvtph2ps (subnormals included), and fp16 l2 panels (-e) are doubled, which is
-// exact in fp32; so the FMA chains, and the scores, are bitwise those of the fp32 panels.
+// exact in fp32; so the FMA chains, and the scores, are bitwise those of the fp32 panels. A bf16 panel row is
+// one 32-byte load whose 32-bit words hold columns (2i, 2i + 1): a shift gives the even columns and a mask
+// the odd ones, so the accumulators hold even / odd columns, put back in order once per tile (the lane
+// of a chain does not change its value).
 #include <immintrin.h>
 
 #include "common/spae_native.h"
@@ -15,17 +18,20 @@
 namespace spae {
 namespace {
 
-// Columns 8 h .. 8 h + 7 of panel row d as fp32.
+// Columns 8 h .. 8 h + 7 of panel row d as fp32 (bf16: the even columns for h = 0, the odd ones for h = 1).
 template <PanelFormat F>
 inline __m256 load_panel(const void* panel, int64_t d, int h) {
-  if constexpr (F == PanelFormat::Float32) {
+  if constexpr (F == PanelFormat::BFloat16) {
+    const __m256i words =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(panel) + d * kPanelWidth));
+    if (h == 0) return _mm256_castsi256_ps(_mm256_slli_epi32(words, 16));
+    return _mm256_castsi256_ps(_mm256_and_si256(words, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+  } else if constexpr (F == PanelFormat::Float32) {
     return _mm256_loadu_ps(static_cast<const float*>(panel) + d * kPanelWidth + 8 * h);
   } else {
     const __m128i bits = _mm_loadu_si128(
         reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(panel) + d * kPanelWidth + 8 * h));
-    if constexpr (F == PanelFormat::BFloat16) {
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-    } else if constexpr (F == PanelFormat::Float16) {
+    if constexpr (F == PanelFormat::Float16) {
       return _mm256_cvtph_ps(bits);
     } else {
       const __m256 v = _mm256_cvtph_ps(bits);
@@ -69,7 +75,15 @@ void micro_kernel(const float* packed_queries, const void* panel, const float* b
   }
   const __m256 b0 = _mm256_loadu_ps(bias);
   const __m256 b1 = _mm256_loadu_ps(bias + 8);
-  const __m256 acc[kTileRows][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  __m256 acc[kTileRows][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  if constexpr (F == PanelFormat::BFloat16) {  // even / odd columns -> columns 0..7 / 8..15
+    for (int r = 0; r < kTileRows; ++r) {
+      const __m256 low = _mm256_unpacklo_ps(acc[r][0], acc[r][1]);   // 0 1 2 3 | 8 9 10 11
+      const __m256 high = _mm256_unpackhi_ps(acc[r][0], acc[r][1]);  // 4 5 6 7 | 12 13 14 15
+      acc[r][0] = _mm256_permute2f128_ps(low, high, 0x20);
+      acc[r][1] = _mm256_permute2f128_ps(low, high, 0x31);
+    }
+  }
   for (int r = 0; r < kTileRows; ++r) {
     const __m256 s0 = _mm256_add_ps(b0, acc[r][0]);
     const __m256 s1 = _mm256_add_ps(b1, acc[r][1]);

@@ -145,8 +145,13 @@ def _(weight, metric, narrow=True):
     )
 
 
-def codebook_operands(codebook, metric: str | None, backend: str):
-    """(weight, panels, bias, norm_bound, metric) for the op, packing a plain tensor when the backend needs it."""
+def codebook_operands(codebook, metric: str | None, backend: str, *, rows_needed: bool = True):
+    """(weight, panels, bias, norm_bound, metric) for the op, packing a plain tensor when the backend needs it.
+
+    A `Codebook` built with ``keep_weight=False`` gives an exact unpack of its table as ``weight``, or, when
+    the native search is all that reads it (backend "cpu" and ``rows_needed`` False: no autograd), a
+    stand-in of the table's shape and dtype with zero strides (one element): the native search then reads
+    the rows it rescores from the panels (`native_table`)."""
     if isinstance(codebook, Codebook):
         if metric is not None and metric != codebook.metric:
             raise ValueError(
@@ -156,8 +161,10 @@ def codebook_operands(codebook, metric: str | None, backend: str):
         if not torch.compiler.is_compiling():
             codebook.check_unchanged()
         if backend == "cpu":
-            return codebook.weight, codebook.cpu_panels, codebook.cpu_bias, codebook.cpu_norm_bound, codebook.metric
-        if not torch.compiler.is_compiling():  # dynamo cannot trace the weak map (compiled: kept if lent before)
+            weight = codebook.weight if codebook.keeps_weight or rows_needed else _stand_in(codebook)
+            return weight, codebook.cpu_panels, codebook.cpu_bias, codebook.cpu_norm_bound, codebook.metric
+        # a packed-only Codebook (CPU only: the torch / triton backends) unpacks its table for this call
+        if codebook.keeps_weight and not torch.compiler.is_compiling():  # dynamo cannot trace the weak map
             from . import gpu_search  # imports this module
 
             gpu_search.lend(codebook)  # the GPU kernels keep what they prepare of the table in the Codebook
@@ -168,6 +175,18 @@ def codebook_operands(codebook, metric: str | None, backend: str):
         panels, bias, norm_bound = torch.ops.spae_fast.pack_codebook(weight.detach(), metric)
         return weight.detach(), panels, bias, norm_bound, metric
     return weight.detach(), EMPTY, EMPTY, EMPTY, metric
+
+
+def _stand_in(codebook: Codebook) -> torch.Tensor:
+    return torch.zeros((), dtype=codebook.dtype).expand(codebook.num_rows, codebook.dim)
+
+
+def native_table(weight: torch.Tensor) -> tuple[int, int]:
+    """The table operand of the native search: the rescoring of its candidates reads l2 rows from the table
+    when given (one contiguous row each) and from the packed panels otherwise, the same values either way. A
+    table with all-zero strides (`codebook_operands`' stand-in, or one row broadcast) is not given: its rows
+    are read from the panels."""
+    return _native.NO_BUFFER if weight.stride() == (0, 0) else _native.buffer(weight)
 
 
 def codebook_shape(codebook) -> tuple[int, torch.device, int]:

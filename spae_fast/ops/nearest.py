@@ -248,7 +248,7 @@ def _native_search(x, weight, panels, bias, norm_bound, k, metric, check_finite,
             bias=_native.buffer(bias), codebook_rows=weight.shape[0],
             max_norm=float(norm_bound), metric=_native.METRIC_TAGS[metric], k=k, check_finite=check_finite,
             num_threads=torch.get_num_threads(), out_dist=_native.buffer(dist), out_index=_native.buffer(index),
-            weight=_native.buffer(weight), weight_row_stride=weight.stride(0), weight_col_stride=weight.stride(1),
+            weight=common.native_table(weight), weight_row_stride=weight.stride(0), weight_col_stride=weight.stride(1),
             weight_dtype=_native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
             prefilter_panels=_native.buffer(words) if use_prefilter else _native.NO_BUFFER,
             prefilter_columns=_native.buffer(columns) if use_prefilter else _native.NO_BUFFER,
@@ -324,7 +324,10 @@ def _prepare(x, codebook, metric, backend, check_finite):
     dim, device, _ = common.codebook_shape(codebook)
     x = _validate.queries(x, dim, device)
     backend = resolve_backend(backend, x.device)
-    weight, panels, bias, norm_bound, metric = common.codebook_operands(codebook, metric, backend)
+    rows_needed = x.requires_grad and torch.is_grad_enabled()  # the backward reads the chosen rows
+    weight, panels, bias, norm_bound, metric = common.codebook_operands(
+        codebook, metric, backend, rows_needed=rows_needed
+    )
     return x, x.reshape(-1, dim), weight, panels, bias, norm_bound, metric, backend
 
 
