@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
+import harness
 
-import spae_fast  # noqa: E402
+import spae_fast
 
 MIB = 1 << 20
 
@@ -84,7 +84,8 @@ def speed_rows(table, rounds):
     out = []
     for name, op in ops.items():
         op(narrow), op(wide), op(control)  # warm-up (builds the int8 copies)
-        calls = {"bf16": lambda: op(narrow), "fp32": lambda: op(wide), "control": lambda: op(control)}
+        calls = {label: (lambda op=op, cb=cb: op(cb)) for label, cb in (("bf16", narrow), ("fp32", wide),
+                                                                         ("control", control))}  # fmt: skip
         times, results = harness.interleaved_rounds(calls, rounds)
         same = all(torch.equal(a, b) for a, b in zip(_flat(results["bf16"]), _flat(results["fp32"])))
         ratio = harness.paired_median(times["bf16"], times["fp32"])

@@ -109,7 +109,7 @@ class Codebook:
             return self._weight if ids is None else self._weight[ids]
         flat = torch.arange(self.num_rows) if ids is None else ids.reshape(-1)
         packed = self.cpu_panels[flat // 16, :, flat % 16]  # [n, D] in the panel dtype
-        halve = self.metric == "l2" and not (packed.dtype == torch.float16)  # fp16 l2 panels hold -e
+        halve = self.metric == "l2" and packed.dtype != torch.float16  # fp16 l2 panels hold -e
         table = (packed * -0.5 if halve else -packed).to(self._dtype)
         return table if ids is None else table.reshape(*ids.shape, self.dim)
 

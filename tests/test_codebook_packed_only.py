@@ -48,9 +48,15 @@ def test_ops_on_a_packed_only_codebook_are_those_of_the_full_one(isa, dtype, met
     full = spae_fast.Codebook(table, metric)
     x = torch.randn(23, 13, generator=torch.Generator().manual_seed(2))
     for prefilter in ("none", "auto"):
-        for a, b in zip(spae_fast.nearest(x, packed_only, prefilter=prefilter), spae_fast.nearest(x, full, prefilter=prefilter)):
+        for a, b in zip(
+            spae_fast.nearest(x, packed_only, prefilter=prefilter),
+            spae_fast.nearest(x, full, prefilter=prefilter),
+        ):
             assert torch.equal(a, b)
-        for a, b in zip(spae_fast.topk(x, packed_only, 7, prefilter=prefilter), spae_fast.topk(x, full, 7, prefilter=prefilter)):
+        for a, b in zip(
+            spae_fast.topk(x, packed_only, 7, prefilter=prefilter),
+            spae_fast.topk(x, full, 7, prefilter=prefilter),
+        ):
             assert torch.equal(a, b)
     if metric == "l2":
         z = torch.randn(2, 13, 4, 4, generator=torch.Generator().manual_seed(3))
@@ -85,7 +91,10 @@ def test_native_search_of_a_packed_only_codebook_unpacks_nothing(dtype, monkeypa
     expected = [spae_fast.nearest(x, full), spae_fast.topk(x, full, 5)]
     monkeypatch.setattr(packed_only, "rows", lambda ids: pytest.fail("the search unpacked the table"))
     for prefilter in ("none", "auto"):
-        got = [spae_fast.nearest(x, packed_only, prefilter=prefilter), spae_fast.topk(x, packed_only, 5, prefilter=prefilter)]
+        got = [
+            spae_fast.nearest(x, packed_only, prefilter=prefilter),
+            spae_fast.topk(x, packed_only, 5, prefilter=prefilter),
+        ]
         for a, b in zip(got, expected):
             assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     monkeypatch.undo()

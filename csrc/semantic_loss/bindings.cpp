@@ -76,9 +76,9 @@ void register_semantic_loss_bindings(py::module_& m) {
   def_keywords(m, kModule, "semantic_loss", semantic_loss_entry,
                "Fused semantic loss: per-row loss and gradient direction (see csrc/semantic_loss/semantic_loss.h). "
                "semantic_loss(*, z, num_rows, dim, z_row_stride, z_col_stride, z_dtype, weight, vocab, "
-               "weight_row_stride, weight_col_stride, weight_dtype, panels, panels_dtype, bias, max_norm, candidate_index, "
-               "num_candidates, candidate_offsets, num_sets, set_of_position, tau, compute_grad, check_finite, "
-               "num_threads, out_loss, out_grad, bf16_panels, bf16_rows, bf16_bias) -> (code, detail)");
+               "weight_row_stride, weight_col_stride, weight_dtype, panels, panels_dtype, bias, max_norm, "
+               "candidate_index, num_candidates, candidate_offsets, num_sets, set_of_position, tau, compute_grad, "
+               "check_finite, num_threads, out_loss, out_grad, bf16_panels, bf16_rows, bf16_bias) -> (code, detail)");
   m.def("cpu_supports_avx512_bf16", &cpu_supports_avx512_bf16,
         "Whether semantic_loss has its AVX512-BF16 kernel (precision 'bf16') on this CPU.");
 }

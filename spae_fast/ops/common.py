@@ -209,8 +209,8 @@ def int8_prefilter_available() -> bool:
 
 
 def _pack_int8(panels: torch.Tensor, bias: torch.Tensor, num_rows: int, dim: int, metric: str = "l2"):
-    """int8 copy of the packed panels (any panel dtype: it quantises their fp32 values): (words [ceil(V/16), ceil(D/4), 16] int32, column data
-    [ceil(V/16), 4, 16] fp32, offsets [ceil(V/16) * 16] int32, bounds [4] fp64); see csrc/nearest/nearest.h."""
+    """int8 copy of the packed panels (any panel dtype: it quantises their fp32 values): (words
+    [ceil(V/16), ceil(D/4), 16] int32, column data [ceil(V/16), 4, 16] fp32, offsets [ceil(V/16) * 16] int32, bounds [4] fp64); see csrc/nearest/nearest.h."""
     native = _native.cpu_module()
     width = native.INT8_PANEL_WIDTH
     num_panels = -(-num_rows // width)

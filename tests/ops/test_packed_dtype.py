@@ -24,7 +24,9 @@ def _pair(table: torch.Tensor, metric: str) -> tuple[spae_fast.Codebook, spae_fa
     """(Codebook packed in the table's dtype, the same Codebook with today's fp32 panels)."""
     narrow = spae_fast.Codebook(table, metric)
     wide = spae_fast.Codebook(table, metric)
-    wide.cpu_panels, wide.cpu_bias, wide.cpu_norm_bound = torch.ops.spae_fast.pack_codebook(wide.weight, metric, False)
+    wide.cpu_panels, wide.cpu_bias, wide.cpu_norm_bound = torch.ops.spae_fast.pack_codebook(
+        wide.weight, metric, False
+    )
     assert wide.cpu_panels.dtype == torch.float32
     assert narrow.cpu_panels.dtype == (table.dtype if metric != "cosine" else torch.float32)
     return narrow, wide
@@ -52,7 +54,10 @@ def _queries(table, count, seed=1, ties=False):
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> None:
     assert a.dtype == b.dtype and a.shape == b.shape
-    assert torch.equal(a.view(torch.int32) if a.dtype == torch.float32 else a, b.view(torch.int32) if b.dtype == torch.float32 else b)
+    assert torch.equal(
+        a.view(torch.int32) if a.dtype == torch.float32 else a,
+        b.view(torch.int32) if b.dtype == torch.float32 else b,
+    )
 
 
 @pytest.mark.parametrize("dtype", NARROW)
@@ -80,7 +85,9 @@ def test_fp16_l2_panels_keep_values_whose_double_overflows_fp16():
     narrow, wide = _pair(table, "l2")
     _same(narrow.cpu_panels.float() * 2, wide.cpu_panels)
     x = _queries(table, 13) * 1000
-    for a, b in zip(spae_fast.nearest(x, narrow, prefilter="none"), spae_fast.nearest(x, wide, prefilter="none")):
+    for a, b in zip(
+        spae_fast.nearest(x, narrow, prefilter="none"), spae_fast.nearest(x, wide, prefilter="none")
+    ):
         _same(a, b)
 
 
@@ -182,9 +189,13 @@ def test_panel_dtype_is_checked_at_both_boundaries():
     empty = (common.EMPTY,) * 4
     # op boundary: bf16 panels with an fp16 table, narrow panels for cosine
     with pytest.raises(TypeError, match=r"panels must be float32 of shape \(3, 12, 16\).*or its own float16"):
-        torch.ops.spae_fast.nearest(x, table.half(), panels, bias, bound, *empty, "l2", "cpu", True, "none", "default")
+        torch.ops.spae_fast.nearest(
+            x, table.half(), panels, bias, bound, *empty, "l2", "cpu", True, "none", "default"
+        )
     with pytest.raises(TypeError, match=r"panels must be float32 of shape \(3, 12, 16\)"):
-        torch.ops.spae_fast.nearest(x, table, panels, bias, bound, *empty, "cosine", "cpu", True, "none", "default")
+        torch.ops.spae_fast.nearest(
+            x, table, panels, bias, bound, *empty, "cosine", "cpu", True, "none", "default"
+        )
     # native boundary: bf16 panels declared fp32 are half the bytes the call would read
     C = _native.cpu_module()
     dist, index = torch.empty(5, 1), torch.empty(5, 1, dtype=torch.int64)
