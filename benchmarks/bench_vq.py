@@ -11,8 +11,8 @@ rounds, ratios per round then the median; "extra" peak memory = VmHWM - VmRSS of
 step (after one warm-up step there), i.e. what the step needs beyond the layer and its inputs (CUDA: the peak of
 ``torch.cuda.max_memory_allocated`` above the allocated bytes before the step). Also measured for spae_fast: the
 codebook update against the fused search alone (`update_share`), in the order a training step runs them -- the EMA
-update + dead-code check (``EuclideanCodebook.update``), re-packing the changed table (``spae_fast.Codebook``: the
-fp32 panels) and the int8 pre-filter copy that the first search on the new pack builds.
+update + dead-code check (``EuclideanCodebook.update``), re-packing the changed table into the search Codebook's
+existing fp32 panels and its int8 pre-filter copy (``Codebook.repack_``, as ``search_codebook`` runs it).
 
     .venv/bin/python benchmarks/bench_vq.py --quick          # writes benchmarks/results/bench_vq.{csv,md,png}
     .venv/bin/python benchmarks/bench_vq.py --sizes 262144 --dims 1024 --rounds 1 --merge   # add / redo rows
@@ -88,12 +88,13 @@ def synchronizer(device: str):
 
 def update_share(dim: int, size: int, batch: int, tokens: int, rounds: int, device: str = "cpu") -> dict:
     """spae_fast.nn only: seconds of the fused search and of each part of the codebook update, in the order of a
-    training step, medians over rounds: the EMA update (+ dead-code check), re-packing the changed table (fp32
-    panels) and the int8 pre-filter copy that the first search on the new pack builds (``prefilter_operands``,
-    the call the search makes; nothing on CUDA)."""
+    training step, medians over rounds: the EMA update (+ dead-code check), re-packing the changed table into
+    the search Codebook's existing fp32 panels and re-deriving its int8 pre-filter copy into its existing
+    storage: the two halves of ``Codebook.repack_``, which ``EuclideanCodebook.search_codebook`` calls after
+    each update (nothing to pack on CUDA)."""
     import spae_fast
     from spae_fast.nn import VectorQuantize
-    from spae_fast.ops.common import prefilter_operands
+    from spae_fast.ops import common
 
     torch.manual_seed(0)
     layer = VectorQuantize(dim=dim, codebook_size=size, threshold_ema_dead_code=2).to(device)
@@ -101,14 +102,17 @@ def update_share(dim: int, size: int, batch: int, tokens: int, rounds: int, devi
     flat = inputs(dim, batch, tokens, device)[0].reshape(-1, dim)
     used = spae_fast.Codebook(book.embed[0], book.metric)  # its own copy: the EMA update rewrites book.embed
     index = spae_fast.nearest(flat, used)[1]
-    fresh = {}
+    live = book.search_codebook()  # shares book.embed, as in training
+    spae_fast.nearest(flat, live)  # builds its int8 copy (CPUs with the pre-filter)
 
     def repack():
-        fresh["book"] = spae_fast.Codebook(book.embed[0], book.metric, copy=False)  # as search_codebook does
+        if live.cpu_panels is not None:
+            common.pack_codebook_into(book.embed[0], book.metric, live.cpu_panels, live.cpu_bias)
 
     def int8_pack():
-        new = fresh.pop("book")
-        return prefilter_operands(new, new.weight, new.cpu_panels, new.cpu_bias, "auto", device)
+        old = live._derived.get("int8_prefilter")
+        if old is not None:
+            live._derived["int8_prefilter"] = common._refresh_int8(live, old)
 
     calls = {
         "search": lambda: spae_fast.nearest(flat, used),
@@ -278,8 +282,8 @@ def report(rows: list[dict], args, info: dict) -> str:
         "(CUDA: max_memory_allocated above the bytes allocated before it). Targets: at V >= 16k, >= 5x faster and "
         ">= 20x less extra peak memory; at V = 1k, no slower. The update columns time spae_fast.nn's codebook update "
         f"alone, as a step runs it on N = {args.batch * args.tokens} rows: the EMA update + dead-code check "
-        "(threshold 2), re-packing the changed table (spae_fast.Codebook, fp32 panels) and building the int8 "
-        "pre-filter copy (built by the first search on a new pack), against the search alone (on a used pack); "
+        "(threshold 2), re-packing the changed table into the search Codebook's existing fp32 panels and its int8 "
+        "pre-filter copy (Codebook.repack_, in place), against the search alone; "
         "\"update / search\" = their sum over the search. \"same indices\": share of "
         "identical indices in the last timed step (both layers start from the same seed; EMA trajectories may "
         "drift apart after a near-tie)."),

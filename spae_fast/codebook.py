@@ -27,7 +27,9 @@ class Codebook:
     (torch's version counter; the copy is a normal tensor even when built under ``torch.inference_mode()``)
     and raises instead of searching stale data. Writes into the Codebook's own copy through ``.data`` or
     ``.numpy()`` bypass the counter and are not detected (checking would cost a pass over the table per
-    call; see docs/DECISIONS.md): treat ``weight`` as read-only.
+    call; see docs/DECISIONS.md): treat ``weight`` as read-only. The one sanctioned way to change a Codebook
+    is `repack_`, for the owner of a table trained in place (an EMA codebook): it re-packs the changed table
+    into the Codebook's existing buffers, much cheaper than building a new Codebook.
 
     Args:
         weight: ``[V, D]`` fp32, bf16 or fp16 tensor, V >= 1, D >= 1 (at most `spae_fast.ops.boundary`'s
@@ -64,12 +66,16 @@ class Codebook:
             self._shape, self._dtype = tuple(weight.shape), weight.dtype
             self.metric = metric
             self._version = None
+            self._owns_copy, self._broken = False, None
             self.cpu_panels, self.cpu_bias, self.cpu_norm_bound = torch.ops.spae_fast.pack_codebook(
                 weight.detach(), metric
             )
             self._derived: dict[str, object] = {}
+            self._refresh: dict[str, object] = {}
             return
-        if copy:  # a normal tensor even under inference_mode, so in-place edits of it bump its version counter
+        if (
+            copy
+        ):  # a normal tensor even under inference_mode, so in-place edits of it bump its version counter
             with torch.inference_mode(False):
                 self._weight = weight.detach().clone(memory_format=torch.contiguous_format)
         else:
@@ -77,6 +83,7 @@ class Codebook:
         self._shape, self._dtype = tuple(weight.shape), weight.dtype
         self.metric = metric
         self._version = _version_of(self._weight)
+        self._owns_copy, self._broken = copy, None
         if self._weight.device.type == "cpu":
             # [num_panels, D, 16] fp32, [num_panels * 16] fp32, [] fp64
             self.cpu_panels, self.cpu_bias, self.cpu_norm_bound = torch.ops.spae_fast.pack_codebook(
@@ -85,6 +92,7 @@ class Codebook:
         else:
             self.cpu_panels = self.cpu_bias = self.cpu_norm_bound = None
         self._derived: dict[str, object] = {}
+        self._refresh: dict[str, object] = {}
 
     @property
     def weight(self) -> torch.Tensor:
@@ -102,7 +110,9 @@ class Codebook:
         the table when kept, else unpacked from the panels, bitwise the same (l2 panels hold -2e: halving is
         exact; fp16 l2 panels and ip panels hold -e)."""
         if ids is not None and not (isinstance(ids, torch.Tensor) and ids.dtype == torch.int64):
-            raise TypeError(f"ids must be an int64 tensor, got {type(ids).__name__} {getattr(ids, 'dtype', '')}")
+            raise TypeError(
+                f"ids must be an int64 tensor, got {type(ids).__name__} {getattr(ids, 'dtype', '')}"
+            )
         if ids is not None and ids.numel() and not bool(((ids >= 0) & (ids < self.num_rows)).all()):
             raise IndexError(f"ids must be in [0, {self.num_rows}) (rows of the codebook)")
         if self._weight is not None:
@@ -130,19 +140,88 @@ class Codebook:
         return self._dtype
 
     def check_unchanged(self) -> None:
+        if self._broken is not None:
+            raise RuntimeError(
+                f"this Codebook's last repack_ failed ({self._broken}); call repack_ with a valid table"
+            )
         if self._weight is None:  # only the Codebook's own panels: nothing outside can change them
             return
         if _version_of(self._weight) != self._version:
             raise RuntimeError(
                 "Codebook.weight was modified in place after the Codebook was built; the packed copy is "
-                "stale. Build a new spae_fast.Codebook from the updated table."
+                "stale. Build a new spae_fast.Codebook from the updated table, or, as the owner of a table "
+                "trained in place, call Codebook.repack_() after each update."
             )
 
-    def derived(self, key: str, build):
+    @torch.no_grad()
+    def repack_(self, weight: torch.Tensor | None = None) -> Codebook:
+        """Re-packs a changed table into this Codebook's existing buffers; returns the Codebook.
+
+        For the owner of a table trained in place (e.g. an EMA codebook, `spae_fast.nn`): after each update
+        of the table, one call re-validates it, re-packs the panels and bias into their own storage (no new
+        ``V x D`` allocation, so none of the first-touch page faults of a fresh one), re-derives the int8
+        pre-filter copy into its storage if one was built (other derived forms are dropped and rebuilt on next
+        use) and accepts the table's current version, so the stale-pack check passes again. Every result
+        afterwards is bitwise that of a new ``Codebook`` of the table. Everyone else keeps the frozen-table
+        contract (docs/DECISIONS.md, "Re-packing a Codebook in place").
+
+        Args:
+            weight: None re-packs the table the Codebook holds: with ``copy=False`` the caller's tensor its
+                owner updated in place; with ``copy=True`` the Codebook's own copy (``weight``) edited in place.
+                Else a table of the same shape, dtype and device: copied into the Codebook's own copy
+                (``copy=True``), held instead of the old one (``copy=False``), or only packed
+                (``keep_weight=False``, which needs it).
+
+        Raises:
+            ValueError: a table of another shape, dtype or device, or a non-finite / overflowing row (as the
+                constructor). After a rejected table the Codebook refuses to search until a successful
+                `repack_`.
+        """
+        if weight is None:
+            if self._weight is None:
+                raise ValueError("repack_ of a keep_weight=False Codebook needs the new table as `weight`")
+            table = self._weight
+        else:
+            _validate.codebook_weight(weight, "weight")
+            if (tuple(weight.shape), weight.dtype, weight.device) != (self._shape, self._dtype, self.device):
+                raise ValueError(
+                    f"weight must have the Codebook's shape {list(self._shape)}, dtype {self._dtype} and device "
+                    f"{self.device}, got {list(weight.shape)} {weight.dtype} on {weight.device}"
+                )
+            table = weight.detach()
+            if self._weight is not None and self._owns_copy:
+                self._weight.copy_(table)
+                table = self._weight
+            elif self._weight is not None:
+                self._weight = table
+        self._broken = "repack_ in progress"
+        if self.cpu_panels is not None:
+            from .ops import common  # imports this module
+
+            try:
+                self.cpu_norm_bound = common.pack_codebook_into(
+                    table, self.metric, self.cpu_panels, self.cpu_bias
+                )
+            except Exception as error:
+                self._broken = str(error)
+                raise
+        derived, self._derived = self._derived, {}
+        for key, refresh in self._refresh.items():
+            if key in derived:
+                self._derived[key] = refresh(self, derived[key])
+        self._refresh = {key: self._refresh[key] for key in self._derived}
+        self._version = None if self._weight is None else _version_of(self._weight)
+        self._broken = None
+        return self
+
+    def derived(self, key: str, build, refresh=None):
         """Another prepared form of the table (e.g. the semantic loss's bf16 packing), built by ``build()`` on
-        first use and kept; counted by `nbytes_packed`."""
+        first use and kept; counted by `nbytes_packed`. `repack_` re-derives it with ``refresh(codebook,
+        old_form)`` (into the old form's storage) when given, else drops it."""
         if key not in self._derived:
             self._derived[key] = build()
+            if refresh is not None:
+                self._refresh[key] = refresh
         return self._derived[key]
 
     def nbytes_packed(self) -> int:

@@ -78,5 +78,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_isa", &spae::set_isa, "Select the micro-kernel ('portable' or 'avx2'); False if this CPU lacks it.");
   m.def("get_isa", [] { return std::string(spae::isa_name(spae::active_isa())); });
   m.def("cpu_supports_avx2", &spae::cpu_supports_avx2_fma);
+  m.def("set_packing_lanes", &spae::set_packing_lanes,
+        "fp64 lanes of the codebook packing loops (2, 4 or 8; 0: the widest); False if this CPU lacks them.");
+  m.def("get_packing_lanes", &spae::packing_lanes);
   m.def("openmp_max_threads", [] { return omp_get_max_threads(); });
 }

@@ -10,6 +10,19 @@
 
 namespace spae {
 
+// N lanes of T as one vector (GCC / clang vector extensions): element-wise IEEE operations, lowered to the
+// instructions of the function they are used in, so a loop over Lanes computes bitwise what the scalar loop does
+// lane by lane on every ISA (the packing loops: pack_codebook, pack_codebook_int8).
+template <typename T, int N>
+using Lanes [[gnu::vector_size(sizeof(T) * N)]] = T;
+
+// Compiles a function for one x86 ISA (the packing loops' per-width copies); empty elsewhere.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SPAE_TARGET(isa) __attribute__((target(isa)))
+#else
+#define SPAE_TARGET(isa)
+#endif
+
 // Register tile of the fused GEMM + selection micro-kernel: MR queries x NR codebook rows.
 // 6 x 16 fp32 = 12 AVX2 accumulators, leaving registers for 2 codebook vectors and 1 broadcast.
 constexpr int kTileRows = 6;   // MR
@@ -214,6 +227,11 @@ void micro_kernel_avx512vnni(const uint32_t* packed_queries, const uint32_t* pan
 bool cpu_supports_avx512_vnni();
 
 enum class Isa : int { Portable = 0, Avx2Fma = 1 };
+
+// fp64 lanes per vector of the packing loops (pack_codebook, pack_codebook_int8): 8 (AVX-512), 4 (AVX2) or 2,
+// the widest this CPU runs unless set_packing_lanes chose another (tests: every width gives the same bits).
+int packing_lanes();
+bool set_packing_lanes(int lanes);  // 0: the widest again; false if this CPU cannot run `lanes`
 
 // The micro-kernel of the active ISA for panels of this format (every fp32 score is computed by the ISA's
 // kernels, rescoring included: all formats give bitwise the same scores).

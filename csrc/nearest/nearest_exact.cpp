@@ -386,63 +386,165 @@ StatusInfo nearest_exact(const QuerySource& source, const PackedCodebookView& cb
                     full_search_rows);
 }
 
+namespace {
+
+// Panel p's fp32 values [D][16] (exact for every panel format): the panel itself for fp32 panels, else widened
+// into `buffer`.
+const float* panel_values(const PackedCodebookView& fp32, int64_t p, std::vector<float>& buffer) {
+  const int64_t count = fp32.dim * kPanelWidth;
+  const PanelFormat format = fp32.format();
+  if (format == PanelFormat::Float32) return static_cast<const float*>(fp32.panel(p));
+  buffer.resize(static_cast<size_t>(count));
+  const uint16_t* narrow = static_cast<const uint16_t*>(fp32.panel(p));
+  if (format == PanelFormat::BFloat16) {
+    for (int64_t i = 0; i < count; ++i) buffer[i] = bf16_to_float(narrow[i]);
+  } else {
+    const float scale = format == PanelFormat::Float16Doubled ? 2.0f : 1.0f;
+    for (int64_t i = 0; i < count; ++i) buffer[i] = scale * half_to_float(narrow[i]);
+  }
+  return buffer.data();
+}
+
+// (x + kRoundShift) - kRoundShift is nearbyint(x) for |x| <= 2^51 in the default round-to-nearest-even mode, as
+// two fp64 additions that vectorise: the sum's ulp is 1, so the addition rounds x to an integer (ties to even:
+// kRoundShift is even) and the subtraction is exact.
+constexpr double kRoundShift = 6755399441055744.0;  // 1.5 * 2^52
+
+// Per-column results of one panel's quantisation.
+struct PanelSums {
+  double scale[kPanelWidth];  // the fp32 scale, widened
+  double norm[kPanelWidth], rounding[kPanelWidth], rounded[kPanelWidth];
+  int64_t sum_q[kPanelWidth];
+};
+
+// Quantises one panel's fp32 values [D][16] into its int8 words [quads][16] (`quantised`: [4 * quads][16]
+// int32 scratch whose rows past D are zero), the 16 columns as 16 / N vectors of N lanes (Lanes: lane c runs
+// exactly column c's scalar arithmetic; this file is built without FMA contraction).
+template <int N>
+[[gnu::always_inline]] inline void quantise_panel(const float* values, int64_t dim, int32_t* quantised,
+                                                  uint32_t* panel, PanelSums& sums) {
+  using Floats = Lanes<float, N>;
+  using Doubles = Lanes<double, N>;
+  using Ints = Lanes<int32_t, N>;
+  using Longs = Lanes<int64_t, N>;
+  constexpr int kGroups = kPanelWidth / N;
+  const Doubles zero = {};
+  Doubles largest[kGroups] = {}, norm[kGroups] = {};
+  for (int64_t d = 0; d < dim; ++d) {
+#pragma GCC unroll 8
+    for (int g = 0; g < kGroups; ++g) {
+      Floats v;
+      std::memcpy(&v, values + d * kPanelWidth + g * N, sizeof v);
+      const Doubles x = __builtin_convertvector(v, Doubles), magnitude = x < zero ? -x : x;
+      largest[g] = largest[g] < magnitude ? magnitude : largest[g];  // std::max(largest, |x|)
+      norm[g] += x * x;
+    }
+  }
+  double largest_of[kPanelWidth];
+  std::memcpy(largest_of, largest, sizeof largest_of);
+  for (int c = 0; c < kPanelWidth; ++c) {
+    float s = static_cast<float>(largest_of[c] / 127.0);
+    if (!(s > 0.0f)) s = 1.0f;
+    sums.scale[c] = s;
+  }
+  Doubles scale[kGroups], rounding[kGroups] = {}, rounded[kGroups] = {};
+  Longs sum_q[kGroups] = {};
+  std::memcpy(scale, sums.scale, sizeof scale);
+  const Doubles low = zero - 127.0, high = zero + 127.0;
+  for (int64_t d = 0; d < dim; ++d) {
+#pragma GCC unroll 8
+    for (int g = 0; g < kGroups; ++g) {
+      Floats v;
+      std::memcpy(&v, values + d * kPanelWidth + g * N, sizeof v);
+      const Doubles x = __builtin_convertvector(v, Doubles);
+      Doubles ratio = x / scale[g];  // clamped before rounding: the same q as clamping after
+      ratio = ratio < low ? low : ratio;
+      ratio = ratio > high ? high : ratio;
+      const Doubles q = (ratio + kRoundShift) - kRoundShift, back = scale[g] * q, error = x - back;
+      rounding[g] += error * error;
+      rounded[g] += back * back;
+      const Ints qi = __builtin_convertvector(q, Ints);
+      sum_q[g] += __builtin_convertvector(qi, Longs);
+      std::memcpy(quantised + d * kPanelWidth + g * N, &qi, sizeof qi);
+    }
+  }
+  std::memcpy(sums.norm, norm, sizeof norm);
+  std::memcpy(sums.rounding, rounding, sizeof rounding);
+  std::memcpy(sums.rounded, rounded, sizeof rounded);
+  std::memcpy(sums.sum_q, sum_q, sizeof sum_q);
+  const int64_t quads = (dim + 3) / 4;
+  for (int64_t j = 0; j < quads; ++j) {
+    const int32_t* q = quantised + 4 * j * kPanelWidth;
+    for (int c = 0; c < kPanelWidth; ++c)  // four int8 in a word, d ascending from the low byte
+      panel[j * kPanelWidth + c] = (static_cast<uint32_t>(q[c]) & 0xffu) |
+                                   (static_cast<uint32_t>(q[kPanelWidth + c]) & 0xffu) << 8 |
+                                   (static_cast<uint32_t>(q[2 * kPanelWidth + c]) & 0xffu) << 16 |
+                                   (static_cast<uint32_t>(q[3 * kPanelWidth + c]) & 0xffu) << 24;
+  }
+}
+
+SPAE_TARGET("avx512f") void quantise_panel_avx512(const float* values, int64_t dim, int32_t* quantised,
+                                                  uint32_t* panel, PanelSums& sums) {
+  quantise_panel<8>(values, dim, quantised, panel, sums);
+}
+SPAE_TARGET("avx2") void quantise_panel_avx2(const float* values, int64_t dim, int32_t* quantised, uint32_t* panel,
+                                             PanelSums& sums) {
+  quantise_panel<4>(values, dim, quantised, panel, sums);
+}
+void quantise_panel_baseline(const float* values, int64_t dim, int32_t* quantised, uint32_t* panel,
+                             PanelSums& sums) {
+  quantise_panel<2>(values, dim, quantised, panel, sums);
+}
+
+}  // namespace
+
+// One panel at a time, each step over the 16 columns as independent lanes (fp64 sums in d order per column,
+// so every column's arithmetic is a row-by-row loop's): max |p| and ||p||^2, then per element
+// q = clamp(round(p / scale), -127, 127) with the same fp64 division and round-half-even (clamping first
+// changes no result and bounds the rounding trick's input), the rounding error, ||p~||^2 and sum q.
 void pack_codebook_int8(const PackedCodebookView& fp32, uint32_t* panels, float* columns, int32_t* offsets,
                         double* bounds, int num_threads) {
+  static_assert(kInt8PanelWidth == kPanelWidth, "the int8 copy quantises one fp32 panel into one int8 panel");
   const int64_t rows = fp32.rows, dim = fp32.dim, quads = (dim + 3) / 4;
   constexpr int64_t W = kInt8PanelWidth;
   const int64_t num_panels = (rows + W - 1) / W;
   double max_norm = 0.0, max_rounding = 0.0, max_rounded = 0.0, max_bias = 0.0;
-#pragma omp parallel for num_threads(std::max(1, num_threads)) schedule(static) \
+#pragma omp parallel num_threads(std::max(1, num_threads)) \
     reduction(max : max_norm, max_rounding, max_rounded, max_bias)
-  for (int64_t p = 0; p < num_panels; ++p) {
-    uint32_t* panel = panels + p * quads * W;
-    float* column_data = columns + p * 4 * W;
-    thread_local std::vector<float> column;
-    column.resize(static_cast<size_t>(dim));
-    for (int64_t c = 0; c < W; ++c) {
-      const int64_t row = p * W + c;
-      if (row >= rows) {  // pad column: zero row, bias +inf, never selected
-        for (int64_t j = 0; j < quads; ++j) panel[j * W + c] = 0u;
-        column_data[c] = 0.0f;
-        column_data[W + c] = 0.0f;
-        column_data[2 * W + c] = 0.0f;
-        column_data[3 * W + c] = fused::kInf;
-        offsets[p * W + c] = 0;
-        continue;
-      }
-      fp32.unpack_row(row, column.data(), 1);  // the fp32 p of any panel format (exact)
-      double largest = 0.0, norm = 0.0;
-      for (int64_t d = 0; d < dim; ++d) {
-        const double v = column[d];
-        largest = std::max(largest, std::abs(v));
-        norm += v * v;
-      }
-      float scale = static_cast<float>(largest / 127.0);
-      if (!(scale > 0.0f)) scale = 1.0f;
-      double rounding = 0.0, rounded = 0.0;
-      int64_t sum_q = 0;
-      for (int64_t j = 0; j < quads; ++j) {
-        uint32_t word = 0;
-        for (int64_t h = 0; h < 4 && 4 * j + h < dim; ++h) {
-          const double v = column[4 * j + h];
-          const double q = std::clamp(std::nearbyint(v / scale), -127.0, 127.0);
-          const double back = static_cast<double>(scale) * q;
-          rounding += (v - back) * (v - back);
-          rounded += back * back;
-          sum_q += static_cast<int64_t>(q);
-          word |= (static_cast<uint32_t>(static_cast<int32_t>(q)) & 0xffu) << (8 * h);
+  {
+    const int lanes = packing_lanes();
+    const auto quantise = lanes == 8   ? quantise_panel_avx512
+                          : lanes == 4 ? quantise_panel_avx2
+                                       : quantise_panel_baseline;
+    std::vector<float> widened;
+    std::vector<int32_t> quantised(static_cast<size_t>(quads * 4 * W), 0);  // [4 * quads][16]; pad d stay 0
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < num_panels; ++p) {
+      const float* values = panel_values(fp32, p, widened);
+      PanelSums sums;
+      quantise(values, dim, quantised.data(), panels + p * quads * W, sums);
+      float* column_data = columns + p * 4 * W;
+      for (int64_t c = 0; c < W; ++c) {
+        const int64_t row = p * W + c;
+        if (row >= rows) {  // pad column: zero row, bias +inf, never selected
+          for (int64_t j = 0; j < quads; ++j) panels[(p * quads + j) * W + c] = 0u;
+          column_data[c] = 0.0f;
+          column_data[W + c] = 0.0f;
+          column_data[2 * W + c] = 0.0f;
+          column_data[3 * W + c] = fused::kInf;
+          offsets[row] = 0;
+          continue;
         }
-        panel[j * W + c] = word;
+        column_data[c] = static_cast<float>(sums.scale[c]);
+        column_data[W + c] = round_up(std::sqrt(sums.norm[c]));
+        column_data[2 * W + c] = round_up(std::sqrt(sums.rounding[c]));
+        column_data[3 * W + c] = fp32.bias[row];
+        offsets[row] = static_cast<int32_t>(128 * sums.sum_q[c]);
+        max_norm = std::max(max_norm, std::sqrt(sums.norm[c]));
+        max_rounding = std::max(max_rounding, std::sqrt(sums.rounding[c]));
+        max_rounded = std::max(max_rounded, std::sqrt(sums.rounded[c]));
+        max_bias = std::max(max_bias, std::abs(static_cast<double>(fp32.bias[row])));
       }
-      column_data[c] = scale;
-      column_data[W + c] = round_up(std::sqrt(norm));
-      column_data[2 * W + c] = round_up(std::sqrt(rounding));
-      column_data[3 * W + c] = fp32.bias[row];
-      offsets[p * W + c] = static_cast<int32_t>(128 * sum_q);
-      max_norm = std::max(max_norm, std::sqrt(norm));
-      max_rounding = std::max(max_rounding, std::sqrt(rounding));
-      max_rounded = std::max(max_rounded, std::sqrt(rounded));
-      max_bias = std::max(max_bias, std::abs(static_cast<double>(fp32.bias[row])));
     }
   }
   bounds[0] = max_norm;
@@ -450,6 +552,5 @@ void pack_codebook_int8(const PackedCodebookView& fp32, uint32_t* panels, float*
   bounds[2] = max_rounded;
   bounds[3] = max_bias;
 }
-
 
 }  // namespace spae

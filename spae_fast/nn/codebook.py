@@ -192,16 +192,25 @@ class EuclideanCodebook(nn.Module):
         return l2norm(x) if self.use_cosine_sim else x
 
     def search_codebook(self) -> Codebook:
-        """The packed `spae_fast.Codebook` of ``embed``, rebuilt when ``embed`` changed since the last call.
+        """The packed `spae_fast.Codebook` of ``embed``, brought up to date when ``embed`` changed since the
+        last call.
 
-        The stale pack (fp32 panels and int8 copy, about 1.25 V D * 4 bytes) is released before the new one is
-        built, so a training step's peak holds one pack, not two."""
+        The Codebook shares ``embed`` (``copy=False``). After an update in place (the EMA step, dead-code
+        replacement: same storage, new version) it is re-packed into its own buffers (`Codebook.repack_`:
+        no new ``V x D`` allocation to fault in, bitwise a new Codebook's results); a table in new storage
+        (``load_state_dict``, the ``codebook`` setter, ``.to()``) gets a new Codebook, the stale one
+        released first so the peak holds one pack, not two."""
         table = self.embed[0]
-        key = (table.data_ptr(), table.device, None if table.is_inference() else table._version, table.shape)
-        if self._search is None or self._search_key != key:
+        storage = (table.data_ptr(), table.device, table.shape, table.stride(), table.dtype)
+        version = None if table.is_inference() else table._version
+        if self._search is not None and self._search_key == (storage, version):
+            return self._search
+        if self._search is not None and self._search_key[0] == storage and version is not None:
+            self._search.repack_(table.detach())
+        else:
             self._search = self._search_key = None
             self._search = Codebook(table.detach(), self.metric, copy=False)
-            self._search_key = key
+        self._search_key = (storage, version)
         return self._search
 
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:

@@ -107,22 +107,44 @@ def _pack_codebook(
     """weight [V, D] -> (panels [ceil(V/16), D, 16] of `panel_dtype(weight.dtype, metric, narrow)`, bias
     [ceil(V/16)*16] fp32, norm bound [] fp64). narrow=False: fp32 panels for any table."""
     _check_pack(weight, metric, narrow)
+    num_panels = -(-weight.shape[0] // _native.cpu_module().PANEL_WIDTH)
+    panels = torch.empty(num_panels, weight.shape[1], 16, dtype=panel_dtype(weight.dtype, metric, narrow))
+    bias = torch.empty(num_panels * 16, dtype=torch.float32)
+    return panels, bias, _pack_into(weight, metric, panels, bias)
+
+
+def pack_codebook_into(
+    weight: torch.Tensor, metric: str, panels: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """`pack_codebook` into existing panels / bias (their dtype chooses the panel format; `Codebook.repack_`:
+    no fresh pages to fault in). Returns the norm bound []. Raises as `pack_codebook` for a non-finite or
+    overflowing row, leaving the buffers' contents unspecified."""
+    _check_pack(weight, metric, panels.dtype != torch.float32)
+    num_panels = -(-weight.shape[0] // 16)
+    expected_dtype = panel_dtype(weight.dtype, metric, panels.dtype != torch.float32)
+    if panels.shape != (num_panels, weight.shape[1], 16) or panels.dtype != expected_dtype:
+        raise ValueError(f"panels must be [{num_panels}, {weight.shape[1]}, 16] {expected_dtype} for this table, "
+                         f"got {list(panels.shape)} {panels.dtype}")  # fmt: skip
+    if bias.shape != (num_panels * 16,) or bias.dtype != torch.float32:
+        raise ValueError(f"bias must be [{num_panels * 16}] float32, got {list(bias.shape)} {bias.dtype}")
+    if not (panels.is_contiguous() and bias.is_contiguous()):
+        raise ValueError("panels and bias must be contiguous")
+    return _pack_into(weight, metric, panels, bias)
+
+
+def _pack_into(weight, metric, panels, bias) -> torch.Tensor:
     native = _native.cpu_module()
     num_rows, dim = weight.shape
-    num_panels = -(-num_rows // native.PANEL_WIDTH)
-    dtype = panel_dtype(weight.dtype, metric, narrow)
-    panels = torch.empty(num_panels, dim, native.PANEL_WIDTH, dtype=dtype)
-    bias = torch.empty(num_panels * native.PANEL_WIDTH, dtype=torch.float32)
     code, detail, max_norm = native.pack_codebook(
         weight=_native.buffer(weight), num_rows=num_rows, dim=dim,
         weight_row_stride=weight.stride(0), weight_col_stride=weight.stride(1),
         weight_dtype=_native.DTYPE_TAGS[str(weight.dtype).removeprefix("torch.")],
         metric=_native.METRIC_TAGS[metric], out_panels=_native.buffer(panels),
-        out_panels_dtype=_native.DTYPE_TAGS[str(dtype).removeprefix("torch.")], out_bias=_native.buffer(bias),
+        out_panels_dtype=_native.DTYPE_TAGS[str(panels.dtype).removeprefix("torch.")], out_bias=_native.buffer(bias),
         num_threads=torch.get_num_threads(),
     )  # fmt: skip
     _native.raise_for_status(code, detail, stage="codebook")
-    return panels, bias, torch.tensor(max_norm, dtype=torch.float64)
+    return torch.tensor(max_norm, dtype=torch.float64)
 
 
 def _check_pack(weight, metric, narrow):
@@ -205,25 +227,48 @@ def codebook_shape(codebook) -> tuple[int, torch.device, int]:
 def int8_prefilter_available() -> bool:
     """Whether this CPU and build run the certified AVX512-VNNI pre-filter (nearest and SAQ searches)."""
     native = _native._C
-    return native is not None and hasattr(native, "cpu_supports_avx512_vnni") and native.cpu_supports_avx512_vnni()
+    return (
+        native is not None
+        and hasattr(native, "cpu_supports_avx512_vnni")
+        and native.cpu_supports_avx512_vnni()
+    )
 
 
-def _pack_int8(panels: torch.Tensor, bias: torch.Tensor, num_rows: int, dim: int, metric: str = "l2"):
+def _pack_int8(
+    panels: torch.Tensor, bias: torch.Tensor, num_rows: int, dim: int, metric: str = "l2", out=None
+):
     """int8 copy of the packed panels (any panel dtype: it quantises their fp32 values): (words
-    [ceil(V/16), ceil(D/4), 16] int32, column data [ceil(V/16), 4, 16] fp32, offsets [ceil(V/16) * 16] int32, bounds [4] fp64); see csrc/nearest/nearest.h."""
+    [ceil(V/16), ceil(D/4), 16] int32, column data [ceil(V/16), 4, 16] fp32, offsets [ceil(V/16) * 16] int32,
+    bounds [4] fp64); see csrc/nearest/nearest.h. out: an earlier copy of the same shapes to write into."""
     native = _native.cpu_module()
     width = native.INT8_PANEL_WIDTH
     num_panels = -(-num_rows // width)
-    words = torch.empty(num_panels, (dim + 3) // 4, width, dtype=torch.int32)
-    columns = torch.empty(num_panels, 4, width, dtype=torch.float32)
-    offsets = torch.empty(num_panels * width, dtype=torch.int32)
+    if out is None:
+        words = torch.empty(num_panels, (dim + 3) // 4, width, dtype=torch.int32)
+        columns = torch.empty(num_panels, 4, width, dtype=torch.float32)
+        offsets = torch.empty(num_panels * width, dtype=torch.int32)
+    else:
+        words, columns, offsets = out[:3]
     bounds = native.pack_codebook_int8(
-        panels=_native.buffer(panels), panels_dtype=_native.DTYPE_TAGS[str(panels.dtype).removeprefix("torch.")],
-        metric=_native.METRIC_TAGS[metric], bias=_native.buffer(bias), num_rows=num_rows, dim=dim,
-        out_panels=_native.buffer(words), out_columns=_native.buffer(columns), out_offsets=_native.buffer(offsets),
+        panels=_native.buffer(panels),
+        panels_dtype=_native.DTYPE_TAGS[str(panels.dtype).removeprefix("torch.")],
+        metric=_native.METRIC_TAGS[metric],
+        bias=_native.buffer(bias),
+        num_rows=num_rows,
+        dim=dim,
+        out_panels=_native.buffer(words),
+        out_columns=_native.buffer(columns),
+        out_offsets=_native.buffer(offsets),
         num_threads=torch.get_num_threads(),
     )
     return words, columns, offsets, torch.tensor(bounds, dtype=torch.float64)
+
+
+def _refresh_int8(codebook: Codebook, old):
+    """The int8 copy of a re-packed `Codebook` (`Codebook.repack_`), written into the old copy's storage."""
+    return _pack_int8(
+        codebook.cpu_panels, codebook.cpu_bias, codebook.num_rows, codebook.dim, codebook.metric, old
+    )
 
 
 def check_prefilter(prefilter: object) -> str:
@@ -251,7 +296,11 @@ def prefilter_operands(codebook, weight, panels, bias, prefilter: str, backend: 
             raise RuntimeError("prefilter='int8' needs a CPU with AVX512-VNNI and a build with its kernel")
         return off
     if isinstance(codebook, Codebook):  # built once (`codebook_operands` has checked the table is unchanged)
-        return codebook.derived("int8_prefilter", lambda: _pack_int8(panels, bias, *weight.shape, codebook.metric))
+        return codebook.derived(
+            "int8_prefilter",
+            lambda: _pack_int8(panels, bias, *weight.shape, codebook.metric),
+            refresh=_refresh_int8,
+        )
     return _pack_int8(panels, bias, weight.shape[0], weight.shape[1], metric)
 
 
