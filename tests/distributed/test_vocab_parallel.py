@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # children import _dist_cases from here too
 
 import _dist_cases
+from _spawn import run_ranks
 
 WORLD_SIZES = (2, 3)
 TIMEOUT_S = 240
@@ -44,19 +43,7 @@ def outcomes(request, tmp_path_factory):
     world = request.param
     folder = str(tmp_path_factory.mktemp(f"vocab_parallel_{world}"))
     data = _write_inputs(folder)
-    context = mp.start_processes(
-        _dist_cases.run_worker, args=(world, os.path.join(folder, "store"), folder, data), nprocs=world,
-        join=False, start_method="spawn",
-    )  # fmt: skip
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {world}-rank run did not finish within {TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    run_ranks(_dist_cases.run_worker, (world, os.path.join(folder, "store"), folder, data), world, TIMEOUT_S)
     results: dict[str, dict[int, str]] = {}
     for rank in range(world):
         with open(os.path.join(folder, f"rank{rank}.json")) as file:

@@ -9,15 +9,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # children import _train_cases from here too
 
 import _train_cases
+from _spawn import rank_reports, run_ranks
 
 WORLD = 2
 TIMEOUT_S = 180
@@ -30,20 +29,8 @@ GRADIENT_RTOL = 1e-5
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vocab_parallel_training")
-    context = mp.start_processes(_train_cases.run_worker, args=(WORLD, str(folder / "store"), str(folder)),
-                                 nprocs=WORLD, join=False, start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=2):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD}-rank run did not finish within {TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-    reports = [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
-    for rank, report in enumerate(reports):
-        assert "error" not in report, f"rank {rank}:\n{report['error']}"
+    run_ranks(_train_cases.run_worker, (WORLD, str(folder / "store"), str(folder)), WORLD, TIMEOUT_S)
+    reports = rank_reports(folder, "rank", WORLD)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the children: conv kernels are bitwise only at the same thread count
     try:

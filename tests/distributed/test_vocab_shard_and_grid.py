@@ -4,40 +4,25 @@ vocabulary grid (4 gloo processes: 2 data replicas x 2 vocabulary shards), resum
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # children import the case modules from here
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # and tests/_tiny_llm
 
 import _grid_cases
 import _train_cases
+from _spawn import rank_reports, run_ranks
 
 TIMEOUT_S = 240
 
 
 def _spawn(worker, world: int, folder, name: str) -> list[dict]:
-    context = mp.start_processes(worker, args=(world, str(folder / f"store_{name}"), str(folder)), nprocs=world,
-                                 join=False, start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=2):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {world}-rank run did not finish within {TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-    reports = [json.loads((folder / f"{name}{rank}.json").read_text()) for rank in range(world)]
-    for rank, report in enumerate(reports):
-        assert "error" not in report, f"rank {rank}:\n{report['error']}"
-    return reports
+    run_ranks(worker, (world, str(folder / f"store_{name}"), str(folder)), world, TIMEOUT_S)
+    return rank_reports(folder, name, world)
 
 
 @pytest.fixture(scope="module")
