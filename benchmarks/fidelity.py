@@ -16,6 +16,9 @@ Variants (all: the demo's model and training, `spae_fast.demo.DEMO_MODEL` / `DEM
                   robust each step of the PSNR-per-layer curve is across seeds
   rq_semantic_s2, rq_semantic_s3   RQ with seeds 2 and 3: SAQ vs RQ over four seeds each
   saq_semantic_0to4  SAQ, guidance only on images of digits 0-4 (for held-out-class evaluations, issue #6)
+  saq_semantic_a15, saq_semantic_a15_s1, saq_semantic_a15_s2   SAQ with alpha0 = 15 under seeds 0-2: against
+                  RQ's seeds at alpha0 = 10, whether SAQ names the digit at least as often at equal or better
+                  reconstruction (SAQ at alpha0 = 10 reconstructs ~0.7 dB better than RQ)
 
 Evaluation on the held-out split (359 images, every class), with the label-text provider of all ten class
 names (MiniLM; relevance s in [0, 1] = min-max normalised over the vocabulary per image):
@@ -42,7 +45,8 @@ widths.
 
 Models go to OUT/<variant>/model (`SPAE.from_pretrained`); ``--reuse`` skips training a variant whose model
 exists. Writes OUT/fidelity.json and fidelity.md; with --write-benchmarks-md also the "Fidelity" section of
-BENCHMARKS.md.
+BENCHMARKS.md. ``--merge`` keeps the results (and the step split, when not re-measured) of the variants not run
+now from OUT/fidelity.json, and records that run's command.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ import time
 from pathlib import Path
 
 import torch
+from harness import git_sha, machine_info, replace_markdown_section, versions
 
 from spae_fast.cli_train import build_datasets
 from spae_fast.demo import DEMO_MODEL, DEMO_TRAINING, JUDGED_LAYERS, evaluate_held_out
@@ -65,8 +70,6 @@ from spae_fast.relevance import LabelTextRelevance
 from spae_fast.trainer import Trainer
 from spae_fast.vocab import VocabCodebook
 from spae_fast.word_accuracy import class_word_similarity, evaluate_words
-
-from harness import git_sha, machine_info, replace_markdown_section, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {
@@ -82,12 +85,18 @@ VARIANTS = {
     "saq_semantic_s3": ({"mode": "saq"}, {"relevance": True, "seed": 3}),
     "rq_semantic_s2": ({"mode": "rq"}, {"relevance": True, "seed": 2}),
     "rq_semantic_s3": ({"mode": "rq"}, {"relevance": True, "seed": 3}),
+    "saq_semantic_a15": ({"mode": "saq"}, {"relevance": True, "alpha0": 15.0}),
+    "saq_semantic_a15_s1": ({"mode": "saq"}, {"relevance": True, "alpha0": 15.0, "seed": 1}),
+    "saq_semantic_a15_s2": ({"mode": "saq"}, {"relevance": True, "alpha0": 15.0, "seed": 2}),
 }
 # The demo's own configuration under several training seeds: how robust each PSNR step is; and RQ under the
 # same seeds, for SAQ vs RQ at equal reconstruction over seeds (one run's full PSNR moves by ~1.5 dB).
 DEMO_SEEDS = ("saq_semantic", "saq_semantic_s1", "saq_semantic_s2", "saq_semantic_s3")
 RQ_SEEDS = ("rq_semantic", "rq_semantic_s1", "rq_semantic_s2", "rq_semantic_s3")
 SAQ_CURVE = ("saq_plain", "saq_semantic_a1", "saq_semantic_a3", "saq_semantic")  # alpha0 = 0, 1, 3, 10
+# SAQ with stronger guidance (alpha0 = 15) under seeds 0-2: spends SAQ's PSNR lead over RQ (alpha0 = 10) on the
+# guided layers, for SAQ vs RQ at equal or better reconstruction over seeds.
+SAQ_A15_SEEDS = ("saq_semantic_a15", "saq_semantic_a15_s1", "saq_semantic_a15_s2")
 HEADING = "## Fidelity"
 # The models of the step split: the demo's (the target's), and for scale the demo with a larger CNN and the
 # library default.
@@ -111,7 +120,9 @@ def train_variant(name: str, out: Path, steps: int, vocab, relevance, train, hel
     torch.manual_seed(config.seed)
     model = SPAE(dataclasses.replace(DEMO_MODEL, **model_overrides), vocab)
     provider = relevance if options["relevance"] else None
-    summary = Trainer(model, config, folder, train, eval_dataset=held_out, relevance=provider).fit(progress=False)
+    summary = Trainer(model, config, folder, train, eval_dataset=held_out, relevance=provider).fit(
+        progress=False
+    )
     print(f"  {name}: {summary['step']} steps in {summary['seconds']:.0f} s", flush=True)
     return model
 
@@ -164,8 +175,14 @@ def time_step_split(model: SPAE, relevance, train, repeats: int) -> dict:
     def encoder_decoder():
         with torch.no_grad():
             quantized = model.quantizer(model.encoder(images))
-            prefix_layers = trainer.prefix_layers(len(images))  # the decoder's second half-batch, as training has it
-            prefix = None if prefix_layers is None else model.quantizer.prefix_latents(quantized.ids, prefix_layers)
+            prefix_layers = trainer.prefix_layers(
+                len(images)
+            )  # the decoder's second half-batch, as training has it
+            prefix = (
+                None
+                if prefix_layers is None
+                else model.quantizer.prefix_latents(quantized.ids, prefix_layers)
+            )
         start = time.perf_counter()
         latent = model.encoder(images)
         decoder_input = latent + (quantized.quantized - latent).detach()
@@ -195,7 +212,12 @@ def time_step_split(model: SPAE, relevance, train, repeats: int) -> dict:
         trainer.train_step(images, labels)
         return time.perf_counter() - start
 
-    parts = {"step": whole, "encoder_decoder": encoder_decoder, "quantizer": quantizer, "semantic_loss": semantic}
+    parts = {
+        "step": whole,
+        "encoder_decoder": encoder_decoder,
+        "quantizer": quantizer,
+        "semantic_loss": semantic,
+    }
     times: dict[str, list[float]] = {name: [] for name in parts}
     for round_index in range(repeats + 1):  # round 0 warms up
         for name, fn in parts.items():
@@ -232,9 +254,11 @@ def word_accuracy_section(results: dict) -> list[str]:
     if not judged:
         return []
     lines = [
-        "Headline: word -> class accuracy on the held-out digits, the class whose name is most similar on average "
-        "(MiniLM) to the words of layer 1, layers 1..2 and 1..3 (`spae_fast.word_accuracy`); chance = the "
-        "commonest class's share; 'contains' = the words include the class name.",
+        (
+            "Headline: word -> class accuracy on the held-out digits, the class whose name is most similar on average "
+            "(MiniLM) to the words of layer 1, layers 1..2 and 1..3 (`spae_fast.word_accuracy`); chance = the "
+            "commonest class's share; 'contains' = the words include the class name."
+        ),
         "",
         "| variant | layer 1 | layers 1..2 | layers 1..3 | contains (1 / 1..2 / 1..3) | chance | full PSNR (dB) |",
         "|---|---:|---:|---:|---|---:|---:|",
@@ -264,14 +288,57 @@ def word_accuracy_section(results: dict) -> list[str]:
             b = statistics.mean(r["word_accuracy"][i] for r in rq)
             lines.append(f"- SAQ vs RQ ({len(saq)} vs {len(rq)} seeds), {label}: {100 * a:.1f}% vs {100 * b:.1f}% "
                          f"(SAQ {'>=' if a >= b else '<'} RQ) at full PSNR {psnr_saq:.2f} vs {psnr_rq:.2f} dB")  # fmt: skip
+    lines += dominance_lines(
+        judged, SAQ_A15_SEEDS, RQ_SEEDS, "SAQ at alpha0 = 15", "RQ at the demo's alpha0 = 10"
+    )
     return lines + [""]
 
 
+def dominance_lines(
+    judged: dict, saq_names: tuple, rq_names: tuple, saq_label: str, rq_label: str
+) -> list[str]:
+    """SAQ runs against RQ runs, seed by seed (the i-th name of each) and on the mean over seeds: word -> class
+    accuracy of layer 1 and layers 1..2 and full PSNR. SAQ dominates when, on the mean, both accuracies are at
+    least RQ's and so is full PSNR."""
+    pairs = [(s, r) for s, r in zip(saq_names, rq_names) if s in judged and r in judged]
+    if not pairs:
+        return []
+
+    def row(r: dict) -> tuple[float, float, float]:
+        return r["word_accuracy"][0], r["word_accuracy"][1], r["psnr"][-1]
+
+    lines = ["", f"{saq_label} ({', '.join(saq_names)}) vs {rq_label} (the same seeds), per seed and on the mean:", "",
+             "| seed | SAQ layer 1 | RQ layer 1 | SAQ layers 1..2 | RQ layers 1..2 | SAQ full PSNR | RQ full PSNR |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for s, r in pairs:
+        (a1, a2, ap), (b1, b2, bp) = row(judged[s]), row(judged[r])
+        lines.append(f"| {s} / {r} | {100 * a1:.1f}% | {100 * b1:.1f}% | {100 * a2:.1f}% | {100 * b2:.1f}% | "
+                     f"{ap:.2f} | {bp:.2f} |")  # fmt: skip
+    saq = [row(judged[s]) for s, _ in pairs]
+    rq = [row(judged[r]) for _, r in pairs]
+    mean_s = [statistics.mean(v) for v in zip(*saq)]
+    mean_r = [statistics.mean(v) for v in zip(*rq)]
+    lines.append(f"| mean | {100 * mean_s[0]:.1f}% | {100 * mean_r[0]:.1f}% | {100 * mean_s[1]:.1f}% | "
+                 f"{100 * mean_r[1]:.1f}% | {mean_s[2]:.2f} | {mean_r[2]:.2f} |")  # fmt: skip
+    per_seed = sum(all(a >= b for a, b in zip(x, y)) for x, y in zip(saq, rq))
+    dominates = all(a >= b for a, b in zip(mean_s, mean_r))
+    verdict = "dominates" if dominates else "does not dominate"
+    lines.append("")
+    lines.append(f"- {saq_label} vs {rq_label} over {len(pairs)} seeds: layer 1 {100 * mean_s[0]:.1f}% vs "
+                 f"{100 * mean_r[0]:.1f}%, layers 1..2 {100 * mean_s[1]:.1f}% vs {100 * mean_r[1]:.1f}%, full PSNR "
+                 f"{mean_s[2]:.2f} vs {mean_r[2]:.2f} dB: SAQ **{verdict}** on the mean (at least RQ's on all "
+                 f"three); at least RQ's on all three seed by seed in {per_seed}/{len(pairs)}")  # fmt: skip
+    return lines
+
+
 def render(meta: dict, results: dict, timing: dict | None) -> str:
+    kept_runs = [f"Kept from an earlier run (`--merge`): `{m['command']}` — {m['date']}, git {m['git']}."
+                 for m in meta.get("merged", [])]  # fmt: skip
     lines = [
         f"{HEADING} (embedded default: demo SPAE on digits, SmolLM2 vocabulary)",
         "",
         f"`{meta['command']}` — {meta['date']}, git {meta['git']}, {meta['machine']}, torch {meta['torch']}.",
+        *kept_runs,
         (
             f"Each variant trained {meta['steps']} steps (batch 16, 32x32 digits, layers 1,2,4,8,8 = 1/5/21/85/149 "
             f"words{prefix_note(meta)}); evaluated on the 359 held-out digits. Relevance: label-text (MiniLM) "
@@ -299,14 +366,19 @@ def render(meta: dict, results: dict, timing: dict | None) -> str:
     checks = []
     for name, r in results.items():
         increasing = all(b > a for a, b in zip(r["psnr"], r["psnr"][1:]))
-        checks.append(f"- {name}: PSNR strictly increases with each layer: **{'yes' if increasing else 'no'}**")
+        checks.append(
+            f"- {name}: PSNR strictly increases with each layer: **{'yes' if increasing else 'no'}**"
+        )
     saq_seeds = {name: results[name] for name in DEMO_SEEDS if name in results}
     rq_runs = [results[name] for name in RQ_SEEDS if name in results]
     if len(saq_seeds) > 1:
         seeds = [r["psnr"] for r in saq_seeds.values()]
         steps = [sum(p[i + 1] > p[i] for p in seeds) for i in range(len(seeds[0]) - 1)]
         gains = [min(p[i + 1] - p[i] for p in seeds) for i in range(len(seeds[0]) - 1)]
-        rises = [f"{l + 1}->{l + 2}: {k}/{len(seeds)} (min gain {g:+.2f} dB)" for l, (k, g) in enumerate(zip(steps, gains))]
+        rises = [
+            f"{l + 1}->{l + 2}: {k}/{len(seeds)} (min gain {g:+.2f} dB)"
+            for l, (k, g) in enumerate(zip(steps, gains))
+        ]
         checks.append(
             f"- the demo's configuration over {len(seeds)} training seeds ({', '.join(saq_seeds)}): "
             f"PSNR rises from layer l to l + 1 in {', '.join(rises)}"
@@ -315,7 +387,10 @@ def render(meta: dict, results: dict, timing: dict | None) -> str:
         a, b = results["saq_semantic"]["relevance_1to2"], results["saq_plain"]["relevance_1to2"]
         checks.append(f"- layer 1-2 relevance with guidance {a:.3f} vs without {b:.3f}: "
                       f"**{'higher' if a > b else 'not higher'}**")  # fmt: skip
-    for seed, saq_name, rq_name in ((0, "saq_semantic", "rq_semantic"), (1, "saq_semantic_s1", "rq_semantic_s1")):
+    for seed, saq_name, rq_name in (
+        (0, "saq_semantic", "rq_semantic"),
+        (1, "saq_semantic_s1", "rq_semantic_s1"),
+    ):
         if saq_name in results and rq_name in results:
             s, r = results[saq_name], results[rq_name]
             checks.append(
@@ -325,6 +400,7 @@ def render(meta: dict, results: dict, timing: dict | None) -> str:
             )
     saq_runs = list(saq_seeds.values())
     if len(saq_runs) > 1 and len(rq_runs) > 1:
+
         def spread(runs, key, last=False):
             values = [r[key][-1] if last else r[key] for r in runs]
             return statistics.mean(values), statistics.stdev(values), min(values), max(values)
@@ -385,7 +461,7 @@ def render(meta: dict, results: dict, timing: dict | None) -> str:
                 "AVX512-VNNI rate), the CNN's by the pixels and the widths. A 13.2M-parameter CNN brings the "
                 "demo's share under 30% (27% trained, before prefix training), but trained for the demo's 400 steps it reconstructed "
                 "worse than the demo's 1.1M-parameter CNN and lost SAQ's relevance lead over RQ at equal "
-                "reconstruction (docs/DECISIONS.md, \"The demo's CNN\"), so the demo keeps the small one. "
+                'reconstruction (docs/DECISIONS.md, "The demo\'s CNN"), so the demo keeps the small one. '
                 "Untrained models' SAQ searches measure slower than a trained model's on the same shapes, so the "
                 "untrained rows overstate the quantizer somewhat."
             ),
@@ -394,14 +470,20 @@ def render(meta: dict, results: dict, timing: dict | None) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fidelity"))
     parser.add_argument("--steps", type=int, default=DEMO_TRAINING.steps)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--reuse", action="store_true", help="skip training variants whose model exists")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds of the step split (0: skip it)")
     parser.add_argument("--write-benchmarks-md", action="store_true")
-    parser.add_argument("--render-only", action="store_true", help="rewrite the tables from OUT/fidelity.json")
+    parser.add_argument(
+        "--render-only", action="store_true", help="rewrite the tables from OUT/fidelity.json"
+    )
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other variants' results (and step split) from OUT/fidelity.json")  # fmt: skip
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -417,7 +499,10 @@ def main() -> int:
     train, held_out = build_datasets("digits", DEMO_MODEL.image_size)
     vocab = VocabCodebook.from_pretrained(DEMO_MODEL.codebook, token_filter=DEMO_MODEL.token_filter)
     relevance = LabelTextRelevance(vocab, train.class_names)
-    results, models = {}, {}
+    results, models, earlier = {}, {}, None
+    if args.merge and (out / "fidelity.json").is_file():
+        earlier = json.loads((out / "fidelity.json").read_text())
+        results = {n: r for n, r in earlier["results"].items() if n not in args.variants}
     for name in args.variants:
         models[name] = train_variant(name, out, args.steps, vocab, relevance, train, held_out, args.reuse)
         results[name] = evaluate_variant(models[name], relevance, held_out)
@@ -449,6 +534,13 @@ def main() -> int:
         "semantic_layers": DEMO_TRAINING.semantic_layers,
         "alpha0": DEMO_TRAINING.alpha0,
     }
+    if earlier is not None:  # the runs whose results were kept, oldest first
+        kept = earlier["meta"].get("merged", []) + [
+            {k: earlier["meta"][k] for k in ("command", "date", "git")}
+        ]
+        meta["merged"] = kept
+        if timing is None:
+            timing = earlier.get("step_split")
     (out / "fidelity.json").write_text(json.dumps({"meta": meta, "results": results, "step_split": timing},
                                                   indent=2) + "\n")  # fmt: skip
     section = render(meta, results, timing)
