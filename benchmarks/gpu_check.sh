@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU check: on a bare NVIDIA machine with torch and triton preinstalled, build spae_fast, run tests/gpu, the
-# vocabulary-parallel ops over NCCL (benchmarks/distributed_check.py) and print the benchmark table
-# (benchmarks/bench_gpu.py) - one script, under 8 minutes on an H100.
+# GPU check: on a bare NVIDIA machine with torch and triton preinstalled, build spae_fast, run tests/gpu, print
+# the benchmark table (benchmarks/bench_gpu.py), then check the vocabulary-parallel ops over NCCL
+# (benchmarks/distributed_check.py) and time spae_fast.nn against vector-quantize-pytorch (bench_vq) - in that
+# order of importance, each step under its own timeout, and every step's results copied to $OUT as soon as it
+# ends, so a run stopped by an outer time limit still returns what it finished.
 #
 #   bash benchmarks/gpu_check.sh            # build + GPU tests + benchmark
 #   QUICK=1 bash benchmarks/gpu_check.sh    # smaller benchmark shapes (smoke run)
@@ -19,6 +21,10 @@ ROOT=$(pwd)
 START=$(date +%s)
 PYTHON=${PYTHON:-python3}
 elapsed() { echo "$(( $(date +%s) - START ))s"; }
+save_out() {  # copies what the steps so far wrote to $OUT (when set)
+  [ -n "${OUT:-}" ] && cp benchmarks/results/gpu_* benchmarks/results/bench_vq_cuda* BENCHMARKS.md "$OUT"/ 2>/dev/null
+  return 0
+}
 
 echo "== GPU check ($(date -u +%FT%TZ)), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
 "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'triton', triton.__version__, 'devices', torch.cuda.device_count())" \
@@ -69,15 +75,6 @@ timeout "${TEST_TIMEOUT:-300}" "$VENV/bin/pytest" tests/gpu -q -x --durations=10
 TESTS=$?
 echo "GPU tests exit code $TESTS ($(elapsed))"
 
-# Vocabulary-parallel ops (spae_fast.distributed) against the single-process ops on the GPU: NCCL with one rank
-# per GPU (NCCL refuses two ranks on one device, so one GPU means world size 1: every collective goes through
-# NCCL, nothing is split), then gloo with 2 ranks sharing GPU 0 (CUDA tensors; the table split in two).
-echo "== distributed: NCCL, then gloo on CUDA ($(elapsed))"
-(cd /tmp && timeout "${DIST_TIMEOUT:-180}" "$PY" "$ROOT/benchmarks/distributed_check.py" --backend nccl \
-  && timeout "${DIST_TIMEOUT:-180}" "$PY" "$ROOT/benchmarks/distributed_check.py" --backend gloo --world 2 --device cuda)
-DIST=$?
-echo "distributed check exit code $DIST ($(elapsed))"
-
 echo "== benchmark ($(elapsed))"
 mkdir -p benchmarks/results
 ARGS=(--out "$ROOT/benchmarks/results" --update-benchmarks-md)
@@ -87,6 +84,17 @@ if [ "${TUNE:-0}" = 1 ]; then
 fi
 (cd /tmp && timeout "${BENCH_TIMEOUT:-300}" "$PY" "$ROOT/benchmarks/bench_gpu.py" "${ARGS[@]}")
 BENCH=$?
+save_out
+
+# Vocabulary-parallel ops (spae_fast.distributed) against the single-process ops on the GPU: NCCL with one rank
+# per GPU (NCCL refuses two ranks on one device, so one GPU means world size 1: every collective goes through
+# NCCL, nothing is split), then gloo with 2 ranks sharing GPU 0 (CUDA tensors; the table split in two).
+echo "== distributed: NCCL, then gloo on CUDA ($(elapsed))"
+(cd /tmp && timeout "${DIST_TIMEOUT:-180}" "$PY" "$ROOT/benchmarks/distributed_check.py" --backend nccl \
+  && timeout "${DIST_TIMEOUT:-180}" "$PY" "$ROOT/benchmarks/distributed_check.py" --backend gloo --world 2 --device cuda)
+DIST=$?
+echo "distributed check exit code $DIST ($(elapsed))"
+
 # spae_fast.nn vs vector-quantize-pytorch, training step on the GPU (bench_vq --device cuda; BENCHMARKS.md section
 # "... on CUDA"). vector-quantize-pytorch comes from .whl/ when offline (pip download -d .whl vector-quantize-pytorch).
 echo "== bench_vq --device cuda ($(elapsed))"
@@ -100,8 +108,6 @@ if "$PY" -c "import vector_quantize_pytorch" 2>/dev/null; then
   (cd /tmp && timeout "${VQ_TIMEOUT:-300}" "$PY" "$ROOT/benchmarks/bench_vq.py" "${VQ_ARGS[@]}")
   VQ=$?
 fi
-if [ -n "${OUT:-}" ]; then
-  cp benchmarks/results/gpu_* benchmarks/results/bench_vq_cuda* BENCHMARKS.md "$OUT"/ 2>/dev/null || true
-fi
+save_out
 echo "== done in $(elapsed): tests exit $TESTS, distributed exit $DIST, benchmark exit $BENCH, bench_vq exit $VQ"
 [ "$TESTS" = 0 ] && [ "$DIST" = 0 ] && [ "$BENCH" = 0 ] && { [ "$VQ" = 0 ] || [ "$VQ" = skipped ]; }
