@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME  # noqa: F401  (re-exported)
-from .pyramid import DEFAULT_LAYERS
 from .ops import SAQ_MODES
+from .pyramid import DEFAULT_LAYERS
 from .quantizer import QUANTIZER_METRICS, IdsLike, SPAEQuantizer, SPAEQuantizerOutput
 from .vocab import VocabCodebook
 

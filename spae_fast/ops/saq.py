@@ -203,7 +203,7 @@ def saq(
     if mode not in SAQ_MODES:
         raise ValueError(f"mode must be one of {SAQ_MODES}, got {mode!r}")
     backend = resolve_backend(backend, z.device)
-    weight, panels, bias, norm_bound, metric = common.codebook_operands(codebook, "l2", backend)
+    weight, panels, bias, norm_bound, _ = common.codebook_operands(codebook, "l2", backend)
     prefilter_operands = common.prefilter_operands(codebook, weight, panels, bias, prefilter, backend)
     return torch.ops.spae_fast.saq(
         z, weight, panels, bias, norm_bound, *prefilter_operands, list(pyramid.sides), mode, backend, check_finite
