@@ -90,13 +90,16 @@ def _loading(source: str, world: int) -> dict:
     from spae_fast.distributed import ShardedVocabCodebook
     from spae_fast.vocab import VocabCodebook
 
+    def measured(build):
+        """(what build() returns, seconds, VmHWM above the RSS before it in MiB)."""
+        gc.collect()
+        base, _ = proc_status_kib("VmRSS"), reset_peak()
+        started = time.perf_counter()
+        built = build()
+        return built, time.perf_counter() - started, (proc_status_kib("VmHWM") - base) / 2**10
+
     result = {}
-    gc.collect()
-    base, _ = proc_status_kib("VmRSS"), reset_peak()
-    started = time.perf_counter()
-    vocab = ShardedVocabCodebook.from_pretrained(source)
-    result["load_s"] = time.perf_counter() - started
-    result["load_peak_MiB"] = (proc_status_kib("VmHWM") - base) / 2**10
+    vocab, result["load_s"], result["load_peak_MiB"] = measured(lambda: ShardedVocabCodebook.from_pretrained(source))
     local = vocab.sharded.local
     result["load_share_MiB"] = (local.weight.nbytes + local.nbytes_packed()) / 2**20
     result["load_rows"] = vocab.sharded.shard_rows
@@ -105,12 +108,9 @@ def _loading(source: str, world: int) -> dict:
     gc.collect()
     if world == 1:
         VocabCodebook.from_pretrained(source)  # builds the table cache if missing (not measured)
-        gc.collect()
-        base, _ = proc_status_kib("VmRSS"), reset_peak()
-        started = time.perf_counter()
-        whole = VocabCodebook.from_pretrained(source)
-        result["whole_load_s"] = time.perf_counter() - started
-        result["whole_load_peak_MiB"] = (proc_status_kib("VmHWM") - base) / 2**10
+        whole, result["whole_load_s"], result["whole_load_peak_MiB"] = measured(
+            lambda: VocabCodebook.from_pretrained(source)
+        )
         del whole
         gc.collect()
     return result
