@@ -225,3 +225,17 @@ def _first_difference(what: str, a: torch.Tensor, b: torch.Tensor) -> str:
         return f"{what}: equal"
     row = int(rows[0])
     return f"{what}: {rows.numel()} rows differ, first row {row}: {a[row].tolist()} vs {b[row].tolist()}"
+
+
+class ClassRelevance:
+    """A deterministic stand-in relevance provider for training tests: a fixed random score table per class."""
+
+    def __init__(self, num_rows: int, num_classes: int = 10) -> None:
+        self.table = torch.rand(num_classes, num_rows, generator=torch.Generator().manual_seed(3))
+        self.num_rows = num_rows
+
+    def __call__(self, images, labels=None):
+        return self.table[labels.to(torch.int64)]
+
+    def class_word_similarity(self, class_names):
+        return self.table[: len(class_names)]

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from _spae_checks import ClassRelevance
 from _tiny_llm import byte_level_tokenizer, save_tiny_model
 
 from spae_fast.cli import main as cli_main
@@ -50,20 +51,6 @@ def vocab(llm_folder) -> VocabCodebook:
 @pytest.fixture(scope="module")
 def digits():
     return build_dataset("digits", 16, split="train"), build_dataset("digits", 16, split="test")
-
-
-class ClassRelevance:
-    """A deterministic stand-in provider: a fixed random score table per class."""
-
-    def __init__(self, num_rows: int, num_classes: int = 10) -> None:
-        self.table = torch.rand(num_classes, num_rows, generator=torch.Generator().manual_seed(3))
-        self.num_rows = num_rows
-
-    def __call__(self, images, labels=None):
-        return self.table[labels.to(torch.int64)]
-
-    def class_word_similarity(self, class_names):
-        return self.table[: len(class_names)]
 
 
 def make_model(vocab, seed: int = 0, **overrides) -> SPAE:

@@ -10,10 +10,12 @@ import traceback
 
 import torch
 import torch.distributed as dist
+from _spae_checks import ClassRelevance  # tests/ is on the path the spawned ranks inherit
 
 TINY_MODEL = {"image_size": 16, "base_channels": 8, "channel_multipliers": (1, 2), "num_res_blocks": 1,
               "layers": (1, 2, 4, 8), "codebook": "unused"}  # fmt: skip
 NUM_ROWS, DIM = 37, 8  # V odd: the two shards hold 18 and 19 rows
+NUM_CLASSES = 4
 
 
 def make_vocab():
@@ -26,18 +28,7 @@ def make_vocab():
 def make_dataset(count: int = 12) -> list[tuple[torch.Tensor, int]]:
     g = torch.Generator().manual_seed(6)
     images = torch.rand(count, 3, 16, 16, generator=g) * 2 - 1
-    return [(images[i], i % 4) for i in range(count)]
-
-
-class ClassRelevance:
-    """A fixed random score table per class (deterministic relevance provider)."""
-
-    def __init__(self, num_rows: int, num_classes: int = 4) -> None:
-        self.table = torch.rand(num_classes, num_rows, generator=torch.Generator().manual_seed(3))
-        self.num_rows = num_rows
-
-    def __call__(self, images, labels=None):
-        return self.table[labels.to(torch.int64)]
+    return [(images[i], i % NUM_CLASSES) for i in range(count)]
 
 
 def make_model(vocab):
@@ -60,7 +51,7 @@ def train(out_dir: str, semantic: bool, vocab_parallel: int = 1):
 
     vocab = make_vocab()
     trainer = Trainer(make_model(vocab), train_config(), out_dir, make_dataset(),
-                      relevance=ClassRelevance(NUM_ROWS) if semantic else None,
+                      relevance=ClassRelevance(NUM_ROWS, NUM_CLASSES) if semantic else None,
                       vocab_parallel=vocab_parallel)  # fmt: skip
     trainer.fit(progress=False)
     return trainer
@@ -71,7 +62,7 @@ def step_gradients(out_dir: str, vocab_parallel: int = 1) -> dict[str, torch.Ten
     from spae_fast.trainer import Trainer
 
     vocab = make_vocab()
-    trainer = Trainer(make_model(vocab), train_config(), out_dir, make_dataset(), relevance=ClassRelevance(NUM_ROWS),
+    trainer = Trainer(make_model(vocab), train_config(), out_dir, make_dataset(), relevance=ClassRelevance(NUM_ROWS, NUM_CLASSES),
                       vocab_parallel=vocab_parallel)  # fmt: skip
     items = make_dataset()[:4]
     trainer.train_step(torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items]))
