@@ -138,6 +138,9 @@ class TrainConfig:
     # one weight, so layer 1 gets 1/21 of the term and its word did not follow its candidate set (the demo's
     # layer-1 words named the right digit for 7% of held-out images; docs/DECISIONS.md, "Semantic weighting").
     semantic_weighting: str = "layer"
+    # "layer" weighting only: relative shares of alpha0 per guided layer, top layer first (None: equal). SAQ's
+    # layer-2 words missed more often than RQ's even on training images, under an equal split (DECISIONS).
+    semantic_layer_shares: tuple[float, ...] | None = None
     semantic_classes: tuple[int, ...] | None = None  # only images of these labels get guidance (None: all)
     log_every: int = 10
     eval_every: int = 100
@@ -154,6 +157,12 @@ class TrainConfig:
         self.thresholds = tuple(float(t) for t in self.thresholds)
         if self.semantic_classes is not None:
             self.semantic_classes = tuple(int(c) for c in self.semantic_classes)
+        if self.semantic_layer_shares is not None:
+            self.semantic_layer_shares = tuple(float(w) for w in self.semantic_layer_shares)
+            if len(self.semantic_layer_shares) != self.semantic_layers or not all(
+                    math.isfinite(w) and w > 0 for w in self.semantic_layer_shares):  # fmt: skip
+                raise ValueError(f"semantic_layer_shares must be {self.semantic_layers} positive finite numbers "
+                                 f"(one per semantic layer), got {self.semantic_layer_shares!r}")  # fmt: skip
         if self.pixel_loss not in ("l2", "l1"):
             raise ValueError(f"pixel_loss must be 'l2' or 'l1', got {self.pixel_loss!r}")
         if self.alpha_mode not in ("dynamic", "constant"):
@@ -312,17 +321,21 @@ class Trainer:
     def weighted_semantic(self, appearance: torch.Tensor, per_layer: torch.Tensor,
                           per_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """(alpha * L_sem, L_sem, alpha) (`TrainConfig.semantic_weighting`). "layer": L_sem is the mean of the
-        guided layers' losses, each weighted on its own (alpha_l = alpha0 / n * sg(L_app / L_sem_l) when dynamic),
+        guided layers' losses, each weighted on its own (alpha_l = alpha0 * w_l / sum(w) * sg(L_app / L_sem_l) when
+        dynamic; w: `TrainConfig.semantic_layer_shares`, equal by default),
         alpha the effective weight; "position": L_sem is the mean over all guided positions, with one weight."""
         config = self.config
         if config.semantic_weighting == "position":
             alpha = dynamic_semantic_weight(appearance, per_position, config.alpha0, config.alpha_mode)
             return alpha * per_position, per_position, alpha
-        guided = per_layer[~per_layer.isnan()]
+        present = ~per_layer.isnan()
+        guided = per_layer[present]
         if guided.numel() == 0:  # no image of the batch is guided
             return per_position, per_position, per_position.new_zeros(())
-        share = config.alpha0 / guided.numel()
-        weighted = sum(dynamic_semantic_weight(appearance, loss, share, config.alpha_mode) * loss for loss in guided)
+        shares = [1.0] * per_layer.numel() if config.semantic_layer_shares is None else config.semantic_layer_shares
+        shares = [w for w, kept in zip(shares, present.tolist()) if kept]  # the layers this batch guides
+        weighted = sum(dynamic_semantic_weight(appearance, loss, config.alpha0 * w / sum(shares), config.alpha_mode)
+                       * loss for loss, w in zip(guided, shares))  # fmt: skip
         semantic = guided.mean()
         return weighted, semantic, (weighted / semantic.clamp_min(1e-12)).detach()
 

@@ -194,6 +194,33 @@ def test_layer_weighting_gives_every_semantic_layer_an_equal_share(vocab, digits
         fast_config(semantic_weighting="image")
 
 
+def test_layer_shares_split_alpha0_between_the_guided_layers(vocab, digits, tmp_path):
+    """semantic_layer_shares w: alpha_l = alpha0 w_l / sum(w) sg(L_app / L_sem_l) over the layers this batch
+    guides; equal shares are bitwise the default split."""
+    train, _ = digits
+    appearance = torch.tensor(0.3)
+
+    def weighted_grad(per_layer_values, **options):
+        per_layer = torch.tensor(per_layer_values, requires_grad=True)
+        trainer = Trainer(make_model(vocab), fast_config(semantic_layers=3, alpha0=1.0, **options), tmp_path, train,
+                          relevance=ClassRelevance(vocab.num_rows))  # fmt: skip
+        weighted, _, _ = trainer.weighted_semantic(appearance, per_layer, per_layer.nansum())
+        weighted.backward()
+        return float(weighted), per_layer.grad
+
+    value, grad = weighted_grad([2.0, 4.0, 8.0], semantic_layer_shares=(1, 2, 5))
+    assert value == pytest.approx(0.3)
+    torch.testing.assert_close(grad, torch.tensor([0.3 * 1 / 8 / 2, 0.3 * 2 / 8 / 4, 0.3 * 5 / 8 / 8]))
+    value, grad = weighted_grad([2.0, float("nan"), 8.0], semantic_layer_shares=(1, 2, 5))  # layer 2 unguided
+    assert value == pytest.approx(0.3)
+    torch.testing.assert_close(grad[[0, 2]], torch.tensor([0.3 * 1 / 6 / 2, 0.3 * 5 / 6 / 8]))
+    equal, default = weighted_grad([2.0, 4.0, 8.0], semantic_layer_shares=(1, 1, 1)), weighted_grad([2.0, 4.0, 8.0])
+    assert equal[0] == default[0] and torch.equal(equal[1], default[1])
+    for shares in ((1.0, 2.0), (1.0, 0.0, 1.0), (1.0, float("inf"), 1.0)):
+        with pytest.raises(ValueError, match="semantic_layer_shares"):
+            fast_config(semantic_layers=3, semantic_layer_shares=shares)
+
+
 def test_gan_and_lecam_train_the_discriminator(vocab, digits, tmp_path):
     train, _ = digits
     trainer = Trainer(make_model(vocab), fast_config(steps=3, gan_weight=0.1, gan_start=1, discriminator_channels=8),
