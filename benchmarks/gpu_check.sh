@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# GPU check: on a bare NVIDIA machine with torch and triton preinstalled, build spae_fast, run tests/gpu, print
-# the benchmark table (benchmarks/bench_gpu.py), then check the vocabulary-parallel ops over NCCL
-# (benchmarks/distributed_check.py) and time spae_fast.nn against vector-quantize-pytorch (bench_vq) - in that
-# order of importance, each step under its own timeout, and every step's results copied to $OUT as soon as it
-# ends, so a run stopped by an outer time limit still returns what it finished.
+# GPU check: on a bare NVIDIA machine with torch and triton preinstalled, build spae_fast, run the GPU tests (the
+# per-op tests' cuda / triton cases: tests/ops -m gpu), print the benchmark table (benchmarks/bench_gpu.py), then
+# check the vocabulary-parallel ops over NCCL (benchmarks/distributed_check.py) and time spae_fast.nn against
+# vector-quantize-pytorch (bench_vq) - in that order of importance, each step under its own timeout, and every
+# step's results copied to $OUT as soon as it ends, so a run stopped by an outer time limit still returns what it
+# finished.
 #
 #   bash benchmarks/gpu_check.sh            # build + GPU tests + benchmark
 #   QUICK=1 bash benchmarks/gpu_check.sh    # smaller benchmark shapes (smoke run)
@@ -70,8 +71,9 @@ echo "build took $(( $(date +%s) - BUILD_START ))s"
 (cd /tmp && "$PY" -c "import spae_fast; [print(f'  {k:7s}', 'yes' if v.available else 'no ', v.reason) for k, v in spae_fast.available().items()]") || exit 1
 
 echo "== GPU tests ($(elapsed))"
-# The console script keeps the source tree off sys.path (tests import the installed package).
-timeout "${TEST_TIMEOUT:-300}" "$VENV/bin/pytest" tests/gpu -q -x --durations=10 -p no:cacheprovider
+# The console script keeps the source tree off sys.path (tests import the installed package). `-m gpu`: the
+# cases of backends "cuda" and "triton" in tests/ops (marked by tests/ops/conftest.py), nothing CPU-only.
+timeout "${TEST_TIMEOUT:-300}" "$VENV/bin/pytest" tests/ops -m gpu -q -x --durations=10 -p no:cacheprovider
 TESTS=$?
 echo "GPU tests exit code $TESTS ($(elapsed))"
 

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # Triton picks interpreter or GPU mode when it is first imported, and test modules import packages that import
 # it at collection (vector-quantize-pytorch does): without a CUDA device, ask for the interpreter before any of
-# them, so the Triton kernels' tests run here (tests/test_triton_interpret.py, the semantic loss's).
+# them, so the Triton backend's cases of the per-op tests run here (tests/_backends.py).
 if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -53,8 +53,8 @@ def set_threads():
 
 @pytest.fixture(params=["torch", "cpu-portable", "cpu-avx2"])
 def impl(request, use_isa) -> str:
-    """Every implementation runnable on this machine: the torch reference and the native kernel with each
-    micro-kernel. Yields the `backend=` value to pass."""
+    """Every CPU implementation runnable on this machine: the torch reference and the native kernel with each
+    micro-kernel. Yields the `backend=` value to pass. (The GPU ones: `gpu_backend`, tests/ops/conftest.py.)"""
     if request.param == "torch":
         return "torch"
     use_isa(request.param.removeprefix("cpu-"))

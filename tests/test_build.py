@@ -78,3 +78,35 @@ def test_cuda_module_imports_and_reports_no_device():
     assert _native.cuda_device_count() == (count, reason)
     assert isinstance(cuda.runtime_version(), int)
     assert cuda.ARCHITECTURES
+
+
+@pytest.mark.parametrize("name", ["nearest", "saq", "semantic_loss"])
+def test_triton_kernels_import_from_installed_package(name):
+    """kernels/triton/<name>.py is installed as spae_fast.triton_kernels.<name>."""
+    pytest.importorskip("triton")
+    module = importlib.import_module(f"spae_fast.triton_kernels.{name}")
+    package_dir = os.path.dirname(spae_fast.__file__)
+    assert os.path.dirname(module.__file__) == os.path.join(package_dir, "triton_kernels")
+    assert "site-packages" in module.__file__ or "dist-packages" in module.__file__, module.__file__
+    entry_points = {
+        "nearest": ("search", "pair_dot64"),
+        "saq": ("saq_pair_dot64", "SaqLayer"),
+        "semantic_loss": ("softmax_stats", "set_means"),
+    }[name]
+    for entry_point in entry_points:
+        assert callable(getattr(module, entry_point)), entry_point
+
+
+def test_triton_interpreter_reported_and_auto_stays_on_cpu():
+    """Without a CUDA device Triton runs interpreted (tests/conftest.py asks for it); "auto" keeps CPU tensors
+    on the native CPU backend all the same."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: Triton runs on it, not interpreted")
+    pytest.importorskip("triton")
+    status = spae_fast.available()["triton"]
+    assert status.available and "interpreter" in status.reason
+    weight = torch.randn(9, 5, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(2))
+    assert spae_fast.ops.resolve_backend("auto", x.device) == "cpu"
+    auto, cpu = spae_fast.nearest(x, weight), spae_fast.nearest(x, weight, backend="cpu")
+    assert torch.equal(auto[0], cpu[0]) and torch.equal(auto[1], cpu[1])

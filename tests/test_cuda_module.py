@@ -1,6 +1,6 @@
 """The CUDA module's fused kernels as built facts, on any machine: compiled (CI builds with SPAE_CUDA=ON),
 importable without a GPU, torch-free, and every entry point answering a clean status instead of crashing
-when there is no device. The kernels themselves run in tests/gpu.
+when there is no device. The kernels themselves run in the per-op tests' "cuda" cases (tests/ops, `-m gpu`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 ptxas), with tensor cores (mma on sm_80, wgmma on sm_90) and the cp.async pipeline where expected.
 
 Runs `python -m spae_fast.triton_kernels.compile_check` in a subprocess without TRITON_INTERPRET: the process
-running tests/test_triton_interpret.py has Triton in interpreter mode, which cannot compile.
+running the tests has Triton in interpreter mode (no CUDA device: tests/conftest.py), which cannot compile.
 """
 
 from __future__ import annotations

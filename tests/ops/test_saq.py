@@ -2,22 +2,31 @@
 
 Every backend is compared with the reference (`spae_fast._ref.saq_reference`) and certified against fp64:
 layer by layer, the chosen token must be an fp64 nearest row of the target formed from the tokens chosen
-above it.
+above it. The CPU backends ("torch", "cpu") first, then the GPU ones ("cuda", "triton") at the end.
 """
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+from _backends import DEVICE, count_gpu_operands, needs_device
+from _spae_checks import DTYPES, fp64_distances, gaussian, integers
 
 import spae_fast
 from spae_fast import _ref
+from spae_fast.ops import gpu_saq, gpu_search
 from spae_fast.pyramid import TokenPyramid
 
-BACKENDS = [name for name, status in spae_fast.available().items() if status.available and name in ("torch", "cpu")]
+BACKENDS = [
+    name for name, status in spae_fast.available().items() if status.available and name in ("torch", "cpu")
+]
 
 
-def _covering_sum(weight64: torch.Tensor, ids: torch.Tensor, pyramid: TokenPyramid, upto: int) -> torch.Tensor:
+def _covering_sum(
+    weight64: torch.Tensor, ids: torch.Tensor, pyramid: TokenPyramid, upto: int
+) -> torch.Tensor:
     """fp64 sum over layers < upto of the covering token embeddings at every grid cell: [B, D, g, g]."""
     batch, grid = ids.shape[0], pyramid.grid
     total = torch.zeros(batch, weight64.shape[1], grid, grid, dtype=torch.float64)
@@ -44,7 +53,9 @@ def certify(z: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, sides, mod
         chosen = ids[:, first : first + side * side].reshape(-1)
         picked = dist.gather(1, chosen[:, None])[:, 0]
         scale = queries.square().sum(1) + e64.square().sum(1).max()
-        assert bool((picked <= dist.min(1).values + 1e-5 * scale).all()), f"layer {layer + 1} is not a nearest row"
+        assert bool((picked <= dist.min(1).values + 1e-5 * scale).all()), (
+            f"layer {layer + 1} is not a nearest row"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -67,7 +78,8 @@ def test_default_pyramid_positions_match_the_method():
 
 
 @pytest.mark.parametrize(
-    ("sides", "grid"), [((1, 2, 4, 8, 16, 16), 16), ((1, 2, 3, 6, 12), 12), ((1, 3, 9), 9), ((2, 2, 4), 8), ((5,), 5)]
+    ("sides", "grid"),
+    [((1, 2, 4, 8, 16, 16), 16), ((1, 2, 3, 6, 12), 12), ((1, 3, 9), 9), ((2, 2, 4), 8), ((5,), 5)],
 )
 def test_pyramid_positions_are_evenly_spaced_inside_their_blocks(sides, grid):
     pyramid = TokenPyramid(sides, grid)
@@ -75,7 +87,7 @@ def test_pyramid_positions_are_evenly_spaced_inside_their_blocks(sides, grid):
         stride, positions = grid // side, pyramid.positions(layer)
         assert len(positions) == side
         assert pyramid.offset(layer) == stride - -(-stride // 2)  # t - ceil(t / 2)
-        assert all(b - a == stride for a, b in zip(positions, positions[1:]))  # even spacing
+        assert all(b - a == stride for a, b in itertools.pairwise(positions))  # even spacing
         assert [p // stride for p in positions] == list(range(side))  # token i samples inside its block i
         assert 0 <= positions[0] and positions[-1] < grid
 
@@ -131,7 +143,10 @@ def test_codebook_object_and_plain_table_agree(backend):
     weight = torch.randn(200, 12, generator=generator)
     z = torch.randn(2, 12, 8, 8, generator=generator)
     codebook = spae_fast.Codebook(weight)
-    assert torch.equal(spae_fast.saq(z, codebook, (1, 2, 8), backend=backend), spae_fast.saq(z, weight, (1, 2, 8), backend=backend))
+    assert torch.equal(
+        spae_fast.saq(z, codebook, (1, 2, 8), backend=backend),
+        spae_fast.saq(z, weight, (1, 2, 8), backend=backend),
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -303,7 +318,19 @@ def test_opcheck():
     codebook = spae_fast.Codebook(weight)
     z = torch.randn(2, 8, 4, 4)
     empty = torch.empty(0)
-    args = (z, weight, codebook.cpu_panels, codebook.cpu_bias, codebook.cpu_norm_bound, empty, empty, empty, empty, [1, 2, 4], "saq")
+    args = (
+        z,
+        weight,
+        codebook.cpu_panels,
+        codebook.cpu_bias,
+        codebook.cpu_norm_bound,
+        empty,
+        empty,
+        empty,
+        empty,
+        [1, 2, 4],
+        "saq",
+    )
     for backend in BACKENDS:
         torch.library.opcheck(torch.ops.spae_fast.saq.default, (*args, backend, True))
 
@@ -340,7 +367,9 @@ def test_prefilter_on_a_real_table_settles_almost_every_row():
     codebook = spae_fast.Codebook(weight)
     generator = torch.Generator().manual_seed(11)
     rows = torch.randint(0, weight.shape[0], (2, 8, 8), generator=generator)
-    z = weight[rows].permute(0, 3, 1, 2) + float(weight.std()) * torch.randn(2, weight.shape[1], 8, 8, generator=generator)
+    z = weight[rows].permute(0, 3, 1, 2) + float(weight.std()) * torch.randn(
+        2, weight.shape[1], 8, 8, generator=generator
+    )
     sides = (1, 2, 4, 8, 8)
     fast = spae_fast.saq(z, codebook, sides, prefilter="int8")
     stats = spae_fast.ops.last_saq_stats()
@@ -367,7 +396,9 @@ def test_prefilter_threads_and_batch_splits():
     weight = torch.randn(3000, 48, generator=generator)
     z = torch.randn(5, 48, 8, 8, generator=generator)
     whole = spae_fast.saq(z, weight, (1, 2, 4, 8), prefilter="int8")
-    singles = torch.cat([spae_fast.saq(z[i : i + 1], weight, (1, 2, 4, 8), prefilter="int8") for i in range(5)])
+    singles = torch.cat(
+        [spae_fast.saq(z[i : i + 1], weight, (1, 2, 4, 8), prefilter="int8") for i in range(5)]
+    )
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -396,3 +427,120 @@ def vocab_module():
     from spae_fast import vocab
 
     return vocab
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The GPU backends ("cuda", "triton"; fixture `gpu_backend`): the targets are formed inside the kernels, and
+# every layer's id is the exact (fp64) argmin of its fp32 target. Tiny fp32 cases run wherever the backend
+# does (Triton interpreted without a device); `needs_device` ones take GPU sizes and 16-bit tables.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def check_exact_argmin(z, weight, sides, mode, ids):
+    """Every layer's id is the exact (fp64) l2 argmin of its fp32 target formed from the ids above, ties
+    to the lowest row."""
+    firsts = [0]
+    for side in sides:
+        firsts.append(firsts[-1] + side * side)
+    for layer, side in enumerate(sides):
+        coefficient = float(layer + 1) if mode == "saq" else 1.0
+        rows = torch.arange(z.shape[0] * side * side, device=z.device)
+        targets = gpu_saq._saq_targets(z, weight, ids, list(sides), firsts, layer, coefficient, rows)
+        d64 = fp64_distances(targets, weight, "l2")
+        expected = torch.sort(d64, dim=1, stable=True).indices[:, 0].view(z.shape[0], side * side)
+        assert torch.equal(ids[:, firsts[layer] : firsts[layer + 1]], expected), f"layer {layer}"
+
+
+@pytest.mark.parametrize("mode", ["saq", "rq"])
+def test_gpu_integer_data_matches_reference_and_cpu(gpu_backend, mode):
+    z = integers(2, 6, 4, 4, seed=40)
+    weight = integers(37, 6, seed=41)
+    weight[30] = weight[2]
+    ids = spae_fast.saq(z.to(DEVICE), weight.to(DEVICE), (1, 2, 4), mode=mode, backend=gpu_backend).cpu()
+    assert torch.equal(ids, _ref.saq_reference(z, weight, [1, 2, 4], mode))
+    assert torch.equal(ids, spae_fast.saq(z, weight, (1, 2, 4), mode=mode, backend="cpu"))
+
+
+@needs_device
+@pytest.mark.parametrize("mode", ["saq", "rq"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_integer_data_bitwise(gpu_backend, mode, dtype):
+    z = integers(4, 32, 16, 16, seed=20).to(DEVICE)
+    weight = integers(3000, 32, seed=21, dtype=dtype).to(DEVICE)
+    weight[2000] = weight[7]
+    ids = spae_fast.saq(z, weight, mode=mode, backend=gpu_backend)
+    assert torch.equal(ids, _ref.saq_reference(z, weight, [1, 2, 4, 8, 16, 16], mode))
+
+
+@pytest.mark.parametrize("mode", ["saq", "rq"])
+def test_gpu_gaussian_is_exact_argmin(gpu_backend, mode):
+    z = gaussian(3, 5, 4, 4, seed=42).to(DEVICE).permute(0, 1, 3, 2)  # non-contiguous latents
+    weight = gaussian(29, 5, seed=43).to(DEVICE)
+    sides = (1, 2, 2, 4)
+    ids = spae_fast.saq(z, weight, sides, mode=mode, backend=gpu_backend)
+    assert ids.shape == (3, 1 + 4 + 4 + 16)
+    check_exact_argmin(z, weight, sides, mode, ids)
+    stats = spae_fast.last_search_stats()
+    assert stats.rows == 3 * 25 and stats.precision == "exact"
+
+
+@needs_device
+@pytest.mark.parametrize("mode", ["saq", "rq"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_is_exact_argmin_at_gpu_sizes(gpu_backend, mode, dtype):
+    weight = gaussian(5000, 64, seed=22, dtype=dtype).to(DEVICE)
+    z = gaussian(8, 64, 16, 16, seed=23).to(DEVICE)
+    sides = (1, 2, 4, 8, 16, 16)
+    ids = spae_fast.saq(z, weight, sides, mode=mode, backend=gpu_backend)
+    check_exact_argmin(z, weight, sides, mode, ids)
+    stats = spae_fast.last_search_stats()
+    assert stats.rows == 8 * 597 and stats.precision == "exact"
+
+
+@needs_device
+def test_gpu_bitwise_across_batch_and_backends(gpu_backend):
+    weight = gaussian(8000, 128, seed=24, dtype=torch.bfloat16).to(DEVICE)
+    z = gaussian(6, 128, 16, 16, seed=25).to(DEVICE)
+    full = spae_fast.saq(z, weight, backend=gpu_backend)
+    assert torch.equal(full, spae_fast.saq(z, weight, backend=gpu_backend))
+    parts = torch.cat([spae_fast.saq(z[a:b], weight, backend=gpu_backend) for a, b in ((0, 1), (1, 6))])
+    assert torch.equal(full, parts)
+    other = "triton" if gpu_backend == "cuda" else "cuda"
+    if spae_fast.available()[other].available:
+        assert torch.equal(full, spae_fast.saq(z, weight, backend=other))
+
+
+@pytest.mark.parametrize("size", ["tiny", pytest.param("device", marks=needs_device)])
+def test_gpu_uncertain_rows_take_the_materialised_path(gpu_backend, size, monkeypatch):
+    """Every row forced through the rescoring (fp64 of the materialised targets): the same ids."""
+    batch, dim, rows, grid, sides = (
+        (2, 4, 20, 4, (1, 2, 4)) if size == "tiny" else (2, 64, 3000, 8, (1, 2, 4, 8))
+    )
+    z = gaussian(batch, dim, grid, grid, seed=44 if size == "tiny" else 27).to(DEVICE)
+    weight = gaussian(rows, dim, seed=45 if size == "tiny" else 26).to(DEVICE)
+    fast = spae_fast.saq(z, weight, sides, backend=gpu_backend)
+    monkeypatch.setattr(gpu_search, "error_bound", lambda norm_sq64, *args: torch.full_like(norm_sq64, 1e30))
+    slow = spae_fast.saq(z, weight, sides, backend=gpu_backend)
+    assert spae_fast.last_search_stats().rows_rescored == batch * sum(s * s for s in sides)
+    assert torch.equal(fast, slow)
+
+
+def test_gpu_non_finite_latent_named(gpu_backend):
+    z = gaussian(2, 4, 4, 4, seed=46)
+    z[1, 2, 3, 1] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        spae_fast.saq(z.to(DEVICE), gaussian(20, 4, seed=47).to(DEVICE), (1, 2, 4), backend=gpu_backend)
+
+
+def test_gpu_quantizer_prepares_its_gpu_operands_once(gpu_backend, monkeypatch):
+    weight = gaussian(40, 6, seed=34)
+    quantizer = spae_fast.SPAEQuantizer(weight.to(DEVICE), layers=(1, 2, 4), grid=4, backend=gpu_backend)
+    z = gaussian(2, 6, 4, 4, seed=35)
+    built = count_gpu_operands(monkeypatch)
+    first = quantizer.quantize(z.to(DEVICE))
+    second = quantizer.quantize(z.to(DEVICE))
+    assert built == ["l2"]  # kept across forwards by the quantizer's device Codebook, not rebuilt per forward
+    assert torch.equal(first, second)
+    expected = spae_fast.SPAEQuantizer(weight, layers=(1, 2, 4), grid=4, backend="cpu").quantize(z)
+    assert torch.equal(first.cpu(), expected)
+    assert vars(quantizer.weight) == {}
