@@ -44,9 +44,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from harness import (CSV_COLUMNS, RESULTS, ROOT, git_sha, interleaved_rounds, machine_info, markdown_table,
-                     paired_median, proc_status_kib, replace_markdown_section, reset_peak, run_child, versions,
-                     write_csv)
+from harness import (CSV_COLUMNS, RESULTS, ROOT, cpu_peak_extra, git_sha, interleaved_rounds, machine_info,
+                     markdown_table, paired_median, replace_markdown_section, run_child, versions, write_csv)
 SECTION = "## SPAE quantizer training step (CPU)"
 PROVIDERS = ("spae_fast", "torch_cdist", "torch_chunked")
 CHUNKS = (256, 1024, 4096)
@@ -167,22 +166,7 @@ def memory_child(job: dict) -> dict:
     weight, z, upstream = blob["weight"], blob["z"], blob["upstream"]
     model = build(job["provider"], weight, job["layers"], job["grid"], job.get("chunk"))
     training_step(model, z[:1], upstream[:1])  # thread pools, one-time initialisation
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    before = proc_status_kib("VmRSS")
-    method = "VmHWM after clear_refs" if reset_peak() else "unavailable"
-    start = time.perf_counter()
-    result = training_step(model, z, upstream)
-    seconds = time.perf_counter() - start
-    peak = proc_status_kib("VmHWM")
-    del result
-    extra = (peak - before) * 1024 if method != "unavailable" else float("nan")
-    return {"extra_bytes": extra, "seconds": seconds, "method": method}
+    return cpu_peak_extra(lambda: training_step(model, z, upstream))
 
 
 def measure_memory(providers, inputs_path: str, args, chunk: int) -> dict[str, dict]:

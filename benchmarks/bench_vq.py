@@ -27,7 +27,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (
     MIB,
     RESULTS,
+    cpu_peak_extra,
     cuda_peak_extra,
     fmt,
     git_sha,
@@ -43,10 +43,8 @@ from harness import (
     machine_info,
     markdown_table,
     paired_median,
-    proc_status_kib,
     pyplot,
     replace_markdown_section,
-    reset_peak,
     run_child,
     versions,
     write_csv,
@@ -146,21 +144,7 @@ def memory_child(job: dict) -> dict:
     layer = build(job["provider"], job["dim"], job["size"])
     x, upstream = inputs(job["dim"], job["batch"], job["tokens"])
     training_step(layer, x, upstream)  # thread pools, packing, one-time initialisation
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    before = proc_status_kib("VmRSS")
-    method = "VmHWM after clear_refs" if reset_peak() else "unavailable"
-    start = time.perf_counter()
-    training_step(layer, x, upstream)
-    seconds = time.perf_counter() - start
-    peak = proc_status_kib("VmHWM")
-    extra = (peak - before) * 1024 if method != "unavailable" else float("nan")
-    return {"extra_bytes": extra, "seconds": seconds, "method": method}
+    return cpu_peak_extra(lambda: training_step(layer, x, upstream))
 
 
 # ----------------------------------------------------------------------------------------------------------

