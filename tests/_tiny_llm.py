@@ -1,5 +1,5 @@
-"""Tiny randomly initialised causal LMs with trained in-memory tokenizers, saved with save_pretrained: the
-offline stand-ins for real LLM checkpoints in the vocabulary, model and CLI tests."""
+"""Tiny randomly initialised causal LMs with trained in-memory tokenizers, saved with save_pretrained, and tiny
+GGUF files: the offline stand-ins for real LLM checkpoints in the vocabulary, model, cache and CLI tests."""
 
 from __future__ import annotations
 
@@ -35,6 +35,19 @@ def sentencepiece_style_tokenizer(vocab_size: int = 200):
     tokenizer.decoder = decoders.Metaspace()
     tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"]))
     return tokenizer
+
+
+def write_gguf(path, tokens, weight) -> None:
+    """A GGUF file (llama, gpt2 tokenizer) holding the token strings and an fp32 token_embd.weight [V, D]."""
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_tensor("token_embd.weight", weight)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def save_tiny_model(folder, architecture: str, tokenizer, extra_rows: int = 0, **save_kwargs):

@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-from _tiny_llm import byte_level_tokenizer, save_tiny_model
+from _tiny_llm import byte_level_tokenizer, save_tiny_model, write_gguf
 
 from spae_fast import embedding_tables
 from spae_fast._integrity import (
@@ -57,18 +57,6 @@ def test_tampered_table_cache_is_rebuilt_from_the_model(tmp_path, monkeypatch):
     monkeypatch.setenv("SPAE_FAST_CACHE", str(cache.parent))
     with pytest.warns(RuntimeWarning, match="header claims"):
         assert torch.equal(VocabCodebook.from_pretrained(folder, token_filter=None).weight, embedding)
-
-
-def write_gguf(path, tokens, weight) -> None:
-    gguf = pytest.importorskip("gguf")
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_tensor("token_embd.weight", weight)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 TOKENS = ["<|endoftext|>", "\u0120cat", "\u0120dog", "a", "\u012012", "house", "\u010a\u010a"]

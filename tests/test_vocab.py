@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from _tiny_llm import byte_level_tokenizer, save_tiny_model, sentencepiece_style_tokenizer
+from _tiny_llm import byte_level_tokenizer, save_tiny_model, sentencepiece_style_tokenizer, write_gguf
 
 from spae_fast import embedding_tables, vocab
 from spae_fast.vocab import VocabCodebook, is_word, token_text
@@ -241,18 +241,10 @@ def test_hub_download_fetches_only_the_embedding_shard(tmp_path, monkeypatch):
 
 
 def test_tiny_gguf_file(tmp_path):
-    gguf = pytest.importorskip("gguf")
     tokens = ["<|endoftext|>", "\u0120cat", "\u0120dog", "a", "\u012012", "house", "\u010a\u010a"]
     weight = np.random.default_rng(0).standard_normal((len(tokens), 8)).astype(np.float32)
     path = tmp_path / "tiny.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_tensor("token_embd.weight", weight)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(path, tokens, weight)
     book = VocabCodebook.from_pretrained(path)
     assert book.token_ids.tolist() == [1, 2, 5]
     assert book.decode([0, 1, 2]) == ["\u0120cat", "\u0120dog", "house"]
