@@ -67,6 +67,14 @@ def reference_loss_and_grad(z, weight, index, offsets, sets=None, *, tau=1.0, dt
     return loss.detach(), grad
 
 
+def check_against_reference(loss, grad, z, weight, index, offsets, sets=None, *, tau=1.0) -> None:
+    """(loss, grad) of a backend equal the fp32 reference's up to `tolerance` (the gradient to 1e-4 relative)."""
+    ref_loss, ref_grad = reference_loss_and_grad(z, weight, index, offsets, sets, tau=tau)
+    atol = tolerance(z, weight, tau)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=atol)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=atol / 10)
+
+
 def assert_identical(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     assert a.shape == b.shape and a.dtype == b.dtype, what
     assert torch.equal(a.view(torch.int32) if a.dtype == torch.float32 else a,

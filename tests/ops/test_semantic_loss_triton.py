@@ -15,11 +15,10 @@ import torch
 from _backends import DEVICE, needs_device
 from _semantic_checks import (
     assert_identical,
+    check_against_reference,
     loss_and_grad,
     make_problem,
-    reference_loss_and_grad,
     round_bf16,
-    tolerance,
 )
 
 import spae_fast
@@ -35,13 +34,6 @@ def _device_loss_and_grad(z, weight, index, offsets, sets=None, **kwargs):
     return tuple(t.cpu() for t in loss_and_grad(*on_device, **kwargs))
 
 
-def _check_against_reference(loss, grad, z, weight, index, offsets, sets=None, *, tau):
-    ref_loss, ref_grad = reference_loss_and_grad(z, weight, index, offsets, sets, tau=tau)
-    atol = tolerance(z, weight, tau)
-    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=atol)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=atol / 10)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Tiny fp32 cases (interpreted without a device)
 # ----------------------------------------------------------------------------------------------------------
@@ -52,7 +44,7 @@ def test_triton_matches_reference(gpu_backend, num, num_rows, dim):
     z, weight, mask = make_problem(num, num_rows, dim, seed=num + dim, empty_rows=(0,) if num > 1 else ())
     index, offsets = _ref.candidates_from_mask(mask)
     loss, grad = _device_loss_and_grad(z, weight, index, offsets, tau=0.8, backend=gpu_backend)
-    _check_against_reference(loss, grad, z, weight, index, offsets, tau=0.8)
+    check_against_reference(loss, grad, z, weight, index, offsets, tau=0.8)
 
 
 def test_triton_precision_bf16_is_the_loss_of_the_rounded_operands(gpu_backend):
@@ -61,7 +53,7 @@ def test_triton_precision_bf16_is_the_loss_of_the_rounded_operands(gpu_backend):
     loss, grad = _device_loss_and_grad(
         z, weight, index, offsets, tau=0.8, backend=gpu_backend, precision="bf16"
     )
-    _check_against_reference(loss, grad, round_bf16(z), round_bf16(weight), index, offsets, tau=0.8)
+    check_against_reference(loss, grad, round_bf16(z), round_bf16(weight), index, offsets, tau=0.8)
 
 
 def test_triton_shared_sets_no_grad_and_strides(gpu_backend):
@@ -72,7 +64,7 @@ def test_triton_shared_sets_no_grad_and_strides(gpu_backend):
     weight_strided = torch.zeros(70, 20, device=DEVICE)[::2]
     weight_strided.copy_(weight)
     loss, grad = _device_loss_and_grad(z, weight_strided, index, offsets, sets, backend=gpu_backend)
-    _check_against_reference(loss, grad, z, weight, index, offsets, sets, tau=1.0)
+    check_against_reference(loss, grad, z, weight, index, offsets, sets, tau=1.0)
     args = [t.to(DEVICE) for t in (z, weight, index, offsets, sets)]
     with torch.no_grad():
         no_grad = spae_fast.semantic_loss(*args, reduction="none", backend=gpu_backend)
