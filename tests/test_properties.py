@@ -48,8 +48,15 @@ def problems(draw, integer_data: bool):
 
 
 @pytest.fixture
-def restore_native_state(use_isa, set_threads):
-    return use_isa, set_threads
+def native_state(use_isa, set_threads):
+    """select(isa, threads): that micro-kernel (portable where this CPU lacks it) and thread count, both
+    restored after the test."""
+
+    def select(isa: str, threads: int) -> None:
+        use_isa(isa if _native.cpu_module().set_isa(isa) else "portable")
+        set_threads(threads)
+
+    return select
 
 
 @SETTINGS
@@ -59,12 +66,8 @@ def restore_native_state(use_isa, set_threads):
     threads=st.integers(1, 3),
     use_codebook=st.booleans(),
 )
-def test_cpu_matches_reference_and_fp64(restore_native_state, problem, isa, threads, use_codebook):
-    use_isa, set_threads = restore_native_state
-    if not _native.cpu_module().set_isa(isa):
-        isa = "portable"
-    use_isa(isa)
-    set_threads(threads)
+def test_cpu_matches_reference_and_fp64(native_state, problem, isa, threads, use_codebook):
+    native_state(isa, threads)
     x, weight, k, metric = problem
     codebook = spae_fast.Codebook(weight, metric) if use_codebook else weight
     dist, index = spae_fast.topk(x, codebook, k, metric=metric, backend="cpu")
@@ -78,13 +81,9 @@ def test_cpu_matches_reference_and_fp64(restore_native_state, problem, isa, thre
 @given(
     problem=problems(integer_data=True), isa=st.sampled_from(["portable", "avx2"]), threads=st.integers(1, 3)
 )
-def test_cpu_bitwise_equals_reference_on_exact_data(restore_native_state, problem, isa, threads):
+def test_cpu_bitwise_equals_reference_on_exact_data(native_state, problem, isa, threads):
     """Integer data: exact arithmetic and many exact ties; cpu == reference == fp64 order, bitwise."""
-    use_isa, set_threads = restore_native_state
-    if not _native.cpu_module().set_isa(isa):
-        isa = "portable"
-    use_isa(isa)
-    set_threads(threads)
+    native_state(isa, threads)
     x, weight, k, metric = problem
     dist, index = spae_fast.topk(x, weight, k, metric=metric, backend="cpu")
     check_search(x, weight, metric, dist, index, k=k, exact=True)
