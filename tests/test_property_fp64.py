@@ -60,6 +60,19 @@ def _uniform(g: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * float(torch.rand(1, generator=g))
 
 
+def _table_and_near_rows(g, family, num_rows, dim, scale, max_base, num, noises):
+    """(weight [V, D], x [num, D]) at `scale`: Gaussian rows ("duplicates": drawn from 1..max_base distinct
+    ones) and queries near random rows (noise picked from `noises`), so that the searches are neither trivial
+    nor all far from the codebook."""
+    if family == "duplicates":
+        base = torch.randn(_int(g, 1, max_base), dim, generator=g) * scale
+        weight = base[torch.randint(0, base.shape[0], (num_rows,), generator=g)]
+    else:
+        weight = torch.randn(num_rows, dim, generator=g) * scale
+    picks = torch.randint(0, num_rows, (num,), generator=g)
+    return weight, weight[picks] + _pick(g, noises) * scale * torch.randn(num, dim, generator=g)
+
+
 @pytest.fixture
 def native_state(use_isa, set_threads):
     """Per problem: a random micro-kernel and thread count (restored after the test by the fixtures)."""
@@ -314,14 +327,9 @@ def _saq_problem(g, family):
         z = torch.randint(-3, 4, (batch, dim, grid, grid), generator=g).float()
         return z.to(_pick(g, DTYPES)), weight.to(_pick(g, DTYPES)), True, sides
     scale = 10.0 ** _int(g, -6, 6)
-    if family == "duplicates":
-        base = torch.randn(_int(g, 1, 8), dim, generator=g) * scale
-        weight = base[torch.randint(0, base.shape[0], (num_rows,), generator=g)]
-    else:
-        weight = torch.randn(num_rows, dim, generator=g) * scale
-    # latents near rows, so that the searches are neither trivial nor all far from the codebook
-    picks = torch.randint(0, num_rows, (batch * grid * grid,), generator=g)
-    z = weight[picks] + _pick(g, (0.0, 1e-3, 0.3)) * scale * torch.randn(picks.numel(), dim, generator=g)
+    weight, z = _table_and_near_rows(
+        g, family, num_rows, dim, scale, 8, batch * grid * grid, (0.0, 1e-3, 0.3)
+    )
     z = z.reshape(batch, grid, grid, dim).permute(0, 3, 1, 2)  # a non-contiguous [B, D, g, g]
     dtype = _pick(g, (torch.float32, torch.bfloat16))
     return z.to(dtype), weight.to(dtype), False, sides
@@ -417,13 +425,7 @@ def _semantic_problem(g, family):
         tau = _pick(g, (0.5, 1.0, 2.0, 4.0))
     else:
         scale = 10.0 ** _int(g, -4, 3)
-        if family == "duplicates":
-            base = torch.randn(_int(g, 1, 6), dim, generator=g) * scale
-            weight = base[torch.randint(0, base.shape[0], (num_rows,), generator=g)]
-        else:
-            weight = torch.randn(num_rows, dim, generator=g) * scale
-        picks = torch.randint(0, num_rows, (num,), generator=g)
-        z = weight[picks] + _pick(g, (0.0, 0.1, 1.0)) * scale * torch.randn(num, dim, generator=g)
+        weight, z = _table_and_near_rows(g, family, num_rows, dim, scale, 6, num, (0.0, 0.1, 1.0))
         # logits (2 |z| |e| + |e|^2) / tau of order 1 .. 1e4: a peaked or a flat softmax
         tau = scale * scale * dim * 10.0 ** _uniform(g, -4, 1)
     num_sets = _int(g, 0, 6)
