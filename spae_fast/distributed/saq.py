@@ -23,7 +23,7 @@ from .. import _native, _validate
 from ..ops.backends import resolve_backend
 from ..pyramid import TokenPyramid
 from . import comm
-from .search import _MAX_NORM_PRODUCT, QUERY_LAYOUTS, _local_search, _merge
+from .search import _MAX_NORM_PRODUCT, _local_search, _merge, check_collective
 from .sharded_codebook import ShardedCodebook
 
 SAQ_MODES = ("saq", "rq")
@@ -56,12 +56,7 @@ def saq(
         layers, mode, check_finite, prefilter: as `spae_fast.saq` (the pre-filter runs per shard; the ids are
             bitwise the same either way).
     """
-    if not isinstance(codebook, ShardedCodebook):
-        raise TypeError(f"codebook must be a spae_fast.distributed.ShardedCodebook, got {type(codebook).__name__}")
-    if codebook.metric != "l2":
-        raise ValueError(f"saq needs an l2 ShardedCodebook, got metric={codebook.metric!r}")
-    if queries not in QUERY_LAYOUTS:
-        raise ValueError(f"queries must be one of {QUERY_LAYOUTS}, got {queries!r}")
+    check_collective(codebook, queries, "saq")
     if mode not in SAQ_MODES:
         raise ValueError(f"mode must be one of {SAQ_MODES}, got {mode!r}")
     _validate.flag(check_finite, "check_finite")

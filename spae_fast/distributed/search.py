@@ -189,11 +189,19 @@ class _DistributedSearch(torch.autograd.Function):
         return (_distance_grad(x, chosen, grad_dist, ctx.metric),) + (None,) * 6
 
 
-def _prepare(x, codebook, queries, check_finite):
+def check_collective(codebook, queries, l2_for: str | None = None) -> None:
+    """What every collective op checks first: `codebook` a ShardedCodebook (an l2 one when `l2_for`, the op's
+    name, is given) and `queries` a known layout."""
     if not isinstance(codebook, ShardedCodebook):
         raise TypeError(f"codebook must be a spae_fast.distributed.ShardedCodebook, got {type(codebook).__name__}")
+    if l2_for is not None and codebook.metric != "l2":
+        raise ValueError(f"{l2_for} needs an l2 ShardedCodebook, got metric={codebook.metric!r}")
     if queries not in QUERY_LAYOUTS:
         raise ValueError(f"queries must be one of {QUERY_LAYOUTS}, got {queries!r}")
+
+
+def _prepare(x, codebook, queries, check_finite):
+    check_collective(codebook, queries)
     _validate.flag(check_finite, "check_finite")
     return _validate.queries(x, codebook.dim, codebook.device)
 
