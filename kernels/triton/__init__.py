@@ -8,8 +8,8 @@ One op per file, the math in each module's docstring:
                       atomic-min merge) and ``pair_dot64``, the fp64 rescoring of chosen (query, row) pairs
                       used by exact mode.
     saq.py            streaming average / residual quantization: one launch of the fused search per layer
-                      with the target update fused into its prologue (``SaqLayer``), and the fp64 rescoring
-                      of (target, row) pairs.
+                      with the target update fused into its prologue (``layer_args``); ``nearest.pair_dot64``
+                      rescores its (target, row) pairs.
     semantic_loss.py  the softmax statistics of the fused semantic loss (online logsumexp over vocabulary
                       tiles) and the candidate-set means.
     compile_check.py  ahead-of-time compilation of the nearest / SAQ kernel variants for sm_80 / sm_90, no GPU.

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .saq import SaqLayer, _combine_lanes, _saq_target_tile
+from .saq import _combine_lanes, _saq_target_tile, layer_args
 
 KEY_EMPTY = (1 << 63) - 1  # int64 max: "no candidate yet" in the atomic-min output
 _EMPTY_INDEX = tl.constexpr(1 << 30)  # index of the unfilled slots of a running set (after every real row)
@@ -197,11 +197,15 @@ def _pair_dot64_kernel(
     A, B, INDEX, OUT,  # A [M, D], B [R, D], INDEX [M, C] int64 rows of B (< 0: skip), OUT [M, C] fp64
     C, D,
     stride_am, stride_ad, stride_br, stride_bd, stride_im, stride_ic,
-    BLOCK_C: tl.constexpr,
+    Z, IDS, LAYER_SIDES, LAYER_FIRSTS, stride_zb, stride_zd, stride_zy, stride_zx, stride_ib,  # SAQ only
+    grid, layer, coefficient,
+    BLOCK_C: tl.constexpr, SAQ: tl.constexpr,
 ):  # fmt: skip
     """OUT[m, c] = sum_d A[m, d] * B[INDEX[m, c], d] in fp64, in one canonical order: lane l = d mod 32
     accumulates with fma in ascending d, then lanes combine pairwise (l, l^1), (l, l^2), ... (l, l^16).
-    The CUDA module uses the same order, so both backends give bitwise-identical exact-mode results."""
+    The CUDA module uses the same order, so both backends give bitwise-identical exact-mode results.
+    With SAQ, A is not read: its row m is the fp32 SAQ target m of layer `layer`, formed as in the search
+    (`saq._saq_target_tile`), and B is the codebook."""
     LANES: tl.constexpr = 32
     m = tl.program_id(0)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -210,16 +214,24 @@ def _pair_dot64_kernel(
     use = c_ok & (index >= 0)
     lanes = tl.arange(0, LANES)
     a_row = A + m.to(tl.int64) * stride_am
+    rows = m + tl.zeros([1], tl.int32)
     b_rows = B + tl.maximum(index, 0)[:, None] * stride_br
     acc = tl.zeros([BLOCK_C, LANES], tl.float64)
     for d0 in range(0, D, LANES):
         d = d0 + lanes
         d_ok = d < D
-        a = tl.load(a_row + d * stride_ad, mask=d_ok, other=0.0).to(tl.float64)
+        if SAQ:
+            a = _saq_target_tile(
+                Z, B, IDS, LAYER_SIDES, LAYER_FIRSTS, rows, rows >= 0, d, d_ok,
+                stride_zb, stride_zd, stride_zy, stride_zx, stride_ib, stride_br, stride_bd,
+                grid, layer, coefficient,
+            ).to(tl.float64)  # fmt: skip
+        else:
+            a = tl.load(a_row + d * stride_ad, mask=d_ok, other=0.0).to(tl.float64)[None, :]
         b = tl.load(b_rows + d[None, :] * stride_bd, mask=use[:, None] & d_ok[None, :], other=0.0).to(
             tl.float64
         )
-        acc = tl.fma(a[None, :], b, acc)
+        acc = tl.fma(a, b, acc)
     total = _combine_lanes(acc, BLOCK_C)
     tl.store(OUT + m.to(tl.int64) * C + cs, total, mask=c_ok)
 
@@ -293,11 +305,12 @@ def search(
     k_pad: int,
     input_precision: str = "ieee",
     config: SearchConfig | None = None,
-    saq: SaqLayer | None = None,
+    saq=None,
     num_queries: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Fused search of x [N, D] against e [V, D] (same dtype: fp32 / bf16 / fp16; any strides). With
-    ``saq`` the queries are that layer's targets (x is None, num_queries = B * side^2, operands e.dtype).
+    ``saq`` (one layer: `saq.layer_args`) the queries are that layer's targets (x is None, num_queries =
+    B * side^2, operands e.dtype).
 
     Returns ``(keys,)`` with keys [N] int64 packed (score, index) when k_pad == 1, else
     ``(scores [N, S * k_pad] fp32, indices [N, S * k_pad] int32)``: unsorted candidate sets whose k_pad
@@ -315,7 +328,7 @@ def search(
     grid = (max(1, min(num_items, num_sms * config.programs_per_sm)),)
     if saq is not None:  # per-program target rows: O(programs x BLOCK_M x D), independent of N
         x = torch.empty(grid[0] * config.block_m, dim, dtype=e.dtype, device=e.device)
-        saq_args = saq.args()
+        saq_args = layer_args(saq)
     else:
         saq_args = (x, x, x, x, 0, 0, 0, 0, 0, 1, 0, 1.0)
     if k_pad == 1:
@@ -341,17 +354,22 @@ def search(
     return out_score, out_index
 
 
-def pair_dot64(a: torch.Tensor, b: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """out[m, c] = a[m] . b[index[m, c]] in fp64 (canonical order, see the kernel); index < 0 gives 0."""
+def pair_dot64(a: torch.Tensor | None, b: torch.Tensor, index: torch.Tensor, saq=None) -> torch.Tensor:
+    """out[m, c] = a[m] . b[index[m, c]] in fp64 (canonical order, see the kernel); index < 0 gives 0. With
+    ``saq`` (one layer: `saq.layer_args`) a is None and a[m] is that layer's fp32 target m (b: the codebook)."""
     num_pairs, num_candidates = index.shape
-    out = torch.empty(num_pairs, num_candidates, dtype=torch.float64, device=a.device)
+    out = torch.empty(num_pairs, num_candidates, dtype=torch.float64, device=b.device)
     if num_pairs == 0 or num_candidates == 0:
         return out
     block_c = min(16, triton.next_power_of_2(num_candidates))
     grid = (num_pairs, triton.cdiv(num_candidates, block_c))
+    if saq is None:
+        a_args, saq_args = (a, a.stride(0), a.stride(1)), (a, a, a, a, 0, 0, 0, 0, 0, 1, 0, 1.0)
+    else:
+        a_args, saq_args = (b, 0, 0), layer_args(saq)
     _pair_dot64_kernel[grid](
-        a, b, index, out, num_candidates, a.shape[1],
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), index.stride(0), index.stride(1),
-        BLOCK_C=block_c, num_warps=4,
+        a_args[0], b, index, out, num_candidates, b.shape[1],
+        *a_args[1:], b.stride(0), b.stride(1), index.stride(0), index.stride(1), *saq_args,
+        BLOCK_C=block_c, SAQ=saq is not None, num_warps=4,
     )  # fmt: skip
     return out

@@ -54,17 +54,13 @@ class _TritonKernels:
     def pair_dot64(self, a, b, index):
         return self.module.pair_dot64(a, b, index)
 
-    def _saq_layer(self, args):
-        return self.saq_module.SaqLayer(args.z, args.ids, args.sides, args.firsts, args.layer, args.coefficient)
-
     def saq_search(self, e, bias, col_scale, k_pad, input_precision, args, num_queries):
-        layer = self._saq_layer(args)
         return self.module.search(
-            None, e, bias, col_scale, None, k_pad, input_precision, saq=layer, num_queries=num_queries
+            None, e, bias, col_scale, None, k_pad, input_precision, saq=args, num_queries=num_queries
         )
 
     def saq_pair_dot64(self, e, index, args):
-        return self.saq_module.saq_pair_dot64(e, index, self._saq_layer(args))
+        return self.module.pair_dot64(None, e, index, saq=args)
 
 
 class _CudaKernels:
