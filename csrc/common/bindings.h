@@ -25,6 +25,13 @@ struct PackedInt8CodebookView;
 
 inline int64_t dtype_bytes(DType dtype) { return dtype == DType::Float32 ? 4 : 2; }
 
+// What an entry point returns: (status code, detail, extra...), raised from by spae_fast/_native.py. The extras
+// are bound by reference, so status_tuple(args.run(kernel), out) reads `out` after the kernel wrote it.
+template <class... Extra>
+py::tuple status_tuple(const StatusInfo& info, const Extra&... extra) {
+  return py::make_tuple(static_cast<int>(info.status), info.detail, extra...);
+}
+
 // A strided [rows, cols] matrix from the arguments <name> (a buffer: address, nbytes), <name>_row_stride,
 // <name>_col_stride, <name>_dtype; it must hold every element it spans when `required` (else: unused when its
 // address is 0).
@@ -64,7 +71,6 @@ PackedCodebookView packed_codebook_arg(KeywordArgs& args, int64_t rows, int64_t 
 // prefilter_columns, prefilter_offsets (given exactly when the panels are) and prefilter_bounds (4 floats when
 // on, empty when off).
 PackedInt8CodebookView prefilter_arg(KeywordArgs& args, int64_t rows, int64_t dim);
-
 
 void register_nearest_bindings(py::module_& m);        // nearest/bindings.cpp
 void register_saq_bindings(py::module_& m);            // saq/bindings.cpp

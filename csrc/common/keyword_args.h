@@ -145,6 +145,15 @@ class KeywordArgs {
     }
   }
 
+  // Ends the checks (done()) and runs kernel() with the GIL released, returning its result: every argument
+  // has been read and checked by now, so the kernel touches no Python object.
+  template <class Kernel>
+  auto run(Kernel&& kernel) const {
+    done();
+    py::gil_scoped_release release;
+    return kernel();
+  }
+
   [[noreturn]] void fail_value(const char* name, const std::string& message) const {
     throw py::value_error(function_ + "(): argument '" + name + "' " + message);
   }

@@ -46,14 +46,10 @@ py::tuple pack_codebook_entry(KeywordArgs& args) {
                                         "(cosine's -e/|e| is not exact in the narrow dtype)");
   float* bias = dense_arg<float>(args, "out_bias", {padded_rows});
   const int num_threads = args.threads("num_threads");
-  args.done();
   double max_norm = 0.0;
-  StatusInfo info;
-  {
-    py::gil_scoped_release release;
-    info = spae::pack_codebook(weight, metric, panel_dtype, panels, bias, &max_norm, num_threads);
-  }
-  return py::make_tuple(static_cast<int>(info.status), info.detail, max_norm);
+  const StatusInfo info =
+      args.run([&] { return spae::pack_codebook(weight, metric, panel_dtype, panels, bias, &max_norm, num_threads); });
+  return status_tuple(info, max_norm);
 }
 
 bool set_isa(const std::string& name) {

@@ -96,9 +96,8 @@ template <int N>
   for (int64_t d = 0; d < dim; ++d) {
 #pragma GCC unroll 8
     for (int g = 0; g < kGroups; ++g) {
-      Floats v;
-      std::memcpy(&v, tile + d * kPanelWidth + g * N, sizeof v);
-      const Doubles x = __builtin_convertvector(v, Doubles);
+      Doubles x;
+      load_widened<N>(tile + d * kPanelWidth + g * N, x);
       sums[g] += x * x;
     }
   }
@@ -127,9 +126,9 @@ template <int N>
     float p[kPanelWidth];
 #pragma GCC unroll 8
     for (int g = 0; g < kGroups; ++g) {
-      Floats v;
-      std::memcpy(&v, tile + d * kPanelWidth + g * N, sizeof v);
-      const Floats scaled = __builtin_convertvector(scale[g] * __builtin_convertvector(v, Doubles), Floats);
+      Doubles x;
+      load_widened<N>(tile + d * kPanelWidth + g * N, x);
+      const Floats scaled = __builtin_convertvector(scale[g] * x, Floats);
       std::memcpy(p + g * N, &scaled, sizeof scaled);
     }
     if (format == PanelFormat::Float32) {

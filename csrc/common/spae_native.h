@@ -16,6 +16,15 @@ namespace spae {
 template <typename T, int N>
 using Lanes [[gnu::vector_size(sizeof(T) * N)]] = T;
 
+// N consecutive floats from `values` (any alignment) widened to fp64 lanes, exactly: the load of every
+// packing loop. Inlined into its caller, so it runs on the caller's ISA (SPAE_TARGET).
+template <int N>
+[[gnu::always_inline]] inline void load_widened(const float* values, Lanes<double, N>& out) {
+  Lanes<float, N> narrow;
+  std::memcpy(&narrow, values, sizeof narrow);
+  out = __builtin_convertvector(narrow, Lanes<double, N>);
+}
+
 // Compiles a function for one x86 ISA (the packing loops' per-width copies); empty elsewhere.
 #if defined(__x86_64__) && defined(__GNUC__)
 #define SPAE_TARGET(isa) __attribute__((target(isa)))

@@ -57,15 +57,9 @@ py::tuple search_entry(KeywordArgs& args) {
                                             " (the certified pre-filter serves k <= " +
                                             std::to_string(kMaxPrefilterK) + ")");
   request.prefilter_adaptive = args.flag("prefilter_adaptive");
-  args.done();
   int64_t full_search_rows = 0;
   request.out_full_search_rows = &full_search_rows;
-  StatusInfo info;
-  {
-    py::gil_scoped_release release;
-    info = search_topk(request);
-  }
-  return py::make_tuple(static_cast<int>(info.status), info.detail, full_search_rows);
+  return status_tuple(args.run([&] { return search_topk(request); }), full_search_rows);
 }
 
 py::tuple pack_codebook_int8_entry(KeywordArgs& args) {
@@ -81,12 +75,8 @@ py::tuple pack_codebook_int8_entry(KeywordArgs& args) {
   float* out_columns = dense_arg<float>(args, "out_columns", {int8_panels, 4, kInt8PanelWidth});
   int32_t* out_offsets = dense_arg<int32_t>(args, "out_offsets", {int8_panels, kInt8PanelWidth});
   const int num_threads = args.threads("num_threads");
-  args.done();
   double bounds[4] = {0.0, 0.0, 0.0, 0.0};
-  {
-    py::gil_scoped_release release;
-    spae::pack_codebook_int8(fp32, out_panels, out_columns, out_offsets, bounds, num_threads);
-  }
+  args.run([&] { spae::pack_codebook_int8(fp32, out_panels, out_columns, out_offsets, bounds, num_threads); });
   return py::make_tuple(bounds[0], bounds[1], bounds[2], bounds[3]);
 }
 

@@ -423,7 +423,6 @@ struct PanelSums {
 template <int N>
 [[gnu::always_inline]] inline void quantise_panel(const float* values, int64_t dim, int32_t* quantised,
                                                   uint32_t* panel, PanelSums& sums) {
-  using Floats = Lanes<float, N>;
   using Doubles = Lanes<double, N>;
   using Ints = Lanes<int32_t, N>;
   using Longs = Lanes<int64_t, N>;
@@ -433,9 +432,9 @@ template <int N>
   for (int64_t d = 0; d < dim; ++d) {
 #pragma GCC unroll 8
     for (int g = 0; g < kGroups; ++g) {
-      Floats v;
-      std::memcpy(&v, values + d * kPanelWidth + g * N, sizeof v);
-      const Doubles x = __builtin_convertvector(v, Doubles), magnitude = x < zero ? -x : x;
+      Doubles x;
+      load_widened<N>(values + d * kPanelWidth + g * N, x);
+      const Doubles magnitude = x < zero ? -x : x;
       largest[g] = largest[g] < magnitude ? magnitude : largest[g];  // std::max(largest, |x|)
       norm[g] += x * x;
     }
@@ -454,9 +453,8 @@ template <int N>
   for (int64_t d = 0; d < dim; ++d) {
 #pragma GCC unroll 8
     for (int g = 0; g < kGroups; ++g) {
-      Floats v;
-      std::memcpy(&v, values + d * kPanelWidth + g * N, sizeof v);
-      const Doubles x = __builtin_convertvector(v, Doubles);
+      Doubles x;
+      load_widened<N>(values + d * kPanelWidth + g * N, x);
       Doubles ratio = x / scale[g];  // clamped before rounding: the same q as clamping after
       ratio = ratio < low ? low : ratio;
       ratio = ratio > high ? high : ratio;

@@ -38,15 +38,9 @@ py::tuple saq_entry(KeywordArgs& args) {
   for (const int64_t side : sides) tokens += side * side;
   request.out_ids = dense_arg<int64_t>(args, "out_ids", {request.batch, tokens});
   request.prefilter = prefilter_arg(args, num_rows, request.dim);
-  args.done();
   int64_t full_search_rows = 0;
   request.out_full_search_rows = &full_search_rows;
-  StatusInfo info;
-  {
-    py::gil_scoped_release release;
-    info = spae::saq(request);
-  }
-  return py::make_tuple(static_cast<int>(info.status), info.detail, full_search_rows);
+  return status_tuple(args.run([&] { return spae::saq(request); }), full_search_rows);
 }
 
 }  // namespace

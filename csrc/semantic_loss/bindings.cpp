@@ -61,13 +61,7 @@ py::tuple semantic_loss_entry(KeywordArgs& args) {
     args.no_buffer("bf16_rows", "without bf16_panels (precision fp32)");
     args.no_buffer("bf16_bias", "without bf16_panels (precision fp32)");
   }
-  args.done();
-  StatusInfo info;
-  {
-    py::gil_scoped_release release;
-    info = semantic_loss(request);
-  }
-  return py::make_tuple(static_cast<int>(info.status), info.detail);
+  return status_tuple(args.run([&] { return semantic_loss(request); }));
 }
 
 }  // namespace
