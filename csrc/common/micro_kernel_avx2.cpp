@@ -54,24 +54,18 @@ void micro_kernel(const float* packed_queries, const void* panel, const float* b
   for (int64_t d = 0; d < dim; ++d, a += kTileRows) {
     const __m256 p0 = load_panel<F>(panel, d, 0);
     const __m256 p1 = load_panel<F>(panel, d, 1);
-    __m256 ar = _mm256_broadcast_ss(a + 0);
-    c00 = _mm256_fmadd_ps(ar, p0, c00);
-    c01 = _mm256_fmadd_ps(ar, p1, c01);
-    ar = _mm256_broadcast_ss(a + 1);
-    c10 = _mm256_fmadd_ps(ar, p0, c10);
-    c11 = _mm256_fmadd_ps(ar, p1, c11);
-    ar = _mm256_broadcast_ss(a + 2);
-    c20 = _mm256_fmadd_ps(ar, p0, c20);
-    c21 = _mm256_fmadd_ps(ar, p1, c21);
-    ar = _mm256_broadcast_ss(a + 3);
-    c30 = _mm256_fmadd_ps(ar, p0, c30);
-    c31 = _mm256_fmadd_ps(ar, p1, c31);
-    ar = _mm256_broadcast_ss(a + 4);
-    c40 = _mm256_fmadd_ps(ar, p0, c40);
-    c41 = _mm256_fmadd_ps(ar, p1, c41);
-    ar = _mm256_broadcast_ss(a + 5);
-    c50 = _mm256_fmadd_ps(ar, p0, c50);
-    c51 = _mm256_fmadd_ps(ar, p1, c51);
+    // Row r's two chains, on named accumulators (registers; an array may be kept on the stack).
+    const auto row = [&](int r, __m256& low, __m256& high) {
+      const __m256 ar = _mm256_broadcast_ss(a + r);
+      low = _mm256_fmadd_ps(ar, p0, low);
+      high = _mm256_fmadd_ps(ar, p1, high);
+    };
+    row(0, c00, c01);
+    row(1, c10, c11);
+    row(2, c20, c21);
+    row(3, c30, c31);
+    row(4, c40, c41);
+    row(5, c50, c51);
   }
   const __m256 b0 = _mm256_loadu_ps(bias);
   const __m256 b1 = _mm256_loadu_ps(bias + 8);
@@ -100,17 +94,7 @@ void micro_kernel(const float* packed_queries, const void* panel, const float* b
 }  // namespace
 
 MicroKernel avx2_micro_kernel(PanelFormat format) {
-  switch (format) {
-    case PanelFormat::BFloat16:
-      return micro_kernel<PanelFormat::BFloat16>;
-    case PanelFormat::Float16:
-      return micro_kernel<PanelFormat::Float16>;
-    case PanelFormat::Float16Doubled:
-      return micro_kernel<PanelFormat::Float16Doubled>;
-    case PanelFormat::Float32:
-      break;
-  }
-  return micro_kernel<PanelFormat::Float32>;
+  return micro_kernel_for(format, [](auto f) -> MicroKernel { return micro_kernel<decltype(f)::value>; });
 }
 
 }  // namespace spae

@@ -50,17 +50,7 @@ void micro_kernel(const float* packed_queries, const void* panel, const float* b
 }  // namespace
 
 MicroKernel portable_micro_kernel(PanelFormat format) {
-  switch (format) {
-    case PanelFormat::BFloat16:
-      return micro_kernel<PanelFormat::BFloat16>;
-    case PanelFormat::Float16:
-      return micro_kernel<PanelFormat::Float16>;
-    case PanelFormat::Float16Doubled:
-      return micro_kernel<PanelFormat::Float16Doubled>;
-    case PanelFormat::Float32:
-      break;
-  }
-  return micro_kernel<PanelFormat::Float32>;
+  return micro_kernel_for(format, [](auto f) -> MicroKernel { return micro_kernel<decltype(f)::value>; });
 }
 
 }  // namespace spae

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace spae {
 
@@ -67,17 +68,23 @@ constexpr double kCosineEps = 1e-12;
 // (Cauchy-Schwarz bounds all partial sums by the product of the norms).
 constexpr double kMaxNormProduct = 1.0e37;
 
-inline float bf16_to_float(uint16_t h) {
-  uint32_t bits = static_cast<uint32_t>(h) << 16;
+// A float's bits and the float of given bits (std::bit_cast, before C++20).
+inline uint32_t float_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  return bits;
+}
+inline float float_from_bits(uint32_t bits) {
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
 }
 
+inline float bf16_to_float(uint16_t h) { return float_from_bits(static_cast<uint32_t>(h) << 16); }
+
 // fp32 -> bf16 bits, rounded to nearest even (as torch's .to(torch.bfloat16)); NaN stays a quiet NaN.
 inline uint16_t float_to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
+  uint32_t bits = float_bits(f);
   if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
   bits += 0x7fffu + ((bits >> 16) & 1u);
   return static_cast<uint16_t>(bits >> 16);
@@ -106,16 +113,13 @@ inline float half_to_float(uint16_t h) {
     mantissa &= 0x3ffu;
     bits = sign | (exponent << 23) | (mantissa << 13);
   }
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
+  return float_from_bits(bits);
 }
 
 // fp32 -> fp16 bits for a value fp16 represents exactly (the narrow panels hold only such values: -e of an
 // fp16 table, or 0). Exact conversion, no rounding needed; NaN / Inf map to fp16 NaN / Inf.
 inline uint16_t float_to_half(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
+  const uint32_t bits = float_bits(f);
   const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
   const uint32_t magnitude = bits & 0x7fffffffu;
   if (magnitude >= 0x7f800000u) return static_cast<uint16_t>(sign | 0x7c00u | (magnitude > 0x7f800000u ? 0x200u : 0u));
@@ -217,6 +221,22 @@ using MicroKernel = void (*)(const float* packed_queries, const void* panel, con
 
 // The micro-kernel of one panel format, portable C++ or AVX2 + FMA (+ F16C for fp16 panels).
 MicroKernel portable_micro_kernel(PanelFormat format);
+// The one dispatch from a run-time panel format to a kernel instantiated for it, shared by every ISA's file:
+// returns pick(std::integral_constant<PanelFormat, F>{}) for F = format.
+template <class Pick>
+MicroKernel micro_kernel_for(PanelFormat format, Pick pick) {
+  switch (format) {
+    case PanelFormat::BFloat16:
+      return pick(std::integral_constant<PanelFormat, PanelFormat::BFloat16>{});
+    case PanelFormat::Float16:
+      return pick(std::integral_constant<PanelFormat, PanelFormat::Float16>{});
+    case PanelFormat::Float16Doubled:
+      return pick(std::integral_constant<PanelFormat, PanelFormat::Float16Doubled>{});
+    case PanelFormat::Float32:
+      break;
+  }
+  return pick(std::integral_constant<PanelFormat, PanelFormat::Float32>{});
+}
 #if defined(SPAE_HAVE_AVX2_KERNEL)
 MicroKernel avx2_micro_kernel(PanelFormat format);
 #endif
