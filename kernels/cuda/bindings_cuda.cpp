@@ -58,13 +58,8 @@ py::tuple search_plan(KeywordArgs& args) {
   const int64_t n = args.queries("n"), v = args.rows("v");
   const int k_pad = k_pad_arg(args, 1);
   const int device = device_arg(args);
-  args.done();
   spae_cuda::SearchPlan plan;
-  spae_cuda::Status status;
-  {
-    py::gil_scoped_release release;
-    status = spae_cuda::search_plan(n, v, k_pad, device, &plan);
-  }
+  const spae_cuda::Status status = args.run([&] { return spae_cuda::search_plan(n, v, k_pad, device, &plan); });
   return py::make_tuple(status.code, status.message, plan.num_chunks, plan.tiles_per_chunk, plan.max_ctas);
 }
 
@@ -80,13 +75,7 @@ py::tuple search(KeywordArgs& args) {
   } else {
     args.absent("keys", "for k_pad > 1 (the lists go to out_score / out_index)");
   }
-  args.done();
-  spae_cuda::Status status;
-  {
-    py::gil_scoped_release release;
-    status = spae_cuda::search(search);
-  }
-  return status_tuple(status);
+  return status_tuple(args.run([&] { return spae_cuda::search(search); }));
 }
 
 // The SAQ layer arguments of saq_search and saq_pair_dot64; `needed`: there are rows to form (the addresses
@@ -114,13 +103,7 @@ py::tuple saq_search(KeywordArgs& args) {
   request.dim = args.integer("dim", 1, request.search.d);
   request.scratch = reinterpret_cast<void*>(args.pointer("scratch", request.search.n > 0));
   request.scratch_ctas = args.integer("scratch_ctas", 1);
-  args.done();
-  spae_cuda::Status status;
-  {
-    py::gil_scoped_release release;
-    status = spae_cuda::saq_search(request);
-  }
-  return status_tuple(status);
+  return status_tuple(args.run([&] { return spae_cuda::saq_search(request); }));
 }
 
 // The b / index / out / device / stream arguments of both pair kernels.
@@ -148,26 +131,14 @@ py::tuple pair_dot64(KeywordArgs& args) {
   pair.a_dtype = args.dtype("a_dtype");
   pair.a_stride0 = args.stride("a_stride0");
   pair.a_stride1 = args.stride("a_stride1");
-  args.done();
-  spae_cuda::Status status;
-  {
-    py::gil_scoped_release release;
-    status = spae_cuda::pair_dot64(pair);
-  }
-  return status_tuple(status);
+  return status_tuple(args.run([&] { return spae_cuda::pair_dot64(pair); }));
 }
 
 py::tuple saq_pair_dot64(KeywordArgs& args) {
   spae_cuda::SaqPairArgs request;
   pair_args(args, &request.pair);
   request.saq = saq_layer_args(args, request.pair.m > 0 && request.pair.c > 0);
-  args.done();
-  spae_cuda::Status status;
-  {
-    py::gil_scoped_release release;
-    status = spae_cuda::saq_pair_dot64(request);
-  }
-  return status_tuple(status);
+  return status_tuple(args.run([&] { return spae_cuda::saq_pair_dot64(request); }));
 }
 
 }  // namespace

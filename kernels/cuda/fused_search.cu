@@ -94,6 +94,22 @@ __device__ __forceinline__ long long pack_key(float score, int index) {
 // ---- one 64-byte K slab of the 128 x 128 tile: acc[m tile][n tile][fragment] ------------------------------
 // Fragment element (i, j, c) is row warp_m*64 + i*16 + lane/4 + 8*(c/2), column warp_n*32 + j*8 + 2*(lane%4) + c%2.
 
+// Calls f(i, j, c) for each of a thread's 64 accumulator elements, in that order, unrolled (so acc stays in
+// registers): the one walk over the fragment for the fp32 FMAs, the score epilogue and the reset.
+template <class F>
+__device__ __forceinline__ void for_each_element(F&& f) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) f(i, j, c);
+}
+
+__device__ __forceinline__ void clear(float (&acc)[4][4][4]) {
+  for_each_element([&](int i, int j, int c) { acc[i][j][c] = 0.0f; });
+}
+
 template <Math M>
 __device__ __forceinline__ void compute_slab(const char* a_tile, const char* b_tile, float (&acc)[4][4][4],
                                              int warp_m, int warp_n, int lane) {
@@ -161,14 +177,7 @@ __device__ __forceinline__ void compute_slab(const char* a_tile, const char* b_t
         for (int j = 0; j < 4; ++j)
 #pragma unroll
           for (int q = 0; q < 2; ++q) b[j][q] = b_rows[(warp_n * 32 + j * 8 + 2 * thread_in_group + q) * kPitch + kk];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-#pragma unroll
-              for (int q = 0; q < 2; ++q) acc[i][j][2 * h + q] = fmaf(a[i][h], b[j][q], acc[i][j][2 * h + q]);
+        for_each_element([&](int i, int j, int c) { acc[i][j][c] = fmaf(a[i][c >> 1], b[j][c & 1], acc[i][j][c]); });
       }
     }
   }
@@ -296,12 +305,7 @@ __global__ void __launch_bounds__(kThreads, 1) search_kernel(Params p) {
     }
 
     float acc[4][4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
+    clear(acc);
 
     // Pipeline prologue: stages - 1 slabs in flight (one commit group per slab, empty groups included).
     for (int s = 0; s < p.stages - 1; ++s) {
@@ -360,16 +364,11 @@ __global__ void __launch_bounds__(kThreads, 1) search_kernel(Params p) {
       } else {
         // Scores in place of the accumulators; bit b = (i*4 + j)*4 + c marks a value still to offer.
         unsigned long long pending = 0;
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-              const int h = c >> 1, q = c & 1;
-              acc[i][j][c] = finish_score(acc[i][j][c], row_scale[i][h], has_row_scale, bias[j][q], col_scale[j][q]);
-              if (column0 + j * 8 + q < p.v) pending |= 1ull << ((i * 4 + j) * 4 + c);
-            }
+        for_each_element([&](int i, int j, int c) {
+          const int h = c >> 1, q = c & 1;
+          acc[i][j][c] = finish_score(acc[i][j][c], row_scale[i][h], has_row_scale, bias[j][q], col_scale[j][q]);
+          if (column0 + j * 8 + q < p.v) pending |= 1ull << ((i * 4 + j) * 4 + c);
+        });
         while (true) {
 #pragma unroll
           for (int i = 0; i < 4; ++i)
@@ -428,12 +427,7 @@ __global__ void __launch_bounds__(kThreads, 1) search_kernel(Params p) {
           if (!__syncthreads_or(pending != 0)) break;  // also publishes the merged lists
         }
       }
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
+      clear(acc);
     }
     cp_async_wait(0);
 
