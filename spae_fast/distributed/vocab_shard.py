@@ -6,7 +6,7 @@ rank gets the same kept ids, checked across the group), and reads only the file 
 rows (balanced over the kept rows, `balanced_boundaries`), by positioned reads of at most `CHUNK_BYTES` of the
 file at a time: no memory map, so neither the process's heap nor its mapped pages ever hold more than its shard
 and one chunk. The rows are decoded exactly as `spae_fast.embedding_tables` decodes the whole table (GGUF:
-``gguf.quants.dequantize`` per row, which works on whole rows; safetensors: the stored dtype upcast to fp32),
+`spae_fast._gguf`, ``gguf.quants.dequantize`` of whole rows; safetensors: the stored dtype upcast to fp32),
 then converted to ``dtype``: each shard is bit for bit the rows `VocabCodebook.from_pretrained` would hold.
 
 The vocabulary's fingerprint (`VocabCodebook.fingerprint`, recorded in `SPAEConfig.codebook_fingerprint`) is a
@@ -29,10 +29,10 @@ import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from .. import _gguf
 from .._integrity import CorruptFileError
 from ..vocab import SMOLLM2_ALIASES, VocabCodebook, table_fingerprint
 from .sharded_codebook import ShardedCodebook, _own_range, group_rank_and_size
@@ -51,8 +51,7 @@ class _TableFile:
     num_rows: int
     dim: int
     kind: str  # "gguf" or "safetensors"
-    dtype: object  # gguf: the tensor type; safetensors: the torch dtype
-    stored: object  # gguf: the numpy dtype of its unquantised rows, or None when quantised
+    dtype: object  # gguf: the `_gguf.GGUFTable` (it decodes the rows); safetensors: the torch dtype
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """fp32 ``[stop - start, D]`` rows read from the file (one positioned read; no memory map)."""
@@ -68,11 +67,7 @@ class _TableFile:
                 filled += read
         if self.kind == "safetensors":
             return torch.frombuffer(buffer, dtype=self.dtype).reshape(count, self.dim).float()
-        from gguf import quants
-
-        raw = np.frombuffer(buffer, dtype=np.uint8 if self.stored is None else self.stored)
-        rows = raw.reshape(count, -1) if self.stored is not None else quants.dequantize(raw.reshape(count, -1), self.dtype)
-        return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32).reshape(count, self.dim))
+        return torch.from_numpy(self.dtype.decode(buffer, count))
 
     def chunks(self, llm_ids: torch.Tensor, dtype: torch.dtype) -> Iterator[torch.Tensor]:
         """The rows ``llm_ids`` (ascending) in ``dtype``, a chunk of at most `CHUNK_BYTES` of fp32 file rows
@@ -87,98 +82,9 @@ class _TableFile:
             position = end
 
 
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-class _GGUFHeader:
-    """A streaming read of a GGUF file's header (v2 / v3): the token strings, the alignment and the
-    ``token_embd.weight`` tensor info, nothing else kept. ``gguf.GGUFReader`` builds a numpy view per array
-    element (about 250k for SmolLM2's tokens, token types and merges: over 100 MiB of peak memory, more than a
-    4-rank shard of its table), so the header is walked here with the format's fixed layout."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        with open(path, "rb") as self._file:
-            if (magic := self._file.read(4)) != b"GGUF":
-                raise CorruptFileError(f"{path} is not a GGUF file: it starts with {magic!r}, expected b'GGUF'")
-            version, tensor_count, kv_count = self._unpack("<IQQ")
-            if version < 2:
-                raise CorruptFileError(f"{path}: GGUF version {version} is not supported (2 or later)")
-            self.tokens, self.alignment, self.embedding = None, 32, None
-            for _ in range(kv_count):
-                key = self._string()
-                kind = self._unpack("<I")[0]
-                if key == "tokenizer.ggml.tokens" and kind == _GGUF_ARRAY:
-                    self.tokens = self._value(kind, keep=True)
-                elif key == "general.alignment":
-                    self.alignment = int(self._value(kind, keep=True))
-                else:
-                    self._value(kind, keep=False)
-            for _ in range(tensor_count):
-                name = self._string()
-                dims = self._unpack("<" + "Q" * self._unpack("<I")[0])
-                kind, offset = self._unpack("<IQ")
-                if name == "token_embd.weight":
-                    self.embedding = (dims, kind, offset)
-            self.data_start = -(-self._file.tell() // self.alignment) * self.alignment
-
-    def _unpack(self, fmt: str) -> tuple:
-        size = struct.calcsize(fmt)
-        raw = self._file.read(size)
-        if len(raw) != size:
-            raise CorruptFileError(f"{self.path}: the GGUF header ends early (truncated?)")
-        return struct.unpack(fmt, raw)
-
-    def _string(self, keep: bool = True) -> str | None:
-        length = self._unpack("<Q")[0]
-        if not keep:
-            self._file.seek(length, os.SEEK_CUR)
-            return None
-        raw = self._file.read(length)
-        if len(raw) != length:
-            raise CorruptFileError(f"{self.path}: the GGUF header ends early (truncated?)")
-        return raw.decode("utf-8", errors="replace")
-
-    def _value(self, kind: int, keep: bool):
-        if kind == _GGUF_STRING:
-            return self._string(keep)
-        if kind == _GGUF_ARRAY:
-            item, count = self._unpack("<IQ")
-            if item in _GGUF_SCALARS and not keep:
-                self._file.seek(count * struct.calcsize(_GGUF_SCALARS[item]), os.SEEK_CUR)
-                return None
-            return [self._value(item, keep) for _ in range(count)]
-        if kind not in _GGUF_SCALARS:
-            raise CorruptFileError(f"{self.path}: unknown GGUF value type {kind} (corrupted?)")
-        return self._unpack(_GGUF_SCALARS[kind])[0]
-
-
 def _gguf_table(path: Path) -> tuple[_TableFile, list[str]]:
-    try:
-        import gguf
-    except ImportError as error:
-        raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf") from error
-    try:
-        header = _GGUFHeader(path)
-        if header.embedding is None or not isinstance(header.tokens, list):
-            raise CorruptFileError(f"{path} has no token_embd.weight tensor or no tokenizer.ggml.tokens field")
-        (dim, num_rows, *rest), kind, offset = header.embedding
-        quant = gguf.GGMLQuantizationType(kind)
-    except CorruptFileError:
-        raise
-    except (ValueError, OverflowError, MemoryError, struct.error) as error:
-        raise CorruptFileError(f"{path} is not a readable GGUF file: {type(error).__name__}: {error}") from None
-    block, block_bytes = gguf.GGML_QUANT_SIZES[quant]
-    if rest or len(header.tokens) != num_rows or dim % block:
-        raise CorruptFileError(f"{path}: {len(header.tokens)} tokens but an embedding table of shape "
-                               f"{[num_rows, dim, *rest]} ({quant.name})")  # fmt: skip
-    stored = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(quant)
-    table = _TableFile(path, header.data_start + offset, dim // block * block_bytes, num_rows, dim, "gguf", quant,
-                       stored)  # fmt: skip
-    if table.offset + num_rows * table.row_bytes > path.stat().st_size:
-        raise CorruptFileError(f"{path}: token_embd.weight runs past the end of the file (truncated?)")
-    return table, header.tokens
+    table, tokens = _gguf.embedding_table(path)
+    return _TableFile(path, table.offset, table.row_bytes, table.num_rows, table.dim, "gguf", table), tokens
 
 
 def _safetensors_table(file: Path, key: str, tokenizer_folder: Path) -> tuple[_TableFile, list[str]]:
@@ -195,7 +101,7 @@ def _safetensors_table(file: Path, key: str, tokenizer_folder: Path) -> tuple[_T
         (length,) = struct.unpack("<Q", handle.read(8))
     num_rows, dim = entry.shape
     dtype = _SAFETENSORS_FLOATS[entry.dtype]
-    table = _TableFile(file, 8 + length + entry.begin, dim * dtype.itemsize, num_rows, dim, "safetensors", dtype, None)
+    table = _TableFile(file, 8 + length + entry.begin, dim * dtype.itemsize, num_rows, dim, "safetensors", dtype)
     return table, _read_tokens(tokenizer_folder, num_rows)
 
 

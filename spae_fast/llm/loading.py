@@ -12,14 +12,12 @@ reported with a warning and converted again from the GGUF file. A truncated or c
 from __future__ import annotations
 
 import os
-import struct
 import warnings
 from pathlib import Path
 
 import torch
 
-from .. import cache
-from .._integrity import CorruptFileError
+from .. import _gguf, cache
 from ..cache import MANIFEST
 from ..vocab import SMOLLM2_ALIASES, smollm2_gguf_path
 
@@ -31,22 +29,10 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def check_gguf(gguf: Path) -> None:
-    """Raises `CorruptFileError` naming ``gguf`` unless the gguf package can parse its header, metadata and
-    tensor table (what transformers would otherwise fail on with bare numpy errors)."""
-    with open(gguf, "rb") as file:
-        magic = file.read(4)
-    if magic != b"GGUF":
-        raise CorruptFileError(f"{gguf} is not a GGUF file: it starts with {magic!r}, expected b'GGUF'")
-    try:
-        import gguf as gguf_package
-    except ImportError as error:
-        raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf") from error
-    try:
-        gguf_package.GGUFReader(str(gguf))
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError, EOFError, struct.error) as error:
-        raise CorruptFileError(
-            f"{gguf} is not a readable GGUF file (truncated or corrupted?): {type(error).__name__}: {error}"
-        ) from None
+    """Raises `CorruptFileError` naming ``gguf`` unless its header, metadata and tensor table parse and every
+    tensor lies inside the file (`spae_fast._gguf.check_file`): what transformers would otherwise fail on with
+    bare numpy errors."""
+    _gguf.check_file(gguf)
 
 
 def _convert_into(gguf: Path, folder: Path) -> None:
