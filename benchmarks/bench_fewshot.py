@@ -42,11 +42,10 @@ import time
 from pathlib import Path
 
 import torch
+from harness import git_sha, machine_info, replace_markdown_section, versions
 
 from spae_fast import SPAEQuantizer, VocabCodebook
 from spae_fast.llm import FrozenLM, ImageVocabulary, build_episode_prompt, sample_episodes
-
-from harness import git_sha, machine_info, replace_markdown_section, versions
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Few-shot evaluation: shared-prefix KV cache vs naive (CPU)"

@@ -30,13 +30,12 @@ import os
 import sys
 
 import torch
-
-import spae_fast
-from spae_fast.ops import gpu_saq
-
 from harness import cuda_median_ms as timed
 from harness import cuda_peak_extra as peak_extra
 from harness import git_sha, replace_markdown_section, write_csv
+
+import spae_fast
+from spae_fast.ops import gpu_saq
 
 DEVICE = torch.device("cuda")
 

@@ -87,10 +87,17 @@ import time
 from pathlib import Path
 
 import torch
-
 from harness import GIB, MIB, RESULTS, git_sha, machine_info, versions, write_csv
-from nearest_cases import (PROVIDER_OPS, SUITES, MemorySweep, TableSpec, fp64_reference, make_inputs, matrix_bytes,
-                           provider_available)
+from nearest_cases import (
+    PROVIDER_OPS,
+    SUITES,
+    MemorySweep,
+    TableSpec,
+    fp64_reference,
+    make_inputs,
+    matrix_bytes,
+    provider_available,
+)
 from nearest_measure import measure_memory, memory_job, run_throughput, save_inputs, scratch_dir
 from nearest_report import BENCHMARKS_SECTION, plot, render_markdown, update_benchmarks_md
 

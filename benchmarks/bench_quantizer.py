@@ -43,9 +43,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from harness import (
+    CSV_COLUMNS,
+    RESULTS,
+    ROOT,
+    cpu_peak_extra,
+    git_sha,
+    interleaved_rounds,
+    machine_info,
+    markdown_table,
+    paired_median,
+    replace_markdown_section,
+    run_child,
+    versions,
+    write_csv,
+)
 
-from harness import (CSV_COLUMNS, RESULTS, ROOT, cpu_peak_extra, git_sha, interleaved_rounds, machine_info,
-                     markdown_table, paired_median, replace_markdown_section, run_child, versions, write_csv)
 SECTION = "## SPAE quantizer training step (CPU)"
 PROVIDERS = ("spae_fast", "torch_cdist", "torch_chunked")
 CHUNKS = (256, 1024, 4096)
@@ -140,7 +153,12 @@ def build(provider: str, weight: torch.Tensor, layers: list[int], grid: int, chu
         import spae_fast
 
         quantizer = spae_fast.SPAEQuantizer(spae_fast.Codebook(weight), layers, grid=grid, backend="cpu")
-        return lambda z: (lambda out: (out.quantized, out.ids, out.loss))(quantizer(z))
+
+        def step(z):
+            out = quantizer(z)
+            return out.quantized, out.ids, out.loss
+
+        return step
     if provider == "torch_cdist":
         return PlainSAQ(weight, layers, grid, 0.25, cdist_search(weight))
     if provider == "torch_chunked":
@@ -197,18 +215,18 @@ def render(meta: dict, times: dict, ratios: dict, memory: dict | None, chunk: in
     lines = [
         SECTION,
         "",
-        f"One training step (forward + backward: straight-through latents and commitment loss) of the SAQ quantizer "
+        (f"One training step (forward + backward: straight-through latents and commitment loss) of the SAQ quantizer "
         f"at B={meta['batch']}, grid {meta['grid']}, layers {tuple(meta['layers'])} ({meta['tokens']} tokens per image), "
-        f"on {meta['table']}, fp32. `benchmarks/bench_quantizer.py`, {meta['date']}, git {meta['git']}.",
+        f"on {meta['table']}, fp32. `benchmarks/bench_quantizer.py`, {meta['date']}, git {meta['git']}."),
         "",
         f"Machine: {meta['machine']['cpu']}; {meta['machine']['cores']}; {meta['machine']['memory']} RAM; "
         f"{meta['machine']['os']}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
         + ".",
         "",
-        f"spae_fast: fused native `saq` op; certified int8 pre-filter {'on' if meta['stats']['prefilter'] else 'off'} "
+        (f"spae_fast: fused native `saq` op; certified int8 pre-filter {'on' if meta['stats']['prefilter'] else 'off'} "
         f"({meta['stats']['full_search_rows']} of {meta['stats']['queries']} queries needed the full fp32 search; "
-        "the ids are bitwise those of the fp32 search, and the token agreement with both baselines is checked).",
+        "the ids are bitwise those of the fp32 search, and the token agreement with both baselines is checked)."),
         "",
     ]
     cells = []
@@ -233,10 +251,10 @@ def render(meta: dict, times: dict, ratios: dict, memory: dict | None, chunk: in
     lines += ["", NOTE]
     lines += [
         "",
-        "Step time: median of the rounds (one warm-up step each first; providers rotated every round). Ratios: per "
+        ("Step time: median of the rounds (one warm-up step each first; providers rotated every round). Ratios: per "
         "round, then the median. Extra peak memory: VmHWM - VmRSS of a fresh interpreter around one step (table, "
         "packed copy, z and the upstream gradient are inputs, not counted). Only ratios from one run are meaningful "
-        "on this shared machine.",
+        "on this shared machine."),
         "",
     ]
     return "\n".join(lines)
@@ -300,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     import spae_fast
 
     stats = spae_fast.ops.last_saq_stats()  # of spae_fast's warm-up step
-    samples, _ = interleaved_rounds({p: (lambda p=p: training_step(models[p], z, upstream)) for p in PROVIDERS},
+    samples, _ = interleaved_rounds({p: (lambda m=models[p]: training_step(m, z, upstream)) for p in PROVIDERS},
                                     args.rounds, lambda line: print(line, flush=True), before_each=gc.collect)
     times = {p: statistics.median(v) for p, v in samples.items()}
     ratios = {p: paired_median(samples[p], samples["spae_fast"]) for p in PROVIDERS[1:]}

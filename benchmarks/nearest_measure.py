@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 import torch
-
 from harness import GIB, MIB, interleaved_rounds, meminfo_bytes, proc_status_kib, reset_peak, run_child
 from nearest_cases import TOPK_K, Provider, TableSpec, capped_queries, matrix_bytes, provider_available
 

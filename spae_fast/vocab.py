@@ -87,7 +87,7 @@ def is_word(text: str) -> bool:
     bytes of partial characters or special tokens). ``" cat"``, ``"cat"``, ``" Straße"`` pass; ``"a"``,
     ``" 12"``, ``"cat."``, ``"  cat"``, ``"<|endoftext|>"``, ``"\\n\\n"`` do not.
     """
-    word = text[1:] if text.startswith(" ") else text
+    word = text.removeprefix(" ")
     return len(word) >= 2 and word.isalpha()
 
 
@@ -116,8 +116,9 @@ def _select_rows(token_filter: object, texts: list[str], num_rows: int) -> list[
         return list(range(num_rows))
     if token_filter == "words":
         return [row for row, text in enumerate(texts) if is_word(text)]
-    if isinstance(token_filter, str):
-        raise ValueError(f"token_filter must be 'words', None, a callable or a sequence of token ids, got {token_filter!r}")
+    if isinstance(token_filter, str):  # a string of the wrong value, not of the wrong type
+        raise ValueError(  # noqa: TRY004
+            f"token_filter must be 'words', None, a callable or a sequence of token ids, got {token_filter!r}")
     if callable(token_filter):
         return [row for row, text in enumerate(texts) if token_filter(text)]
     if isinstance(token_filter, torch.Tensor):

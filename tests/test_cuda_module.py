@@ -58,10 +58,10 @@ def test_no_device_reported_cleanly(cuda):
 def _search_args(x, **change):
     """Valid-looking keyword arguments of _cuda.search (aligned, k = 1), with `change` applied."""
     ptr = x.data_ptr()
-    args = dict(
-        x=ptr, e=ptr, n=4, v=4, d=8, dtype=0, tf32=False, bias=ptr, col_scale=ptr, row_scale=0, k_pad=1,
-        num_chunks=1, tiles_per_chunk=1, keys=ptr, out_score=0, out_index=0, device=0, stream=0,
-    )  # fmt: skip
+    args = {
+        "x": ptr, "e": ptr, "n": 4, "v": 4, "d": 8, "dtype": 0, "tf32": False, "bias": ptr, "col_scale": ptr, "row_scale": 0, "k_pad": 1,
+        "num_chunks": 1, "tiles_per_chunk": 1, "keys": ptr, "out_score": 0, "out_index": 0, "device": 0, "stream": 0,
+    }  # fmt: skip
     args.update(change)
     return args
 

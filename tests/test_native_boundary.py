@@ -42,16 +42,16 @@ def problem():
     weight, x = torch.randn(40, 12), torch.randn(7, 12)
     panels, bias, max_norm = _packed(weight)
     dist, index = torch.empty(7, 1), torch.empty(7, 1, dtype=torch.int64)
-    args = dict(
-        x=buffer(x), num_queries=7, dim=12, x_row_stride=12, x_col_stride=1, x_dtype=0,
-        panels=buffer(panels), panels_dtype=0, bias=buffer(bias), codebook_rows=40, max_norm=max_norm, metric=0, k=1,
-        check_finite=True, num_threads=1, out_dist=buffer(dist), out_index=buffer(index),
-        weight=buffer(weight), weight_row_stride=12, weight_col_stride=1, weight_dtype=0,
-        prefilter_panels=NO_BUFFER, prefilter_columns=NO_BUFFER, prefilter_offsets=NO_BUFFER,
-        prefilter_bounds=[],
-        prefilter_adaptive=False,
-    )  # fmt: skip
-    return dict(weight=weight, x=x, panels=panels, bias=bias, dist=dist, index=index, args=args)
+    args = {
+        "x": buffer(x), "num_queries": 7, "dim": 12, "x_row_stride": 12, "x_col_stride": 1, "x_dtype": 0,
+        "panels": buffer(panels), "panels_dtype": 0, "bias": buffer(bias), "codebook_rows": 40, "max_norm": max_norm, "metric": 0, "k": 1,
+        "check_finite": True, "num_threads": 1, "out_dist": buffer(dist), "out_index": buffer(index),
+        "weight": buffer(weight), "weight_row_stride": 12, "weight_col_stride": 1, "weight_dtype": 0,
+        "prefilter_panels": NO_BUFFER, "prefilter_columns": NO_BUFFER, "prefilter_offsets": NO_BUFFER,
+        "prefilter_bounds": [],
+        "prefilter_adaptive": False,
+    }  # fmt: skip
+    return {"weight": weight, "x": x, "panels": panels, "bias": bias, "dist": dist, "index": index, "args": args}
 
 
 def test_keyword_call_matches_the_op(problem):
@@ -129,13 +129,13 @@ def saq_call(problem):
     weight, panels, bias = problem["weight"], problem["panels"], problem["bias"]
     z = torch.randn(2, 12, 4, 4)
     ids = torch.empty(2, 1 + 4 + 16, dtype=torch.int64)
-    saq = dict(
-        z=buffer(z), z_dtype=0, batch=2, dim=12, grid=4, z_strides=z.stride(), weight=buffer(weight),
-        num_rows=40, weight_row_stride=12, weight_col_stride=1, weight_dtype=0, panels=buffer(panels), panels_dtype=0,
-        bias=buffer(bias), max_norm=problem["args"]["max_norm"], sides=[1, 2, 4], residual=False,
-        check_finite=True, num_threads=1, out_ids=buffer(ids), prefilter_panels=NO_BUFFER,
-        prefilter_columns=NO_BUFFER, prefilter_offsets=NO_BUFFER, prefilter_bounds=[],
-    )  # fmt: skip
+    saq = {
+        "z": buffer(z), "z_dtype": 0, "batch": 2, "dim": 12, "grid": 4, "z_strides": z.stride(), "weight": buffer(weight),
+        "num_rows": 40, "weight_row_stride": 12, "weight_col_stride": 1, "weight_dtype": 0, "panels": buffer(panels), "panels_dtype": 0,
+        "bias": buffer(bias), "max_norm": problem["args"]["max_norm"], "sides": [1, 2, 4], "residual": False,
+        "check_finite": True, "num_threads": 1, "out_ids": buffer(ids), "prefilter_panels": NO_BUFFER,
+        "prefilter_columns": NO_BUFFER, "prefilter_offsets": NO_BUFFER, "prefilter_bounds": [],
+    }  # fmt: skip
     return saq, z, ids
 
 
@@ -145,15 +145,15 @@ def semantic_call(problem):
     weight, panels, bias = problem["weight"], problem["panels"], problem["bias"]
     loss, zl = torch.empty(3), torch.randn(3, 12)
     index, offsets, position = torch.tensor([1, 2]), torch.tensor([0, 2]), torch.tensor([0, -1, 0])
-    semantic = dict(
-        z=buffer(zl), num_rows=3, dim=12, z_row_stride=12, z_col_stride=1, z_dtype=0,
-        weight=buffer(weight), vocab=40, weight_row_stride=12, weight_col_stride=1, weight_dtype=0,
-        panels=buffer(panels), panels_dtype=0, bias=buffer(bias), max_norm=problem["args"]["max_norm"],
-        candidate_index=buffer(index), num_candidates=2, candidate_offsets=buffer(offsets), num_sets=1,
-        set_of_position=buffer(position), tau=1.0, compute_grad=False, check_finite=True, num_threads=1,
-        out_loss=buffer(loss), out_grad=NO_BUFFER, bf16_panels=NO_BUFFER, bf16_rows=NO_BUFFER,
-        bf16_bias=NO_BUFFER,
-    )  # fmt: skip
+    semantic = {
+        "z": buffer(zl), "num_rows": 3, "dim": 12, "z_row_stride": 12, "z_col_stride": 1, "z_dtype": 0,
+        "weight": buffer(weight), "vocab": 40, "weight_row_stride": 12, "weight_col_stride": 1, "weight_dtype": 0,
+        "panels": buffer(panels), "panels_dtype": 0, "bias": buffer(bias), "max_norm": problem["args"]["max_norm"],
+        "candidate_index": buffer(index), "num_candidates": 2, "candidate_offsets": buffer(offsets), "num_sets": 1,
+        "set_of_position": buffer(position), "tau": 1.0, "compute_grad": False, "check_finite": True, "num_threads": 1,
+        "out_loss": buffer(loss), "out_grad": NO_BUFFER, "bf16_panels": NO_BUFFER, "bf16_rows": NO_BUFFER,
+        "bf16_bias": NO_BUFFER,
+    }  # fmt: skip
     return semantic, {"loss": loss, "z": zl, "index": index, "offsets": offsets, "position": position}
 
 

@@ -152,7 +152,7 @@ def test_torch_compile_fullgraph_forward_and_backward():
 # Words and LLM ids
 # ---------------------------------------------------------------------------------------------------------
 
-WORDS = ["\u0120" + w for w in "cat dog sun moon tree house river stone bird fish cloud rain snow wind fire leaf".split()]
+WORDS = ["\u0120" + w for w in ["cat", "dog", "sun", "moon", "tree", "house", "river", "stone", "bird", "fish", "cloud", "rain", "snow", "wind", "fire", "leaf"]]
 
 
 def _word_quantizer(**kwargs) -> tuple[SPAEQuantizer, VocabCodebook]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-
 IMAGE_TASKS = ("flip", "shift", "inpaint")
 
 

@@ -122,11 +122,11 @@ class _CudaKernels:
 
     def _saq(self, args: SaqLayerArgs) -> dict:
         z = args.z
-        return dict(
-            z=z.data_ptr(), z_dtype=_DTYPE_TAGS[z.dtype], z_strides=tuple(z.stride()), ids=args.ids.data_ptr(),
-            ids_stride=args.ids.stride(0), sides=args.sides.data_ptr(), firsts=args.firsts.data_ptr(),
-            grid=z.shape[-1], layer=args.layer, coefficient=args.coefficient,
-        )  # fmt: skip
+        return {
+            "z": z.data_ptr(), "z_dtype": _DTYPE_TAGS[z.dtype], "z_strides": tuple(z.stride()), "ids": args.ids.data_ptr(),
+            "ids_stride": args.ids.stride(0), "sides": args.sides.data_ptr(), "firsts": args.firsts.data_ptr(),
+            "grid": z.shape[-1], "layer": args.layer, "coefficient": args.coefficient,
+        }  # fmt: skip
 
     def saq_search(self, e, bias, col_scale, k_pad, input_precision, args, num_queries):
         num_rows, dim = e.shape

@@ -199,14 +199,14 @@ def test_panel_dtype_is_checked_at_both_boundaries():
     # native boundary: bf16 panels declared fp32 are half the bytes the call would read
     C = _native.cpu_module()
     dist, index = torch.empty(5, 1), torch.empty(5, 1, dtype=torch.int64)
-    call = dict(
-        x=_native.buffer(x), num_queries=5, dim=12, x_row_stride=12, x_col_stride=1, x_dtype=0,
-        panels=_native.buffer(panels), panels_dtype=0, bias=_native.buffer(bias), codebook_rows=40,
-        max_norm=float(bound), metric=0, k=1, check_finite=True, num_threads=1, out_dist=_native.buffer(dist),
-        out_index=_native.buffer(index), weight=_native.NO_BUFFER, weight_row_stride=0, weight_col_stride=0,
-        weight_dtype=0, prefilter_panels=_native.NO_BUFFER, prefilter_columns=_native.NO_BUFFER,
-        prefilter_offsets=_native.NO_BUFFER, prefilter_bounds=[], prefilter_adaptive=False,
-    )  # fmt: skip
+    call = {
+        "x": _native.buffer(x), "num_queries": 5, "dim": 12, "x_row_stride": 12, "x_col_stride": 1, "x_dtype": 0,
+        "panels": _native.buffer(panels), "panels_dtype": 0, "bias": _native.buffer(bias), "codebook_rows": 40,
+        "max_norm": float(bound), "metric": 0, "k": 1, "check_finite": True, "num_threads": 1, "out_dist": _native.buffer(dist),
+        "out_index": _native.buffer(index), "weight": _native.NO_BUFFER, "weight_row_stride": 0, "weight_col_stride": 0,
+        "weight_dtype": 0, "prefilter_panels": _native.NO_BUFFER, "prefilter_columns": _native.NO_BUFFER,
+        "prefilter_offsets": _native.NO_BUFFER, "prefilter_bounds": [], "prefilter_adaptive": False,
+    }  # fmt: skip
     with pytest.raises(ValueError, match=r"'panels' holds 1152 bytes, but the call reads or writes 2304"):
         C.search(**call)
     code, _, _ = C.search(**{**call, "panels_dtype": 1})
@@ -215,11 +215,11 @@ def test_panel_dtype_is_checked_at_both_boundaries():
         C.search(**{**call, "panels_dtype": 3})
     # native packing: narrow panels only in the table's own dtype, never for cosine
     out = torch.empty(3, 12, 16, dtype=torch.float16)
-    pack = dict(
-        weight=_native.buffer(table), num_rows=40, dim=12, weight_row_stride=12, weight_col_stride=1,
-        weight_dtype=1, metric=0, out_panels=_native.buffer(out), out_panels_dtype=2,
-        out_bias=_native.buffer(torch.empty(48)), num_threads=1,
-    )  # fmt: skip
+    pack = {
+        "weight": _native.buffer(table), "num_rows": 40, "dim": 12, "weight_row_stride": 12, "weight_col_stride": 1,
+        "weight_dtype": 1, "metric": 0, "out_panels": _native.buffer(out), "out_panels_dtype": 2,
+        "out_bias": _native.buffer(torch.empty(48)), "num_threads": 1,
+    }  # fmt: skip
     with pytest.raises(ValueError, match="'out_panels_dtype' must be float32, or the table's own"):
         C.pack_codebook(**pack)
     with pytest.raises(ValueError, match="'out_panels_dtype' must be float32, or the table's own"):
