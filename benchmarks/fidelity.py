@@ -19,6 +19,8 @@ Variants (all: the demo's model and training, `spae_fast.demo.DEMO_MODEL` / `DEM
   saq_semantic_a15, saq_semantic_a15_s1, saq_semantic_a15_s2   SAQ with alpha0 = 15 under seeds 0-2: against
                   RQ's seeds at alpha0 = 10, whether SAQ names the digit at least as often at equal or better
                   reconstruction (SAQ at alpha0 = 10 reconstructs ~0.7 dB better than RQ)
+  rq_semantic_a5, rq_semantic_a5_s1, rq_semantic_a5_s2   RQ with alpha0 = 5 under seeds 0-2: a second point of
+                  RQ's accuracy / reconstruction curve, to compare SAQ and RQ at equal reconstruction
   saq_semantic_l2, saq_semantic_l2_s1, saq_semantic_l2_s2   SAQ with alpha0 = 20 shared 3 : 5 between layers 1
                   and 2 (7.5 and 12.5; alpha0 = 15's equal split gives 7.5 each): SAQ's layer-2 words missed
                   more often than RQ's, on training images too
@@ -93,6 +95,8 @@ VARIANTS = {
     "saq_semantic_a15_s2": ({"mode": "saq"}, {"relevance": True, "alpha0": 15.0, "seed": 2}),
     **{f"saq_semantic_l2{suffix}": ({"mode": "saq"}, {"relevance": True, "alpha0": 20.0, "shares": (3.0, 5.0),
                                                       "seed": seed})
+       for seed, suffix in ((0, ""), (1, "_s1"), (2, "_s2"))},
+    **{f"rq_semantic_a5{suffix}": ({"mode": "rq"}, {"relevance": True, "alpha0": 5.0, "seed": seed})
        for seed, suffix in ((0, ""), (1, "_s1"), (2, "_s2"))},
 }
 # The demo's own configuration under several training seeds: how robust each PSNR step is; and RQ under the
