@@ -102,8 +102,9 @@ struct TopkList {
 };
 
 // Engines may cap a row's offer threshold below its list's (Int8Engine: rows that cannot win are never
-// listed): static constexpr bool kThresholdCap = true and float threshold_cap(RowInfo&, float value,
-// int64_t column) const, called after each offer, returning the row's new cap.
+// listed): static constexpr bool kThresholdCap = true, float initial_cap(const RowInfo&) const (the cap
+// before any offer) and float threshold_cap(RowInfo&, float value, int64_t column) const, called after each
+// offer, returning the row's new cap.
 template <class Engine, class = void>
 struct HasThresholdCap : std::false_type {};
 template <class Engine>
@@ -212,9 +213,13 @@ StatusInfo run(const QuerySource& source, const Engine& engine, const int64_t k,
         continue;
       }
       if (failed_status.load(std::memory_order_relaxed) != static_cast<int>(Status::Ok)) continue;
-      for (int64_t r = 0; r < rows; ++r)
+      for (int64_t r = 0; r < rows; ++r) {
         lists[r] = {list_values.data() + r * 2 * k, list_indices.data() + r * 2 * k, 0, k};
-      std::fill(caps.begin(), caps.end(), kInf);
+        if constexpr (HasThresholdCap<Engine>::value)
+          caps[r] = engine.initial_cap(info[r]);
+        else
+          caps[r] = kInf;
+      }
 
       const int64_t panel_begin = split * panels_per_split;
       const int64_t panel_end = std::min(num_panels, panel_begin + panels_per_split);

@@ -58,6 +58,11 @@ StatusInfo pack_query_block(const QuerySource& source, Metric metric, const Pack
                             float* packed, double* norm_sq);
 float finish_distance(Metric metric, float score, double query_norm_sq);
 
+// Exact fp32 scores bias_c + x . p_c of the table rows indices[0 .. count) for one packed query x
+// (rescore_avx512.cpp), bitwise the active micro-kernel's. Needs AVX-512F (the int8 pre-filter's CPUs).
+void rescore_candidates(const PackedCodebookView& codebook, const MatrixView& weight, const float* x,
+                        const int64_t* indices, int64_t count, float* scores);
+
 struct SearchRequest {
   MatrixView queries;  // [N, D]
   PackedCodebookView codebook;

@@ -40,13 +40,12 @@ namespace {
 // of E_k) and the exact search's fp32 chain add at most G = g (||x|| P + n P~ + 2 B + a P + n b) with
 // g = 1.01 (D + 8) 2^-24 and the maxima P, b, P~, B of ||p_k||, b_k, ||p~_k||, |bias_k| (plus 1e-30 D for
 // underflow). So the kernel's key lb_k = s~_k - E_k satisfies  lb_k - G <= s_k <= lb_k + 2 E_k + G.
-// Keep the m rows with the smallest (lb, index) and let U be the k-th smallest over the list of
-// (lb_c + 2E_c) (for k = 1 the minimum). A row with lb_j - G > U + G has an exact score above those of k
-// listed rows (each s_c <= lb_c + 2E_c + G <= U + G < lb_j - G <= s_j), so it is not among the k best. If the
-// m-th listed row is such a row, so is every row outside the list (their lb is no smaller): the exact top k
-// are among the listed rows with lb_c - G <= U + G (a prefix of the list, usually a handful), and rescoring
-// just those with the fp32 micro-kernel (bitwise the full search's arithmetic) and taking the k smallest
-// (s, index) is exactly the full search's answer.
+// Keep the m rows with the smallest (lb, index) and let U be the k-th smallest (lb_c + 2E_c) over the rows
+// offered to the list (for k = 1 the minimum). A row with lb_j - G > U + G has an exact score above those of
+// k offered rows (each s_c <= lb_c + 2E_c + G <= U + G < lb_j - G <= s_j), so it is not among the k best.
+// Likewise with U* = the k-th smallest exact score of any k rescored rows: a row with lb_j - G > U* ranks
+// after those k rows. Either test excludes a listed row and every later one (the list is sorted by lb); if it
+// excludes the m-th listed row, it excludes every row outside the list (their lb is no smaller).
 //
 // The list need not hold rows that cannot rank: while it is filled, every offer may lower the row's U and the
 // offer threshold is capped at U + 2G (Int8Engine::threshold_cap), so a list that never fills holds every
@@ -54,12 +53,22 @@ namespace {
 // This keeps the lists to a handful of offers per row (measured: the search 9-10% faster than with the
 // top-m threshold alone).
 //
-// Two passes: m = 64 for every query, then m = 512 for the few it could not certify (high-D queries far
-// from every row, where the bound's window holds more than 64 rows). Rows neither certifies (more than 512
-// near-ties, duplicated rows, NaN) run the full fp32 search. Measured on a 2-core Zen 4 (N = 4096): random
-// 32000 x 1024 tables, m = 16 certified 37% of the queries, m = 64 94%, then the second pass 100%; the
-// search took 0.53 s against 1.5 s for torch.matmul of the same shape. A single pass with m = 128 certifies
-// as much but its longer lists cost ~10% more on every query.
+// Rescoring (rescore_avx512.cpp, bitwise the fp32 micro-kernel's chains): the listed rows in lb order, 16 at
+// a time, keeping U* = the k-th smallest exact score so far, until the next listed row is excluded by U + G
+// or U*; the k smallest (s, index) of the rescored rows are then exactly the full search's answer. If the
+// list runs out first, it is certified when it is not full (every row outside was never offered) or its last
+// row is excluded; otherwise the query goes on with its U*. For k = 1 U settles nearly every query after a
+// row or two; for k > 1 U sits among the many rows at about the k-th distance (the int8 bounds overlap,
+// ~2E wide) and U*, ~G above the k-th score, does the excluding (realistic SmolLM2 queries, k = 16: ~105
+// rows rescored per query).
+//
+// Two passes: m = max(64, 16 k) for every query, then m = 512 for the few it could not certify
+// (high-D queries far from every row, dense neighbourhoods), whose offers are capped from the start at
+// U* + G with the first pass's U* (Int8Engine::initial_cap), so the second list holds little more than the
+// rows that can rank. Rows neither certifies (more near-ties than m, duplicated rows, NaN) run the full fp32
+// search. Measured on a 2-core Zen 4 (N = 4096): random 32000 x 1024 tables, m = 16 certified 37% of the
+// queries, m = 64 94%, then the second pass 100%; a single pass with m = 128 certifies as much but its longer
+// lists cost ~10% more on every query.
 
 constexpr int64_t kCandidates = 64;        // first pass: list length per query (at least)
 constexpr int64_t kCandidatesPerK = 16;    // ... and 16 k for top-k: measured on SmolLM2 with realistic queries,
@@ -77,6 +86,8 @@ struct Int8RowInfo {
   float rounded_norm = 0.0f;  // ||x~|| rounded up
   double slack = 0.0;  // G, the fp32 rounding allowance of the certificate
   int64_t k = 1;  // the search's k
+  // U* of an earlier pass: the k-th smallest exact score of k distinct rows it rescored (+inf: none).
+  double known_kth = std::numeric_limits<double>::infinity();
   // The k smallest (lb + 2E) over the rows offered so far, ascending; U is the k-th (infinite until k offers).
   double uppers[kMaxPrefilterK];
   int64_t num_uppers = 0;
@@ -102,6 +113,7 @@ struct Int8Engine {
   double fp32_max_norm;  // the fp32 codebook's max |e|: the same overflow check as the fp32 search
   Metric metric;         // cosine: quantize x / max(|x|, eps), the vector the fp32 kernel multiplies
   int64_t k;             // the search's k: the certificate's U is the k-th smallest upper bound
+  const float* known_kth;  // per query row, an earlier pass's U* (nullptr: none)
 
   int64_t dim() const { return cb.dim; }
   int64_t rows() const { return cb.rows; }
@@ -120,10 +132,15 @@ struct Int8Engine {
   // 1e-6 G guard of `excluded`) is out of the top k whatever else is offered, so it need not enter the
   // candidate list at all. This keeps the lists short (a handful of offers per row instead of
   // ~m log(V / m)); rounded up to fp32, so the cap never excludes a row the certificate keeps.
+  // An earlier pass's U* caps it from the start: k rows score at most U*, and a row with lb > U* + G has
+  // s >= lb - G > U*, so it ranks after them (rounded up to fp32 like the cap below, +inf without one).
   static constexpr bool kThresholdCap = true;
+  float initial_cap(const Int8RowInfo& info) const {
+    return round_up(info.known_kth + info.slack * (1.0 + 2e-6));
+  }
   float threshold_cap(Int8RowInfo& info, float lower, int64_t column) const {
     info.offer_upper(upper_bound(info, lower, column));
-    return round_up(info.kth_upper() + 2.0 * info.slack * (1.0 + 2e-6));
+    return std::min(initial_cap(info), round_up(info.kth_upper() + 2.0 * info.slack * (1.0 + 2e-6)));
   }
 
   StatusInfo pack(const QuerySource& source, bool check, int64_t first, int64_t count, int64_t padded_count,
@@ -192,6 +209,7 @@ struct Int8Engine {
       info[r].rounded_norm = n;
       info[r].slack = slack;
       info[r].k = k;
+      if (known_kth != nullptr) info[r].known_kth = known_kth[row];
     }
     return {};
   }
@@ -221,101 +239,81 @@ class SubsetSource final : public QuerySource {
 
 #if defined(SPAE_HAVE_AVX512VNNI_KERNEL)
 // One certified int8 pass over `source` keeping `candidates` rows per query: settles (sets settled[row] and
-// writes the k distances / indices of the row) every row whose certificate holds; leaves the others untouched.
+// writes the k distances / indices of the row) every row whose certificate holds; leaves the others untouched
+// and writes to kth_exact[row] the k-th smallest exact score it found (+inf if none), a bound the next pass
+// starts from. known_kth (nullptr: none) holds such a bound per row from an earlier pass.
 static StatusInfo certified_int8_pass(const QuerySource& source, const PackedCodebookView& cb,
                                       const MatrixView& weight, const PackedInt8CodebookView& prefilter, int64_t k,
-                                      bool check_finite, int num_threads, int64_t candidates, float* distances,
-                                      int64_t* out_index, std::vector<uint8_t>& settled) {
+                                      bool check_finite, int num_threads, int64_t candidates, const float* known_kth,
+                                      float* distances, int64_t* out_index, std::vector<uint8_t>& settled,
+                                      float* kth_exact) {
   const int64_t dim = cb.dim;
-  const MicroKernel kernel = active_micro_kernel(PanelFormat::Float32);  // the candidates are gathered in fp32
-  const Int8Engine engine{prefilter, cb.max_norm, cb.metric, k};
+  const Int8Engine engine{prefilter, cb.max_norm, cb.metric, k, known_kth};
   return fused::run(
       source, engine, candidates, check_finite, num_threads,
       [&](int64_t row, const float* values, const int64_t* indices, int64_t count, const Int8RowInfo& x) {
+        kth_exact[row] = fused::kInf;
         if (count < 1 || !std::isfinite(values[0]) || !std::isfinite(values[count - 1])) return;
-        // The rows that can still rank among the k best: lb_c - G <= U + G, where U is the k-th smallest
-        // upper bound on the list, lb_c + 2 E_c. A row with lb - G above it has an exact score strictly above
-        // those of k listed rows, so it ranks after them. The list is sorted by lb, so these rows are a
-        // prefix, and only they are rescored (usually a handful of the 64).
         if (count < k) return;  // cannot happen with V >= k (a list holds every row that can rank)
         const double slack = x.slack;
-        Int8RowInfo listed;
-        listed.k = k;
-        for (int64_t c = 0; c < count; ++c) listed.offer_upper(engine.upper_bound(x, values[c], indices[c]));
-        const double kth_upper = listed.kth_upper();
-        const auto excluded = [&](int64_t c) {
-          const double margin = static_cast<double>(values[c]) - kth_upper - 2.0 * slack;
+        // Row c (and every later one: the list is sorted by lb) ranks after k rows if its lb - G exceeds
+        // U + G (U: the k-th smallest upper bound lb + 2E of the rows offered, listed or not, in this codebook
+        // range; each of those k rows has s <= U + G) or U* (the k-th smallest exact score of k rescored rows:
+        // an earlier pass's, or of the listed rows rescored so far).
+        const double kth_upper = x.kth_upper();
+        const auto excluded = [&](int64_t c, double exact_kth) {
+          const double limit = std::min(kth_upper + slack, exact_kth);
+          const double margin = static_cast<double>(values[c]) - slack - limit;
           return std::isfinite(margin) && margin > 1e-6 * slack;
         };
-        // Certified when the list is not full: then no row was ever cut from it, and every row outside it
-        // was never offered, its lb above the threshold cap U' + 2G for some U' >= U (the driver's cap, see
-        // Int8Engine::threshold_cap), so it is excluded. Or when the full list's last row is excluded: then
-        // so is every row outside the list (their lb is no smaller). A list of every row needs neither.
+        // Rows outside the list: never offered (lb above the driver's cap, min(U' + 2G, U*' + G) for some
+        // U' >= U and an earlier pass's U*', Int8Engine::threshold_cap: excluded) or, if the list is full,
+        // cut from it, with lb no smaller than the last listed row's. So with m rows rescored, the answer is
+        // certified once row m is excluded (then every row after it is), or once m = count and either the
+        // list is not full or its last row is excluded. Rows past the bound test's prefix are never rescored.
         const bool full = count == candidates && candidates < cb.rows;
-        const bool by_bounds = !full || excluded(count - 1);
-        // Otherwise the exact scores of the whole list may still settle it (rescoring 64 rows costs a
-        // fraction of a pass over the table): with U* the k-th smallest exact score s on the list, a row with
-        // lb - G > U* scores above k listed rows, and every row outside the list has lb >= the last's (or was
-        // never offered, lb > U + 2G >= U* + G). Needed mostly for k > 1, whose U sits among the many rows
-        // at about the k-th distance, where the int8 bounds (2E wide) overlap.
-        int64_t needed = count;
-        if (by_bounds) {
-          needed = k;  // the k listed rows whose upper bounds define U are never excluded
-          while (needed < count && !excluded(needed)) ++needed;
-        }
-        // Rescore the candidates exactly: their fp32 rows side by side as panels of 16, the query as tile
-        // row 0 of one packed tile (each score is the full search's own fp32 chain, wherever its column sits).
-        thread_local std::vector<float> panel, query, row_buffer, rescored;
-        const int64_t num_rescore_panels = (needed + kPanelWidth - 1) / kPanelWidth;
-        // No zero fill (it cost more than the rescoring): pack_query_block writes the whole tile, and the
-        // panel's unused columns keep stale values whose scores are never read.
-        panel.resize(static_cast<size_t>(dim * kPanelWidth));
+        int64_t by_bounds = k;  // the k listed rows whose upper bounds define U are never excluded by it
+        while (by_bounds < count && !excluded(by_bounds, x.known_kth)) ++by_bounds;
+        // Rescore in list order, 16 rows at a time, keeping the k smallest exact scores (ascending) for U*.
+        thread_local std::vector<float> query, row_buffer, rescored;
         query.resize(static_cast<size_t>(dim * kTileRows));
         row_buffer.resize(static_cast<size_t>(dim));
-        rescored.resize(static_cast<size_t>(num_rescore_panels * kPanelWidth));
-        float bias[kPanelWidth], scores[kTileRows * kPanelWidth], thresholds[kTileRows];
-        uint32_t masks[kTileRows];
-        // The query exactly as the fp32 search packs it (cosine normalisation, ||x||^2 for the l2 distance).
-        double norm_sq = 0.0;
+        rescored.resize(static_cast<size_t>(count));
+        double norm_sq = 0.0;  // the query exactly as the fp32 search packs it (cosine normalisation, ||x||^2)
         pack_query_block(source, cb.metric, cb, false, row, 1, kTileRows, row_buffer.data(), query.data(), &norm_sq);
-        std::fill(thresholds, thresholds + kTileRows, fused::kInf);
-        for (int64_t first = 0; first < needed; first += kPanelWidth) {
-          for (int64_t c = 0; c < kPanelWidth; ++c) {
-            bias[c] = fused::kInf;
-            const int64_t slot = first + c;
-            if (slot >= needed) continue;
-            // l2: p = -2 e exactly as pack_codebook wrote it (scaling by -2 is exact), read from the row-major
-            // table: one contiguous row per candidate instead of D cache lines of the packed panels. Other
-            // metrics, or no table: the packed column itself, widened exactly (cosine's scale is not exact
-            // to redo).
-            const int64_t table_row = indices[slot];
-            const MatrixView& e = weight;
-            if (cb.metric != Metric::L2 || e.data == nullptr) {
-              cb.unpack_row(table_row, panel.data() + c, kPanelWidth);
-            } else if (e.dtype == DType::Float32 && e.col_stride == 1) {
-              const float* source_row = static_cast<const float*>(e.data) + table_row * e.row_stride;
-              for (int64_t d = 0; d < dim; ++d)
-                panel[d * kPanelWidth + c] = static_cast<float>(-2.0 * static_cast<double>(source_row[d]));
-            } else {
-              for (int64_t d = 0; d < dim; ++d)
-                panel[d * kPanelWidth + c] = static_cast<float>(-2.0 * static_cast<double>(e.at(table_row, d)));
-            }
-            bias[c] = cb.bias[table_row];
+        for (int64_t d = 0; d < dim; ++d) row_buffer[d] = query[d * kTileRows];  // tile row 0: the packed x
+        float best[kMaxPrefilterK];
+        int64_t num_best = 0, rescored_rows = 0;
+        bool certified = false;
+        while (!certified) {
+          const int64_t end = std::min(by_bounds, std::max(rescored_rows + kPanelWidth, k));
+          rescore_candidates(cb, weight, row_buffer.data(), indices + rescored_rows, end - rescored_rows,
+                             rescored.data() + rescored_rows);
+          for (; rescored_rows < end; ++rescored_rows) {  // insert into best (NaN: never, it cannot certify)
+            const float score = rescored[rescored_rows];
+            if (!(num_best < k || score < best[k - 1])) continue;
+            int64_t at = std::min(num_best, k - 1);
+            for (; at > 0 && best[at - 1] > score; --at) best[at] = best[at - 1];
+            best[at] = score;
+            num_best = std::min(num_best + 1, k);
           }
-          kernel(query.data(), panel.data(), bias, dim, thresholds, scores, masks);
-          std::copy(scores, scores + kPanelWidth, rescored.begin() + first);
+          const double exact_kth = std::min<double>(x.known_kth, num_best < k ? fused::kInf : best[k - 1]);
+          if (rescored_rows < by_bounds) {
+            certified = excluded(rescored_rows, exact_kth);
+          } else {
+            certified = by_bounds < count || !full || excluded(count - 1, exact_kth);
+            if (!certified) {
+              kth_exact[row] = static_cast<float>(exact_kth);
+              return;
+            }
+          }
         }
-        count = needed;
         thread_local std::vector<int64_t> order;
-        order.resize(static_cast<size_t>(count));
-        for (int64_t c = 0; c < count; ++c) order[c] = c;
+        order.resize(static_cast<size_t>(rescored_rows));
+        for (int64_t c = 0; c < rescored_rows; ++c) order[c] = c;
         std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
           return fused::ranks_before(rescored[a], indices[a], rescored[b], indices[b]);
         });
-        if (!by_bounds) {  // the exact certificate: the last listed row must score above U* = the k-th exact score
-          const double margin = static_cast<double>(values[count - 1]) - slack - rescored[order[k - 1]];
-          if (!(std::isfinite(margin) && margin > 1e-6 * slack)) return;
-        }
         for (int64_t j = 0; j < k; ++j) {
           out_index[row * k + j] = indices[order[j]];
           distances[row * k + j] = finish_distance(cb.metric, rescored[order[j]], norm_sq);
@@ -333,9 +331,10 @@ StatusInfo topk_exact(const QuerySource& source, const PackedCodebookView& cb, c
   if (prefilter.panels != nullptr && num_queries > 0 && k <= kMaxPrefilterK && cpu_supports_avx512_vnni()) {
     std::vector<uint8_t> settled(static_cast<size_t>(num_queries), 0);
     const int64_t first_pass = std::max(kCandidates, kCandidatesPerK * k);
+    std::vector<float> kth_exact(static_cast<size_t>(num_queries));
     const StatusInfo info = certified_int8_pass(source, cb, weight, prefilter, k, check_finite, num_threads,
-                                                std::min<int64_t>(first_pass, cb.rows), distances, out_index,
-                                                settled);
+                                                std::min<int64_t>(first_pass, cb.rows), nullptr, distances,
+                                                out_index, settled, kth_exact.data());
     if (info.status != Status::Ok) return info;
     std::vector<int64_t> rest;
     for (int64_t row = 0; row < num_queries; ++row)
@@ -352,9 +351,12 @@ StatusInfo topk_exact(const QuerySource& source, const PackedCodebookView& cb, c
     if (cb.rows > first_pass) {
       const SubsetSource subset(source, rest);
       std::vector<uint8_t> rest_settled(rest.size(), 0);
+      std::vector<float> known_kth(rest.size()), rest_kth(rest.size());
+      for (size_t i = 0; i < rest.size(); ++i) known_kth[i] = kth_exact[rest[i]];
       const StatusInfo second = certified_int8_pass(subset, cb, weight, prefilter, k, false, num_threads,
-                                                    std::min<int64_t>(kLongCandidates, cb.rows), rest_dist.data(),
-                                                    rest_index.data(), rest_settled);
+                                                    std::min<int64_t>(kLongCandidates, cb.rows), known_kth.data(),
+                                                    rest_dist.data(), rest_index.data(), rest_settled,
+                                                    rest_kth.data());
       if (second.status != Status::Ok) return {second.status, second.detail >= 0 ? rest[second.detail] : -1};
       std::vector<int64_t> still;
       for (size_t i = 0; i < rest.size(); ++i) {

