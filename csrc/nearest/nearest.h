@@ -63,6 +63,10 @@ float finish_distance(Metric metric, float score, double query_norm_sq);
 void rescore_candidates(const PackedCodebookView& codebook, const MatrixView& weight, const float* x,
                         const int64_t* indices, int64_t count, float* scores);
 
+// Prefetches the table rows rescore_candidates will read for these candidates (l2 fp32 tables; else nothing).
+void prefetch_candidates(const PackedCodebookView& codebook, const MatrixView& weight, const int64_t* indices,
+                         int64_t count);
+
 struct SearchRequest {
   MatrixView queries;  // [N, D]
   PackedCodebookView codebook;

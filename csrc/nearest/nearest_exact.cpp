@@ -287,6 +287,8 @@ static StatusInfo certified_int8_pass(const QuerySource& source, const PackedCod
         bool certified = false;
         while (!certified) {
           const int64_t end = std::min(by_bounds, std::max(rescored_rows + kPanelWidth, k));
+          // The next chunk's rows stream in while this one is scored (random table rows: DRAM reads).
+          prefetch_candidates(cb, weight, indices + end, std::min(by_bounds, end + kPanelWidth) - end);
           rescore_candidates(cb, weight, row_buffer.data(), indices + rescored_rows, end - rescored_rows,
                              rescored.data() + rescored_rows);
           for (; rescored_rows < end; ++rescored_rows) {  // insert into best (NaN: never, it cannot certify)

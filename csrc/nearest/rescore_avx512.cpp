@@ -94,6 +94,23 @@ void rescore(const float* x, int64_t dim, const float* const* rows, float scale,
 
 }  // namespace
 
+// l2 with an fp32 table: p = -2 e from the user's rows (one contiguous row per candidate); other metrics,
+// tables, or no table: the packed column itself, widened exactly into a row (cosine's scale is not exact to
+// redo).
+static bool reads_table_rows(const PackedCodebookView& cb, const MatrixView& weight) {
+  return cb.metric == Metric::L2 && weight.data != nullptr && weight.dtype == DType::Float32 &&
+         weight.col_stride == 1;
+}
+
+void prefetch_candidates(const PackedCodebookView& cb, const MatrixView& weight, const int64_t* indices,
+                         int64_t count) {
+  if (!reads_table_rows(cb, weight)) return;
+  for (int64_t c = 0; c < count; ++c) {
+    const float* row = static_cast<const float*>(weight.data) + indices[c] * weight.row_stride;
+    for (int64_t d = 0; d < cb.dim; d += 16) _mm_prefetch(reinterpret_cast<const char*>(row + d), _MM_HINT_T0);
+  }
+}
+
 void rescore_candidates(const PackedCodebookView& cb, const MatrixView& weight, const float* x,
                         const int64_t* indices, int64_t count, float* scores) {
   thread_local std::vector<float> unpacked, bias;
@@ -101,11 +118,7 @@ void rescore_candidates(const PackedCodebookView& cb, const MatrixView& weight, 
   bias.resize(static_cast<size_t>(count));
   rows.resize(static_cast<size_t>(count));
   const int64_t dim = cb.dim;
-  // l2 with an fp32 table: p = -2 e from the user's rows (one contiguous row per candidate); other metrics,
-  // tables, or no table: the packed column itself, widened exactly into a row (cosine's scale is not exact
-  // to redo).
-  const bool table_rows = cb.metric == Metric::L2 && weight.data != nullptr && weight.dtype == DType::Float32 &&
-                          weight.col_stride == 1;
+  const bool table_rows = reads_table_rows(cb, weight);
   if (!table_rows) unpacked.resize(static_cast<size_t>(count * dim));
   for (int64_t c = 0; c < count; ++c) {
     bias[c] = cb.bias[indices[c]];
