@@ -66,20 +66,27 @@ StatusInfo semantic_loss(const SemanticLossRequest& request);
 using SemanticSoftmaxTile = void (*)(const float* scores, float tau, const float* max_in, float* max_out,
                                      float* weights, float* sums);
 // accumulate: acc[r][d] += sum_{c < kSemanticGroupCols} weights[r][c] * rows[c * ld_rows + d] for
-// r < kTileRows, d < dim (acc rows contiguous, dim apart); each (r, d) is one chain in ascending c started
-// from acc[r][d] (independent of the tiling).
+// r < kTileRows, d < dim (acc: one pointer per row); each (r, d) is one chain in ascending c started from
+// acc[r][d] (independent of the tiling and of the ISA's vector width).
 using SemanticAccumulate = void (*)(const float* weights, const float* rows, int64_t ld_rows, int64_t dim,
-                                    float* acc);
+                                    float* const* acc);
 
 #if defined(SPAE_HAVE_AVX512BF16_KERNEL)
 // Precision "bf16" pieces (semantic_loss_avx512bf16.cpp; only where cpu_supports_avx512_bf16()).
 void semantic_scores_bf16(const uint32_t* tile_pairs, const uint32_t* group_pairs, const float* group_bias,
                           int64_t pairs, float* scores);
 void semantic_accumulate_bf16(const uint32_t* weight_pairs, const uint32_t* row_pairs, int64_t dim_pad,
-                              float* acc);
+                              float* const* acc);
 void semantic_round_weights_bf16(const float* weights, uint32_t* weight_pairs);
 #endif
 bool cpu_supports_avx512_bf16();
+#if defined(SPAE_HAVE_AVX512F_KERNEL)
+// fp32 pieces at 16 lanes (semantic_loss_avx512.cpp), bitwise the AVX2 ones; only where cpu_supports_avx512f().
+void semantic_scores_avx512(const float* tile_queries, const float* group_panels, const float* group_bias,
+                            int64_t dim, float* scores);
+void semantic_accumulate_avx512(const float* weights, const float* rows, int64_t ld_rows, int64_t dim,
+                                float* const* acc);
+#endif
 inline int64_t semantic_bf16_dim_pad(int64_t dim) { return (dim + 63) / 64 * 64; }
 
 // For the candidate sets' means: a row added to a set's fp32 partial sum of one vocabulary group
@@ -96,11 +103,12 @@ void semantic_add_f32_to_f64_avx2(const float* src, int64_t dim, double* dst);
 void semantic_softmax_tile_portable(const float* scores, float tau, const float* max_in, float* max_out,
                                     float* weights, float* sums);
 void semantic_accumulate_portable(const float* weights, const float* rows, int64_t ld_rows, int64_t dim,
-                                  float* acc);
+                                  float* const* acc);
 #if defined(SPAE_HAVE_AVX2_KERNEL)
 void semantic_softmax_tile_avx2(const float* scores, float tau, const float* max_in, float* max_out,
                                 float* weights, float* sums);
-void semantic_accumulate_avx2(const float* weights, const float* rows, int64_t ld_rows, int64_t dim, float* acc);
+void semantic_accumulate_avx2(const float* weights, const float* rows, int64_t ld_rows, int64_t dim,
+                              float* const* acc);
 #endif
 
 }  // namespace spae

@@ -5,10 +5,10 @@
 //       weights exp(s - max) (a Cephes-style vector expf, ~1 ulp, exactly 0 for s = -inf) and their sums.
 //   semantic_add_f32_avx2 / semantic_add_f32_to_f64_avx2: the sums of the candidate sets' rows (fp32 per
 //       vocabulary group, then fp64).
-//   semantic_accumulate_avx2:   acc[6, D] += weights[6, 64] x rows[64, D], the same 6 x 16 register tile as
-//       the distance micro-kernel (12 accumulators, 2 row loads and 6 broadcasts per step) with D as the
-//       output dimension and the 64 vocabulary rows as the reduction: each output is one FMA chain in
-//       ascending vocabulary row, so it does not depend on which tile or thread computes it.
+//   semantic_accumulate_avx2:   acc[6, D] += weights[6, 64] x rows[64, D] (acc: 6 row pointers), the same
+//       6 x 16 register tile as the distance micro-kernel (12 accumulators, 2 row loads and 6 broadcasts per
+//       step) with D as the output dimension and the 64 vocabulary rows as the reduction: each output is one
+//       FMA chain in ascending vocabulary row, so it does not depend on which tile or thread computes it.
 #include <immintrin.h>
 
 #include <cmath>
@@ -93,81 +93,56 @@ void semantic_softmax_tile_avx2(const float* scores, float tau, const float* max
   }
 }
 
-void semantic_accumulate_avx2(const float* weights, const float* rows, int64_t ld_rows, int64_t dim, float* acc) {
+void semantic_accumulate_avx2(const float* weights, const float* rows, int64_t ld_rows, int64_t dim,
+                              float* const* acc) {
   static_assert(kTileRows == 6, "written for a 6-row tile");
   constexpr int kCols = kSemanticGroupCols;
-  const float* w0 = weights;
-  const float* w1 = weights + kCols;
-  const float* w2 = weights + 2 * kCols;
-  const float* w3 = weights + 3 * kCols;
-  const float* w4 = weights + 4 * kCols;
-  const float* w5 = weights + 5 * kCols;
-  float* a0 = acc;
-  float* a1 = acc + dim;
-  float* a2 = acc + 2 * dim;
-  float* a3 = acc + 3 * dim;
-  float* a4 = acc + 4 * dim;
-  float* a5 = acc + 5 * dim;
   int64_t d = 0;
+#define SPAE_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+  // 16 output columns per register tile: row r's accumulators c<r>_0, c<r>_1 (columns d .. d + 15).
+#define SPAE_LOAD(r) __m256 c##r##_0 = _mm256_loadu_ps(acc[r] + d), c##r##_1 = _mm256_loadu_ps(acc[r] + d + 8);
+#define SPAE_STEP(r)                                          \
+  {                                                           \
+    const __m256 w = _mm256_broadcast_ss(weights + r * kCols + c); \
+    c##r##_0 = _mm256_fmadd_ps(w, e0, c##r##_0);              \
+    c##r##_1 = _mm256_fmadd_ps(w, e1, c##r##_1);              \
+  }
+#define SPAE_STORE(r) _mm256_storeu_ps(acc[r] + d, c##r##_0), _mm256_storeu_ps(acc[r] + d + 8, c##r##_1);
   for (; d + 16 <= dim; d += 16) {
-    __m256 c00 = _mm256_loadu_ps(a0 + d), c01 = _mm256_loadu_ps(a0 + d + 8);
-    __m256 c10 = _mm256_loadu_ps(a1 + d), c11 = _mm256_loadu_ps(a1 + d + 8);
-    __m256 c20 = _mm256_loadu_ps(a2 + d), c21 = _mm256_loadu_ps(a2 + d + 8);
-    __m256 c30 = _mm256_loadu_ps(a3 + d), c31 = _mm256_loadu_ps(a3 + d + 8);
-    __m256 c40 = _mm256_loadu_ps(a4 + d), c41 = _mm256_loadu_ps(a4 + d + 8);
-    __m256 c50 = _mm256_loadu_ps(a5 + d), c51 = _mm256_loadu_ps(a5 + d + 8);
+    SPAE_ROWS(SPAE_LOAD)
+    const float* e = rows + d;
+    for (int c = 0; c < kCols; ++c, e += ld_rows) {
+      const __m256 e0 = _mm256_loadu_ps(e), e1 = _mm256_loadu_ps(e + 8);
+      SPAE_ROWS(SPAE_STEP)
+    }
+    SPAE_ROWS(SPAE_STORE)
+  }
+#undef SPAE_STORE
+#undef SPAE_STEP
+#undef SPAE_LOAD
+  if (d + 8 <= dim) {  // then 8 columns: one accumulator per row
+#define SPAE_LOAD(r) __m256 c##r = _mm256_loadu_ps(acc[r] + d);
+#define SPAE_STEP(r) c##r = _mm256_fmadd_ps(_mm256_broadcast_ss(weights + r * kCols + c), e0, c##r);
+#define SPAE_STORE(r) _mm256_storeu_ps(acc[r] + d, c##r);
+    SPAE_ROWS(SPAE_LOAD)
     const float* e = rows + d;
     for (int c = 0; c < kCols; ++c, e += ld_rows) {
       const __m256 e0 = _mm256_loadu_ps(e);
-      const __m256 e1 = _mm256_loadu_ps(e + 8);
-      __m256 wr = _mm256_broadcast_ss(w0 + c);
-      c00 = _mm256_fmadd_ps(wr, e0, c00);
-      c01 = _mm256_fmadd_ps(wr, e1, c01);
-      wr = _mm256_broadcast_ss(w1 + c);
-      c10 = _mm256_fmadd_ps(wr, e0, c10);
-      c11 = _mm256_fmadd_ps(wr, e1, c11);
-      wr = _mm256_broadcast_ss(w2 + c);
-      c20 = _mm256_fmadd_ps(wr, e0, c20);
-      c21 = _mm256_fmadd_ps(wr, e1, c21);
-      wr = _mm256_broadcast_ss(w3 + c);
-      c30 = _mm256_fmadd_ps(wr, e0, c30);
-      c31 = _mm256_fmadd_ps(wr, e1, c31);
-      wr = _mm256_broadcast_ss(w4 + c);
-      c40 = _mm256_fmadd_ps(wr, e0, c40);
-      c41 = _mm256_fmadd_ps(wr, e1, c41);
-      wr = _mm256_broadcast_ss(w5 + c);
-      c50 = _mm256_fmadd_ps(wr, e0, c50);
-      c51 = _mm256_fmadd_ps(wr, e1, c51);
+      SPAE_ROWS(SPAE_STEP)
     }
-    _mm256_storeu_ps(a0 + d, c00), _mm256_storeu_ps(a0 + d + 8, c01);
-    _mm256_storeu_ps(a1 + d, c10), _mm256_storeu_ps(a1 + d + 8, c11);
-    _mm256_storeu_ps(a2 + d, c20), _mm256_storeu_ps(a2 + d + 8, c21);
-    _mm256_storeu_ps(a3 + d, c30), _mm256_storeu_ps(a3 + d + 8, c31);
-    _mm256_storeu_ps(a4 + d, c40), _mm256_storeu_ps(a4 + d + 8, c41);
-    _mm256_storeu_ps(a5 + d, c50), _mm256_storeu_ps(a5 + d + 8, c51);
+    SPAE_ROWS(SPAE_STORE)
+    d += 8;
+#undef SPAE_STORE
+#undef SPAE_STEP
+#undef SPAE_LOAD
   }
-  for (; d + 8 <= dim; d += 8) {
-    __m256 c0 = _mm256_loadu_ps(a0 + d), c1 = _mm256_loadu_ps(a1 + d), c2 = _mm256_loadu_ps(a2 + d);
-    __m256 c3 = _mm256_loadu_ps(a3 + d), c4 = _mm256_loadu_ps(a4 + d), c5 = _mm256_loadu_ps(a5 + d);
-    const float* e = rows + d;
-    for (int c = 0; c < kCols; ++c, e += ld_rows) {
-      const __m256 e0 = _mm256_loadu_ps(e);
-      c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w0 + c), e0, c0);
-      c1 = _mm256_fmadd_ps(_mm256_broadcast_ss(w1 + c), e0, c1);
-      c2 = _mm256_fmadd_ps(_mm256_broadcast_ss(w2 + c), e0, c2);
-      c3 = _mm256_fmadd_ps(_mm256_broadcast_ss(w3 + c), e0, c3);
-      c4 = _mm256_fmadd_ps(_mm256_broadcast_ss(w4 + c), e0, c4);
-      c5 = _mm256_fmadd_ps(_mm256_broadcast_ss(w5 + c), e0, c5);
-    }
-    _mm256_storeu_ps(a0 + d, c0), _mm256_storeu_ps(a1 + d, c1), _mm256_storeu_ps(a2 + d, c2);
-    _mm256_storeu_ps(a3 + d, c3), _mm256_storeu_ps(a4 + d, c4), _mm256_storeu_ps(a5 + d, c5);
-  }
+#undef SPAE_ROWS
   for (; d < dim; ++d) {  // D % 8 tail: the same FMA chains, one element at a time
     for (int r = 0; r < kTileRows; ++r) {
-      float value = acc[r * dim + d];
+      float value = acc[r][d];
       const float* w = weights + r * kCols;
       for (int c = 0; c < kCols; ++c) value = std::fma(w[c], rows[c * ld_rows + d], value);
-      acc[r * dim + d] = value;
+      acc[r][d] = value;
     }
   }
 }

@@ -12,7 +12,8 @@
 //       [D/2][64] words (-2 e_c[2j], -2 e_c[2j+1]) (-2e is exact in bf16). 24 accumulators (6 rows x 4
 //       zmm of 16 columns), per pair step 4 loads, 24 VDPBF16PS with an embedded broadcast of the row's pair.
 //       Output in the fp32 kernel's layout [panel][row][16], so the softmax tile kernels read it unchanged.
-//   semantic_accumulate_bf16: acc[6][D] += w[6][64] x rows[64][D] with bf16 weights and rows.
+//   semantic_accumulate_bf16: acc[6][D] += w[6][64] x rows[64][D] with bf16 weights and rows (acc: 6 row
+//       pointers, each round_up(D, 64) floats).
 //       Operands: the weights as [6][32] words (w[r][2j], w[r][2j+1]); the group's rows as [32][Dpad] words
 //       (e_{2j}[d], e_{2j+1}[d]). Per chunk of 64 output columns: 24 accumulators loaded from acc, 32 pair
 //       steps of 4 loads and 24 VDPBF16PS, stored back. Each output is one chain in ascending vocabulary
@@ -70,15 +71,15 @@ void semantic_scores_bf16(const uint32_t* tile_pairs, const uint32_t* group_pair
 }
 
 void semantic_accumulate_bf16(const uint32_t* weight_pairs, const uint32_t* row_pairs, int64_t dim_pad,
-                              float* acc) {
+                              float* const* acc) {
   constexpr int kPairs = kSemanticGroupCols / 2;  // 32 pair steps per group
-#define SPAE_BF16_LOAD(r) SPAE_BF16_ACC_LOAD(r, acc + r * dim_pad + d0)
+#define SPAE_BF16_LOAD(r) SPAE_BF16_ACC_LOAD(r, acc[r] + d0)
 #define SPAE_BF16_STEP(r) SPAE_BF16_DOT4(r, weight_pairs[r * kPairs + j])
 #define SPAE_BF16_STORE(r)                                   \
-  _mm512_storeu_ps(acc + r * dim_pad + d0, acc##r##_0);      \
-  _mm512_storeu_ps(acc + r * dim_pad + d0 + 16, acc##r##_1); \
-  _mm512_storeu_ps(acc + r * dim_pad + d0 + 32, acc##r##_2); \
-  _mm512_storeu_ps(acc + r * dim_pad + d0 + 48, acc##r##_3);
+  _mm512_storeu_ps(acc[r] + d0, acc##r##_0);      \
+  _mm512_storeu_ps(acc[r] + d0 + 16, acc##r##_1); \
+  _mm512_storeu_ps(acc[r] + d0 + 32, acc##r##_2); \
+  _mm512_storeu_ps(acc[r] + d0 + 48, acc##r##_3);
   for (int64_t d0 = 0; d0 < dim_pad; d0 += 64) {
     SPAE_BF16_ROWS(SPAE_BF16_LOAD)
     const uint32_t* rows = row_pairs + d0;
