@@ -117,9 +117,11 @@ SECTION_END = "<!-- bench_semantic_loss:end -->"
 # ----------------------------------------------------------------------------------------------------------
 
 
-def make_inputs(weight: torch.Tensor, batch: int, seed: int = 0, singleton: bool = False):
+def make_inputs(weight: torch.Tensor, batch: int, seed: int = 0, singleton: bool = False,
+                positions: int | None = None):
     """(z [N, D], candidate_index, candidate_offsets, set_of_position [N]). `singleton`: every position's set is
-    the one row its z was drawn from (a plain cross-entropy with integer targets)."""
+    the one row its z was drawn from (a plain cross-entropy with integer targets); `positions` (singleton
+    only): N, the first N of the batch's positions."""
     g = torch.Generator().manual_seed(seed)
     num_rows, dim = weight.shape
     concepts = weight[torch.randint(0, num_rows, (batch, 4), generator=g)].mean(1)  # [B, D]
@@ -132,8 +134,8 @@ def make_inputs(weight: torch.Tensor, batch: int, seed: int = 0, singleton: bool
     scale = float(weight.norm(dim=1).mean()) / dim**0.5
     z = weight[index[pick]] + scale * torch.randn(sets.numel(), dim, generator=g)
     if singleton:
-        positions = torch.arange(sets.numel())
-        return z.contiguous(), index[pick].contiguous(), torch.arange(sets.numel() + 1), positions
+        num = sets.numel() if positions is None else positions
+        return z[:num].contiguous(), index[pick][:num].contiguous(), torch.arange(num + 1), torch.arange(num)
     return z.contiguous(), index, offsets, sets
 
 
@@ -244,7 +246,8 @@ def child_main(job: dict) -> None:
     """One memory measurement in a fresh interpreter."""
     torch.set_num_threads(job["threads"])
     weight = torch.from_numpy(np.load(job["weight_path"]))
-    z, index, offsets, sets = make_inputs(weight, job["batch"], singleton=job["sets"] == "singleton")
+    z, index, offsets, sets = make_inputs(weight, job["batch"], singleton=job["sets"] == "singleton",
+                                          positions=job["positions"])
     provider = Provider(job["provider"], weight, index, offsets, sets)
     # one small call first: one-time library initialisation (thread pools, ...) is not per-call memory
     if job["provider"] in FUSED_PROVIDERS:
@@ -267,10 +270,12 @@ def child_main(job: dict) -> None:
                       "seconds": seconds, "method": method, "packed_bytes": packed}))  # fmt: skip
 
 
-def measure_memory(names, weight_path: str, batch: int, threads: int, sets: str, log) -> dict[str, dict]:
+def measure_memory(names, weight_path: str, batch: int, threads: int, sets: str, positions: int | None,
+                   log) -> dict[str, dict]:
     out = {}
     for name in names:
-        job = {"provider": name, "weight_path": weight_path, "batch": batch, "threads": threads, "sets": sets}
+        job = {"provider": name, "weight_path": weight_path, "batch": batch, "threads": threads, "sets": sets,
+               "positions": positions}
         out[name] = run_child(__file__, ["--child", json.dumps(job)], cwd=tempfile.gettempdir(), timeout=1800)
         shown = f"{out[name]['extra_bytes'] / 2**20:.1f} MiB" if "extra_bytes" in out[name] else out[name]["error"]
         log(f"  memory {name:>16s}: {shown}")
@@ -294,10 +299,12 @@ def measure_cuda_memory(providers: dict[str, Provider], z: torch.Tensor, log) ->
 
 def markdown(meta: dict, rows: list[dict]) -> str:
     m, v = meta["machine"], meta["versions"]
+    problem = (f"B = {meta['batch']} images x {meta['positions']} positions (top 3 layers) = N = {meta['n']} queries"
+               if meta["sets"] == "relevance" else f"N = {meta['n']} queries, each with its own one-row set "
+               "(integer targets: the row its z was drawn from)")
     lines = [
         (
-            f"Forward + backward of the semantic loss (SPAE-METHOD.md §4), B = {meta['batch']} images x "
-            f"{meta['positions']} positions (top 3 layers) = N = {meta['n']} queries against {meta['table']} "
+            f"Forward + backward of the semantic loss (SPAE-METHOD.md §4), {problem} against {meta['table']} "
             f"(V = {meta['rows']}, D = {meta['dim']}); {meta['num_sets']} candidate sets (sizes {meta['set_sizes']}), "
             f"tau = 1. Inputs fp32; precision bf16 rounds z and E to bf16 (products exact, fp32 accumulation)."
         ),
@@ -375,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu: native kernel, memory in subprocesses; cuda: Triton kernel, CUDA allocator peaks")
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--positions", type=int, default=None,
+                        help="N with --sets singleton: the first N positions of ceil(N / 21) images (overrides --batch)")
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--providers", default=",".join(PROVIDERS))
@@ -396,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     torch.set_num_threads(args.threads)
+    if args.positions is not None:
+        if args.sets != "singleton" or args.positions < 1:
+            parser.error("--positions N (N >= 1) needs --sets singleton")
+        args.batch = -(-args.positions // sum(s * s for s in SIDES))
     names = [name.strip() for name in args.providers.split(",") if name.strip()]
     if args.sets == "relevance" and any(name in INTEGER_TARGET_PROVIDERS for name in names):
         print(f"{', '.join(INTEGER_TARGET_PROVIDERS)} take integer targets: run them with --sets singleton")
@@ -414,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {key:<13s} {value}")
 
     weight, table = smollm2_table()
-    z, index, offsets, sets = make_inputs(weight, args.batch, singleton=args.sets == "singleton")
+    z, index, offsets, sets = make_inputs(weight, args.batch, singleton=args.sets == "singleton",
+                                          positions=args.positions)
     meta["sets"] = args.sets
     if cuda:
         weight, z, index, offsets, sets = (t.cuda() for t in (weight, z, index, offsets, sets))
@@ -455,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as workdir:
             weight_path = os.path.join(workdir, "weight.npy")
             np.save(weight_path, weight.numpy())
-            memory = measure_memory(names, weight_path, args.batch, args.threads, args.sets, print)
+            memory = measure_memory(names, weight_path, args.batch, args.threads, args.sets, args.positions, print)
 
     rows = []
     for name in names:
@@ -507,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         if "extra_bytes" in memory.get(name, {}):
             rows_csv.append({**base, "metric": "peak_extra_bytes", "value": memory[name]["extra_bytes"],
                              "note": memory[name]["method"]})  # fmt: skip
-    stem = "bench_semantic_loss" + ("_cuda" if cuda else "")
+    stem = "bench_semantic_loss" + ("_cuda" if cuda else "") + (f"_singleton_{z.shape[0]}" if args.sets == "singleton" else "")
     write_csv(out / f"{stem}.csv", rows_csv)
     (out / f"{stem}.md").write_text(table_md)
     print()
