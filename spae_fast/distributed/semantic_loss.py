@@ -37,12 +37,7 @@ import torch.distributed as dist
 from .. import _native, _validate
 from ..ops.backends import resolve_backend
 from ..ops.common import raise_semantic_status
-from ..ops.semantic_loss import (
-    SEMANTIC_PRECISIONS,
-    SEMANTIC_REDUCTIONS,
-    _fixed_order_sum,
-    _semantic_candidates,
-)
+from ..ops.semantic_loss import _check_options, _reduce, _semantic_candidates
 from . import comm
 from .search import _MAX_NORM_PRODUCT, QUERY_LAYOUTS, _packed_bias
 from .sharded_codebook import ShardedCodebook
@@ -220,14 +215,7 @@ def semantic_loss(
         raise ValueError(f"queries must be one of {QUERY_LAYOUTS}, got {queries!r}")
     z = _validate.queries(z, codebook.dim, codebook.device, "z")
     _validate.flag(check_finite, "check_finite")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
-        raise TypeError(f"tau must be a number, got {type(tau).__name__}")
-    if not 0.0 < float(tau) < float("inf"):
-        raise ValueError(f"tau must be finite and > 0, got {tau}")
-    if reduction not in SEMANTIC_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {SEMANTIC_REDUCTIONS}, got {reduction!r}")
-    if precision not in SEMANTIC_PRECISIONS:
-        raise ValueError(f"precision must be one of {SEMANTIC_PRECISIONS}, got {precision!r}")
+    _check_options(tau, reduction, precision)
     positions_shape = tuple(z.shape[:-1])
     index, offsets, sets = _semantic_candidates(
         candidate_index, candidate_offsets, set_of_position, positions_shape, codebook.num_rows, z.device
@@ -235,13 +223,4 @@ def semantic_loss(
     flat = z.reshape(-1, codebook.dim)
     loss = _SemanticLoss.apply(flat, codebook, index, offsets, sets, float(tau), precision, backend, check_finite,
                                queries)  # fmt: skip
-    if reduction == "none":
-        return loss.reshape(positions_shape)
-    total = _fixed_order_sum(loss)
-    if reduction == "sum":
-        return total.float()
-    sizes = offsets[1:] - offsets[:-1]
-    if sizes.numel() == 0:
-        return total.float()
-    count = ((sets >= 0) & (sizes[sets.clamp_min(0)] > 0)).sum()
-    return (total / count.clamp_min(1)).float()
+    return _reduce(loss, positions_shape, reduction, offsets, sets)

@@ -107,28 +107,19 @@ def _reference(backend, z, weight, index, offsets, sets, tau, compute_grad, chec
     return _ref.semantic_loss_parts_reference(z, weight, index, offsets, sets, tau, compute_grad)
 
 
-@_semantic_loss_op.register_kernel("cpu")
-def _semantic_loss_cpu(z, weight, panels, bias, norm_bound, index, offsets, sets, tau, compute_grad, backend,
-                       check_finite, bf16_rows, precision="default"):  # fmt: skip
+@_semantic_loss_op.register_kernel(("cpu", "cuda"))
+def _semantic_loss_kernel(z, weight, panels, bias, norm_bound, index, offsets, sets, tau, compute_grad, backend,
+                          check_finite, bf16_rows, precision="default"):  # fmt: skip
+    """Backend "cpu" (CPU tensors): the native kernel; "triton": the Triton kernel (CUDA tensors, or CPU tensors
+    under TRITON_INTERPRET=1); "torch": the reference."""
     _check_operands(z, weight, panels, bias, norm_bound, index, offsets, sets, tau, compute_grad, backend,
                     check_finite, bf16_rows, precision)  # fmt: skip
     problem = (z, weight, index, offsets, sets, tau, compute_grad, check_finite, precision)
-    if backend == "cpu":
+    if backend == "cpu" and z.device.type == "cpu":
         return _native_semantic_loss(
             z, weight, panels, bias, norm_bound, index, offsets, sets, tau, compute_grad, check_finite,
             bf16_rows, precision == "bf16",
         )  # fmt: skip
-    if backend == "triton":  # CPU tensors under TRITON_INTERPRET=1
-        return gpu_semantic_loss.semantic_loss(*problem)
-    return _reference(backend, *problem)
-
-
-@_semantic_loss_op.register_kernel("cuda")
-def _semantic_loss_cuda(z, weight, panels, bias, norm_bound, index, offsets, sets, tau, compute_grad, backend,
-                        check_finite, bf16_rows, precision="default"):  # fmt: skip
-    _check_operands(z, weight, panels, bias, norm_bound, index, offsets, sets, tau, compute_grad, backend,
-                    check_finite, bf16_rows, precision)  # fmt: skip
-    problem = (z, weight, index, offsets, sets, tau, compute_grad, check_finite, precision)
     if backend == "triton":
         return gpu_semantic_loss.semantic_loss(*problem)
     return _reference(backend, *problem)
@@ -265,6 +256,33 @@ def _fixed_order_sum(values: torch.Tensor) -> torch.Tensor:
     return padded.reshape(-1, width).sum(1).sum()
 
 
+def _check_options(tau: object, reduction: object, precision: object) -> None:
+    """The checks of the loss's tau, reduction and precision (also those of the vocabulary-parallel loss)."""
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise TypeError(f"tau must be a number, got {type(tau).__name__}")
+    if not 0.0 < float(tau) < float("inf"):  # also rejects NaN
+        raise ValueError(f"tau must be finite and > 0, got {tau}")
+    if reduction not in SEMANTIC_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {SEMANTIC_REDUCTIONS}, got {reduction!r}")
+    if precision not in SEMANTIC_PRECISIONS:
+        raise ValueError(f"precision must be one of {SEMANTIC_PRECISIONS}, got {precision!r}")
+
+
+def _reduce(loss: torch.Tensor, positions_shape: tuple, reduction: str, offsets: torch.Tensor,
+            sets: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Per-position losses [N] -> the loss of `reduction` (see `semantic_loss`), summed in a fixed order."""
+    if reduction == "none":
+        return loss.reshape(positions_shape)
+    total = _fixed_order_sum(loss)
+    if reduction == "sum":
+        return total.float()
+    sizes = offsets[1:] - offsets[:-1]
+    if sizes.numel() == 0:
+        return total.float()  # no sets: every position is excluded, the loss is 0
+    count = ((sets >= 0) & (sizes[sets.clamp_min(0)] > 0)).sum()
+    return (total / count.clamp_min(1)).float()
+
+
 def semantic_loss(
     z: torch.Tensor,
     codebook: torch.Tensor | Codebook,
@@ -342,14 +360,7 @@ def semantic_loss(
         dim, device, num_rows = weight.shape[1], weight.device, weight.shape[0]
     z = _validate.queries(z, dim, device, "z")
     _validate.flag(check_finite, "check_finite")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
-        raise TypeError(f"tau must be a number, got {type(tau).__name__}")
-    if not 0.0 < float(tau) < float("inf"):  # also rejects NaN
-        raise ValueError(f"tau must be finite and > 0, got {tau}")
-    if reduction not in SEMANTIC_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {SEMANTIC_REDUCTIONS}, got {reduction!r}")
-    if precision not in SEMANTIC_PRECISIONS:
-        raise ValueError(f"precision must be one of {SEMANTIC_PRECISIONS}, got {precision!r}")
+    _check_options(tau, reduction, precision)
     positions_shape = tuple(z.shape[:-1])
     index, offsets, sets = _semantic_candidates(
         candidate_index, candidate_offsets, set_of_position, positions_shape, num_rows, device
@@ -366,16 +377,7 @@ def semantic_loss(
         flat, weight, panels, bias, norm_bound, index, offsets, sets, float(tau), compute_grad, backend, check_finite,
         bf16_rows, precision,
     )  # fmt: skip
-    if reduction == "none":
-        return loss.reshape(positions_shape)
-    total = _fixed_order_sum(loss)
-    if reduction == "sum":
-        return total.float()
-    sizes = offsets[1:] - offsets[:-1]
-    if sizes.numel() == 0:
-        return total.float()  # no sets: every position is excluded, the loss is 0
-    count = ((sets >= 0) & (sizes[sets.clamp_min(0)] > 0)).sum()
-    return (total / count.clamp_min(1)).float()
+    return _reduce(loss, positions_shape, reduction, offsets, sets)
 
 
 def semantic_loss_from_sets(
