@@ -100,6 +100,10 @@ void semantic_add_f32_avx2(const float* src, int64_t dim, float* dst);
 void semantic_add_f32_to_f64_avx2(const float* src, int64_t dim, double* dst);
 #endif
 
+// The FMA chains of an accumulate (fused multiply-adds, as the AVX2 / AVX-512 kernels), one output at a time,
+// for the columns begin .. end - 1: the tails of the vector kernels.
+void semantic_accumulate_columns(const float* weights, const float* rows, int64_t ld_rows, int64_t begin,
+                                 int64_t end, float* const* acc);
 void semantic_softmax_tile_portable(const float* scores, float tau, const float* max_in, float* max_out,
                                     float* weights, float* sums);
 void semantic_accumulate_portable(const float* weights, const float* rows, int64_t ld_rows, int64_t dim,

@@ -137,14 +137,7 @@ void semantic_accumulate_avx2(const float* weights, const float* rows, int64_t l
 #undef SPAE_LOAD
   }
 #undef SPAE_ROWS
-  for (; d < dim; ++d) {  // D % 8 tail: the same FMA chains, one element at a time
-    for (int r = 0; r < kTileRows; ++r) {
-      float value = acc[r][d];
-      const float* w = weights + r * kCols;
-      for (int c = 0; c < kCols; ++c) value = std::fma(w[c], rows[c * ld_rows + d], value);
-      acc[r][d] = value;
-    }
-  }
+  semantic_accumulate_columns(weights, rows, ld_rows, d, dim, acc);  // the D % 8 tail
 }
 
 void semantic_add_f32_avx2(const float* src, int64_t dim, float* dst) {

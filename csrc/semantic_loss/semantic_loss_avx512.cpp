@@ -9,10 +9,9 @@
 //       fp32 panels j of one vocabulary group (one chain per score in ascending d from 0, then the bias: the
 //       6 x 16 micro-kernel's value), in the [panel][row][16] layout of the softmax tile kernels.
 //   semantic_accumulate_avx512: acc_r[d] += sum_c w[r][c] * rows[c][d] (the AVX2 kernel's chains: ascending c,
-//       one FMA each, from acc_r[d]), 64 output columns per register tile, then 16, then single FMAs.
+//       one FMA each, from acc_r[d]), 64 output columns per register tile, then 16, then single FMAs
+//       (semantic_accumulate_columns).
 #include <immintrin.h>
-
-#include <cmath>
 
 #include "semantic_loss/semantic_loss.h"
 
@@ -104,13 +103,7 @@ void semantic_accumulate_avx512(const float* weights, const float* rows, int64_t
 #undef SPAE_STORE
 #undef SPAE_STEP
 #undef SPAE_LOAD
-  for (; d < dim; ++d) {  // D % 16 tail: the same FMA chains, one element at a time
-    for (int r = 0; r < kTileRows; ++r) {
-      float value = acc[r][d];
-      for (int c = 0; c < kCols; ++c) value = std::fma(weights[r * kCols + c], rows[c * ld_rows + d], value);
-      acc[r][d] = value;
-    }
-  }
+  semantic_accumulate_columns(weights, rows, ld_rows, d, dim, acc);  // the D % 16 tail
 }
 
 #undef SPAE_ROWS

@@ -48,6 +48,18 @@ void semantic_accumulate_portable(const float* weights, const float* rows, int64
   }
 }
 
+void semantic_accumulate_columns(const float* weights, const float* rows, int64_t ld_rows, int64_t begin,
+                                 int64_t end, float* const* acc) {
+  for (int64_t d = begin; d < end; ++d) {
+    for (int r = 0; r < kTileRows; ++r) {
+      float value = acc[r][d];
+      const float* w = weights + r * kSemanticGroupCols;
+      for (int c = 0; c < kSemanticGroupCols; ++c) value = std::fma(w[c], rows[c * ld_rows + d], value);
+      acc[r][d] = value;
+    }
+  }
+}
+
 void semantic_add_f32_portable(const float* src, int64_t dim, float* dst) {
   for (int64_t d = 0; d < dim; ++d) dst[d] += src[d];
 }
