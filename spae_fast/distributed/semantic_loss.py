@@ -39,7 +39,7 @@ from ..ops.backends import resolve_backend
 from ..ops.common import raise_semantic_status
 from ..ops.semantic_loss import _check_options, _reduce, _semantic_candidates
 from . import comm
-from .search import _MAX_NORM_PRODUCT, QUERY_LAYOUTS, _packed_bias
+from .search import _MAX_NORM_PRODUCT, _packed_bias, check_collective
 from .sharded_codebook import ShardedCodebook
 
 _TILE_ELEMENTS = 1 << 21  # logits per tile: [positions, tile rows] fp32 (8 MiB)
@@ -207,12 +207,7 @@ def semantic_loss(
     option; no speed-up here). Values: module docstring (deterministic; a few fp32 ulps from the
     single-process op, not bitwise).
     """
-    if not isinstance(codebook, ShardedCodebook):
-        raise TypeError(f"codebook must be a spae_fast.distributed.ShardedCodebook, got {type(codebook).__name__}")
-    if codebook.metric != "l2":
-        raise ValueError(f"semantic_loss needs an l2 ShardedCodebook, got metric={codebook.metric!r}")
-    if queries not in QUERY_LAYOUTS:
-        raise ValueError(f"queries must be one of {QUERY_LAYOUTS}, got {queries!r}")
+    check_collective(codebook, queries, "semantic_loss")
     z = _validate.queries(z, codebook.dim, codebook.device, "z")
     _validate.flag(check_finite, "check_finite")
     _check_options(tau, reduction, precision)
