@@ -256,15 +256,15 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
   const bool wide_scores = wide && req.codebook.format() == PanelFormat::Float32;
 
   // Blocks of whole tiles; as many blocks as needed to bound the per-thread buffers, rounded up to a
-  // multiple of the thread count so the threads get equal shares (results do not depend on the blocking).
+  // multiple of the thread count, the tiles spread evenly (block b: tiles [b T / B, (b + 1) T / B)) so the
+  // threads get equal shares (results do not depend on the blocking).
   const int64_t num_active = static_cast<int64_t>(active.size());
   const int64_t num_tiles = (num_active + kTileRows - 1) / kTileRows;
   const int64_t max_block_tiles =
       std::clamp<int64_t>(kBlockBytes / (dim * kTileRows * static_cast<int64_t>(sizeof(float))), 1, kMaxBlockTiles);
   int64_t num_blocks = (num_tiles + max_block_tiles - 1) / max_block_tiles;
   if (threads > 1) num_blocks = std::min(num_tiles, (num_blocks + threads - 1) / threads * threads);
-  const int64_t block_tiles = (num_tiles + num_blocks - 1) / num_blocks;
-  num_blocks = (num_tiles + block_tiles - 1) / block_tiles;
+  const int64_t block_tiles = (num_tiles + num_blocks - 1) / num_blocks;  // the most tiles of a block
   const int64_t block_rows = block_tiles * kTileRows;
   const int64_t num_panels = req.codebook.num_panels();
   const int64_t num_groups = (num_panels + kSemanticGroupPanels - 1) / kSemanticGroupPanels;
@@ -336,9 +336,9 @@ StatusInfo semantic_loss(const SemanticLossRequest& req) {
 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t block = 0; block < num_blocks; ++block) {
-      const int64_t first = block * block_rows;
+      const int64_t first = block * num_tiles / num_blocks * kTileRows;
       if (!allocated || failed_detail.load(std::memory_order_relaxed) < active[first]) continue;
-      const int64_t rows = std::min(block_rows, num_active - first);
+      const int64_t rows = std::min((block + 1) * num_tiles / num_blocks * kTileRows, num_active) - first;
       const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
       // The accumulator row of block row r: its row of out_grad, a pad row, or the block accumulator's.
       const auto acc_row = [&](int64_t r) -> float* {
