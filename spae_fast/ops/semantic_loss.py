@@ -161,6 +161,7 @@ def _setup_semantic_context(ctx, inputs, output):
     ctx.z_dtype = inputs[0].dtype
     ctx.compute_grad = inputs[9]
     ctx.mark_non_differentiable(output[1])  # the gradient direction: an auxiliary output
+    ctx.set_materialize_grads(False)  # else autograd hands the backward an [N, D] zero gradient for it
     ctx.save_for_backward(output[1])
 
 
@@ -171,7 +172,7 @@ def _semantic_backward(ctx, grad_loss, grad_direction):
             "spae_fast::semantic_loss ran with compute_grad=False, so it has no gradient; call it with "
             "compute_grad=True (spae_fast.semantic_loss does so whenever z requires grad)"
         )
-    grad_z = (grad_loss[:, None] * direction).to(ctx.z_dtype)
+    grad_z = None if grad_loss is None else (grad_loss[:, None] * direction).to(ctx.z_dtype)
     return (grad_z,) + (None,) * 13
 
 
