@@ -312,8 +312,9 @@ def semantic_loss(
     codebook is frozen: no gradient flows to it; first derivatives only (no double backward). The per-position
     values of the native ("cpu", for a given micro-kernel) and Triton kernels are bitwise identical for any
     thread count, grid and batch split; the reductions sum in a fixed order. Extra memory of the native
-    kernel: O(N D + S D + V + M) plus ~1.5 MiB per thread and the fp32 partial sums of the sets that one
-    64-row vocabulary group touches; nothing of size N x V.
+    kernel beside the returned [N, D] gradient: O(N) plus a packed block of z (<= 512 KiB) per thread; sets
+    of more than 64 candidates add their fp64 sums (S_large x D), a transposed candidate list (V + M) and
+    per thread the fp32 partials of those one 64-row vocabulary group touches; nothing of size N x V.
 
     Args:
         z: ``[..., D]`` positions (for SPAE the layer targets z_l(p) of the sampled positions), fp32 / bf16 /
