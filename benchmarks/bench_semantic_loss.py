@@ -68,12 +68,24 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from harness import (
+    RESULTS,
+    ROOT,
+    cuda_peak_extra,
+    git_sha,
+    interleaved_rounds,
+    machine_info,
+    markdown_table,
+    proc_status_kib,
+    reset_peak,
+    run_child,
+    smollm2_table,
+    versions,
+    write_csv,
+)
 
 import spae_fast
 from spae_fast import semantic
-
-from harness import (RESULTS, ROOT, cuda_peak_extra, git_sha, interleaved_rounds, machine_info, markdown_table,
-                     proc_status_kib, reset_peak, run_child, smollm2_table, versions, write_csv)
 
 PROVIDERS = (
     "spae_fast", "spae_fast_bf16", "spae_fast_tensor", "torch_gather", "torch_soft_ce", "torch_gather_bf16",
@@ -300,7 +312,7 @@ def measure_cuda_memory(providers: dict[str, Provider], z: torch.Tensor, log) ->
     """Peak CUDA memory of one call per provider beyond what was allocated before it (this process)."""
     out = {}
     for name, provider in providers.items():
-        out[name] = {"extra_bytes": cuda_peak_extra(lambda: provider(z), 0),
+        out[name] = {"extra_bytes": cuda_peak_extra(lambda provider=provider: provider(z), 0),
                      "method": "torch.cuda.max_memory_allocated"}  # fmt: skip
         log(f"  memory {name:>16s}: {out[name]['extra_bytes'] / 2**20:.1f} MiB")
     return out
