@@ -126,21 +126,15 @@ class TrainConfig:
     # fp32 accumulation; about 2x faster on AVX512-BF16 CPUs; the loss moved by 1.2e-6 relative on the benchmark
     # problem) or "default" (fp32). A guidance term with a dynamic weight does not need fp32 logits.
     semantic_precision: str = "bf16"
-    # alpha0: the semantic term's share of L_app (split equally among the guided layers with "layer" weighting).
-    # On the digits demo (400 steps, seed 0) the layer-1 word named the digit for 30% of held-out images at 1.0,
-    # 91% at 3 and 96% at 10 (layers 1..2: 17%, 46%, 94%) for 23.4 / 22.8 / 22.6 dB full PSNR (unguided: 25.5);
-    # docs/DECISIONS.md, "Semantic weighting".
+    # alpha0: the semantic term's share of L_app (split among the guided layers with "layer" weighting); too
+    # small a share leaves the words off their class (docs/DECISIONS.md, "Semantic weighting").
     alpha0: float = 10.0
     alpha_mode: str = "dynamic"  # "dynamic" | "constant"
-    # How the top layers share the semantic term. "layer": each layer's loss is the mean over its positions and
-    # gets its own weight alpha0 / L_sem_layers * sg(L_app / L_sem_l), so every layer keeps an equal share (the
-    # single layer-1 word counts as much as layer 3's 16). "position": one mean over all sampled positions with
-    # one weight, so layer 1 gets 1/21 of the term and its word did not follow its candidate set (the demo's
-    # layer-1 words named the right digit for 7% of held-out images; docs/DECISIONS.md, "Semantic weighting").
+    # How the top layers share the semantic term. "layer": each layer's loss is the mean over its positions with
+    # its own weight alpha0 * w_l / sum(w) * sg(L_app / L_sem_l), so the single layer-1 word counts as much as
+    # layer 3's 16. "position": one mean over all guided positions, one weight (layer 1 gets 1/21 of the term).
     semantic_weighting: str = "layer"
-    # "layer" weighting only: relative shares of alpha0 per guided layer, top layer first (None: equal). SAQ's
-    # layer-2 words missed more often than RQ's even on training images, under an equal split (DECISIONS).
-    semantic_layer_shares: tuple[float, ...] | None = None
+    semantic_layer_shares: tuple[float, ...] | None = None  # w per guided layer, top first ("layer"; None: equal)
     semantic_classes: tuple[int, ...] | None = None  # only images of these labels get guidance (None: all)
     log_every: int = 10
     eval_every: int = 100
