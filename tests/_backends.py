@@ -11,7 +11,8 @@ Every op runs on up to five implementations, each a pytest parameter:
   interpreter's bf16 ``tl.dot`` is wrong): GPU-sized, 16-bit or stream cases carry ``needs_device``. An op without a CUDA kernel narrows the list with
   ``@pytest.mark.parametrize("gpu_backend", ["triton"], indirect=True)``.
 
-A test whose backend is "cuda" or "triton" is marked ``gpu``: benchmarks/gpu_check.sh runs ``-m gpu``.
+A test whose backend is "cuda" or "triton", or that carries ``needs_device``, is marked ``gpu``:
+benchmarks/gpu_check.sh runs ``-m gpu``.
 """
 
 from __future__ import annotations
