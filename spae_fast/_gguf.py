@@ -28,6 +28,7 @@ from ._integrity import CorruptFileError
 
 EMBEDDING = "token_embd.weight"
 TOKENS = "tokenizer.ggml.tokens"
+MAX_DIMS = 4  # GGML_MAX_DIMS
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}  # fmt: skip
 _STRING, _ARRAY = 8, 9
 
@@ -42,6 +43,19 @@ def gguf_package():
 
 def unreadable(path, detail: str) -> CorruptFileError:
     return CorruptFileError(f"{path} is not a readable GGUF file (truncated or corrupted?): {detail}")
+
+
+def read_exactly(path, offset: int, buffer: bytearray, what: str) -> None:
+    """Fills `buffer` from byte `offset` of `path`: positioned reads until full (one read() returns at most
+    ~2 GiB on Linux), `CorruptFileError` if the file ends first."""
+    view, filled = memoryview(buffer), 0
+    with open(path, "rb", buffering=0) as file:
+        file.seek(offset)
+        while filled < len(buffer):
+            read = file.readinto(view[filled:])
+            if not read:
+                raise CorruptFileError(f"{path}: {what} runs past the end of the file (truncated?)")
+            filled += read
 
 
 def check_magic(path) -> None:
@@ -72,8 +86,10 @@ class GGUFHeader:
 
     def _read_all(self, keep: set[str]) -> None:
         version, tensor_count, kv_count = self._unpack("<IQQ")
-        if version < 2:
-            raise CorruptFileError(f"{self.path}: GGUF version {version} is not supported (2 or later)")
+        if version not in (2, 3):
+            byte_swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+            hint = " (a big-endian GGUF file; only little-endian ones are read)" if byte_swapped in (2, 3) else ""
+            raise CorruptFileError(f"{self.path}: GGUF version {version} is not supported (2 or 3){hint}")
         self.fields: dict[str, object] = {}
         alignment, seen = 32, set()
         for _ in range(kv_count):
@@ -83,8 +99,8 @@ class GGUFHeader:
             seen.add(key)
             kind = self._unpack("<I")[0]
             if key == "general.alignment":
-                alignment = int(self._value(kind, keep=True))
-                if alignment < 1:
+                alignment = self._value(kind, keep=True)
+                if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment < 1:
                     raise unreadable(self.path, f"general.alignment = {alignment}")
                 self.fields[key] = alignment
             elif key in keep:
@@ -94,7 +110,10 @@ class GGUFHeader:
         self.tensors: dict[str, tuple[tuple[int, ...], int, int]] = {}
         for _ in range(tensor_count):
             name = self._string()
-            dims = self._unpack("<" + "Q" * self._unpack("<I")[0])
+            ndim = self._unpack("<I")[0]
+            if not 1 <= ndim <= MAX_DIMS:
+                raise unreadable(self.path, f"tensor {name!r} has {ndim} dimensions (ggml allows 1..{MAX_DIMS})")
+            dims = self._unpack("<" + "Q" * ndim)
             kind, offset = self._unpack("<IQ")
             if name in self.tensors:
                 raise unreadable(self.path, f"duplicate tensor {name!r}")

@@ -63,14 +63,11 @@ def smollm2_gguf_path() -> Path | None:
 
 def _read_gguf(path: Path) -> tuple[np.ndarray, list[str]]:
     """``token_embd.weight`` dequantised to fp32 ``[vocab, dim]`` and the token strings of a GGUF file (parsed by
-    `spae_fast._gguf`, the table read in one positioned read); a truncated or corrupted file raises
+    `spae_fast._gguf`, the table read with positioned reads); a truncated or corrupted file raises
     `CorruptFileError` naming it."""
     table, tokens = _gguf.embedding_table(path)
     buffer = bytearray(table.num_rows * table.row_bytes)
-    with open(path, "rb", buffering=0) as file:
-        file.seek(table.offset)
-        if file.readinto(buffer) != len(buffer):
-            raise _gguf.unreadable(path, "token_embd.weight runs past the end of the file")
+    _gguf.read_exactly(path, table.offset, buffer, "token_embd.weight")
     try:
         return table.decode(buffer, table.num_rows), tokens
     except (ValueError, NotImplementedError) as error:  # a ggml type gguf cannot dequantise

@@ -57,14 +57,7 @@ class _TableFile:
         """fp32 ``[stop - start, D]`` rows read from the file (one positioned read; no memory map)."""
         count = stop - start
         buffer = bytearray(count * self.row_bytes)
-        view, filled = memoryview(buffer), 0
-        with open(self.path, "rb", buffering=0) as file:
-            file.seek(self.offset + start * self.row_bytes)
-            while filled < len(buffer):
-                read = file.readinto(view[filled:])
-                if not read:
-                    raise CorruptFileError(f"{self.path}: the table's rows [{start}, {stop}) run past the end of the file")
-                filled += read
+        _gguf.read_exactly(self.path, self.offset + start * self.row_bytes, buffer, f"the table's rows [{start}, {stop})")
         if self.kind == "safetensors":
             return torch.frombuffer(buffer, dtype=self.dtype).reshape(count, self.dim).float()
         return torch.from_numpy(self.dtype.decode(buffer, count))
