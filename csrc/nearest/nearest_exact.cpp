@@ -293,7 +293,7 @@ static StatusInfo certified_int8_pass(const QuerySource& source, const PackedCod
                              rescored.data() + rescored_rows);
           for (; rescored_rows < end; ++rescored_rows) {  // insert into best (NaN: never, it cannot certify)
             const float score = rescored[rescored_rows];
-            if (!(num_best < k || score < best[k - 1])) continue;
+            if (std::isnan(score) || !(num_best < k || score < best[k - 1])) continue;
             int64_t at = std::min(num_best, k - 1);
             for (; at > 0 && best[at - 1] > score; --at) best[at] = best[at - 1];
             best[at] = score;
