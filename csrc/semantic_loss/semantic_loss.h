@@ -56,8 +56,8 @@ struct SemanticLossRequest {
 // NonFiniteQuery / Overflow: detail is the lowest offending row of z.
 StatusInfo semantic_loss(const SemanticLossRequest& request);
 
-// ISA-specific pieces (semantic_loss.cpp: portable; semantic_loss_avx2.cpp: AVX2 + FMA;
-// semantic_loss_avx512bf16.cpp: precision "bf16").
+// ISA-specific pieces (semantic_loss_portable.cpp: portable; semantic_loss_avx2.cpp: AVX2 + FMA;
+// semantic_loss_avx512.cpp: the 16-lane fp32 ones; semantic_loss_avx512bf16.cpp: precision "bf16").
 //
 // softmax tile: `scores` holds kSemanticGroupPanels micro-kernel outputs [panel][kTileRows][kPanelWidth]
 // (score = ||e||^2 - 2 z.e, +inf on pad columns). For each row r: s = score / -tau, new running max
