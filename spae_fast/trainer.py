@@ -152,11 +152,13 @@ class TrainConfig:
         if self.semantic_classes is not None:
             self.semantic_classes = tuple(int(c) for c in self.semantic_classes)
         if self.semantic_layer_shares is not None:
-            self.semantic_layer_shares = tuple(float(w) for w in self.semantic_layer_shares)
-            if len(self.semantic_layer_shares) != self.semantic_layers or not all(
-                    math.isfinite(w) and w > 0 for w in self.semantic_layer_shares):  # fmt: skip
-                raise ValueError(f"semantic_layer_shares must be {self.semantic_layers} positive finite numbers "
-                                 f"(one per semantic layer), got {self.semantic_layer_shares!r}")  # fmt: skip
+            shares = self.semantic_layer_shares
+            if (self.semantic_weighting != "layer" or isinstance(shares, str) or len(shares) != self.semantic_layers
+                    or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+                               for w in shares)):  # fmt: skip
+                raise ValueError(f"semantic_layer_shares must be {self.semantic_layers} positive finite numbers (one "
+                                 f"per semantic layer, with semantic_weighting='layer'), got {shares!r}")  # fmt: skip
+            self.semantic_layer_shares = tuple(float(w) for w in shares)
         if self.pixel_loss not in ("l2", "l1"):
             raise ValueError(f"pixel_loss must be 'l2' or 'l1', got {self.pixel_loss!r}")
         if self.alpha_mode not in ("dynamic", "constant"):

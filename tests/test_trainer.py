@@ -216,9 +216,11 @@ def test_layer_shares_split_alpha0_between_the_guided_layers(vocab, digits, tmp_
     torch.testing.assert_close(grad[[0, 2]], torch.tensor([0.3 * 1 / 6 / 2, 0.3 * 5 / 6 / 8]))
     equal, default = weighted_grad([2.0, 4.0, 8.0], semantic_layer_shares=(1, 1, 1)), weighted_grad([2.0, 4.0, 8.0])
     assert equal[0] == default[0] and torch.equal(equal[1], default[1])
-    for shares in ((1.0, 2.0), (1.0, 0.0, 1.0), (1.0, float("inf"), 1.0)):
+    for shares in ((1.0, 2.0), (1.0, 0.0, 1.0), (1.0, float("inf"), 1.0), ("3", "5", "1"), "3:5:1"):
         with pytest.raises(ValueError, match="semantic_layer_shares"):
             fast_config(semantic_layers=3, semantic_layer_shares=shares)
+    with pytest.raises(ValueError, match="semantic_layer_shares"):  # "position" weighting has one weight
+        fast_config(semantic_layers=3, semantic_layer_shares=(1, 2, 5), semantic_weighting="position")
 
 
 def test_gan_and_lecam_train_the_discriminator(vocab, digits, tmp_path):
