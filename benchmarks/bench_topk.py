@@ -23,12 +23,11 @@ import statistics
 import sys
 
 import torch
+from harness import interleaved_rounds, machine_info, smollm2_table, versions
+from nearest_cases import realistic_queries
 
 import spae_fast
 from spae_fast import ops
-
-from harness import interleaved_rounds, machine_info, smollm2_table, versions
-from nearest_cases import realistic_queries
 
 
 def main(argv: list[str] | None = None) -> int:
