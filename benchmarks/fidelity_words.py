@@ -130,7 +130,8 @@ def equal_reconstruction_lines(judged: dict) -> list[str]:
     """SAQ's settings against RQ's accuracy / reconstruction curve: RQ's accuracy at SAQ's full PSNR, linear in
     PSNR between RQ's points (means over seeds 0-2); above RQ's best-reconstructing point, that point (it
     reconstructs worse, so SAQ is compared at better reconstruction). Never extrapolated."""
-    curve = sorted(m for m in (seed_means(judged, names) for names in RQ_CURVE.values()) if m)
+    rq_points = {name: m for name, names in RQ_CURVE.items() if (m := seed_means(judged, names))}
+    curve = sorted(rq_points.values())
     settings = {label: seed_means(judged, names) for label, names in SAQ_SETTINGS.items()}
     if len(curve) < 2 or not any(settings.values()):
         return []
@@ -156,5 +157,5 @@ def equal_reconstruction_lines(judged: dict) -> list[str]:
         verdicts.append(f"- SAQ at {label}, {psnr:.2f} dB: at least RQ's accuracy at equal reconstruction on "
                         + ", ".join(f"{x} **{'yes' if ok else 'no'}**" for x, ok in zip(labels, at_least)))  # fmt: skip
     points = "; ".join(f"{name}: {m[0]:.2f} dB, " + ", ".join(f"{x} {100 * a:.1f}%" for x, a in zip(labels, m[1:]))
-                       for name, m in ((n, seed_means(judged, v)) for n, v in RQ_CURVE.items()) if m)  # fmt: skip
+                       for name, m in rq_points.items())  # fmt: skip
     return [*lines, "", f"- RQ's points: {points}", *verdicts]
