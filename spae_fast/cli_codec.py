@@ -120,8 +120,8 @@ def add_reconstruct_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_reconstruct(args: argparse.Namespace) -> int:
     """Image -> words -> image from every prefix of layers: writes a grid and prints the PSNR per prefix."""
+    from .evaluation import evaluate_model
     from .imaging import save_grid
-    from .trainer import evaluate_model
 
     out = output_file(args.out)
     model = _load_model(args)

@@ -65,6 +65,7 @@ from .checkpoint import (
     truncate_metrics,
     verify_training_checkpoint,
 )
+from .evaluation import evaluate_model
 from .losses import (
     LeCAMRegularizer,
     PatchDiscriminator,
@@ -82,7 +83,6 @@ from .semantic import (
     DEFAULT_THRESHOLDS,
     RelevanceProvider,
     candidates_from_relevance,
-    normalize_relevance,
     pyramid_set_of_position,
 )
 from .word_accuracy import class_word_similarity, evaluate_words
@@ -122,6 +122,9 @@ class TrainConfig:
     semantic_layers: int = 3  # top pyramid layers that get semantic guidance
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS  # rho_l per semantic layer
     tau: float = 1.0  # semantic softmax temperature
+    # tau per guided layer, top first (None: `tau` for every layer). SAQ's layer-l target l z - sum e moves l times
+    # as far as z does, so its softmax is l-fold sharper in the encoder's units than RQ's at the same tau.
+    semantic_layer_taus: tuple[float, ...] | None = None
     # precision of the fused semantic loss (`spae_fast.semantic_loss`): "bf16" (z and the table rounded to bf16,
     # fp32 accumulation; about 2x faster on AVX512-BF16 CPUs; the loss moved by 1.2e-6 relative on the benchmark
     # problem) or "default" (fp32). A guidance term with a dynamic weight does not need fp32 logits.
@@ -151,14 +154,18 @@ class TrainConfig:
         self.thresholds = tuple(float(t) for t in self.thresholds)
         if self.semantic_classes is not None:
             self.semantic_classes = tuple(int(c) for c in self.semantic_classes)
-        if self.semantic_layer_shares is not None:
-            shares = self.semantic_layer_shares
-            if (self.semantic_weighting != "layer" or isinstance(shares, str) or len(shares) != self.semantic_layers
-                    or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
-                               for w in shares)):  # fmt: skip
-                raise ValueError(f"semantic_layer_shares must be {self.semantic_layers} positive finite numbers (one "
-                                 f"per semantic layer, with semantic_weighting='layer'), got {shares!r}")  # fmt: skip
-            self.semantic_layer_shares = tuple(float(w) for w in shares)
+        for name, needs_layer_weighting in (("semantic_layer_shares", True), ("semantic_layer_taus", False)):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if ((needs_layer_weighting and self.semantic_weighting != "layer") or isinstance(values, str)
+                    or len(values) != self.semantic_layers
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                               for v in values)):  # fmt: skip
+                weighting = ", with semantic_weighting='layer'" if needs_layer_weighting else ""
+                raise ValueError(f"{name} must be {self.semantic_layers} positive finite numbers (one per semantic "
+                                 f"layer{weighting}), got {values!r}")  # fmt: skip
+            setattr(self, name, tuple(float(v) for v in values))
         if self.pixel_loss not in ("l2", "l1"):
             raise ValueError(f"pixel_loss must be 'l2' or 'l1', got {self.pixel_loss!r}")
         if self.alpha_mode not in ("dynamic", "constant"):
@@ -299,15 +306,22 @@ class Trainer:
             guided = torch.isin(labels, torch.tensor(self.config.semantic_classes, device=labels.device))
             sets = torch.where(guided[:, None], sets, -1)
         targets = quantizer.layer_targets(latent, ids, layers)  # [B, n, D]
-        options = {"tau": self.config.tau, "precision": self.config.semantic_precision, "reduction": "none"}
-        if self.vocab_parallel > 1:  # the VocabParallelQuantizer's loss on its sharded table (a collective)
-            per_position = quantizer.semantic_loss(targets, index, offsets, sets, **options)
-        else:
-            per_position = semantic_loss(targets, quantizer.codebook, index, offsets, sets, **options)
+        counts = [side * side for side in quantizer.layers[:layers]]
+        options = {"precision": self.config.semantic_precision, "reduction": "none"}
+
+        def cross_entropy(targets: torch.Tensor, sets: torch.Tensor, tau: float) -> torch.Tensor:
+            if self.vocab_parallel > 1:  # the VocabParallelQuantizer's loss on its sharded table (a collective)
+                return quantizer.semantic_loss(targets, index, offsets, sets, tau=tau, **options)
+            return semantic_loss(targets, quantizer.codebook, index, offsets, sets, tau=tau, **options)
+
+        if self.config.semantic_layer_taus is None:
+            per_position = cross_entropy(targets, sets, self.config.tau)
+        else:  # one call per layer, each at its own tau
+            per_position = torch.cat([cross_entropy(t.contiguous(), s.contiguous(), tau) for t, s, tau in zip(
+                targets.split(counts, dim=1), sets.split(counts, dim=1), self.config.semantic_layer_taus)], dim=1)
         # per_position: [B, n], 0 where excluded
         sizes = offsets[1:] - offsets[:-1]
         counted = ((sets >= 0) & (sizes[sets.clamp_min(0)] > 0)).to(per_position.dtype)  # [B, n]
-        counts = [side * side for side in quantizer.layers[:layers]]
         per_layer = torch.stack([
             loss.sum() / weight.sum() if weight.sum() > 0 else loss.sum() * math.nan
             for loss, weight in zip(per_position.split(counts, dim=1), counted.split(counts, dim=1))
@@ -577,37 +591,3 @@ class Trainer:
             self.model.save_pretrained(self.out_dir / "model")
         median = sorted(step_times)[len(step_times) // 2] if step_times else math.nan
         return {"step": self.step, "seconds": self.elapsed, "median_step_seconds": median, "eval": last_eval}
-
-
-@torch.no_grad()
-def evaluate_model(
-    model: SPAE,
-    images: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    relevance: RelevanceProvider | None = None,
-    semantic_layers: int = 2,
-) -> dict[str, object]:
-    """PSNR (dB, mean over images) of the reconstruction from every prefix of layers, and with a relevance
-    provider the mean min-max-normalised relevance (in [0, 1]; the provider's plain ``similarity`` where it has
-    one, i.e. without contrast) of the words chosen in each of the top ``semantic_layers`` layers and of all of
-    them together. ``"reconstructions"``: one ``[B, C, H, W]`` per prefix. Whether the words name the image's
-    class: `spae_fast.word_accuracy.evaluate_words`."""
-    was_training = model.training
-    model.eval()
-    ids = model.encode(images)
-    reconstructions = [model.decode(ids, num_layers=n).clamp(-1, 1) for n in range(1, model.num_layers + 1)]
-    result: dict[str, object] = {
-        "psnr": [round(float(psnr(r, images).mean()), 4) for r in reconstructions],
-        "reconstructions": reconstructions,
-    }
-    if relevance is not None:
-        scores = normalize_relevance(getattr(relevance, "similarity", relevance)(images, labels))  # [B, V] in [0, 1]
-        pyramid = model.quantizer.pyramid
-        per_layer = []
-        for layer in range(min(semantic_layers, model.num_layers)):
-            rows = ids[:, pyramid.first(layer) : pyramid.first(layer) + pyramid.counts()[layer]]
-            per_layer.append(scores.gather(1, rows))
-        result["relevance"] = [round(float(r.mean()), 4) for r in per_layer]
-        result["relevance_mean"] = round(float(torch.cat(per_layer, 1).mean()), 4)
-    model.train(was_training)
-    return result

@@ -18,10 +18,11 @@ from _tiny_llm import byte_level_tokenizer, save_tiny_model
 
 from spae_fast.cli import main as cli_main
 from spae_fast.data import build_dataset
+from spae_fast.evaluation import evaluate_model
 from spae_fast.model import SPAE, SPAEConfig
 from spae_fast.ops import semantic_loss
 from spae_fast.semantic import candidates_from_relevance, pyramid_set_of_position
-from spae_fast.trainer import TrainConfig, Trainer, evaluate_model
+from spae_fast.trainer import TrainConfig, Trainer
 from spae_fast.vocab import VocabCodebook
 from spae_fast.word_accuracy import evaluate_words
 
@@ -100,16 +101,18 @@ def test_training_lowers_the_loss_and_writes_everything(vocab, digits, tmp_path)
     assert recorded["train"]["steps"] == 40 and recorded["model"]["layers"] == [1, 2, 4, 8]
 
 
+@pytest.mark.parametrize("layer_taus", [None, (0.5, 2.0, 0.25)])
 @pytest.mark.parametrize("precision", ["default", "bf16"])
-def test_semantic_term_is_the_materialised_cross_entropy(vocab, digits, tmp_path, precision):
+def test_semantic_term_is_the_materialised_cross_entropy(vocab, digits, tmp_path, precision, layer_taus):
     """The trainer's per-layer L_sem_l = mean over layer l's sampled positions p of
-    -mean_{c in C(p)} log softmax_k(-||z_l(p) - e_k||^2 / tau)[c] (and the mean over all positions), computed
+    -mean_{c in C(p)} log softmax_k(-||z_l(p) - e_k||^2 / tau_l)[c] (and the mean over all positions), computed
     here with the full logit matrix (at precision bf16: of the bf16-rounded targets and table, the trainer's
-    default)."""
+    default); tau_l = tau, or `semantic_layer_taus`."""
     train, _ = digits
     model = make_model(vocab)
     relevance = ClassRelevance(vocab.num_rows)
-    config = fast_config(semantic_layers=3, tau=0.5, thresholds=(0.9, 0.8, 0.7), semantic_precision=precision)
+    config = fast_config(semantic_layers=3, tau=0.5, thresholds=(0.9, 0.8, 0.7), semantic_precision=precision,
+                         semantic_layer_taus=layer_taus)  # fmt: skip
     trainer = Trainer(model, config, tmp_path, train, relevance=relevance)
     images = torch.stack([train[i][0] for i in range(3)])
     labels = torch.stack([train[i][1] for i in range(3)])
@@ -120,7 +123,8 @@ def test_semantic_term_is_the_materialised_cross_entropy(vocab, digits, tmp_path
     operands = (targets.detach(), vocab.weight)
     if precision == "bf16":
         operands = tuple(x.bfloat16() for x in operands)
-    logits = -torch.cdist(operands[0].double(), operands[1].double()[None]) ** 2 / 0.5  # [3, 21, V]
+    taus = torch.tensor(layer_taus or (0.5, 0.5, 0.5), dtype=torch.float64).repeat_interleave(torch.tensor([1, 4, 16]))
+    logits = -torch.cdist(operands[0].double(), operands[1].double()[None]) ** 2 / taus[:, None]  # [3, 21, V]
     log_softmax = torch.log_softmax(logits, dim=-1)
     index, offsets = candidates_from_relevance(relevance(images, labels), (0.9, 0.8, 0.7))
     sets = pyramid_set_of_position(3, (1, 2, 4))
@@ -137,10 +141,11 @@ def test_semantic_term_is_the_materialised_cross_entropy(vocab, digits, tmp_path
     loss.backward()
     assert model.encoder.conv_out.weight.grad.abs().sum() > 0  # guidance reaches the encoder
     assert model.decoder.conv_out.weight.grad is None  # and nothing else
-    direct = semantic_loss(
-        targets.detach(), model.quantizer.codebook, index, offsets, sets, tau=0.5, precision=precision
-    )
-    torch.testing.assert_close(direct, loss.detach())
+    if layer_taus is None:
+        direct = semantic_loss(
+            targets.detach(), model.quantizer.codebook, index, offsets, sets, tau=0.5, precision=precision
+        )
+        torch.testing.assert_close(direct, loss.detach())
 
 
 def test_semantic_classes_limit_guidance_to_their_images(vocab, digits, tmp_path):
@@ -221,6 +226,15 @@ def test_layer_shares_split_alpha0_between_the_guided_layers(vocab, digits, tmp_
             fast_config(semantic_layers=3, semantic_layer_shares=shares)
     with pytest.raises(ValueError, match="semantic_layer_shares"):  # "position" weighting has one weight
         fast_config(semantic_layers=3, semantic_layer_shares=(1, 2, 5), semantic_weighting="position")
+
+
+def test_layer_taus_are_one_positive_number_per_guided_layer():
+    """semantic_layer_taus (checked against the materialised loss in test_semantic_term_is_the_materialised_
+    cross_entropy): anything but one positive finite number per guided layer is refused by name."""
+    assert fast_config(semantic_layers=2, semantic_layer_taus=(1, 2)).semantic_layer_taus == (1.0, 2.0)
+    for taus in ((1.0, 2.0), (1.0, 0.0, 1.0), (1.0, float("nan"), 1.0), (True, 1.0, 1.0), "1:2:3"):
+        with pytest.raises(ValueError, match="semantic_layer_taus"):
+            fast_config(semantic_layers=3, semantic_layer_taus=taus)
 
 
 def test_gan_and_lecam_train_the_discriminator(vocab, digits, tmp_path):
