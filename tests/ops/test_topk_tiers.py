@@ -106,6 +106,37 @@ def test_exact_ties_beyond_every_list_take_the_full_search(k):
 
 
 @pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_queries_unchecked_go_to_the_full_search(metric, bad, k):
+    """With check_finite=False a query holding NaN / +-inf gets no certificate (its error E_k and bounds are
+    not finite, and a NaN bound never lowers U): it goes to the full search, so it is what prefilter="none"
+    returns, indices in range, and the finite queries beside it stay bitwise the fp32 search's."""
+    generator = torch.Generator().manual_seed(16)
+    weight = torch.randn(900, 40, generator=generator)
+    x = _near(weight, 30, 0.3, generator)
+    bad_rows = [0, 7, 29]
+    x[bad_rows, 5] = bad
+    x[7] = bad  # a whole row
+    searches = {}
+    for prefilter in ("none", "int8"):
+        if k == 1:
+            dist, index = spae_fast.nearest(x, weight, backend="cpu", metric=metric, prefilter=prefilter,
+                                            check_finite=False)  # fmt: skip
+            searches[prefilter] = dist.reshape(-1, 1), index.reshape(-1, 1)
+        else:
+            searches[prefilter] = spae_fast.topk(x, weight, k, backend="cpu", metric=metric, prefilter=prefilter,
+                                                 check_finite=False)  # fmt: skip
+        if prefilter == "int8":
+            assert ops.last_cpu_search_stats()["full_search_rows"] == len(bad_rows)
+    (plain_dist, plain_index), (fast_dist, fast_index) = searches["none"], searches["int8"]
+    assert torch.equal(fast_index, plain_index) and bool(((fast_index >= 0) & (fast_index < 900)).all())
+    torch.testing.assert_close(fast_dist, plain_dist, rtol=0, atol=0, equal_nan=True)
+    finite = [r for r in range(len(x)) if r not in bad_rows]
+    assert bool(fast_dist[finite].isfinite().all())
+
+
+@pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_split_codebook_and_batches_agree(set_threads, threads, k):
     """Few queries against a long table split the codebook range over threads (U then comes from one range's
