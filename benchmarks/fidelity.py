@@ -5,14 +5,15 @@ measure reconstruction per layer prefix and the semantic relevance of the words 
     python benchmarks/fidelity.py [--out benchmarks/results/fidelity] [--steps 400] [--variants ...]
                                   [--reuse] [--write-benchmarks-md] [--render-only]
 
-Variants (all: the demo's model and training, `spae_fast.demo.DEMO_MODEL` / `DEMO_TRAINING`, same seed):
-  saq_semantic    SAQ, label-text semantic guidance on all ten classes (= ``spae-fast demo``; alpha0 = 10)
+Variants (all: the demo's model, `spae_fast.demo.DEMO_MODEL`, and `BASE_TRAINING`: the demo's training as it was
+until 2026-12-05, alpha0 = 10 and tau 1 on both guided layers; same seed):
+  saq_semantic    SAQ, label-text semantic guidance on all ten classes (alpha0 = 10; the demo until 2026-12-05)
   saq_plain       SAQ, no semantic loss (the control; alpha0 = 0)
   saq_semantic_a3, saq_semantic_a1   SAQ with weaker guidance (alpha0 = 3, 1): with saq_plain and
                   saq_semantic, SAQ's relevance-vs-reconstruction curve
   rq_semantic     residual quantization instead of SAQ, with guidance (alpha0 = 10)
   saq_semantic_s1, rq_semantic_s1   the two again with training seed 1 (one seed's numbers move by ~2 dB)
-  saq_semantic_s2, saq_semantic_s3   the demo with training seeds 2 and 3: with saq_semantic and _s1, how
+  saq_semantic_s2, saq_semantic_s3   saq_semantic with training seeds 2 and 3: with it and _s1, how
                   robust each step of the PSNR-per-layer curve is across seeds
   rq_semantic_s2, rq_semantic_s3   RQ with seeds 2 and 3: SAQ vs RQ over four seeds each
   saq_semantic_0to4  SAQ, guidance only on images of digits 0-4 (for held-out-class evaluations, issue #6)
@@ -24,6 +25,10 @@ Variants (all: the demo's model and training, `spae_fast.demo.DEMO_MODEL` / `DEM
   saq_semantic_l2, saq_semantic_l2_s1, saq_semantic_l2_s2   SAQ with alpha0 = 20 shared 3 : 5 between layers 1
                   and 2 (7.5 and 12.5; alpha0 = 15's equal split gives 7.5 each): SAQ's layer-2 words missed
                   more often than RQ's, on training images too
+  saq_semantic_t2, _s1, _s2 (alpha0 = 10), saq_semantic_t2_a15, _a15_s1, _a15_s2 (15) and _a20.. (20)   SAQ with
+                  tau 2 on layer 2 (`semantic_layer_taus` (1, 2)): SAQ's layer-2 target 2 z - e_1 moves twice as
+                  far as z, so at tau_2 = 2 its logits depend on z as RQ's layer 2 does at tau = 1;
+                  saq_semantic_t2_a20 is ``spae-fast demo`` (`DEMO_TRAINING`, since 2026-12-05)
 
 Evaluation on the held-out split (359 images, every class), with the label-text provider of all ten class
 names (MiniLM; relevance s in [0, 1] = min-max normalised over the vocabulary per image):
@@ -34,9 +39,9 @@ names (MiniLM; relevance s in [0, 1] = min-max normalised over the vocabulary pe
   * the mean relevance to the image's class name of the words of each layer, of layers 1-2 (1 + 4 words: the
     guided-vs-unguided target) and of all words (1 + 4 + 16 + 64 + 64 = 149, mean per word);
   * SAQ vs RQ at equal reconstruction: of SAQ's alpha0 variants (seed 0) that reconstruct at least as well as
-    RQ (full PSNR), the most relevant against RQ; and over four seeds of each at the demo's alpha0 (mean and spread of
+    RQ (full PSNR), the most relevant against RQ; and over four seeds of each at alpha0 = 10 (mean and spread of
     full PSNR and relevance), since one run's PSNR moves by 1-2 dB;
-  * over the demo's four seeds, how often each added layer raises PSNR.
+  * over the seeds of the demo and of alpha0 = 10, how often each added layer raises PSNR.
 
 Also measures one training step of the trained saq_semantic model (batch 16, median of --repeats after a
 warm-up), split into encoder + decoder (forward and backward, the quantizer's output precomputed; the decoder
@@ -66,7 +71,7 @@ import time
 from pathlib import Path
 
 import torch
-from fidelity_words import DEMO_SEEDS, RQ_SEEDS, SAQ_CURVE, word_accuracy_section
+from fidelity_words import A10_SEEDS, DEMO_SEEDS, RQ_SEEDS, SAQ_CURVE, word_accuracy_section
 from harness import git_sha, machine_info, replace_markdown_section, versions
 
 from spae_fast.cli_train import build_datasets
@@ -99,7 +104,15 @@ VARIANTS = {
        for seed, suffix in ((0, ""), (1, "_s1"), (2, "_s2"))},
     **{f"rq_semantic_a5{suffix}": ({"mode": "rq"}, {"relevance": True, "alpha0": 5.0, "seed": seed})
        for seed, suffix in ((0, ""), (1, "_s1"), (2, "_s2"))},
+    **{f"saq_semantic_t2{a}{suffix}": ({"mode": "saq"}, {"relevance": True, "alpha0": alpha0, "taus": (1.0, 2.0),
+                                                         "seed": seed})
+       for seed, suffix in ((0, ""), (1, "_s1"), (2, "_s2"))
+       for a, alpha0 in (("", 10.0), ("_a15", 15.0), ("_a20", 20.0))},
 }
+# The training every variant is defined against: the demo's as it was until 2026-12-05 (alpha0 = 10, tau 1 on both
+# guided layers), pinned so that the stored results stay reproducible now that the demo trains at alpha0 = 20
+# with tau 1 : 2 (= saq_semantic_t2_a20).
+BASE_TRAINING = dataclasses.replace(DEMO_TRAINING, alpha0=10.0, semantic_layer_taus=None)
 HEADING = "## Fidelity"
 # The models of the step split: the demo's (the target's), and for scale the demo with a larger CNN and the
 # library default.
@@ -117,10 +130,11 @@ def train_variant(name: str, out: Path, steps: int, vocab, relevance, train, hel
     folder = out / name
     if reuse and (folder / "model" / "config.json").is_file():
         return SPAE.from_pretrained(folder / "model", codebook=vocab)
-    config = dataclasses.replace(DEMO_TRAINING, steps=steps, semantic_classes=options.get("semantic_classes"),
-                                 alpha0=options.get("alpha0", DEMO_TRAINING.alpha0),
+    config = dataclasses.replace(BASE_TRAINING, steps=steps, semantic_classes=options.get("semantic_classes"),
+                                 alpha0=options.get("alpha0", BASE_TRAINING.alpha0),
                                  semantic_layer_shares=options.get("shares"),
-                                 seed=options.get("seed", DEMO_TRAINING.seed))  # fmt: skip
+                                 semantic_layer_taus=options.get("taus"),
+                                 seed=options.get("seed", BASE_TRAINING.seed))  # fmt: skip
     torch.manual_seed(config.seed)
     model = SPAE(dataclasses.replace(DEMO_MODEL, **model_overrides), vocab)
     provider = relevance if options["relevance"] else None
@@ -283,10 +297,14 @@ def render(meta: dict, results: dict, timing: dict | None) -> str:
         checks.append(
             f"- {name}: PSNR strictly increases with each layer: **{'yes' if increasing else 'no'}**"
         )
-    saq_seeds = {name: results[name] for name in DEMO_SEEDS if name in results}
+    saq_seeds = {name: results[name] for name in A10_SEEDS if name in results}
     rq_runs = [results[name] for name in RQ_SEEDS if name in results]
-    if len(saq_seeds) > 1:
-        seeds = [r["psnr"] for r in saq_seeds.values()]
+    for label, runs in (("the demo's configuration (alpha0 = 20, tau 1 : 2)", DEMO_SEEDS),
+                        ("alpha0 = 10, tau 1 (the demo until 2026-12-05)", A10_SEEDS)):  # fmt: skip
+        named = [name for name in runs if name in results]
+        if len(named) < 2:
+            continue
+        seeds = [results[name]["psnr"] for name in named]
         steps = [sum(p[i + 1] > p[i] for p in seeds) for i in range(len(seeds[0]) - 1)]
         gains = [min(p[i + 1] - p[i] for p in seeds) for i in range(len(seeds[0]) - 1)]
         rises = [
@@ -294,7 +312,7 @@ def render(meta: dict, results: dict, timing: dict | None) -> str:
             for l, (k, g) in enumerate(zip(steps, gains))
         ]
         checks.append(
-            f"- the demo's configuration over {len(seeds)} training seeds ({', '.join(saq_seeds)}): "
+            f"- {label} over {len(seeds)} training seeds ({', '.join(named)}): "
             f"PSNR rises from layer l to l + 1 in {', '.join(rises)}"
         )
     if "saq_semantic" in results and "saq_plain" in results:
@@ -308,7 +326,7 @@ def render(meta: dict, results: dict, timing: dict | None) -> str:
         if saq_name in results and rq_name in results:
             s, r = results[saq_name], results[rq_name]
             checks.append(
-                f"- seed {seed}, SAQ vs RQ, both at the demo's alpha0: full PSNR {s['psnr'][-1]:.2f} vs {r['psnr'][-1]:.2f} dB; "
+                f"- seed {seed}, SAQ vs RQ, both at alpha0 = 10: full PSNR {s['psnr'][-1]:.2f} vs {r['psnr'][-1]:.2f} dB; "
                 f"relevance of all words {s['relevance_all']:.3f} vs {r['relevance_all']:.3f}, of layers 1-2 "
                 f"{s['relevance_1to2']:.3f} vs {r['relevance_1to2']:.3f}"
             )
@@ -324,7 +342,7 @@ def render(meta: dict, results: dict, timing: dict | None) -> str:
         s12, r12 = spread(saq_runs, "relevance_1to2"), spread(rq_runs, "relevance_1to2")
         equal = abs(sp[0] - rp[0]) <= max(sp[1], rp[1])
         checks.append(
-            f"- SAQ vs RQ over seeds (the demo's alpha0; {len(saq_runs)} SAQ runs, {len(rq_runs)} RQ runs): full PSNR "
+            f"- SAQ vs RQ over seeds (alpha0 = 10; {len(saq_runs)} SAQ runs, {len(rq_runs)} RQ runs): full PSNR "
             f"{sp[0]:.2f} +- {sp[1]:.2f} vs {rp[0]:.2f} +- {rp[1]:.2f} dB (mean +- sd over seeds): SAQ - RQ = "
             f"{sp[0] - rp[0]:+.2f} dB, {'within' if equal else 'beyond'} one seed's sd (equal reconstruction "
             f"{'within the noise' if equal else 'NOT shown'}); relevance of all words {sr[0]:.3f} "
@@ -446,7 +464,7 @@ def main() -> int:
         "steps": args.steps,
         "prefix_weight": DEMO_TRAINING.prefix_weight,
         "semantic_layers": DEMO_TRAINING.semantic_layers,
-        "alpha0": DEMO_TRAINING.alpha0,
+        "alpha0": BASE_TRAINING.alpha0,
     }
     if earlier is not None:  # the runs whose results were kept, oldest first
         kept = earlier["meta"].get("merged", []) + [
