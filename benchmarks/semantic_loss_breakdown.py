@@ -9,7 +9,8 @@ Singleton sets on the SmolLM2 table (bench_semantic_loss's inputs). Per width of
 AVX-512 where the CPU has it; SPAE_FAST_SEMANTIC_AVX512=0 selects AVX2, the same bits): the forward without the
 gradient (one V x D contraction: scores, softmax, candidate sums), the forward with it (the softmax-weighted row
 sum, the second contraction, fused in the same pass) and forward + backward (the backward scales the saved
-direction). GFLOP/s count 2 N V D per contraction.
+direction). GFLOP/s count 2 N V D per contraction. For scale, torch's own GEMMs (oneDNN / MKL) of the two
+contractions a linear cross-entropy runs: z @ E^T (the logits) and P @ E (P: an [N, V] softmax, the gradient).
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ def main() -> None:
             calls[f"{tag} forward, no gradient"] = (lambda w=wide: call(w, False, False), contraction)
             calls[f"{tag} forward with gradient"] = (lambda w=wide: call(w, True, False), 2 * contraction)
             calls[f"{tag} forward + backward"] = (lambda w=wide: call(w, True, True), 2 * contraction)
+        logits, softmax = torch.empty(num, weight.shape[0]), torch.rand(num, weight.shape[0])
+        calls["torch.mm z @ E^T"] = (lambda: torch.mm(z, weight.T, out=logits), contraction)
+        calls["torch.mm P @ E"] = (lambda: torch.mm(softmax, weight), contraction)
         seconds = {name: [] for name in calls}
         for function, _ in calls.values():
             function()  # warm-up
