@@ -25,7 +25,7 @@ DEMO_SEEDS = SAQ_T2_SEEDS[20]  # `spae-fast demo`'s configuration (alpha0 = 20, 
 # RQ's accuracy / reconstruction curve (alpha0 = 5 and 10, seeds 0-2) and the SAQ settings placed on it.
 RQ_CURVE = {"alpha0 = 5": ("rq_semantic_a5", "rq_semantic_a5_s1", "rq_semantic_a5_s2"),
             "alpha0 = 10": RQ_SEEDS[:3]}  # fmt: skip
-SAQ_SETTINGS = {"alpha0 = 10 (the demo until 2026-12-05)": A10_SEEDS[:3], "alpha0 = 15": SAQ_A15_SEEDS,
+SAQ_SETTINGS = {"alpha0 = 10, tau 1 (the demo until 2026-12-05)": A10_SEEDS[:3], "alpha0 = 15": SAQ_A15_SEEDS,
                 "alpha0 = 20, layers 1 : 2 = 3 : 5": SAQ_L2_SEEDS,
                 **{f"alpha0 = {a}, tau 1 : 2{' (the demo)' if a == 20 else ''}": names
                    for a, names in SAQ_T2_SEEDS.items()}}  # fmt: skip

@@ -123,7 +123,8 @@ class TrainConfig:
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS  # rho_l per semantic layer
     tau: float = 1.0  # semantic softmax temperature
     # tau per guided layer, top first (None: `tau` for every layer). SAQ's layer-l target l z - sum e moves l times
-    # as far as z does, so its softmax is l-fold sharper in the encoder's units than RQ's at the same tau.
+    # as far as z does, so its logits' z term is l-fold steeper than RQ's at the same tau (docs/DECISIONS.md,
+    # "Semantic weighting": the demo gives layer 2 tau 2).
     semantic_layer_taus: tuple[float, ...] | None = None
     # precision of the fused semantic loss (`spae_fast.semantic_loss`): "bf16" (z and the table rounded to bf16,
     # fp32 accumulation; about 2x faster on AVX512-BF16 CPUs; the loss moved by 1.2e-6 relative on the benchmark
@@ -154,6 +155,17 @@ class TrainConfig:
         self.thresholds = tuple(float(t) for t in self.thresholds)
         if self.semantic_classes is not None:
             self.semantic_classes = tuple(int(c) for c in self.semantic_classes)
+        if self.pixel_loss not in ("l2", "l1"):
+            raise ValueError(f"pixel_loss must be 'l2' or 'l1', got {self.pixel_loss!r}")
+        if self.alpha_mode not in ("dynamic", "constant"):
+            raise ValueError(f"alpha_mode must be 'dynamic' or 'constant', got {self.alpha_mode!r}")
+        if self.semantic_weighting not in SEMANTIC_WEIGHTINGS:
+            raise ValueError(f"semantic_weighting must be one of {SEMANTIC_WEIGHTINGS}, got {self.semantic_weighting!r}")
+        for name in ("steps", "batch_size", "log_every", "eval_every", "save_every", "eval_images", "semantic_layers",
+                     "word_eval_images"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "steps" else 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name, needs_layer_weighting in (("semantic_layer_shares", True), ("semantic_layer_taus", False)):
             values = getattr(self, name)
             if values is None:
@@ -166,17 +178,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be {self.semantic_layers} positive finite numbers (one per semantic "
                                  f"layer{weighting}), got {values!r}")  # fmt: skip
             setattr(self, name, tuple(float(v) for v in values))
-        if self.pixel_loss not in ("l2", "l1"):
-            raise ValueError(f"pixel_loss must be 'l2' or 'l1', got {self.pixel_loss!r}")
-        if self.alpha_mode not in ("dynamic", "constant"):
-            raise ValueError(f"alpha_mode must be 'dynamic' or 'constant', got {self.alpha_mode!r}")
-        if self.semantic_weighting not in SEMANTIC_WEIGHTINGS:
-            raise ValueError(f"semantic_weighting must be one of {SEMANTIC_WEIGHTINGS}, got {self.semantic_weighting!r}")
-        for name in ("steps", "batch_size", "log_every", "eval_every", "save_every", "eval_images", "semantic_layers",
-                     "word_eval_images"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "steps" else 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if len(self.thresholds) < self.semantic_layers:
             raise ValueError(
                 f"thresholds has {len(self.thresholds)} values but semantic_layers={self.semantic_layers} needs one "

@@ -58,11 +58,15 @@ def train(out_dir: str, semantic: bool, vocab_parallel: int = 1):
 
 
 def step_gradients(out_dir: str, vocab_parallel: int = 1) -> dict[str, torch.Tensor]:
-    """The gradient of every parameter after one semantic-guided `train_step` on a fixed batch."""
+    """The gradient of every parameter after one semantic-guided `train_step` on a fixed batch, each guided layer
+    at its own tau (one semantic-loss collective per layer; `train` covers the single call)."""
+    import dataclasses
+
     from spae_fast.trainer import Trainer
 
     vocab = make_vocab()
-    trainer = Trainer(make_model(vocab), train_config(), out_dir, make_dataset(), relevance=ClassRelevance(NUM_ROWS, NUM_CLASSES),
+    config = dataclasses.replace(train_config(), semantic_layer_taus=(1.0, 0.5))
+    trainer = Trainer(make_model(vocab), config, out_dir, make_dataset(), relevance=ClassRelevance(NUM_ROWS, NUM_CLASSES),
                       vocab_parallel=vocab_parallel)  # fmt: skip
     items = make_dataset()[:4]
     trainer.train_step(torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items]))
