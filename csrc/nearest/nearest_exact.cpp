@@ -80,6 +80,18 @@ inline float round_up(double value) {
   return static_cast<double>(rounded) >= value ? rounded : std::nextafter(rounded, fused::kInf);
 }
 
+// Keeps `list` (ascending, `count` of at most k values) the k smallest values offered: inserts `value` if it is
+// below the k-th (any value while fewer than k are held; NaN never). Returns whether it was inserted.
+template <class T>
+bool keep_smallest(T* list, int64_t& count, int64_t k, T value) {
+  if (!(count < k ? value == value : value < list[k - 1])) return false;
+  int64_t at = std::min(count, k - 1);
+  for (; at > 0 && list[at - 1] > value; --at) list[at] = list[at - 1];
+  list[at] = value;
+  count = std::min(count + 1, k);
+  return true;
+}
+
 struct Int8RowInfo {
   double norm_sq = 0.0;  // ||x||^2
   float rounding = 0.0f;  // ||x - x~|| rounded up
@@ -94,11 +106,7 @@ struct Int8RowInfo {
 
   double kth_upper() const { return num_uppers < k ? std::numeric_limits<double>::infinity() : uppers[k - 1]; }
   void offer_upper(double upper) {
-    if (!(upper < kth_upper())) return;  // NaN never lowers it
-    int64_t at = std::min(num_uppers, k - 1);
-    for (; at > 0 && uppers[at - 1] > upper; --at) uppers[at] = uppers[at - 1];
-    uppers[at] = upper;
-    num_uppers = std::min(num_uppers + 1, k);
+    if (upper < kth_upper()) keep_smallest(uppers, num_uppers, k, upper);  // +inf and NaN never lower U
   }
 };
 
@@ -291,14 +299,8 @@ static StatusInfo certified_int8_pass(const QuerySource& source, const PackedCod
           prefetch_candidates(cb, weight, indices + end, std::min(by_bounds, end + kPanelWidth) - end);
           rescore_candidates(cb, weight, row_buffer.data(), indices + rescored_rows, end - rescored_rows,
                              rescored.data() + rescored_rows);
-          for (; rescored_rows < end; ++rescored_rows) {  // insert into best (NaN: never, it cannot certify)
-            const float score = rescored[rescored_rows];
-            if (std::isnan(score) || !(num_best < k || score < best[k - 1])) continue;
-            int64_t at = std::min(num_best, k - 1);
-            for (; at > 0 && best[at - 1] > score; --at) best[at] = best[at - 1];
-            best[at] = score;
-            num_best = std::min(num_best + 1, k);
-          }
+          for (; rescored_rows < end; ++rescored_rows)  // NaN never enters best: it cannot certify
+            keep_smallest(best, num_best, k, rescored[rescored_rows]);
           const double exact_kth = std::min<double>(x.known_kth, num_best < k ? fused::kInf : best[k - 1]);
           if (rescored_rows < by_bounds) {
             certified = excluded(rescored_rows, exact_kth);
