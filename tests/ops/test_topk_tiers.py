@@ -23,11 +23,11 @@ pytestmark = pytest.mark.skipif(
 KS = [1, 3, 16]
 
 
-def _search(x, table, k, prefilter, metric=None):
+def _search(x, table, k, prefilter, metric=None, **options):
     if k == 1:
-        dist, index = spae_fast.nearest(x, table, backend="cpu", metric=metric, prefilter=prefilter)
+        dist, index = spae_fast.nearest(x, table, backend="cpu", metric=metric, prefilter=prefilter, **options)
         return dist.reshape(len(x), 1), index.reshape(len(x), 1)
-    return spae_fast.topk(x, table, k, backend="cpu", metric=metric, prefilter=prefilter)
+    return spae_fast.topk(x, table, k, backend="cpu", metric=metric, prefilter=prefilter, **options)
 
 
 def _check(x, table, k, metric=None) -> int:
@@ -118,18 +118,9 @@ def test_non_finite_queries_unchecked_go_to_the_full_search(metric, bad, k):
     bad_rows = [0, 7, 29]
     x[bad_rows, 5] = bad
     x[7] = bad  # a whole row
-    searches = {}
-    for prefilter in ("none", "int8"):
-        if k == 1:
-            dist, index = spae_fast.nearest(x, weight, backend="cpu", metric=metric, prefilter=prefilter,
-                                            check_finite=False)  # fmt: skip
-            searches[prefilter] = dist.reshape(-1, 1), index.reshape(-1, 1)
-        else:
-            searches[prefilter] = spae_fast.topk(x, weight, k, backend="cpu", metric=metric, prefilter=prefilter,
-                                                 check_finite=False)  # fmt: skip
-        if prefilter == "int8":
-            assert ops.last_cpu_search_stats()["full_search_rows"] == len(bad_rows)
-    (plain_dist, plain_index), (fast_dist, fast_index) = searches["none"], searches["int8"]
+    plain_dist, plain_index = _search(x, weight, k, "none", metric, check_finite=False)
+    fast_dist, fast_index = _search(x, weight, k, "int8", metric, check_finite=False)
+    assert ops.last_cpu_search_stats()["full_search_rows"] == len(bad_rows)
     assert torch.equal(fast_index, plain_index) and bool(((fast_index >= 0) & (fast_index < 900)).all())
     torch.testing.assert_close(fast_dist, plain_dist, rtol=0, atol=0, equal_nan=True)
     finite = [r for r in range(len(x)) if r not in bad_rows]
