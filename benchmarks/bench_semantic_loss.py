@@ -401,21 +401,20 @@ def linear_ce_verdict(medians: dict, times: dict, cpu_medians: dict, memory: dic
     if "spae_fast" not in medians or not baselines:
         return ""
     fastest = min(baselines, key=medians.get)
-    speed = medians[fastest] / medians["spae_fast"]
-    paired = statistics.median(b / f for b, f in zip(times[fastest], times["spae_fast"]))
-    text = (f"spae_fast vs the fastest linear cross-entropy baseline ({fastest}): {speed:.2f}x faster (per-round "
-            f"ratios {paired:.2f}x; target 1.5x: {'met' if speed >= 1.5 else 'NOT met'}; CPU time "
-            f"{cpu_medians[fastest] / cpu_medians['spae_fast']:.2f}x)")  # fmt: skip
+
+    def faster(slow: str, fast: str, target: float) -> str:
+        speed = medians[slow] / medians[fast]
+        paired = statistics.median(s / f for s, f in zip(times[slow], times[fast]))
+        return (f"{speed:.2f}x faster (per-round ratios {paired:.2f}x; target {target}x: "
+                f"{'met' if speed >= target else 'NOT met'}; CPU time {cpu_medians[slow] / cpu_medians[fast]:.2f}x)")  # fmt: skip
+
+    text = f"spae_fast vs the fastest linear cross-entropy baseline ({fastest}): {faster(fastest, 'spae_fast', 1.5)}"
     base_mem, fused_mem = (memory.get(name, {}).get("extra_bytes") for name in (fastest, "spae_fast"))
     if base_mem is not None and fused_mem:
         ratio = base_mem / fused_mem
         text += f", {ratio:.1f}x less peak memory (target 20x: {'met' if ratio >= 20 else 'NOT met'})"
     if "spae_fast_bf16" in medians:
-        bf16 = medians["spae_fast"] / medians["spae_fast_bf16"]
-        paired = statistics.median(f / b for f, b in zip(times["spae_fast"], times["spae_fast_bf16"]))
-        text += (f"; spae_fast_bf16 vs spae_fast: {bf16:.2f}x faster (per-round ratios {paired:.2f}x; target 1.7x: "
-                 f"{'met' if bf16 >= 1.7 else 'NOT met'}; CPU time "
-                 f"{cpu_medians['spae_fast'] / cpu_medians['spae_fast_bf16']:.2f}x)")  # fmt: skip
+        text += f"; spae_fast_bf16 vs spae_fast: {faster('spae_fast', 'spae_fast_bf16', 1.7)}"
     return text
 
 
