@@ -28,6 +28,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <new>
 #include <type_traits>
@@ -56,12 +57,17 @@ inline bool ranks_before(float value_a, int64_t index_a, float value_b, int64_t 
   return index_a < index_b;
 }
 
-// A row's best k candidates so far, under ranks_before. Offers are appended to a buffer of 2k, cut back to
-// the best k (nth_element) when it is full, so an offer costs O(1) amortised instead of a sorted insert:
-// that matters for the pre-filter's 64-candidate lists, where sorted inserts were ~20% of the search. The
-// threshold is the k-th value at the last cut (+inf before), a valid upper bound on the row's final k-th
+// A row's best k candidates so far, under ranks_before. Offers are appended to a buffer of 2k, so an offer
+// costs O(1) amortised instead of a sorted insert: that matters for the pre-filter's candidate lists, where
+// sorted inserts were ~20% of the search. A full buffer first drops the entries above the row's offer cap
+// (Int8Engine: rows proven out of the top k since they were offered, the same test as the driver's mask, so
+// NaN stays), and is cut back to the best k (nth_element) only when that frees fewer than k / 2 entries.
+// The threshold is the k-th value at the last cut (+inf before), a valid upper bound on the row's final k-th
 // value, so every row of the final top-k is offered whatever the cut times, and the final list (finalize:
-// cut and sort) is the same for any batch split, thread count or order of offers.
+// drop, cut and sort) is the same for any batch split, thread count or order of offers. A final list of
+// fewer than k entries holds every row under the final cap: a row an earlier cut dropped ranked after k
+// kept rows, whose lb is at most that cut's threshold; had all k stayed (threshold <= final cap) the list
+// would hold k, so the threshold, and the dropped row's lb, lie above the final cap.
 struct TopkList {
   float* values;      // capacity 2k
   int64_t* indices;   // capacity 2k
@@ -71,15 +77,76 @@ struct TopkList {
 
   float threshold() const { return bound; }
 
-  void offer(float value, int64_t index) {
-    if (count == 2 * k) cut();
+  void offer(float value, int64_t index, float cap = kInf) {
+    make_room(1, cap);
     values[count] = value;
     indices[count] = index;
     ++count;
   }
 
+  // Room for n <= k more offers.
+  void make_room(int64_t n, float cap) {
+    if (count + n <= 2 * k) return;
+    drop_above(cap);
+    if (count + n > 2 * k || count > 3 * k / 2) cut();
+  }
+
+  // Drops the entries the row's offer cap now refuses: !(value <= cap), as the driver's mask (NaN stays).
+  // Branch-free: about a quarter of the entries go, in no predictable order.
+  void drop_above(float cap) {
+    if (!(cap < kInf)) return;
+    int64_t kept = 0;
+    for (int64_t j = 0; j < count; ++j) {
+      const float value = values[j];
+      values[kept] = value;
+      indices[kept] = indices[j];
+      kept += !(value > cap);
+    }
+    count = kept;
+  }
+
   // Keep the best k; with sorted, also order them by ranks_before.
   void cut(bool sorted = false) {
+    if (!cut_by_keys(sorted)) cut_by_pairs(sorted);
+  }
+
+  // cut on 64-bit keys (the value's bits mapped to an unsigned order, then the index): the same order as
+  // ranks_before where every value is a number other than -0 and every index fits in 32 bits (else false,
+  // nothing changed); integer compares sort about twice as fast as the pair comparator's float branches.
+  bool cut_by_keys(bool sorted) {
+    thread_local std::vector<uint64_t> keys;
+    keys.resize(static_cast<size_t>(count));
+    bool ordinary = true;
+    for (int64_t j = 0; j < count; ++j) {
+      uint32_t bits;
+      std::memcpy(&bits, &values[j], sizeof bits);
+      ordinary &= (bits & 0x7fffffffu) <= 0x7f800000u && bits != 0x80000000u &&
+                  static_cast<uint64_t>(indices[j]) <= 0xffffffffu;
+      const uint32_t order = (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
+      keys[j] = static_cast<uint64_t>(order) << 32 | static_cast<uint32_t>(indices[j]);
+    }
+    if (!ordinary) return false;
+    const auto value_of = [](uint64_t key) {
+      const uint32_t order = static_cast<uint32_t>(key >> 32);
+      const uint32_t bits = (order & 0x80000000u) ? order & 0x7fffffffu : ~order;
+      float value;
+      std::memcpy(&value, &bits, sizeof value);
+      return value;
+    };
+    if (count > k) {
+      std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end());
+      bound = value_of(keys[k - 1]);
+      count = k;
+    }
+    if (sorted) std::sort(keys.begin(), keys.begin() + count);
+    for (int64_t j = 0; j < count; ++j) {
+      values[j] = value_of(keys[j]);
+      indices[j] = static_cast<int64_t>(keys[j] & 0xffffffffu);
+    }
+    return true;
+  }
+
+  void cut_by_pairs(bool sorted) {
     thread_local std::vector<std::pair<float, int64_t>> scratch;
     scratch.resize(static_cast<size_t>(count));
     for (int64_t j = 0; j < count; ++j) scratch[j] = {values[j], indices[j]};
@@ -98,13 +165,26 @@ struct TopkList {
     }
   }
 
-  void finalize() { cut(true); }
+  void finalize(float cap = kInf) {
+    drop_above(cap);
+    cut(true);
+  }
 };
+
+// Engines may append a panel's offers to a list at once (Int8Engine, AVX-512): static constexpr bool
+// kBulkOffers = true and uint32_t append_offers(const RowInfo&, const float* scores, int64_t first_column,
+// uint32_t mask, float* values, int64_t* indices) const, which writes the columns of `mask` in ascending order
+// (and may write up to kWidth entries: the lists keep that much room past 2k) and returns those of them that
+// may lower the row's cap; threshold_cap then runs for those only, in column order.
+template <class Engine, class = void>
+struct HasBulkOffers : std::false_type {};
+template <class Engine>
+struct HasBulkOffers<Engine, std::void_t<decltype(Engine::kBulkOffers)>> : std::bool_constant<Engine::kBulkOffers> {};
 
 // Engines may cap a row's offer threshold below its list's (Int8Engine: rows that cannot win are never
 // listed): static constexpr bool kThresholdCap = true, float initial_cap(const RowInfo&) const (the cap
-// before any offer) and float threshold_cap(RowInfo&, float value, int64_t column) const, called after each
-// offer, returning the row's new cap.
+// before any offer) and float threshold_cap(RowInfo&, float value, int64_t column, float cap) const, called
+// after each offer with the row's cap, returning its new cap.
 template <class Engine, class = void>
 struct HasThresholdCap : std::false_type {};
 template <class Engine>
@@ -138,6 +218,9 @@ StatusInfo run(const QuerySource& source, const Engine& engine, const int64_t k,
   const int64_t block_rows = query_block_rows(words, num_queries, kTile, k);
   const int64_t num_blocks = (num_queries + block_rows - 1) / block_rows;
   const int64_t num_panels = engine.num_panels();
+  // Bulk appends need room for a whole panel after a cut to k.
+  const bool bulk_offers = HasBulkOffers<Engine>::value && k >= kWidth;
+  const int64_t list_stride = 2 * k + (bulk_offers ? kWidth : 0);
 
   // Split the codebook range only when there are too few query blocks to keep every thread busy.
   int64_t splits = 1;
@@ -188,8 +271,8 @@ StatusInfo run(const QuerySource& source, const Engine& engine, const int64_t k,
     try {
       packed.resize(static_cast<size_t>(block_rows * words));
       row_buffer.resize(static_cast<size_t>(dim));
-      list_values.resize(static_cast<size_t>(block_rows * 2 * k));
-      list_indices.resize(static_cast<size_t>(block_rows * 2 * k));
+      list_values.resize(static_cast<size_t>(block_rows * list_stride));
+      list_indices.resize(static_cast<size_t>(block_rows * list_stride));
       info.resize(static_cast<size_t>(block_rows));
       lists.resize(static_cast<size_t>(block_rows));
       caps.resize(static_cast<size_t>(block_rows));
@@ -214,7 +297,7 @@ StatusInfo run(const QuerySource& source, const Engine& engine, const int64_t k,
       }
       if (failed_status.load(std::memory_order_relaxed) != static_cast<int>(Status::Ok)) continue;
       for (int64_t r = 0; r < rows; ++r) {
-        lists[r] = {list_values.data() + r * 2 * k, list_indices.data() + r * 2 * k, 0, k};
+        lists[r] = {list_values.data() + r * list_stride, list_indices.data() + r * list_stride, 0, k};
         if constexpr (HasThresholdCap<Engine>::value)
           caps[r] = engine.initial_cap(info[r]);
         else
@@ -227,22 +310,41 @@ StatusInfo run(const QuerySource& source, const Engine& engine, const int64_t k,
       uint32_t masks[kTile];
       for (int64_t p = panel_begin; p < panel_end; ++p) {
         const int64_t first_column = p * kWidth;
+        const int64_t columns = std::min<int64_t>(kWidth, engine.rows() - first_column);
+        const uint32_t valid = columns == 32 ? ~0u : (1u << columns) - 1u;
         for (int64_t tile = 0; tile < padded_rows; tile += kTile) {
           const int64_t tile_rows = std::min<int64_t>(kTile, rows - tile);
           for (int r = 0; r < kTile; ++r)
             thresholds[r] = r < tile_rows ? std::min(lists[tile + r].threshold(), caps[tile + r]) : -kInf;
           engine.tile(packed.data() + tile * words, p, thresholds, scores.data(), masks);
           for (int r = 0; r < tile_rows; ++r) {
-            uint32_t mask = masks[r];
+            uint32_t mask = masks[r] & valid;
+            if (!mask) continue;
+            TopkList& list = lists[tile + r];
+            float& cap = caps[tile + r];
+            const float* row_scores = scores.data() + r * kWidth;
+            if constexpr (HasBulkOffers<Engine>::value) {
+              if (bulk_offers) {
+                const int count = __builtin_popcount(mask);
+                list.make_room(count, cap);
+                uint32_t lowering = engine.append_offers(info[tile + r], row_scores, first_column, mask,
+                                                         list.values + list.count, list.indices + list.count);
+                list.count += count;
+                while (lowering) {
+                  const int c = __builtin_ctz(lowering);
+                  lowering &= lowering - 1;
+                  cap = engine.threshold_cap(info[tile + r], row_scores[c], first_column + c, cap);
+                }
+                continue;
+              }
+            }
             while (mask) {
               const int c = __builtin_ctz(mask);
               mask &= mask - 1;
-              const int64_t column = first_column + c;
-              if (column >= engine.rows()) continue;
-              const float value = scores[r * kWidth + c];
-              lists[tile + r].offer(value, column);
+              const float value = row_scores[c];
+              list.offer(value, first_column + c, cap);
               if constexpr (HasThresholdCap<Engine>::value)
-                caps[tile + r] = engine.threshold_cap(info[tile + r], value, column);
+                cap = engine.threshold_cap(info[tile + r], value, first_column + c, cap);
             }
           }
         }
@@ -251,7 +353,7 @@ StatusInfo run(const QuerySource& source, const Engine& engine, const int64_t k,
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = first_row + r;
         TopkList& list = lists[r];
-        list.finalize();
+        list.finalize(caps[r]);
         if (splits == 1) {
           finish(row, list.values, list.indices, list.count, info[r]);
         } else {

@@ -13,6 +13,8 @@
 // fp32 kernel decides the answer.
 #include <immintrin.h>
 
+#include <cmath>
+
 #include "common/spae_native.h"
 
 namespace spae {
@@ -59,6 +61,38 @@ void micro_kernel_avx512vnni(const uint32_t* packed_queries, const uint32_t* pan
     _mm512_storeu_ps(scores + r * kInt8PanelWidth, lower);
     masks[r] = _mm512_cmp_ps_mask(lower, _mm512_set1_ps(thresholds[r]), _CMP_NGT_UQ);  // !(lb > t), NaN too
   }
+}
+
+// The candidate-list append of the int8 driver (fused_search.h, Int8Engine::append_offers): lanes c of `mask`
+// in ascending c, lbs[c] to values and first_column + c to indices (register compress, then a full-width
+// store: the lists keep 16 entries of room past their capacity; a compress to memory is slow on Zen 4).
+// Returns the lanes of `mask` that may lower the certificate's U: upper bound lb + 2 (a P_c + n b_c) (fp64, as
+// Int8Engine::upper_bound; `columns` is the panel's [4][16] column data) below U, with a 2^-40 relative margin
+// so that a contracted FMA here never drops a lane the exact test keeps.
+uint32_t append_offers_avx512(const float* lbs, int64_t first_column, uint32_t mask, const float* columns,
+                              float rounding, float rounded_norm, double kth_upper, float* values,
+                              int64_t* indices) {
+  const __m512 lb = _mm512_loadu_ps(lbs);
+  _mm512_storeu_ps(values, _mm512_maskz_compress_ps(static_cast<__mmask16>(mask), lb));
+  const __m512i column = _mm512_add_epi64(_mm512_set1_epi64(first_column), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
+  const auto low = static_cast<__mmask8>(mask), high = static_cast<__mmask8>(mask >> 8);
+  _mm512_storeu_si512(indices, _mm512_maskz_compress_epi64(low, column));
+  _mm512_storeu_si512(indices + __builtin_popcount(low),
+                      _mm512_maskz_compress_epi64(high, _mm512_add_epi64(column, _mm512_set1_epi64(8))));
+  const double limit = kth_upper + std::abs(kth_upper) * 0x1p-40;
+  const __m512d a = _mm512_set1_pd(rounding), n = _mm512_set1_pd(rounded_norm), below = _mm512_set1_pd(limit);
+  uint32_t lowering = 0;
+  for (int half = 0; half < 2; ++half) {
+    const __mmask8 lanes = half == 0 ? low : high;
+    if (!lanes) continue;
+    const int at = 8 * half;
+    const __m512d norm = _mm512_cvtps_pd(_mm256_loadu_ps(columns + kInt8PanelWidth + at));
+    const __m512d residual = _mm512_cvtps_pd(_mm256_loadu_ps(columns + 2 * kInt8PanelWidth + at));
+    const __m512d error = _mm512_add_pd(_mm512_mul_pd(a, norm), _mm512_mul_pd(n, residual));
+    const __m512d upper = _mm512_add_pd(_mm512_cvtps_pd(_mm256_loadu_ps(lbs + at)), _mm512_add_pd(error, error));
+    lowering |= static_cast<uint32_t>(_mm512_mask_cmp_pd_mask(lanes, upper, below, _CMP_LT_OQ)) << at;
+  }
+  return lowering;
 }
 
 }  // namespace spae

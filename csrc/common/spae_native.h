@@ -252,6 +252,9 @@ constexpr int kInt8PanelWidth = 16;
 void micro_kernel_avx512vnni(const uint32_t* packed_queries, const uint32_t* panel, const float* columns,
                              const int32_t* offsets, int64_t quads, const float* thresholds, float* scores,
                              uint32_t* masks);
+uint32_t append_offers_avx512(const float* lbs, int64_t first_column, uint32_t mask, const float* columns,
+                              float rounding, float rounded_norm, double kth_upper, float* values,
+                              int64_t* indices);
 #endif
 bool cpu_supports_avx512_vnni();
 

@@ -105,9 +105,8 @@ struct Int8RowInfo {
   int64_t num_uppers = 0;
 
   double kth_upper() const { return num_uppers < k ? std::numeric_limits<double>::infinity() : uppers[k - 1]; }
-  void offer_upper(double upper) {
-    if (upper < kth_upper()) keep_smallest(uppers, num_uppers, k, upper);  // +inf and NaN never lower U
-  }
+  // Whether `upper` lowered U (+inf and NaN never do).
+  bool offer_upper(double upper) { return upper < kth_upper() && keep_smallest(uppers, num_uppers, k, upper); }
 };
 
 #if defined(SPAE_HAVE_AVX512VNNI_KERNEL)
@@ -146,9 +145,19 @@ struct Int8Engine {
   float initial_cap(const Int8RowInfo& info) const {
     return round_up(info.known_kth + info.slack * (1.0 + 2e-6));
   }
-  float threshold_cap(Int8RowInfo& info, float lower, int64_t column) const {
-    info.offer_upper(upper_bound(info, lower, column));
+  float threshold_cap(Int8RowInfo& info, float lower, int64_t column, float cap) const {
+    // lb + 2E >= lb: an offer whose lb is not below U leaves U, and so the cap, as they are (most offers of a
+    // long list: they come in under the list's own threshold).
+    if (!(static_cast<double>(lower) < info.kth_upper())) return cap;
+    if (!info.offer_upper(upper_bound(info, lower, column))) return cap;
     return std::min(initial_cap(info), round_up(info.kth_upper() + 2.0 * info.slack * (1.0 + 2e-6)));
+  }
+
+  static constexpr bool kBulkOffers = true;
+  uint32_t append_offers(const Int8RowInfo& info, const float* lbs, int64_t first_column, uint32_t mask,
+                         float* values, int64_t* indices) const {
+    return append_offers_avx512(lbs, first_column, mask, cb.columns + (first_column / kWidth) * 4 * kWidth,
+                                info.rounding, info.rounded_norm, info.kth_upper(), values, indices);
   }
 
   StatusInfo pack(const QuerySource& source, bool check, int64_t first, int64_t count, int64_t padded_count,
