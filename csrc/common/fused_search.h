@@ -18,8 +18,10 @@
 //                   RowInfo* info)   packed layout: [padded_count / kTile][words_per_row][kTile] Words
 //   void tile(const Word* packed_tile, int64_t panel, const float* thresholds, float* scores,
 //             uint32_t* masks)       scores [kTile][kWidth]; mask bit c: !(score > threshold[r])
-// Finish: void(int64_t row, const float* values, const int64_t* indices, int64_t count, const RowInfo&),
-//   called once per query with its final sorted list (count = k when V >= k), from any thread.
+// Finish: void(int64_t row, const float* values, const int64_t* indices, int64_t count, float unlisted_from,
+//   const RowInfo&), called once per query with its final sorted list, from any thread: the best k (count = k
+//   when V >= k), or for engines with a threshold cap and an unsplit codebook every entry under the cap (up to
+//   2k). Every row outside the list that the cap let in has a value >= unlisted_from (+inf: there is none).
 #pragma once
 
 #include <omp.h>
@@ -105,15 +107,16 @@ struct TopkList {
     count = kept;
   }
 
-  // Keep the best k; with sorted, also order them by ranks_before.
-  void cut(bool sorted = false) {
-    if (!cut_by_keys(sorted)) cut_by_pairs(sorted);
+  // Keep the best k; with sorted, also order them by ranks_before. With keep_all nothing is dropped (only
+  // ordered: the best k first, sorted, then the rest, sorted).
+  void cut(bool sorted = false, bool keep_all = false) {
+    if (!cut_by_keys(sorted, keep_all)) cut_by_pairs(sorted, keep_all);
   }
 
   // cut on 64-bit keys (the value's bits mapped to an unsigned order, then the index): the same order as
   // ranks_before where every value is a number other than -0 and every index fits in 32 bits (else false,
   // nothing changed); integer compares sort about twice as fast as the pair comparator's float branches.
-  bool cut_by_keys(bool sorted) {
+  bool cut_by_keys(bool sorted, bool keep_all) {
     thread_local std::vector<uint64_t> keys;
     keys.resize(static_cast<size_t>(count));
     bool ordinary = true;
@@ -135,10 +138,15 @@ struct TopkList {
     };
     if (count > k) {
       std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end());
-      bound = value_of(keys[k - 1]);
-      count = k;
+      if (!keep_all) {
+        bound = value_of(keys[k - 1]);
+        count = k;
+      }
     }
-    if (sorted) std::sort(keys.begin(), keys.begin() + count);
+    if (sorted) {
+      std::sort(keys.begin(), keys.begin() + std::min(count, k));
+      std::sort(keys.begin() + std::min(count, k), keys.begin() + count);
+    }
     for (int64_t j = 0; j < count; ++j) {
       values[j] = value_of(keys[j]);
       indices[j] = static_cast<int64_t>(keys[j] & 0xffffffffu);
@@ -146,7 +154,7 @@ struct TopkList {
     return true;
   }
 
-  void cut_by_pairs(bool sorted) {
+  void cut_by_pairs(bool sorted, bool keep_all) {
     thread_local std::vector<std::pair<float, int64_t>> scratch;
     scratch.resize(static_cast<size_t>(count));
     for (int64_t j = 0; j < count; ++j) scratch[j] = {values[j], indices[j]};
@@ -155,19 +163,25 @@ struct TopkList {
     };
     if (count > k) {
       std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), before);
-      bound = scratch[k - 1].first;
-      count = k;
+      if (!keep_all) {
+        bound = scratch[k - 1].first;
+        count = k;
+      }
     }
-    if (sorted) std::sort(scratch.begin(), scratch.begin() + count, before);
+    if (sorted) {
+      std::sort(scratch.begin(), scratch.begin() + std::min(count, k), before);
+      std::sort(scratch.begin() + std::min(count, k), scratch.begin() + count, before);
+    }
     for (int64_t j = 0; j < count; ++j) {
       values[j] = scratch[j].first;
       indices[j] = scratch[j].second;
     }
   }
 
-  void finalize(float cap = kInf) {
+  // The final list, sorted: the best k, or with keep_all every entry under the cap (up to 2k).
+  void finalize(float cap = kInf, bool keep_all = false) {
     drop_above(cap);
-    cut(true);
+    cut(true, keep_all);
   }
 };
 
@@ -209,6 +223,7 @@ StatusInfo run(const QuerySource& source, const Engine& engine, const int64_t k,
   constexpr int kTile = Engine::kTile;
   constexpr int kWidth = Engine::kWidth;
   static_assert(kWidth <= 32, "masks hold one bit per panel column");
+  static_assert(kTile <= 32, "the offering rows of a tile are one bit each");
   const int64_t num_queries = source.rows(), dim = source.dim();
   if (num_queries == 0) return {};
   if (dim != engine.dim() || k < 1 || k > engine.rows() || engine.rows() < 1) return {Status::BadArgument, -1};
@@ -317,9 +332,14 @@ StatusInfo run(const QuerySource& source, const Engine& engine, const int64_t k,
           for (int r = 0; r < kTile; ++r)
             thresholds[r] = r < tile_rows ? std::min(lists[tile + r].threshold(), caps[tile + r]) : -kInf;
           engine.tile(packed.data() + tile * words, p, thresholds, scores.data(), masks);
-          for (int r = 0; r < tile_rows; ++r) {
+          // The rows with offers, found without a branch per row (the offer rate of a long list's row is far
+          // from 0 or 1 for much of the scan, so a per-row test mispredicts often).
+          uint32_t offering = 0;
+          for (int r = 0; r < tile_rows; ++r) offering |= static_cast<uint32_t>((masks[r] & valid) != 0) << r;
+          while (offering) {
+            const int r = __builtin_ctz(offering);
+            offering &= offering - 1;
             uint32_t mask = masks[r] & valid;
-            if (!mask) continue;
             TopkList& list = lists[tile + r];
             float& cap = caps[tile + r];
             const float* row_scores = scores.data() + r * kWidth;
@@ -350,12 +370,19 @@ StatusInfo run(const QuerySource& source, const Engine& engine, const int64_t k,
         }
       }
 
+      // A capped engine's unsplit list keeps what it holds past the best k: the rows it could not otherwise
+      // clear would take another pass over the codebook (Int8Engine).
+      const bool keep_all = HasThresholdCap<Engine>::value && splits == 1;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = first_row + r;
         TopkList& list = lists[r];
-        list.finalize(caps[r]);
+        list.finalize(caps[r], keep_all);
         if (splits == 1) {
-          finish(row, list.values, list.indices, list.count, info[r]);
+          // Outside the list, besides rows above the cap: rows refused or cut at the list's threshold, so no
+          // smaller than its bound (kept-all lists) or its k-th value (cut lists; one of fewer than k lost
+          // none, see TopkList).
+          const float unlisted_from = keep_all ? list.bound : list.count == k ? list.values[k - 1] : kInf;
+          finish(row, list.values, list.indices, list.count, k >= engine.rows() ? kInf : unlisted_from, info[r]);
         } else {
           const int64_t slot = row * splits + split;
           partial_counts[slot] = list.count;
@@ -401,7 +428,8 @@ StatusInfo run(const QuerySource& source, const Engine& engine, const int64_t k,
           merged_indices[j] = partial_indices[best_at];
           ++merged;
         }
-        finish(row, merged_values.data(), merged_indices.data(), merged, partial_info[row]);
+        const float unlisted_from = merged == k && k < engine.rows() ? merged_values[k - 1] : kInf;
+        finish(row, merged_values.data(), merged_indices.data(), merged, unlisted_from, partial_info[row]);
       }
     }
   }

@@ -45,19 +45,21 @@ namespace {
 // k offered rows (each s_c <= lb_c + 2E_c + G <= U + G < lb_j - G <= s_j), so it is not among the k best.
 // Likewise with U* = the k-th smallest exact score of any k rescored rows: a row with lb_j - G > U* ranks
 // after those k rows. Either test excludes a listed row and every later one (the list is sorted by lb); if it
-// excludes the m-th listed row, it excludes every row outside the list (their lb is no smaller).
+// excludes the lb from which rows were cut from the list (unlisted_from), it excludes every row outside it.
 //
-// The list need not hold rows that cannot rank: while it is filled, every offer may lower the row's U and the
-// offer threshold is capped at U + 2G (Int8Engine::threshold_cap), so a list that never fills holds every
-// row that can rank (the rows never offered are excluded by the U of their time, which is no smaller).
-// This keeps the lists to a handful of offers per row (measured: the search 9-10% faster than with the
-// top-m threshold alone).
+// The list need not hold rows that cannot rank: every offer may lower the row's U and the offer threshold is
+// capped at U + 2G (Int8Engine::threshold_cap), so a list that never fills holds every row that can rank
+// (the rows never offered are excluded by the U of their time, which is no smaller), and a full buffer
+// first drops its entries above the cap of its time (TopkList::drop_above). This keeps the lists short
+// (measured: the search 9-10% faster than with the top-m threshold alone). The driver hands over the whole
+// buffer under the cap, up to 2m rows, not just the best m (fused_search.h, keep_all): a query whose
+// window holds more than m rows is then often still settled in this pass.
 //
 // Rescoring (rescore_avx512.cpp, bitwise the fp32 micro-kernel's chains): the listed rows in lb order, 16 at
 // a time, keeping U* = the k-th smallest exact score so far, until the next listed row is excluded by U + G
 // or U*; the k smallest (s, index) of the rescored rows are then exactly the full search's answer. If the
-// list runs out first, it is certified when it is not full (every row outside was never offered) or its last
-// row is excluded; otherwise the query goes on with its U*. For k = 1 U settles nearly every query after a
+// list runs out first, it is certified when no row was cut from it (every row outside was never offered or
+// dropped for the cap) or unlisted_from is excluded; otherwise the query goes on with its U*. For k = 1 U settles nearly every query after a
 // row or two; for k > 1 U sits among the many rows at about the k-th distance (the int8 bounds overlap,
 // ~2E wide) and U*, ~G above the k-th score, does the excluding (realistic SmolLM2 queries, k = 16: ~105
 // rows rescored per query).
@@ -72,7 +74,8 @@ namespace {
 
 constexpr int64_t kCandidates = 64;        // first pass: list length per query (at least)
 constexpr int64_t kCandidatesPerK = 16;    // ... and 16 k for top-k: measured on SmolLM2 with realistic queries,
-                                           // k = 16 leaves 71% of the rows unsettled with 64, 9% with 256
+                                           // k = 16 leaves 71% of the rows unsettled with 64, 9% with 256 (2.6%
+                                           // since the buffer's rows past the best 256 are kept)
 constexpr int64_t kLongCandidates = 512;   // second pass, on the rows the first could not certify
 
 inline float round_up(double value) {
@@ -268,7 +271,8 @@ static StatusInfo certified_int8_pass(const QuerySource& source, const PackedCod
   const Int8Engine engine{prefilter, cb.max_norm, cb.metric, k, known_kth};
   return fused::run(
       source, engine, candidates, check_finite, num_threads,
-      [&](int64_t row, const float* values, const int64_t* indices, int64_t count, const Int8RowInfo& x) {
+      [&](int64_t row, const float* values, const int64_t* indices, int64_t count, float unlisted_from,
+          const Int8RowInfo& x) {
         kth_exact[row] = fused::kInf;
         if (count < 1 || !std::isfinite(values[0]) || !std::isfinite(values[count - 1])) return;
         if (count < k) return;  // cannot happen with V >= k (a list holds every row that can rank)
@@ -278,17 +282,19 @@ static StatusInfo certified_int8_pass(const QuerySource& source, const PackedCod
         // range; each of those k rows has s <= U + G) or U* (the k-th smallest exact score of k rescored rows:
         // an earlier pass's, or of the listed rows rescored so far).
         const double kth_upper = x.kth_upper();
-        const auto excluded = [&](int64_t c, double exact_kth) {
+        const auto excluded_from = [&](double lower, double exact_kth) {
           const double limit = std::min(kth_upper + slack, exact_kth);
-          const double margin = static_cast<double>(values[c]) - slack - limit;
+          const double margin = lower - slack - limit;
           return std::isfinite(margin) && margin > 1e-6 * slack;
         };
-        // Rows outside the list: never offered (lb above the driver's cap, min(U' + 2G, U*' + G) for some
-        // U' >= U and an earlier pass's U*', Int8Engine::threshold_cap: excluded) or, if the list is full,
-        // cut from it, with lb no smaller than the last listed row's. So with m rows rescored, the answer is
-        // certified once row m is excluded (then every row after it is), or once m = count and either the
-        // list is not full or its last row is excluded. Rows past the bound test's prefix are never rescored.
-        const bool full = count == candidates && candidates < cb.rows;
+        const auto excluded = [&](int64_t c, double exact_kth) { return excluded_from(values[c], exact_kth); };
+        // Rows outside the list: never offered or dropped for the driver's cap (lb above min(U' + 2G, U*' + G)
+        // for some U' >= U and an earlier pass's U*', Int8Engine::threshold_cap: excluded), or cut from it
+        // with lb >= unlisted_from (no smaller than any listed row's). So with m rows rescored, the answer is
+        // certified once row m is excluded (then every row after it is), or once m = count and either there
+        // is no unlisted row (unlisted_from = +inf) or unlisted_from is excluded. Rows past the bound test's
+        // prefix are never rescored.
+        const bool complete = !(unlisted_from < fused::kInf);
         int64_t by_bounds = k;  // the k listed rows whose upper bounds define U are never excluded by it
         while (by_bounds < count && !excluded(by_bounds, x.known_kth)) ++by_bounds;
         // Rescore in list order, 16 rows at a time, keeping the k smallest exact scores (ascending) for U*.
@@ -296,6 +302,8 @@ static StatusInfo certified_int8_pass(const QuerySource& source, const PackedCod
         query.resize(static_cast<size_t>(dim * kTileRows));
         row_buffer.resize(static_cast<size_t>(dim));
         rescored.resize(static_cast<size_t>(count));
+        // The first rows stream in from DRAM while the query is packed (random table rows).
+        prefetch_candidates(cb, weight, indices, std::min<int64_t>(by_bounds, std::max<int64_t>(kPanelWidth, k)));
         double norm_sq = 0.0;  // the query exactly as the fp32 search packs it (cosine normalisation, ||x||^2)
         pack_query_block(source, cb.metric, cb, false, row, 1, kTileRows, row_buffer.data(), query.data(), &norm_sq);
         for (int64_t d = 0; d < dim; ++d) row_buffer[d] = query[d * kTileRows];  // tile row 0: the packed x
@@ -314,7 +322,7 @@ static StatusInfo certified_int8_pass(const QuerySource& source, const PackedCod
           if (rescored_rows < by_bounds) {
             certified = excluded(rescored_rows, exact_kth);
           } else {
-            certified = by_bounds < count || !full || excluded(count - 1, exact_kth);
+            certified = by_bounds < count || complete || excluded_from(unlisted_from, exact_kth);
             if (!certified) {
               kth_exact[row] = static_cast<float>(exact_kth);
               return;

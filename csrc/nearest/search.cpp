@@ -156,7 +156,7 @@ StatusInfo search_topk_source(const QuerySource& source, const PackedCodebookVie
                               int64_t* const out_index) {
   const Fp32Engine engine{cb, active_micro_kernel(cb.format())};
   return fused::run(source, engine, k, check_finite, num_threads,
-                    [&](int64_t row, const float* values, const int64_t* indices, int64_t, double norm_sq) {
+                    [&](int64_t row, const float* values, const int64_t* indices, int64_t, float, double norm_sq) {
                       for (int64_t j = 0; j < k; ++j) {
                         out_dist[row * k + j] = finish_distance(cb.metric, values[j], norm_sq);
                         out_index[row * k + j] = indices[j];
