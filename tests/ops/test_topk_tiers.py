@@ -71,15 +71,44 @@ def test_tables_read_through_the_panels(k):
 
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("metric", METRICS)
-def test_near_duplicate_neighbourhoods_settle_in_the_second_pass(metric, k):
-    """300 near-copies of each row: the first list (max(64, 16 k) rows) cannot hold the window, the second
-    (512, capped at the first pass's U* + G) can: bitwise, and nothing reaches the full search."""
+@pytest.mark.parametrize("copies", [300, 700])
+def test_near_duplicate_neighbourhoods_settle_in_a_later_tier(metric, k, copies):
+    """Near-copies of each row, all inside one int8 window, in random order. 300: more than the first list
+    keeps for k = 1, 3 (the best 64, up to 128 under the cap), so rows are cut from it and the certificate
+    must not call it complete; the second pass (512, capped at the first pass's U* + G) holds them; for
+    k = 16 the first list's buffer (512) does. 700: more than any list holds, cut in both passes. Bitwise
+    either way; with 300 nothing reaches the full search."""
     generator = torch.Generator().manual_seed(12)
     base = torch.randn(8, 48, generator=generator)
-    weight = torch.cat([base + 1e-4 * torch.randn(300, 48, generator=generator) for base in base.unbind()])
+    weight = torch.cat([base + 1e-4 * torch.randn(copies, 48, generator=generator) for base in base.unbind()])
     weight = weight[torch.randperm(len(weight), generator=generator)]
     x = _near(base, 40, 0.05, generator)
-    assert _check(x, spae_fast.Codebook(weight, metric=metric), k) == 0
+    full_search_rows = _check(x, spae_fast.Codebook(weight, metric=metric), k)
+    assert full_search_rows == 0 or copies > 512
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_cut_from_a_kept_list_are_never_taken_as_absent(set_threads, threads, k):
+    """The nearest row ranks last in lb: it lies on its own int8 grid (no rounding error, so a tight lower
+    bound), while the decoys around it, a quarter step off that grid in every dimension, score worse but
+    have far looser, lower bounds. More decoys than any list keeps, so the nearest row is cut from every
+    list; only a certificate that tests the lb rows were cut from (unlisted_from), and not the list's end,
+    sends these queries on to the full search and returns it."""
+    generator = torch.Generator().manual_seed(16)
+    dim, step = 48, 2.0**-6
+    grid = torch.randint(-126, 127, (dim,), generator=generator).float()
+    grid[0] = 127.0  # sets the row's int8 scale: p = -2e is then exactly -2 step * grid
+    nearest = step * grid
+    signs = torch.randint(0, 2, (1100, dim), generator=generator).float() * 2 - 1
+    signs[:, 0] = -1.0  # toward zero: the decoys keep the nearest row's scale
+    decoys = nearest + 0.5 * step * signs
+    far = 4.0 * torch.randn(2000, dim, generator=generator)
+    weight = torch.cat([decoys, far, nearest[None]])
+    x = nearest[None].repeat(30, 1) + 1e-3 * torch.randn(30, dim, generator=generator)
+    set_threads(threads)
+    _check(x, weight, k)
+    assert bool((_search(x, weight, k, "int8")[1][:, 0] == len(weight) - 1).all())
 
 
 @pytest.mark.parametrize("k", KS)
