@@ -375,8 +375,9 @@ def test_prefilter_duplicate_rows_and_midpoints(metric, k):
 def test_prefilter_ties_fall_back_to_the_full_search(k):
     generator = torch.Generator().manual_seed(6)
     base = torch.randn(4, 32, generator=generator)
-    # 600 equal rows each: no certificate can separate the 64 (first pass) or 512 (second pass) candidates
-    weight = torch.cat([base] * 600)
+    # 1100 equal rows each: no certificate can separate them; no list keeps them all (first pass 64 / 16 k
+    # rows, second 512, each up to twice that under the cap)
+    weight = torch.cat([base] * 1100)
     stats = _same(base[torch.randint(0, 4, (30,), generator=generator)], weight, k=k)
     assert stats["full_search_rows"] == 30
 

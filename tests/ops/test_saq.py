@@ -381,8 +381,9 @@ def test_prefilter_on_a_real_table_settles_almost_every_row():
 def test_prefilter_falls_back_on_ties_and_keeps_the_lowest_row():
     generator = torch.Generator().manual_seed(12)
     base = torch.randn(4, 32, generator=generator)
-    # every row 600 times: no certificate can separate the 64 (first pass) or 512 (second pass) candidates
-    weight = torch.cat([base] * 600)
+    # every row 1100 times: no certificate can separate them; no list keeps them all (first pass 64 rows,
+    # second 512, each up to twice that under the cap)
+    weight = torch.cat([base] * 1100)
     z = base[torch.randint(0, 4, (2, 4, 4), generator=generator)].permute(0, 3, 1, 2).contiguous()
     fast = spae_fast.saq(z, weight, (1, 2, 4), prefilter="int8")
     assert spae_fast.ops.last_saq_stats()["full_search_rows"] > 0

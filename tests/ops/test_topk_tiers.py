@@ -126,10 +126,11 @@ def test_ties_at_the_kth_place_go_to_the_lowest_index(k):
 
 @pytest.mark.parametrize("k", KS)
 def test_exact_ties_beyond_every_list_take_the_full_search(k):
-    """600 equal copies of each row: no list separates them, so every query takes the full search."""
+    """1100 equal copies of each row: more than any list keeps (up to twice its length under the cap), and no
+    certificate separates them, so every query takes the full search."""
     generator = torch.Generator().manual_seed(14)
     base = torch.randn(4, 32, generator=generator)
-    weight = torch.cat([base] * 600)
+    weight = torch.cat([base] * 1100)
     x = base[torch.randint(0, 4, (20,), generator=generator)]
     assert _check(x, weight, k) == 20
 
