@@ -31,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <new>
 #include <type_traits>
@@ -136,17 +137,7 @@ struct TopkList {
       std::memcpy(&value, &bits, sizeof value);
       return value;
     };
-    if (count > k) {
-      std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end());
-      if (!keep_all) {
-        bound = value_of(keys[k - 1]);
-        count = k;
-      }
-    }
-    if (sorted) {
-      std::sort(keys.begin(), keys.begin() + std::min(count, k));
-      std::sort(keys.begin() + std::min(count, k), keys.begin() + count);
-    }
+    select(keys, std::less<uint64_t>(), value_of, sorted, keep_all);
     for (int64_t j = 0; j < count; ++j) {
       values[j] = value_of(keys[j]);
       indices[j] = static_cast<int64_t>(keys[j] & 0xffffffffu);
@@ -161,20 +152,27 @@ struct TopkList {
     const auto before = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
       return ranks_before(a.first, a.second, b.first, b.second);
     };
+    select(scratch, before, [](const std::pair<float, int64_t>& item) { return item.first; }, sorted, keep_all);
+    for (int64_t j = 0; j < count; ++j) {
+      values[j] = scratch[j].first;
+      indices[j] = scratch[j].second;
+    }
+  }
+
+  // cut's selection on `items` (the list's count entries, in either representation) ordered by `before`.
+  template <class Item, class Before, class ValueOf>
+  void select(std::vector<Item>& items, Before before, ValueOf value_of, bool sorted, bool keep_all) {
     if (count > k) {
-      std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), before);
+      std::nth_element(items.begin(), items.begin() + (k - 1), items.end(), before);
       if (!keep_all) {
-        bound = scratch[k - 1].first;
+        bound = value_of(items[k - 1]);
         count = k;
       }
     }
     if (sorted) {
-      std::sort(scratch.begin(), scratch.begin() + std::min(count, k), before);
-      std::sort(scratch.begin() + std::min(count, k), scratch.begin() + count, before);
-    }
-    for (int64_t j = 0; j < count; ++j) {
-      values[j] = scratch[j].first;
-      indices[j] = scratch[j].second;
+      const int64_t head = std::min(count, k);
+      std::sort(items.begin(), items.begin() + head, before);
+      std::sort(items.begin() + head, items.begin() + count, before);
     }
   }
 

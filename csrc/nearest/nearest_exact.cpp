@@ -302,8 +302,10 @@ static StatusInfo certified_int8_pass(const QuerySource& source, const PackedCod
         query.resize(static_cast<size_t>(dim * kTileRows));
         row_buffer.resize(static_cast<size_t>(dim));
         rescored.resize(static_cast<size_t>(count));
+        // Rows [from, chunk_end(from)) are rescored together: 16, and the first chunk at least k.
+        const auto chunk_end = [&](int64_t from) { return std::min(by_bounds, std::max(from + kPanelWidth, k)); };
         // The first rows stream in from DRAM while the query is packed (random table rows).
-        prefetch_candidates(cb, weight, indices, std::min<int64_t>(by_bounds, std::max<int64_t>(kPanelWidth, k)));
+        prefetch_candidates(cb, weight, indices, chunk_end(0));
         double norm_sq = 0.0;  // the query exactly as the fp32 search packs it (cosine normalisation, ||x||^2)
         pack_query_block(source, cb.metric, cb, false, row, 1, kTileRows, row_buffer.data(), query.data(), &norm_sq);
         for (int64_t d = 0; d < dim; ++d) row_buffer[d] = query[d * kTileRows];  // tile row 0: the packed x
@@ -311,9 +313,9 @@ static StatusInfo certified_int8_pass(const QuerySource& source, const PackedCod
         int64_t num_best = 0, rescored_rows = 0;
         bool certified = false;
         while (!certified) {
-          const int64_t end = std::min(by_bounds, std::max(rescored_rows + kPanelWidth, k));
+          const int64_t end = chunk_end(rescored_rows);
           // The next chunk's rows stream in while this one is scored (random table rows: DRAM reads).
-          prefetch_candidates(cb, weight, indices + end, std::min(by_bounds, end + kPanelWidth) - end);
+          prefetch_candidates(cb, weight, indices + end, chunk_end(end) - end);
           rescore_candidates(cb, weight, row_buffer.data(), indices + rescored_rows, end - rescored_rows,
                              rescored.data() + rescored_rows);
           for (; rescored_rows < end; ++rescored_rows)  // NaN never enters best: it cannot certify
