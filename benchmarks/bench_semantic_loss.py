@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import statistics
@@ -71,13 +70,12 @@ import torch.nn.functional as F
 from harness import (
     RESULTS,
     ROOT,
+    cpu_peak_extra,
     cuda_peak_extra,
     git_sha,
     interleaved_rounds,
     machine_info,
     markdown_table,
-    proc_status_kib,
-    reset_peak,
     run_child,
     smollm2_table,
     versions,
@@ -283,17 +281,7 @@ def child_main(job: dict) -> None:
         del leaf
     else:
         Provider(job["provider"], weight, index, offsets, sets[:8].clone())(z[:8])
-    gc.collect()
-    base_kib = proc_status_kib("VmRSS")
-    method = "VmHWM after clear_refs" if reset_peak() else "VmHWM (clear_refs unavailable: includes setup)"
-    start = time.perf_counter()
-    result = provider(z)
-    seconds = time.perf_counter() - start
-    peak_kib = proc_status_kib("VmHWM")
-    del result
-    packed = provider.codebook.nbytes_packed() if job["provider"] in FUSED_PROVIDERS else 0
-    print(json.dumps({"extra_bytes": (peak_kib - base_kib) * 1024, "base_bytes": base_kib * 1024,
-                      "seconds": seconds, "method": method, "packed_bytes": packed}))  # fmt: skip
+    print(json.dumps(cpu_peak_extra(lambda: provider(z))))
 
 
 def measure_memory(names, weight_path: str, batch: int, threads: int, sets: str, positions: int | None,
