@@ -180,6 +180,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    rank, summary = _train(args)
+    # Under torchrun: leave the process groups while the interpreter is whole (destroy_process_groups). Not
+    # after an error: destroying a group waits for its queued collectives, which a failed peer may never join.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from .distributed import destroy_process_groups
+
+        destroy_process_groups()
+    if rank == 0:
+        print(json.dumps({"out": str(Path(args.out)), **summary}, indent=2))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> tuple[int, dict]:
+    """(this process's rank, `Trainer.fit`'s summary); every object that holds a process group is local."""
     from .vocab import VocabCodebook
 
     output_folder(args.out)  # before any slow work
@@ -205,7 +219,4 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(model, train_config, args.out, train, eval_dataset=held_out, relevance=relevance,
                       device=args.device, word_similarity=word_judge(relevance, vocab, train.class_names),
                       vocab_parallel=args.vocab_parallel)  # fmt: skip
-    summary = trainer.fit(resume=args.resume, progress=not args.no_progress)
-    if trainer.rank == 0:
-        print(json.dumps({"out": str(Path(args.out)), **summary}, indent=2))
-    return 0
+    return trainer.rank, trainer.fit(resume=args.resume, progress=not args.no_progress)

@@ -30,7 +30,9 @@ a run that does not resume starts it anew.
 
 Multi-process: run under ``torchrun --nproc-per-node N``; `setup_distributed` joins the process group (gloo on
 the CPU, nccl on GPUs), every rank reads its own shard of each epoch (`spae_fast.data.infinite_loader`) and
-gradients are averaged by DDP. Each rank computes its own relevance and semantic loss for its shard.
+gradients are averaged by DDP. Each rank computes its own relevance and semantic loss for its shard. When the
+work is done, drop the trainer and call `spae_fast.distributed.destroy_process_groups()` (``spae-fast train``
+does): a process that exits with its gloo groups alive can abort at exit (its docstring says why).
 
 Vocabulary parallel (``vocab_parallel=N``, ``spae-fast train --vocab-parallel N``): the world is split into a
 ``data x vocab`` grid (`spae_fast.distributed.vocab_parallel_groups`); the N ranks of a vocabulary group hold

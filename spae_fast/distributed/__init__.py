@@ -15,6 +15,7 @@ PyTorch DTensor's sharded argmin):
                         semantic_loss.py and docs/DECISIONS.md)
     lookup              table[index] for global indices, each row sent by its owner (exact)
     vocab_parallel_groups   the 2-D (data parallel x vocabulary parallel) groups
+    destroy_process_groups  leaves torch.distributed before the interpreter exits (call it last)
     VocabParallelQuantizer  `SPAEQuantizer` on a sharded table, for training (``spae-fast train --vocab-parallel``)
     ShardedVocabCodebook    an LLM vocabulary read shard by shard from its model file (token metadata O(V) on
                         every rank, rows [start, stop) only, the fingerprint streamed): `SPAE` on it trains
@@ -35,6 +36,8 @@ Both need the table split the same way in every vocabulary group and every rank 
 """
 
 from __future__ import annotations
+
+import gc
 
 import torch.distributed as dist
 
@@ -105,6 +108,24 @@ def vocab_parallel_groups(vocab_parallel: int) -> tuple[dist.ProcessGroup, dist.
     return vocab_group, data_group
 
 
+def destroy_process_groups() -> None:
+    """Destroys every process group of this process while the interpreter is whole: call it once the work with
+    them is over (``spae-fast train`` does), after dropping the objects that hold groups (a `Trainer`, a model on
+    a `ShardedVocabCodebook`, DDP wrappers).
+
+    Why: a gloo worker thread releases its last collective's tensors after the caller has its result. If the
+    process is already finalizing by then, the release needs the GIL, the thread is torn down inside a
+    noexcept destructor and the process aborts ("terminate called without an active exception"; pytorch
+    issue 190489). `torch.distributed.destroy_process_group` alone does not prevent it while anything still
+    references a group: gloo's threads are joined only when the group object is freed. So the groups cached by
+    `vocab_parallel_groups` are dropped, cycles collected, then every group destroyed."""
+    _GROUPS.clear()
+    gc.collect()  # reference cycles that hold groups (modules, DDP's reducer hooks)
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
+
+
 __all__ = [
     "QUERY_LAYOUTS",
     "ShardedCodebook",
@@ -112,6 +133,7 @@ __all__ = [
     "VocabParallelQuantizer",
     "balanced_boundaries",
     "check_vocab_parallel",
+    "destroy_process_groups",
     "lookup",
     "nearest",
     "saq",
