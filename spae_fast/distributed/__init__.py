@@ -118,7 +118,8 @@ def destroy_process_groups() -> None:
     noexcept destructor and the process aborts ("terminate called without an active exception"; pytorch
     issue 190489). `torch.distributed.destroy_process_group` alone does not prevent it while anything still
     references a group: gloo's threads are joined only when the group object is freed. So the groups cached by
-    `vocab_parallel_groups` are dropped, cycles collected, then every group destroyed."""
+    `vocab_parallel_groups` are dropped, cycles collected, then every group destroyed. (torch 2.13's DDP keeps
+    its group alive after the DDP object is freed; those threads stay, idle since the last backward.)"""
     _GROUPS.clear()
     gc.collect()  # reference cycles that hold groups (modules, DDP's reducer hooks)
     if dist.is_available() and dist.is_initialized():
