@@ -109,7 +109,7 @@ struct TopkList {
   }
 
   // Keep the best k; with sorted, also order them by ranks_before. With keep_all nothing is dropped (only
-  // ordered: the best k first, sorted, then the rest, sorted).
+  // ordered, with sorted).
   void cut(bool sorted = false, bool keep_all = false) {
     if (!cut_by_keys(sorted, keep_all)) cut_by_pairs(sorted, keep_all);
   }
@@ -162,18 +162,12 @@ struct TopkList {
   // cut's selection on `items` (the list's count entries, in either representation) ordered by `before`.
   template <class Item, class Before, class ValueOf>
   void select(std::vector<Item>& items, Before before, ValueOf value_of, bool sorted, bool keep_all) {
-    if (count > k) {
+    if (count > k && !keep_all) {
       std::nth_element(items.begin(), items.begin() + (k - 1), items.end(), before);
-      if (!keep_all) {
-        bound = value_of(items[k - 1]);
-        count = k;
-      }
+      bound = value_of(items[k - 1]);
+      count = k;
     }
-    if (sorted) {
-      const int64_t head = std::min(count, k);
-      std::sort(items.begin(), items.begin() + head, before);
-      std::sort(items.begin() + head, items.begin() + count, before);
-    }
+    if (sorted) std::sort(items.begin(), items.begin() + count, before);
   }
 
   // The final list, sorted: the best k, or with keep_all every entry under the cap (up to 2k).
